@@ -1,0 +1,156 @@
+"""The ``dpfeta`` console script. Parses, resolves the config, prints, and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dpfeta import config as config_mod
+
+log = logging.getLogger("dpfeta")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set privacy.epsilon=1 (repeatable)")
+
+
+def _load(args) -> config_mod.Config:
+    """Load, validate and resolve the config (privacy-derived values fixed from public facts)."""
+    from dpfeta import data, privacy
+
+    cfg = config_mod.load(args.config, args.overrides)
+    return privacy.resolve(cfg, data.public_train_size(cfg))
+
+
+def _plan(cfg):
+    """Plan the ledger from public facts only (N from data.n_train or metadata)."""
+    from dpfeta import data, privacy
+
+    n = data.public_train_size(cfg)
+    for line in config_mod.validate_against_n(cfg, n):
+        log.warning(line)
+    return privacy.plan(cfg, n)
+
+
+def _cmd_budget(args) -> int:
+    from dpfeta import privacy
+
+    cfg = _load(args)
+    pl = _plan(cfg)
+    if args.json:
+        print(json.dumps(privacy.plan_json(pl), indent=2))
+    else:
+        print(f"privacy plan for run '{cfg.run.name}' ({args.config}); no data was read")
+        print(privacy.plan_table(pl))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from dpfeta import data
+
+    cfg = _load(args)
+    written = data.prepare(cfg, args.out)
+    print(f"wrote the training split as Parquet shards to {written}")
+    return 0
+
+
+def _cmd_central(args) -> int:
+    raise NotImplementedError("dpfeta central lands with issue 3")
+
+
+def _cmd_warmup(args) -> int:
+    raise NotImplementedError("dpfeta warmup lands with issue 4")
+
+
+def _cmd_sample(args) -> int:
+    raise NotImplementedError("dpfeta sample lands with issue 4")
+
+
+def _cmd_finetune(args) -> int:
+    raise NotImplementedError("dpfeta finetune lands with issue 5")
+
+
+def _cmd_evaluate(args) -> int:
+    raise NotImplementedError("dpfeta evaluate lands with issue 6")
+
+
+def _cmd_run(args) -> int:
+    raise NotImplementedError("dpfeta run lands with issue 6")
+
+
+def _cmd_tune(args) -> int:
+    raise NotImplementedError("dpfeta tune lands with issue 7")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpfeta", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("budget", help="print the privacy plan (sigma, q, T, epsilon) without reading data")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=_cmd_budget)
+
+    p = sub.add_parser("prepare", help="write the training split as Parquet shards for a cluster")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, local)")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("central", help="release DP central images (spends the M1 budget)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_central)
+
+    p = sub.add_parser("warmup", help="warm up the diffusion model on central images (no privacy cost)")
+    _add_config_args(p)
+    p.add_argument("--central", required=True, help="folder written by 'dpfeta central'")
+    p.add_argument("--out", required=True, help="output folder (checkpoints; rerun resumes)")
+    p.set_defaults(func=_cmd_warmup)
+
+    p = sub.add_parser("finetune", help="DP-SGD fine-tuning on Ray Train (spends the M2 budget)")
+    _add_config_args(p)
+    p.add_argument("--init", default=None, help="warm-up folder; omit for from-scratch (DPDM)")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/finetune)")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("sample", help="generate synthetic images from a checkpoint")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=None, help="number of images (default sample.num_samples)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="downstream accuracy and FID of a synthetic set")
+    _add_config_args(p)
+    p.add_argument("--samples", required=True, help="folder of class sub-folders of PNGs")
+    p.add_argument("--out", default=None, help="eval.json path (default: <samples>/eval.json)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("run", help="the whole pipeline: central, warm-up, DP-SGD, sample, evaluate")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep under the fixed total budget")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"dpfeta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

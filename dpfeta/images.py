@@ -1,0 +1,114 @@
+"""Image conversions and PNG I/O: uint8 [N,C,H,W] <-> float in [-1, 1], grids, class folders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 (rounded, clamped), on the CPU."""
+    return ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    """[C,H,W] uint8 -> PIL image ('L' for one channel, 'RGB' for three)."""
+    if image.shape[0] == 1:
+        return Image.fromarray(image[0])
+    return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
+
+
+def _numpy_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images [N,C,H,W] with C in (1, 3), got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    return images
+
+
+def make_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile N images into one [C, rows*(H+pad)+pad, nrow*(W+pad)+pad] uint8 array (grey padding)."""
+    images = _numpy_uint8(images)
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 128, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int | None = None,
+              scale: int = 1) -> Path:
+    """Write a grid PNG; ``scale`` enlarges it (nearest) for viewing small images."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = _pil(make_grid(images, nrow=nrow))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def save_class_folders(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                       out_dir: Path | str, *, start: int = 0) -> None:
+    """Write ``out_dir/<label:06d>/<index:06d>.png`` (torchvision ImageFolder order)."""
+    images = _numpy_uint8(images)
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if len(labels) != len(images):
+        raise ValueError(f"expected one label per image, got {len(labels)} labels for {len(images)} images")
+    out_dir = Path(out_dir)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = out_dir / f"{int(label):06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _pil(image).save(folder / f"{start + i:06d}.png")
+
+
+def load_class_folders(root: Path | str, *, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``root/<int label>/*.png`` -> (uint8 [N,C,H,W], int64 [N]); folder names are labels.
+
+    ``channels`` forces 1 (grey) or 3 (RGB); by default it follows the first image's mode.
+    """
+    root = Path(root)
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()),
+                     key=lambda p: int(p.name)) if root.is_dir() else []
+    files = [(f, int(d.name)) for d in folders for f in sorted(d.glob("*.png"))]
+    if not files:
+        raise ValueError(f"expected PNG files in class folders '{root}/<label>/*.png', found none")
+    arrays = []
+    for f, _ in files:
+        img = Image.open(f)
+        if channels is None:
+            channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"expected images of one size under '{root}', got shapes {sorted(shapes)}")
+    return np.stack(arrays), np.array([label for _, label in files], dtype=np.int64)
+
+
+def save_class_grid(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                    path: Path | str, *, per_class: int = 10, scale: int = 2) -> Path:
+    """Grid with one row per class (ascending), its first ``per_class`` images; gaps stay black."""
+    images = _numpy_uint8(images)
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    classes = np.unique(labels)
+    tiles = np.zeros((len(classes) * per_class, *images.shape[1:]), dtype=np.uint8)
+    for row, c in enumerate(classes):
+        picked = images[labels == c][:per_class]
+        tiles[row * per_class:row * per_class + len(picked)] = picked
+    return save_grid(tiles, path, nrow=per_class, scale=scale)

@@ -1,0 +1,377 @@
+"""The privacy ledger: DpEvent builders, accountants, calibration, the budget plan.
+
+Every mechanism that touches the sensitive training split is described as a ``dp_accounting``
+DpEvent under the add/remove-one-record neighbouring relation (privacy.md §1-3):
+
+* M1 ``central``  -- n rounds of a Poisson(q_c)-subsampled Gaussian on per-class sums;
+* M2 ``dpsgd``    -- T logical steps of a Poisson(q)-subsampled Gaussian on clipped gradient sums;
+* M3 ``selection``-- one Gaussian on a count of correct validation predictions (tuning only).
+
+The reported epsilon is always the composed total of the ledger, computed by the configured
+accountant. This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import dp_accounting
+from dp_accounting import dp_event, pld, rdp
+from scipy.optimize import brentq
+
+NEIGHBOURING_RELATION = "add/remove one record (image with its label) of the training split"
+PUBLIC_FACTS = ("N (training-split size)", "number of classes", "image shape and value range",
+                "the whole config")
+KINDS = ("poisson_gaussian", "gaussian")
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+
+def central_event(*, noise_multiplier: float, sample_rate: float, rounds: int) -> dp_accounting.DpEvent:
+    """M1: ``rounds`` x Poisson(sample_rate)-subsampled Gaussian(noise_multiplier).
+
+    Sensitivity: one record moves one per-class sum of 2x-downsampled images in [0, 1] by at most
+    sqrt(d/4) in L2; the noise std is noise_multiplier * sqrt(d/4) on every coordinate.
+    """
+    return _poisson_gaussian(noise_multiplier, sample_rate, rounds)
+
+
+def dpsgd_event(*, noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """M2: ``steps`` x Poisson(sample_rate)-subsampled Gaussian(noise_multiplier).
+
+    Sensitivity: the clipped per-example gradient (averaged over K noise draws first) has norm
+    <= C; the noise N(0, (sigma C)^2) is added once per logical step to the clipped sum.
+    """
+    return _poisson_gaussian(noise_multiplier, sample_rate, steps)
+
+
+def selection_event(*, noise_multiplier: float) -> dp_accounting.DpEvent:
+    """M3: Gaussian(noise_multiplier) on a count of correct predictions (sensitivity 1)."""
+    _positive("noise_multiplier", noise_multiplier)
+    return dp_accounting.GaussianDpEvent(noise_multiplier)
+
+
+def _poisson_gaussian(sigma: float, q: float, count: int) -> dp_accounting.DpEvent:
+    _positive("noise_multiplier", sigma)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"expected a sample rate in (0, 1], got {q!r}")
+    if count < 0:
+        raise ValueError(f"expected a non-negative count, got {count!r}")
+    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    return dp_accounting.SelfComposedDpEvent(step, int(count))
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"expected {name} > 0, got {value!r}")
+
+
+def make_accountant(accountant: str):
+    if accountant == "rdp":
+        return rdp.RdpAccountant()
+    if accountant == "pld":
+        return pld.PLDAccountant()
+    raise ValueError(f"expected accountant 'rdp' or 'pld', got {accountant!r}")
+
+
+def epsilon_of(event: dp_accounting.DpEvent, *, delta: float, accountant: str) -> float:
+    acc = make_accountant(accountant)
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+# --------------------------------------------------------------------------------------------
+# Ledger
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mechanism:
+    name: str
+    kind: str  # "poisson_gaussian" or "gaussian"
+    noise_multiplier: float
+    sample_rate: float = 1.0
+    planned: int = 1  # compositions planned
+    taken: int = 0  # compositions actually run
+
+    def event(self, count: int) -> dp_accounting.DpEvent:
+        if self.kind == "gaussian":
+            return dp_accounting.SelfComposedDpEvent(selection_event(noise_multiplier=self.noise_multiplier), count)
+        return _poisson_gaussian(self.noise_multiplier, self.sample_rate, count)
+
+
+@dataclass
+class Ledger:
+    """Every mechanism's parameters, planned and taken counts, and the composed epsilon.
+
+    ``repeat`` (tuning, privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of all
+    mechanisms (one trial) in a ``RepeatAndSelectDpEvent``: a random number of trials, the best
+    one released (Papernot & Steinke 2022; eta = inf is the Poisson distribution).
+    """
+
+    accountant: str
+    delta: float
+    n: int
+    mechanisms: list[Mechanism] = field(default_factory=list)
+    repeat: Optional[dict] = None
+    seeded: bool = False  # a fixed seed was used for sampling/noise (tests/reproduction only)
+
+    def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
+            kind: str = "poisson_gaussian", taken: int = 0) -> Mechanism:
+        if kind not in KINDS:
+            raise ValueError(f"expected kind in {KINDS}, got {kind!r}")
+        if any(m.name == name for m in self.mechanisms):
+            raise ValueError(f"mechanism '{name}' is already in the ledger")
+        mech = Mechanism(name, kind, float(noise_multiplier), float(sample_rate), int(count), int(taken))
+        mech.event(1)  # validates the parameters
+        self.mechanisms.append(mech)
+        return mech
+
+    def get(self, name: str) -> Mechanism:
+        for m in self.mechanisms:
+            if m.name == name:
+                return m
+        raise KeyError(f"no mechanism '{name}' in the ledger (have {[m.name for m in self.mechanisms]})")
+
+    def record_steps(self, name: str, count: int) -> None:
+        """Record that ``count`` compositions of ``name`` have been run in total (not a delta)."""
+        mech = self.get(name)
+        if count < mech.taken:
+            raise ValueError(f"ledger '{name}': steps taken cannot go back from {mech.taken} to {count}")
+        mech.taken = int(count)
+
+    def event(self, planned: bool = False) -> dp_accounting.DpEvent:
+        parts = [m.event(m.planned if planned else m.taken) for m in self.mechanisms]
+        event = dp_accounting.ComposedDpEvent(parts)
+        if self.repeat is not None:
+            event = dp_event.RepeatAndSelectDpEvent(event, float(self.repeat["mean"]),
+                                                         float(self.repeat["shape"]))
+        return event
+
+    def epsilon(self, planned: bool = False) -> float:
+        """Composed epsilon(delta) over the steps taken (or the whole plan)."""
+        if not planned and all(m.taken == 0 for m in self.mechanisms):
+            return 0.0
+        return epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
+
+    def per_mechanism(self, planned: bool = True) -> dict[str, float]:
+        """Stand-alone epsilon of each mechanism (never a total)."""
+        out = {}
+        for m in self.mechanisms:
+            count = m.planned if planned else m.taken
+            out[m.name] = 0.0 if count == 0 else epsilon_of(m.event(count), delta=self.delta,
+                                                            accountant=self.accountant)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "n": self.n,
+            "neighbouring_relation": NEIGHBOURING_RELATION,
+            "public_facts": list(PUBLIC_FACTS),
+            "seeded": self.seeded,
+            "repeat": self.repeat,
+            "mechanisms": [vars(m).copy() for m in self.mechanisms],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Ledger":
+        ledger = cls(state["accountant"], float(state["delta"]), int(state["n"]),
+                     repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)))
+        for m in state["mechanisms"]:
+            ledger.mechanisms.append(Mechanism(**m))
+        return ledger
+
+    def to_json(self) -> dict:
+        """state_dict plus the composed epsilon so far and over the plan (for humans and MLflow)."""
+        state = self.state_dict()
+        state["epsilon_spent"] = self.epsilon()
+        state["epsilon_planned"] = self.epsilon(planned=True)
+        return state
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Ledger":
+        return cls.from_state_dict(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+def calibrate_noise(*, make_events: Callable[[float], dp_accounting.DpEvent], epsilon: float,
+                    delta: float, accountant: str, rtol: float = 1e-4,
+                    lower: float = 1e-2, upper: float = 1e4) -> float:
+    """Smallest sigma (to relative tolerance ``rtol``) with epsilon(make_events(sigma)) <= epsilon.
+
+    Brent's method on log sigma -> log epsilon (monotone decreasing), then a step up until the
+    target holds, so the result never overshoots. Raises if even ``upper`` does not reach the
+    target (e.g. a fixed mechanism already spends it).
+    """
+    def gap(log_sigma: float) -> float:
+        eps = epsilon_of(make_events(math.exp(log_sigma)), delta=delta, accountant=accountant)
+        return math.log(max(eps, 1e-300)) - math.log(epsilon)
+
+    # Bracket: gap(lo) > 0 >= gap(hi).
+    lo, hi = 0.0, 0.0
+    if gap(0.0) > 0:
+        while gap(hi) > 0:
+            lo, hi = hi, hi + math.log(4.0)
+            if hi > math.log(upper):
+                raise ValueError(f"no noise multiplier <= {upper:g} reaches epsilon={epsilon:g}; "
+                                 "the fixed mechanisms alone spend the budget")
+    else:
+        while gap(lo) <= 0:
+            hi, lo = lo, lo - math.log(4.0)
+            if lo < math.log(lower):
+                return math.exp(hi)
+    root = brentq(gap, lo, hi, xtol=rtol / 4, rtol=1e-12)
+    log_sigma = min(root + rtol / 4, hi)
+    while gap(log_sigma) > 0:  # guard against the accountant's numerics: never overshoot
+        log_sigma = min(log_sigma + rtol / 4, hi)
+    return math.exp(log_sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan of one run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    sigma: float
+    sample_rate: float
+    steps: int
+    central_rate: float
+    ledger: Ledger
+    epsilon: float  # composed epsilon of the whole plan (<= target)
+    target_epsilon: float
+    delta: float
+    accountant: str
+    n: int
+    expected_batch: float
+
+
+def dpsgd_steps(*, epochs: float, sample_rate: float) -> int:
+    """T = ceil(epochs / q): the number of logical DP-SGD steps planned."""
+    return max(1, math.ceil(epochs / sample_rate - 1e-9))
+
+
+def central_noise(cfg, n: int, *, target_epsilon: float | None = None) -> float:
+    """sigma_c of the central query: the configured one, or calibrated to its epsilon share."""
+    c, p = cfg.central, cfg.privacy
+    if c.noise_multiplier is not None:
+        return float(c.noise_multiplier)
+    q_c = min(1.0, c.batch_size / n)
+    share = c.epsilon_share * (p.epsilon if target_epsilon is None else target_epsilon)
+    return calibrate_noise(make_events=lambda s: central_event(noise_multiplier=s, sample_rate=q_c,
+                                                                rounds=max(c.rounds, 1)),
+                           epsilon=share, delta=p.delta, accountant=p.accountant,
+                           rtol=p.calibration_rtol)
+
+
+def resolve(cfg, n: int):
+    """The config with every privacy-derived value fixed (today: central.noise_multiplier).
+
+    Call once, before any data is read; the result is what config.json records.
+    """
+    from dpfeta import config as config_mod
+
+    if cfg.central.noise_multiplier is not None or cfg.central.rounds == 0:
+        return cfg
+    return config_mod.replace(cfg, {"central.noise_multiplier": central_noise(cfg, n)})
+
+
+def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
+    """Plan the ledger of one run (central query + DP-SGD) and calibrate sigma once.
+
+    Raises ValueError, before any data is read, when the central query alone reaches the target.
+    """
+    p, c, f = cfg.privacy, cfg.central, cfg.finetune
+    target = p.epsilon if target_epsilon is None else target_epsilon
+    if n < 1:
+        raise ValueError(f"expected a training split of N >= 1 records, got N={n}")
+    if c.batch_size > n or f.batch_size > n:
+        raise ValueError(f"expected central.batch_size={c.batch_size:g} and finetune.batch_size="
+                         f"{f.batch_size:g} <= N={n}")
+    q_c, q = c.batch_size / n, f.batch_size / n
+    steps = dpsgd_steps(epochs=f.epochs, sample_rate=q)
+    ledger = Ledger(p.accountant, p.delta, n, seeded=cfg.run.seed is not None)
+    if c.rounds > 0:
+        sigma_c = central_noise(cfg, n, target_epsilon=target)
+        ledger.add("central", noise_multiplier=sigma_c, sample_rate=q_c, count=c.rounds)
+        central_eps = ledger.epsilon(planned=True)
+        if central_eps >= target:
+            raise ValueError(
+                f"the central-image query alone spends epsilon={central_eps:.4g} "
+                f"(central.rounds={c.rounds}, central.noise_multiplier={sigma_c:g}, "
+                f"q_c={q_c:.4g}, delta={p.delta:g}, {p.accountant}), which is not below the target "
+                f"privacy.epsilon={target:g}: raise the target, add central noise, or use fewer rounds")
+    fixed = ledger.event(planned=True) if ledger.mechanisms else None
+
+    def make_events(sigma: float) -> dp_accounting.DpEvent:
+        sgd = dpsgd_event(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return sgd if fixed is None else dp_accounting.ComposedDpEvent([fixed, sgd])
+
+    if p.noise_multiplier is not None:
+        sigma = p.noise_multiplier
+    else:
+        sigma = calibrate_noise(make_events=make_events, epsilon=target, delta=p.delta,
+                                accountant=p.accountant, rtol=p.calibration_rtol)
+    ledger.add("dpsgd", noise_multiplier=sigma, sample_rate=q, count=steps)
+    eps = ledger.epsilon(planned=True)
+    if eps > target * (1 + 1e-9):
+        raise ValueError(f"privacy.noise_multiplier={sigma:g} gives epsilon={eps:.4g} above the target "
+                         f"privacy.epsilon={target:g}; leave it null to calibrate")
+    return Plan(sigma=sigma, sample_rate=q, steps=steps, central_rate=q_c, ledger=ledger, epsilon=eps,
+                target_epsilon=target, delta=p.delta, accountant=p.accountant, n=n,
+                expected_batch=f.batch_size)
+
+
+def plan_json(pl: Plan) -> dict:
+    alone = pl.ledger.per_mechanism(planned=True)
+    return {
+        "epsilon": pl.epsilon,
+        "target_epsilon": pl.target_epsilon,
+        "delta": pl.delta,
+        "accountant": pl.accountant,
+        "noise_multiplier": pl.sigma,
+        "sample_rate": pl.sample_rate,
+        "steps": pl.steps,
+        "expected_batch": pl.expected_batch,
+        "n": pl.n,
+        "neighbouring_relation": NEIGHBOURING_RELATION,
+        "mechanisms": [
+            {"name": m.name, "noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate,
+             "count": m.planned, "epsilon": alone[m.name]}
+            for m in pl.ledger.mechanisms
+        ],
+    }
+
+
+def plan_table(pl: Plan) -> str:
+    js = plan_json(pl)
+    rows = [f"{'mechanism':<10} {'sigma':>10} {'q':>10} {'count':>8} {'eps alone':>10}"]
+    for m in js["mechanisms"]:
+        rows.append(f"{m['name']:<10} {m['noise_multiplier']:>10.4f} {m['sample_rate']:>10.5f} "
+                    f"{m['count']:>8d} {m['epsilon']:>10.4f}")
+    rows += [
+        "",
+        f"composed epsilon   {pl.epsilon:.4f}  (target {pl.target_epsilon:g}, delta {pl.delta:g}, "
+        f"accountant {pl.accountant})",
+        f"DP-SGD             sigma={pl.sigma:.4f}  q={pl.sample_rate:.5f}  T={pl.steps}  "
+        f"expected batch={pl.expected_batch:g}  N={pl.n}",
+        f"neighbouring       {NEIGHBOURING_RELATION}",
+    ]
+    return "\n".join(rows)

@@ -1,0 +1,164 @@
+"""Warm-up ("easy" stage): non-private training of the denoiser on the DP central images.
+
+The central images are already differentially private, so this stage is post-processing: its
+losses and samples may be logged freely. As in DP-FETA's ``pretrain_dpp_base.py`` (method.md §3):
+RandAugment with ``warmup.randaug_ops`` ops and a magnitude drawn uniformly from {1..M} per image,
+Adam, EMA with warm-up, classifier-free-guidance label dropout, the EDM loss with K noise draws.
+
+Resume = rerun: the latest checkpoint under ``out_dir/checkpoint`` (raw weights, EMA, Adam state,
+the generator state and ``meta.json`` with config and step) is restored and training continues to
+``warmup.steps``; a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torchvision.transforms import RandAugment
+
+from dpfeta import checkpoint
+from dpfeta.config import Config
+from dpfeta.diffusion import EDMPrecond, edm_loss
+from dpfeta.images import load_class_folders, to_float
+from dpfeta.nn import UNet, count_parameters, update_ema
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def central_arrays(central: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central images as (uint8 [N,C,H,W], int64 [N]) from an ImageSet-like object or a PNG folder.
+
+    A folder is ``DIR/images/<label>/*.png`` (``dpfeta central`` output) or ``DIR/<label>/*.png``.
+    """
+    if isinstance(central, (str, Path)):
+        root = Path(central)
+        root = root / "images" if (root / "images").is_dir() else root
+        images, labels = load_class_folders(root, channels=cfg.data.channels)
+    else:
+        images, labels = np.asarray(central.images), np.asarray(central.labels)
+        if central.num_classes != cfg.data.num_classes:
+            raise ValueError(f"expected central images with data.num_classes={cfg.data.num_classes} "
+                             f"classes, got num_classes={central.num_classes}")
+    d = cfg.data
+    if images.dtype != np.uint8 or images.shape[1:] != (d.channels, d.resolution, d.resolution):
+        raise ValueError(f"expected central images uint8 [N,{d.channels},{d.resolution},{d.resolution}] "
+                         f"(data.channels, data.resolution), got {images.dtype} {tuple(images.shape)}")
+    if len(images) == 0 or len(labels) != len(images):
+        raise ValueError(f"expected a non-empty set with one label per image, got {len(images)} images "
+                         f"and {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= d.num_classes:
+        raise ValueError(f"expected labels in [0, {d.num_classes}), got [{labels.min()}, {labels.max()}]")
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """RandAugment(num_ops, m) per uint8 image with m ~ U{1..max_magnitude}; M = 0 disables it.
+
+    torchvision draws the ops from torch's global RNG, so it runs in a forked RNG seeded from
+    ``generator``: the result depends on ``generator`` only and the global RNG is left untouched.
+    """
+    if max_magnitude == 0 or num_ops == 0:
+        return images
+    magnitudes = torch.randint(1, max_magnitude + 1, (len(images),), generator=generator).tolist()
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    transforms = {m: RandAugment(num_ops=num_ops, magnitude=m) for m in set(magnitudes)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([transforms[m](image) for image, m in zip(images, magnitudes)])
+
+
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch without replacement; all N images (shuffled) when N <= batch_size."""
+    return torch.randperm(n, generator=generator)[:batch_size]
+
+
+def _device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    state = checkpoint.load(ckpt_dir)
+    saved_model = state["meta"]["config"]["model"]
+    if saved_model != cfg.to_dict()["model"]:
+        raise ValueError(f"cannot resume '{ckpt_dir}': it was trained with model={saved_model}, "
+                         f"the config asks for model={cfg.to_dict()['model']}; use a new --out")
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["extra"]["generator"])
+    return int(state["meta"]["step"])
+
+
+def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Reporter | None = None,
+                 generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict."""
+    w, dc = cfg.warmup, cfg.diffusion
+    images, labels = central_arrays(central, cfg)
+    out_dir, device = Path(out_dir), _device(cfg)
+    ckpt_dir = out_dir / "checkpoint"
+    if generator is None:
+        generator = torch.Generator()
+        if cfg.run.seed is not None:
+            generator.manual_seed(cfg.run.seed)
+        else:
+            generator.seed()
+
+    net = UNet.from_config(cfg).to(device)
+    denoiser = EDMPrecond(net, dc.sigma_data)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=w.lr)
+    step = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else 0
+    params = count_parameters(net)
+    logger.info("warmup: %d central images, U-Net %d parameters, %s from step %d of %d",
+                len(images), params, "resuming" if step else "starting", step, w.steps)
+
+    def save(loss: float) -> None:
+        meta = {"stage": "warmup", "step": step, "nimg": step * min(w.batch_size, len(images)),
+                "loss": loss, "parameters": params, "config": cfg.to_dict()}
+        checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
+                        extra={"generator": generator.get_state()})
+
+    start_step, start_time = step, time.perf_counter()
+    window_losses, window_start, last_loss = [], time.perf_counter(), float("nan")
+    while step < w.steps:
+        # Draw a batch and augment it.
+        idx = _batch_indices(len(images), w.batch_size, generator)
+        x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
+                             generator=generator)).to(device)
+        # Loss and optimiser step.
+        loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
+                        sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
+                        num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        # Update EMA.
+        update_ema(ema, net, num_updates=step, decay=w.ema_decay)
+        window_losses.append(loss.item())
+
+        # Report and checkpoint.
+        if step == w.steps or (w.log_every > 0 and step % w.log_every == 0):
+            last_loss = float(np.mean(window_losses))
+            sec_per_step = (time.perf_counter() - window_start) / len(window_losses)
+            logger.info("warmup step %d/%d nimg %d loss %.4f sec/step %.3f", step, w.steps,
+                        step * len(idx), last_loss, sec_per_step)
+            if reporter is not None:
+                reporter({"step": step, "nimg": step * len(idx), "loss": last_loss,
+                          "sec_per_step": sec_per_step})
+            window_losses, window_start = [], time.perf_counter()
+        if step == w.steps or (w.checkpoint_every > 0 and step % w.checkpoint_every == 0):
+            save(last_loss)
+
+    return {"step": step, "steps_run": step - start_step, "loss": last_loss, "parameters": params,
+            "seconds": time.perf_counter() - start_time, "checkpoint": str(ckpt_dir)}
