@@ -59,15 +59,60 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_central(args) -> int:
-    raise NotImplementedError("dpfeta central lands with issue 3")
+    import torch
+
+    from dpfeta import central, data, privacy
+
+    cfg = _load(args)
+    _plan(cfg)  # refuses, before any data is read, when the central query alone spends the target
+    cfg = privacy.resolve(cfg, data.public_train_size(cfg))  # sigma_c fixed once, from public facts
+    splits = data.load_splits(cfg)  # validates before any privacy spend
+    generator = None
+    if cfg.run.seed is not None:
+        log.warning("run.seed=%d: sampling and noise are reproducible (tests only, not a release)", cfg.run.seed)
+        generator = torch.Generator().manual_seed(cfg.run.seed)
+    with data.ray_session(cfg):
+        train = data.to_ray_dataset(splits.train, index=True)
+        result, ledger = central.release(cfg, train, args.out, generator=generator)
+    c = cfg.central
+    print(f"wrote {len(result.images)} central images ({c.rounds} rounds x {cfg.data.num_classes} classes) "
+          f"to {args.out}/images, grid {args.out}/grid.png, ledger {args.out}/ledger.json")
+    print(f"epsilon spent: {ledger.epsilon():.4f} (delta={cfg.privacy.delta:g}, accountant="
+          f"{cfg.privacy.accountant}; central query sigma_c={c.noise_multiplier:.4g}, "
+          f"q_c={result.sample_rate:.4g}, rounds={c.rounds}, N={len(splits.train)})")
+    return 0
 
 
 def _cmd_warmup(args) -> int:
-    raise NotImplementedError("dpfeta warmup lands with issue 4")
+    from dpfeta import warmup
+
+    cfg = _load(args)
+    summary = warmup.train_warmup(cfg, args.central, args.out)
+    print(f"warm-up: step {summary['step']}/{cfg.warmup.steps} ({summary['steps_run']} run now, "
+          f"{summary['seconds']:.0f} s), loss {summary['loss']}, U-Net {summary['parameters']:,} parameters; "
+          f"checkpoint {summary['checkpoint']} (rerun to resume)")
+    return 0
 
 
 def _cmd_sample(args) -> int:
-    raise NotImplementedError("dpfeta sample lands with issue 4")
+    import torch
+
+    from dpfeta import diffusion
+
+    cfg = _load(args)
+    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    denoiser = diffusion.load_denoiser(args.checkpoint, cfg).to(device)  # EMA weights
+    generator = torch.Generator()
+    if cfg.run.seed is not None:
+        generator.manual_seed(cfg.run.seed)
+    else:
+        generator.seed()
+    num = args.num or cfg.sample.num_samples
+    images, _ = diffusion.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
+    s = cfg.sample
+    print(f"wrote {len(images)} images ({s.sampler}, {s.steps} steps, guidance {s.guidance}) to "
+          f"{args.out}/images/<class>/, grid {args.out}/grid.png")
+    return 0
 
 
 def _cmd_finetune(args) -> int:
