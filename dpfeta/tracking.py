@@ -1,0 +1,286 @@
+"""MLflow tracking: an absolute store, the experiment created once, DP vs ``nondp/`` metrics.
+
+* Store: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<abs run.dir>/mlflow.db``
+  (never MLflow's cwd-relative default: Ray jobs run in throw-away directories). With a local
+  sqlite store, artifacts go to ``<abs run.dir>/mlartifacts`` for the same reason.
+* The driver creates the experiment once (``setup``) before anything else writes (sqlite schema race).
+* One MLflow run per dpfeta run: its id is kept in ``<run dir>/mlflow_run.json`` so a resumed run
+  logs into the same MLflow run; params are logged once (only missing keys on resume: MLflow
+  refuses to change a param).
+* Metrics: DP quantities (epsilon spent, sigma, q, steps, evaluation of DP outputs against the
+  test split) by name; non-DP quantities (loss on sensitive batches, gradient norms, numbers that
+  used the training split) under ``nondp/``, dropped entirely when ``tracking.nondp`` is false.
+* Best effort: a tracking failure is logged as a warning and never stops training; after
+  ``MAX_FAILURES`` failures the run's tracking is switched off.
+* Never log raw sensitive images, their statistics, per-example data or noise seeds
+  (privacy.md §7); callers pass only DP releases and ledger/config files.
+
+Workers (e.g. Train rank 0) find the run through the environment (``env()``: MLFLOW_TRACKING_URI,
+MLFLOW_RUN_ID, DPFETA_TRACKING_NONDP), passed in a runtime_env.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dpfeta.config import Config
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"
+NONDP_PREFIX = "nondp/"
+ENV_URI, ENV_RUN_ID, ENV_NONDP = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DPFETA_TRACKING_NONDP"
+MAX_PARAM_CHARS = 6000
+MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an absolute sqlite file under run.dir."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get(ENV_URI):
+        return os.environ[ENV_URI]
+    return f"sqlite:///{Path(cfg.run.dir).expanduser().resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    path = _sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    path = _sqlite_path(uri)
+    location = (path.parent / "mlartifacts").as_uri() if path is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another driver
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def setup(cfg: Config) -> Optional[str]:
+    """Create the store and the experiment once (driver only). Returns the URI, or None if off/failed."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg)
+    try:
+        _experiment_id(_client(uri), uri, cfg.tracking.experiment)
+    except Exception as exc:  # noqa: BLE001 - tracking is best effort
+        log.warning("tracking disabled: cannot set up MLflow at %s (%s)", uri, exc)
+        return None
+    return uri
+
+
+def _clean(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class Tracker:
+    """Handle on one MLflow run; every method is best effort."""
+
+    uri: str
+    run_id: str
+    nondp: bool
+    enabled: bool = True
+    failures: int = 0
+    _cached: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def client(self):
+        if self._cached is None:
+            self._cached = _client(self.uri)
+        return self._cached
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a tracking failure must not kill training
+            self.failures += 1
+            log.warning("tracking: %s failed (%s: %s)", what, type(exc).__name__, exc)
+            if self.failures >= MAX_FAILURES:
+                log.warning("tracking: %d failures, switching MLflow logging off for this run", self.failures)
+                self.enabled = False
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params not logged before; a changed value is kept as it was and warned about."""
+        def run():
+            client = self.client
+            logged = client.get_run(self.run_id).data.params
+            new = {}
+            for key, value in params.items():
+                text = str(value)[:MAX_PARAM_CHARS]
+                if key not in logged:
+                    new[key] = text
+                elif logged[key] != text:
+                    log.warning("tracking: param %s was logged as %r; keeping it (now %r)", key, logged[key], text)
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in new.items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(self.run_id, params=items[i:i + 100])
+
+        self._call("log_params", run)
+
+    def _log_metrics(self, metrics: dict[str, Any], step: Optional[int]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, int(step or 0)) for k, v in
+                 ((k, _clean(v)) for k, v in metrics.items()) if v is not None]
+        if items:
+            self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def log_dp_metrics(self, metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
+        """Metrics that are DP releases (or data-independent): logged under their own names."""
+        bad = [k for k in metrics if k.startswith(NONDP_PREFIX)]
+        if bad:
+            raise ValueError(f"expected DP metric names, got non-DP names {bad}; use log_nondp_metrics")
+        self._log_metrics(metrics, step)
+
+    def log_nondp_metrics(self, metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
+        """Non-DP metrics: logged under ``nondp/`` only when tracking.nondp is true."""
+        if not self.nondp:
+            return
+        self._log_metrics({k if k.startswith(NONDP_PREFIX) else NONDP_PREFIX + k: v
+                           for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path: Path | str, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            log.warning("tracking: no artifact at %s", path)
+            return
+        if path.is_dir():
+            self._call("log_artifacts", lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+        else:
+            self._call("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        def run():
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+        self._call("set_tags", run)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
+
+    def env(self) -> dict[str, str]:
+        """Environment for worker processes (runtime_env env_vars)."""
+        return {ENV_URI: self.uri, ENV_RUN_ID: self.run_id, ENV_NONDP: "1" if self.nondp else "0"}
+
+
+_current: Optional[Tracker] = None
+
+
+def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optional[dict] = None,
+              tags: Optional[dict] = None) -> Optional[Tracker]:
+    """Start (or resume, via ``<run dir>/mlflow_run.json``) the MLflow run of ``cfg``; None when off."""
+    global _current
+    uri = setup(cfg)
+    if uri is None:
+        return None
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir()
+    record = run_dir / RUN_FILE
+    try:
+        client = _client(uri)
+        run_id = None
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            if saved.get("uri") == uri:
+                try:
+                    run_id = client.get_run(saved["run_id"]).info.run_id
+                    client.update_run(run_id, status="RUNNING")
+                except Exception:  # noqa: BLE001 - deleted or another store: start a new run
+                    run_id = None
+        if run_id is None:
+            exp_id = _experiment_id(client, uri, cfg.tracking.experiment)
+            run_id = client.create_run(exp_id, run_name=cfg.run.name, tags=dict(tags or {})).info.run_id
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"uri": uri, "run_id": run_id, "experiment": cfg.tracking.experiment},
+                                         indent=2) + "\n")
+    except Exception as exc:  # noqa: BLE001
+        log.warning("tracking disabled: cannot start an MLflow run at %s (%s)", uri, exc)
+        return None
+    _current = Tracker(uri, run_id, nondp=cfg.tracking.nondp)
+    if params:
+        _current.log_params(params)
+    return _current
+
+
+def current() -> Optional[Tracker]:
+    """The run started in this process, else the one named by the environment (workers), else None."""
+    if _current is not None:
+        return _current
+    if os.environ.get(ENV_URI) and os.environ.get(ENV_RUN_ID):
+        return Tracker(os.environ[ENV_URI], os.environ[ENV_RUN_ID], nondp=os.environ.get(ENV_NONDP, "0") == "1")
+    return None
+
+
+def end_run(status: str = "FINISHED") -> None:
+    global _current
+    if _current is not None:
+        _current.end(status)
+    _current = None
+
+
+def log_dp_metrics(metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
+    tracker = current()
+    if tracker is not None:
+        tracker.log_dp_metrics(metrics, step=step)
+
+
+def log_nondp_metrics(metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
+    tracker = current()
+    if tracker is not None:
+        tracker.log_nondp_metrics(metrics, step=step)
+
+
+def log_artifact(path: Path | str, artifact_path: Optional[str] = None) -> None:
+    tracker = current()
+    if tracker is not None:
+        tracker.log_artifact(path, artifact_path)
+
+
+def run_params(cfg: Config, plan) -> dict[str, Any]:
+    """The flattened config plus the privacy plan (sigma, q, T, delta, accountant)."""
+    params = dict(cfg.flat())
+    params.update({"dp.sigma": plan.sigma, "dp.q": plan.sample_rate, "dp.T": plan.steps,
+                   "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
+                   "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})
+    return params

@@ -1,0 +1,97 @@
+"""MLflow tracking: absolute store, resume into the same run, nondp suppression, best effort."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpfeta import config, tracking
+
+
+@pytest.fixture(autouse=True)
+def _no_env_uri(monkeypatch):
+    for var in (tracking.ENV_URI, tracking.ENV_RUN_ID, tracking.ENV_NONDP):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    tracking.end_run()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """One store for the module: creating a fresh sqlite schema takes seconds."""
+    return tmp_path_factory.mktemp("tracking") / "runs"
+
+
+def cfg_for(root, name, *extra):
+    return config.load(None, [f"run.dir={root}", f"run.name={name}", *extra])
+
+
+def metrics(t: tracking.Tracker) -> dict:
+    return dict(t.client.get_run(t.run_id).data.metrics)
+
+
+def test_default_uri_is_absolute_sqlite_under_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None, ["run.dir=rel/runs"])
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/rel/runs/mlflow.db"
+    assert tracking.tracking_uri(cfg).startswith("sqlite:////")  # four slashes: absolute
+    monkeypatch.setenv(tracking.ENV_URI, "http://mlflow:5000")
+    assert tracking.tracking_uri(cfg) == "http://mlflow:5000"
+    assert tracking.tracking_uri(config.replace(cfg, {"tracking.uri": "sqlite:////x.db"})) == "sqlite:////x.db"
+
+
+def test_run_resumes_params_once_and_artifacts_stay_under_run_dir(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_for(root, "resume")
+    t = tracking.start_run(cfg, params={"a": 1, "b": "x"})
+    t.log_dp_metrics({"epsilon": 0.5}, step=3)
+    (tmp_path / "f.json").write_text("{}")
+    t.log_artifact(tmp_path / "f.json")
+    tracking.end_run()
+    again = tracking.start_run(cfg, params={"a": 2, "c": 3})  # a changed: kept, no crash
+    assert again.run_id == t.run_id
+    run = again.client.get_run(again.run_id)
+    assert run.data.params == {"a": "1", "b": "x", "c": "3"}
+    assert run.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists()
+    assert json.loads((cfg.run_dir() / tracking.RUN_FILE).read_text())["run_id"] == t.run_id
+
+
+@pytest.mark.parametrize("nondp", [True, False])
+def test_nondp_metrics_are_prefixed_or_dropped(root, nondp):
+    t = tracking.start_run(cfg_for(root, f"nondp-{str(nondp).lower()}", f"tracking.nondp={str(nondp).lower()}"))
+    tracking.log_nondp_metrics({"loss": 0.3, "nondp/grad_norm": 2.0}, step=1)
+    tracking.log_dp_metrics({"epsilon": 1.0}, step=1)
+    got = metrics(t)
+    assert got["epsilon"] == 1.0
+    if nondp:
+        assert got["nondp/loss"] == 0.3 and got["nondp/grad_norm"] == 2.0
+    else:
+        assert not [k for k in got if k.startswith("nondp/") or k in ("loss", "grad_norm")]
+    with pytest.raises(ValueError, match="non-DP"):
+        t.log_dp_metrics({"nondp/loss": 1.0})
+
+
+def test_worker_finds_the_run_through_env(root, monkeypatch):
+    t = tracking.start_run(cfg_for(root, "worker", "tracking.nondp=false"))
+    env = t.env()
+    tracking.end_run()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    worker = tracking.current()
+    assert worker.run_id == t.run_id and worker.nondp is False
+    tracking.log_dp_metrics({"epsilon": 2.0}, step=7)
+    tracking.log_nondp_metrics({"loss": 1.0}, step=7)
+    assert metrics(worker) == {"epsilon": 2.0}
+
+
+def test_tracking_failures_never_raise(root):
+    cfg = cfg_for(root, "broken", "tracking.uri=bogus://nowhere")
+    assert tracking.setup(cfg) is None and tracking.start_run(cfg) is None
+    tracking.log_dp_metrics({"epsilon": 1.0})  # no run: a no-op
+    broken = tracking.Tracker("bogus://nowhere", "0" * 32, nondp=True)
+    for _ in range(tracking.MAX_FAILURES + 1):
+        broken.log_dp_metrics({"epsilon": 1.0}, step=1)
+    assert broken.enabled is False
+    assert tracking.start_run(cfg_for(root, "disabled", "tracking.enabled=false")) is None
