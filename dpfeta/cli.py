@@ -190,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order convergence chatter
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
         print(f"dpfeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,54 @@
+"""`dpfeta budget`: the plan from public facts, as a table and as JSON; refusals exit non-zero."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpfeta import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_budget_json_keys_and_values(capsys):
+    assert cli.main(["budget", "--config", str(ROOT / "configs/mnist_28/eps_10.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "mechanisms"} <= set(out)
+    assert out["epsilon"] <= 10.0 and out["accountant"] == "rdp" and out["steps"] == 2198
+    assert out["noise_multiplier"] == pytest.approx(1.84, rel=0.015)
+    names = [m["name"] for m in out["mechanisms"]]
+    assert names == ["central", "dpsgd"]
+    central = out["mechanisms"][0]
+    assert (central["noise_multiplier"], central["sample_rate"], central["count"]) == (5.0, 0.1, 5)
+    assert central["epsilon"] == pytest.approx(0.188, rel=2e-3)
+    assert out["epsilon"] >= max(m["epsilon"] for m in out["mechanisms"])
+
+
+def test_budget_table_for_digits_reads_no_data(capsys, monkeypatch):
+    from dpfeta import data
+
+    def no_pixels(*_a, **_k):
+        raise AssertionError("budget must not read images")
+
+    monkeypatch.setattr(data, "load_splits", no_pixels)
+    assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "composed epsilon" in out and "accountant rdp" in out and "no data was read" in out
+    for word in ("central", "dpsgd", "sigma", "T="):
+        assert word in out
+
+
+def test_budget_refuses_when_central_query_alone_spends_target():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpfeta.cli", "budget", "--config", "configs/mnist_28/eps_1.yaml",
+         "--set", "privacy.epsilon=0.1"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "central-image query alone spends epsilon=0.1883" in proc.stderr
+    assert "privacy.epsilon=0.1" in proc.stderr
+
+
+def test_budget_bad_key_exits_nonzero_naming_it(capsys):
+    assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml"), "--set", "privacy.eps=1"]) == 2
+    assert "privacy.eps" in capsys.readouterr().err
