@@ -279,7 +279,13 @@ def _source_size(cfg: config_mod.Config) -> tuple[int, bool, bool]:
     if d.source == "torchvision":
         if d.name not in TORCHVISION_SIZES:
             raise ValueError(f"data.name: expected one of {', '.join(TORCHVISION_SIZES)}, got {d.name!r}")
-        return TORCHVISION_SIZES[d.name], False, True
+        try:  # the root on disk; its canonical size when it is yet to be downloaded
+            import torchvision
+
+            root = str(Path(str(d.path)).expanduser())
+            return len(getattr(torchvision.datasets, d.name)(root=root, train=True)), False, True
+        except RuntimeError:
+            return TORCHVISION_SIZES[d.name], False, True
     if d.source == "idx":
         root = _existing(d.path, "data.path")
         header = _idx_header(_idx_file(root, "train", "labels"))

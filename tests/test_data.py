@@ -334,3 +334,19 @@ def test_validation_errors(tmp_path, case):
 
 def test_at_least_ten_validation_cases():
     assert len(CASES) >= 10
+
+
+def test_torchvision_mnist_root_on_disk(tmp_path):
+    x, y = toy(40, size=28)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for part, (images, labels) in {"train": (x, y), "t10k": (x[:12], y[:12])}.items():
+        write_idx(raw / f"{part}-images-idx3-ubyte", images)
+        write_idx(raw / f"{part}-labels-idx1-ubyte", labels)
+    cfg = make_cfg(data__source="torchvision", data__name="MNIST", data__path=str(tmp_path),
+                   data__resolution=28, data__val_fraction=0.1)
+    s = data.load_splits(cfg)
+    train_idx, val_idx, _ = data.split_indices(40, val_fraction=0.1, test_fraction=0, seed=0, has_test=True)
+    assert np.array_equal(s.train.images[:, 0], x[train_idx]) and np.array_equal(s.val.labels, y[val_idx])
+    assert len(s.test) == 12 and data.public_train_size(cfg) == 36
+    assert data.public_train_size(config.replace(cfg, {"data.path": str(tmp_path / "none")})) == 54000
