@@ -72,16 +72,25 @@ def build_denoiser(cfg: Config) -> EDMPrecond:
 
 
 def load_denoiser(directory: Path | str, cfg: Config, *, weights: str = "ema") -> EDMPrecond:
-    """Build the denoiser of ``cfg`` and load ``weights`` ("ema" or "model") from a checkpoint."""
+    """Build the denoiser of ``cfg`` and load ``weights`` ("ema" or "model") from a checkpoint.
+
+    ``directory`` is a checkpoint folder or a stage folder holding one as ``checkpoint/``.
+    """
     if weights not in ("ema", "model"):
         raise ValueError(f"expected weights='ema' or 'model', got {weights!r}")
+    directory = Path(directory)
+    if not checkpoint.exists(directory) and checkpoint.exists(directory / "checkpoint"):
+        directory = directory / "checkpoint"
     state = checkpoint.load(directory)
     saved = state["meta"].get("config", {}).get("model")
     if saved is not None and saved != cfg.to_dict()["model"]:
         raise ValueError(f"checkpoint '{directory}' holds model={saved}, but the config asks for "
                          f"model={cfg.to_dict()['model']}")
+    weights_dict = state[weights] if state[weights] is not None else state["model"]
+    if all(key.startswith("net.") for key in weights_dict):  # saved as EDMPrecond, not its U-Net
+        weights_dict = {key[len("net."):]: value for key, value in weights_dict.items()}
     denoiser = build_denoiser(cfg)
-    denoiser.net.load_state_dict(state[weights] if state[weights] is not None else state["model"])
+    denoiser.net.load_state_dict(weights_dict)
     return denoiser.eval()
 
 

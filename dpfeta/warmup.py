@@ -86,7 +86,7 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Any]:
     state = checkpoint.load(ckpt_dir)
     saved_model = state["meta"]["config"]["model"]
     if saved_model != cfg.to_dict()["model"]:
@@ -96,16 +96,38 @@ def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Mo
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["extra"]["generator"])
-    return int(state["meta"]["step"])
+    return state["meta"]
+
+
+def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                labels: torch.Tensor, cfg: Config, generator: torch.Generator) -> tuple[float, int]:
+    """One Adam step on an augmented batch; returns (mean loss, batch size)."""
+    w, dc = cfg.warmup, cfg.diffusion
+    device = next(denoiser.parameters()).device
+    # Draw a batch and augment it.
+    idx = _batch_indices(len(images), w.batch_size, generator)
+    x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
+                         generator=generator)).to(device)
+    # Loss (K noise draws per image, CFG label drop) and optimiser step.
+    loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
+                    sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
+                    num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), len(idx)
 
 
 def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Reporter | None = None,
                  generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict."""
-    w, dc = cfg.warmup, cfg.diffusion
+    """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict.
+
+    ``reporter(metrics)`` gets {step, nimg, loss, sec_per_step} every ``warmup.log_every`` steps.
+    Without ``generator``: seeded by ``run.seed``, else OS entropy.
+    """
+    w = cfg.warmup
     images, labels = central_arrays(central, cfg)
-    out_dir, device = Path(out_dir), _device(cfg)
-    ckpt_dir = out_dir / "checkpoint"
+    ckpt_dir = Path(out_dir) / "checkpoint"
     if generator is None:
         generator = torch.Generator()
         if cfg.run.seed is not None:
@@ -113,52 +135,40 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
         else:
             generator.seed()
 
-    net = UNet.from_config(cfg).to(device)
-    denoiser = EDMPrecond(net, dc.sigma_data)
+    # Model, EMA, optimiser; restored from the latest checkpoint if there is one.
+    with torch.random.fork_rng(devices=[]):  # initial weights from ``generator`` too
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        net = UNet.from_config(cfg).to(_device(cfg))
+    denoiser = EDMPrecond(net, cfg.diffusion.sigma_data)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=w.lr)
-    step = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else 0
+    meta = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else {}
+    step, loss = int(meta.get("step", 0)), meta.get("loss")
     params = count_parameters(net)
     logger.info("warmup: %d central images, U-Net %d parameters, %s from step %d of %d",
                 len(images), params, "resuming" if step else "starting", step, w.steps)
 
-    def save(loss: float) -> None:
-        meta = {"stage": "warmup", "step": step, "nimg": step * min(w.batch_size, len(images)),
-                "loss": loss, "parameters": params, "config": cfg.to_dict()}
-        checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
-                        extra={"generator": generator.get_state()})
-
     start_step, start_time = step, time.perf_counter()
-    window_losses, window_start, last_loss = [], time.perf_counter(), float("nan")
+    window, window_start = [], time.perf_counter()
     while step < w.steps:
-        # Draw a batch and augment it.
-        idx = _batch_indices(len(images), w.batch_size, generator)
-        x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
-                             generator=generator)).to(device)
-        # Loss and optimiser step.
-        loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
-                        sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
-                        num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        batch_loss, batch = _train_step(denoiser, optimizer, images, labels, cfg, generator)
         step += 1
         # Update EMA.
         update_ema(ema, net, num_updates=step, decay=w.ema_decay)
-        window_losses.append(loss.item())
-
+        window.append(batch_loss)
         # Report and checkpoint.
         if step == w.steps or (w.log_every > 0 and step % w.log_every == 0):
-            last_loss = float(np.mean(window_losses))
-            sec_per_step = (time.perf_counter() - window_start) / len(window_losses)
-            logger.info("warmup step %d/%d nimg %d loss %.4f sec/step %.3f", step, w.steps,
-                        step * len(idx), last_loss, sec_per_step)
+            loss, sec_per_step = float(np.mean(window)), (time.perf_counter() - window_start) / len(window)
+            logger.info("warmup step %d/%d nimg %d loss %.4f sec/step %.3f", step, w.steps, step * batch,
+                        loss, sec_per_step)
             if reporter is not None:
-                reporter({"step": step, "nimg": step * len(idx), "loss": last_loss,
-                          "sec_per_step": sec_per_step})
-            window_losses, window_start = [], time.perf_counter()
+                reporter({"step": step, "nimg": step * batch, "loss": loss, "sec_per_step": sec_per_step})
+            window, window_start = [], time.perf_counter()
         if step == w.steps or (w.checkpoint_every > 0 and step % w.checkpoint_every == 0):
-            save(last_loss)
+            meta = {"stage": "warmup", "step": step, "nimg": step * batch, "loss": loss,
+                    "parameters": params, "config": cfg.to_dict()}
+            checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
+                            extra={"generator": generator.get_state()})
 
-    return {"step": step, "steps_run": step - start_step, "loss": last_loss, "parameters": params,
+    return {"step": step, "steps_run": step - start_step, "loss": loss, "parameters": params,
             "seconds": time.perf_counter() - start_time, "checkpoint": str(ckpt_dir)}

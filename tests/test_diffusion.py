@@ -1,0 +1,198 @@
+"""EDM preconditioning, loss and samplers against closed forms, oracles and mocks."""
+
+import math
+
+import pytest
+import torch
+
+from dpfeta import config
+from dpfeta.diffusion import (EDMPrecond, build_denoiser, ddim_sampler, edm_loss, edm_loss_rows,
+                              edm_sampler, generate, guided, time_grid)
+from dpfeta.images import load_class_folders
+
+SD = math.sqrt(1 / 3)
+LOSS = dict(P_mean=-1.2, P_std=1.2, sigma_data=SD, num_classes=3)
+
+
+class ZeroNet(torch.nn.Module):
+    """F = 0 (so D = c_skip x); records what the denoiser feeds it."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, c_noise, labels):
+        self.calls.append((x.clone(), c_noise.clone(), labels.clone()))
+        return torch.zeros_like(x)
+
+
+def tiny_cfg(*overrides):
+    return config.load(None, ["data.resolution=8", "data.num_classes=3", "model.channels=8",
+                              "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
+                              "model.emb_channels=16", *overrides])
+
+
+# Preconditioning ------------------------------------------------------------------------------
+
+def test_preconditioning_limits_and_closed_forms():
+    pre = EDMPrecond(ZeroNet(), SD)
+    c_skip, c_out, c_in, c_noise = pre.coefficients(torch.tensor([1e-6, 1e-4], dtype=torch.float64))
+    assert torch.allclose(c_skip, torch.ones(2, dtype=torch.float64), atol=1e-7)
+    assert torch.all(c_out < 1e-4 + 1e-12) and torch.all(c_out > 0)
+    sigma = torch.tensor([0.002, 0.1, SD, 1.0, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = pre.coefficients(sigma)
+    assert torch.allclose(c_in, 1 / torch.sqrt(sigma ** 2 + SD ** 2), rtol=1e-12)
+    assert torch.allclose(c_noise, torch.log(sigma) / 4, rtol=1e-12)
+    assert torch.allclose(c_skip, SD ** 2 / (sigma ** 2 + SD ** 2), rtol=1e-12)
+    assert torch.allclose(c_out, sigma * SD / torch.sqrt(sigma ** 2 + SD ** 2), rtol=1e-12)
+    assert c_skip[-1] < 1e-4 and abs(c_out[-1] - SD) < 1e-4  # sigma -> inf
+
+
+def test_precond_forward_scales_input_and_output():
+    net = ZeroNet()
+    pre = EDMPrecond(net, SD)
+    x, sigma = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 3.0])
+    out = pre(x, sigma, torch.tensor([0, 3]))
+    scale = sigma.view(-1, 1, 1, 1)
+    assert torch.allclose(out, SD ** 2 / (scale ** 2 + SD ** 2) * x)
+    x_in, c_noise, labels = net.calls[0]
+    assert torch.allclose(x_in, x / torch.sqrt(scale ** 2 + SD ** 2))
+    assert torch.allclose(c_noise, sigma.log() / 4) and labels.tolist() == [0, 3]
+    pre(x, torch.tensor(2.0), torch.tensor([0, 1]))  # a scalar sigma broadcasts over the batch
+    assert net.calls[1][1].shape == (2,)
+
+
+# Loss -----------------------------------------------------------------------------------------
+
+def test_loss_shape_rows_and_k_equals_mean_of_single_draws():
+    denoiser = build_denoiser(tiny_cfg()).eval()
+    images, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
+    K = 4
+    loss = edm_loss(denoiser, images, labels, label_drop_prob=0.0, K=K,
+                    generator=torch.Generator().manual_seed(3), **LOSS)
+    rows = edm_loss_rows(denoiser, images, labels, label_drop_prob=0.0, K=K,
+                         generator=torch.Generator().manual_seed(3), **LOSS)
+    singles = edm_loss(denoiser, images.repeat_interleave(K, 0), labels.repeat_interleave(K, 0),
+                       label_drop_prob=0.0, K=1, generator=torch.Generator().manual_seed(3), **LOSS)
+    assert loss.shape == (5,) and rows.shape == (5 * K,)
+    assert torch.allclose(loss, rows.view(5, K).mean(1), atol=1e-6)
+    assert torch.allclose(loss, singles.view(5, K).mean(1), atol=1e-5)
+    assert rows.view(5, K).std(1).min() > 0  # the K draws differ
+
+
+def test_loss_value_matches_formula_with_replayed_draws():
+    images, labels = torch.rand(3, 1, 4, 4) * 2 - 1, torch.tensor([0, 1, 2])
+    K = 2
+    loss = edm_loss(EDMPrecond(ZeroNet(), SD), images, labels, label_drop_prob=0.1, K=K,
+                    generator=torch.Generator().manual_seed(7), **LOSS)
+    g = torch.Generator().manual_seed(7)  # replay: sigma, noise, label drop
+    x = images.repeat_interleave(K, 0)
+    sigma = (torch.randn(6, 1, 1, 1, generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn(x.shape, generator=g) * sigma
+    weight = (sigma ** 2 + SD ** 2) / (sigma * SD) ** 2
+    denoised = SD ** 2 / (sigma ** 2 + SD ** 2) * (x + noise)
+    expected = (weight * (denoised - x) ** 2).flatten(1).mean(1).view(3, K).mean(1)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_label_drop_is_per_example_and_sigma_is_lognormal():
+    net = ZeroNet()
+    batch, K = 4000, 3
+    edm_loss(EDMPrecond(net, SD), torch.zeros(batch, 1, 2, 2), torch.zeros(batch, dtype=torch.long),
+             label_drop_prob=0.25, K=K, generator=torch.Generator().manual_seed(0), **LOSS)
+    _, c_noise, labels = net.calls[0]
+    labels = labels.view(batch, K)
+    assert torch.all(labels == labels[:, :1])  # one drop decision per example, repeated K times
+    dropped = (labels[:, 0] == 3).float().mean().item()
+    assert abs(dropped - 0.25) < 0.03 and set(labels.unique().tolist()) == {0, 3}
+    log_sigma = 4 * c_noise
+    assert abs(log_sigma.mean().item() + 1.2) < 0.05 and abs(log_sigma.std().item() - 1.2) < 0.05
+
+
+def test_loss_is_reproducible_under_the_generator():
+    denoiser = EDMPrecond(ZeroNet(), SD)
+    images, labels = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+
+    def run(seed):
+        return edm_loss(denoiser, images, labels, label_drop_prob=0.1, K=2,
+                        generator=torch.Generator().manual_seed(seed), **LOSS)
+
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    with pytest.raises(ValueError, match="K >= 1"):
+        edm_loss(denoiser, images, labels, label_drop_prob=0.1, K=0, generator=None, **LOSS)
+
+
+# Samplers -------------------------------------------------------------------------------------
+
+def test_time_grid_endpoints_and_shape():
+    t = time_grid(18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    assert t.shape == (19,) and t[0].item() == pytest.approx(80.0, rel=1e-12)
+    assert t[-2].item() == pytest.approx(0.002, rel=1e-12) and t[-1].item() == 0.0
+    assert torch.all(t[1:] < t[:-1])
+    mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # i/(N-1) = 1/2 at N = 3
+    assert time_grid(3, sigma_min=0.002, sigma_max=80.0, rho=7.0)[1].item() == pytest.approx(mid, rel=1e-12)
+
+
+SAMPLER = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=0.0, null_label=3)
+CHURN = dict(s_min=0.05, s_max=50.0, s_noise=1.0)
+
+
+@pytest.mark.parametrize("churn", [0.0, 10.0, 200.0])
+def test_edm_sampler_with_oracle_denoiser_returns_x0(churn):
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+
+    def oracle(x, sigma, labels):
+        return x0.expand_as(x)
+
+    out = edm_sampler(oracle, torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long), steps=12,
+                      churn=churn, generator=torch.Generator().manual_seed(0), **CHURN, **SAMPLER)
+    assert (out - x0).abs().max().item() <= 1e-5
+
+
+def test_ddim_sampler_with_oracle_denoiser_returns_x0():
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+    out = ddim_sampler(lambda x, s, y: x0.expand_as(x), torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long),
+                       steps=12, **SAMPLER)
+    assert torch.allclose(out, x0)
+
+
+def test_ddim_on_gaussian_data_follows_the_exact_ode():
+    """Data ~ N(0, s^2): D(x, t) = s^2/(s^2+t^2) x; the ODE solution is x_T * s / sqrt(s^2+T^2)."""
+    s = 0.5
+    latents = torch.randn(1000, 1, 1, 1, dtype=torch.float64)
+    out = ddim_sampler(lambda x, t, y: s ** 2 / (s ** 2 + t.view(-1, 1, 1, 1) ** 2) * x, latents,
+                       torch.zeros(1000, dtype=torch.long), steps=400, **SAMPLER)
+    exact = latents * 80.0 * s / math.sqrt(s ** 2 + 80.0 ** 2)
+    assert (out - exact).abs().max().item() < 2e-2
+    assert abs(out.std().item() - s * latents.std().item()) < 1e-2
+
+
+def test_cfg_zero_equals_unguided_and_formula():
+    denoiser = build_denoiser(tiny_cfg()).eval()
+    x, sigma, y = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        cond, uncond = denoiser(x, sigma, y), denoiser(x, sigma, torch.full_like(y, 3))
+        assert guided(denoiser, 0.0, 3) is denoiser
+        assert torch.allclose(guided(denoiser, 0.7, 3)(x, sigma, y), 1.7 * cond - 0.7 * uncond, atol=1e-5)
+        common = dict(steps=4, churn=10.0, **CHURN, sigma_min=0.002, sigma_max=80.0, rho=7.0, null_label=3)
+        latents = torch.randn(4, 1, 8, 8)
+        plain = edm_sampler(denoiser, latents, y, guidance=0.0, generator=torch.Generator().manual_seed(1), **common)
+        tiny_w = edm_sampler(denoiser, latents, y, guidance=1e-7, generator=torch.Generator().manual_seed(1), **common)
+    assert torch.allclose(plain, tiny_w, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["edm", "ddim"])
+def test_generate_batches_labels_and_files(tmp_path, sampler):
+    cfg = tiny_cfg(f"sample.sampler={sampler}", "sample.steps=3", "sample.batch_size=4")
+    denoiser = build_denoiser(cfg)
+    imgs, labels = generate(denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False,
+                            out_dir=tmp_path)
+    assert imgs.shape == (10, 1, 8, 8) and imgs.dtype == torch.uint8
+    assert labels.shape == (10,) and labels.min() >= 0 and labels.max() < 3
+    again, _ = generate(denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(imgs, again)
+    read, read_labels = load_class_folders(tmp_path / "images")
+    assert len(read) == 10 and sorted(read_labels.tolist()) == sorted(labels.tolist())
+    assert (tmp_path / "grid.png").is_file()
