@@ -1,0 +1,250 @@
+"""Sweep accounting, search spaces, trial counts and the DP score (no Ray; privacy.md §6).
+
+The sweep's epsilon is checked against events built here directly from dp_accounting, not through
+dpfeta.privacy or dpfeta.tune's curve code.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import dp_event, pld, rdp
+
+from dpfeta import config, privacy, tune
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+DIGITS_N = 1258
+# Cheap accounting: explicit central noise, small sample rates (few dp_accounting convergence loops).
+FAST = ["central.noise_multiplier=2.0", "central.batch_size=100", "central.rounds=2",
+        "finetune.batch_size=64", "finetune.epochs=1"]
+SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+         "central.noise_multiplier": {"type": "uniform", "lower": 2.0, "upper": 4.0},
+         "warmup.steps": {"type": "choice", "values": [2, 4]}}
+
+
+def _cfg(*overrides, space=None):
+    cfg = config.load("configs/digits.yaml", [*FAST, *overrides])
+    if space is not None:
+        cfg = config.replace(cfg, {"tune.search_space": space})
+    return cfg
+
+
+def _poisson_gaussian(q, sigma, count):
+    return dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), count)
+
+
+def _trial_event(rounds, sigma_c, q_c, sigma, q, steps, sigma_v):
+    parts = [_poisson_gaussian(q, sigma, steps), dp_event.GaussianDpEvent(sigma_v)]
+    if rounds:
+        parts.insert(0, _poisson_gaussian(q_c, sigma_c, rounds))
+    return dp_event.ComposedDpEvent(parts)
+
+
+def _rdp_epsilon(event, delta=1e-5):
+    acc = rdp.RdpAccountant()
+    acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
+# --------------------------------------------------------------------------------------------
+# Search space
+# --------------------------------------------------------------------------------------------
+
+
+def test_search_space_becomes_ray_domains_within_bounds():
+    space = tune.check_search_space(_cfg(space=SPACE))
+    domains = tune.search_space(space)
+    rng = np.random.RandomState(0)
+    rounds = [domains["central.rounds"].sample(random_state=rng) for _ in range(200)]
+    assert set(rounds) == {1, 2, 3}  # Ray's randint: upper exclusive
+    sigmas = [domains["central.noise_multiplier"].sample(random_state=rng) for _ in range(200)]
+    assert 2.0 <= min(sigmas) and max(sigmas) <= 4.0
+    assert {domains["warmup.steps"].sample(random_state=rng) for _ in range(50)} == {2, 4}
+    assert tune._extremes(space["central.rounds"]) == [1, 3]
+
+
+@pytest.mark.parametrize("key,spec,match", [
+    ("privacy.epsilon", {"type": "uniform", "lower": 1, "upper": 2}, "budget"),
+    ("data.resolution", {"type": "choice", "values": [8, 16]}, "budget"),
+    ("central.rounds", {"type": "gaussian", "mean": 1}, "type one of"),
+    ("central.rounds", {"type": "randint", "lower": 2}, "fields"),
+    ("central.rounds", {"type": "randint", "lower": 5, "upper": 2}, "lower < upper"),
+    ("central.rounds", {"type": "uniform", "lower": 1, "upper": 4}, "integer"),  # float draws into an int key
+    ("central.noise_multiplier", {"type": "randn", "mean": 3, "sd": 1}, "bounded"),
+    ("warmup.steps", {"type": "grid", "values": [1, 2]}, "i.i.d."),  # private mode: no grid
+    ("warmup.stepz", {"type": "choice", "values": [1]}, "unknown config key"),
+])
+def test_search_space_refusals(key, spec, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tune.check_search_space(_cfg(space={key: spec}))
+
+
+def test_grid_is_fine_in_naive_mode():
+    cfg = _cfg("tune.privacy_mode=naive", space={"warmup.steps": {"type": "grid", "values": [1, 2]}})
+    assert tune.check_search_space(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def test_private_refuses_asha():
+    with pytest.raises(ValueError, match="fifo"):
+        _cfg("tune.scheduler=asha")  # private is the default mode
+    # The sweep's own check (also for configs built around config.validate):
+    bad = dataclasses.replace(_cfg(), tune=dataclasses.replace(_cfg().tune, scheduler="asha"))
+    with pytest.raises(ValueError, match="ASHA.*random-stopping"):
+        tune.check_scheduler(bad)
+    with pytest.raises(ValueError, match="ASHA"):
+        tune.sweep_plan(bad, DIGITS_N)
+    # naive mode allows it; a non-DP metric is refused outside public mode
+    tune.check_scheduler(_cfg("tune.privacy_mode=naive", "tune.scheduler=asha"))
+    with pytest.raises(ValueError, match="not DP"):
+        tune.check_scheduler(_cfg("tune.privacy_mode=naive", "tune.metric=nondp/loss"))
+
+
+# --------------------------------------------------------------------------------------------
+# The random number of trials
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [0.0, 0.5, 1.0, 2.0, math.inf])
+def test_trial_count_has_the_accounted_mean(shape):
+    mean = 4.0
+    rng = np.random.default_rng(123)
+    draws = np.array([tune.draw_num_trials(mean, shape, rng) for _ in range(20000)])
+    if not math.isinf(shape):
+        assert draws.min() >= 1  # truncated: never an empty sweep
+    assert draws.mean() == pytest.approx(mean, rel=0.03)
+
+
+def test_geometric_trial_count_pmf():
+    mean, rng = 3.0, np.random.default_rng(7)
+    gamma = tune.tnb_gamma(mean, 1.0)
+    assert gamma == pytest.approx(1 / 3)
+    draws = np.array([tune.draw_num_trials(mean, 1.0, rng) for _ in range(30000)])
+    for k in (1, 2, 3, 5):
+        expected = (1 - gamma) ** (k - 1) * gamma  # Papernot-Steinke TNB(eta=1, gamma)
+        assert np.mean(draws == k) == pytest.approx(expected, abs=0.01)
+
+
+def test_trial_count_is_fresh_without_a_seed():
+    draws = {tune.draw_num_trials(10.0, 1.0, np.random.default_rng()) for _ in range(40)}
+    assert len(draws) > 3
+
+
+# --------------------------------------------------------------------------------------------
+# The DP score (M3)
+# --------------------------------------------------------------------------------------------
+
+
+def test_score_noise_has_the_configured_scale():
+    sigma_v, val_size, correct = 10.0, 180, 150
+    rng = np.random.default_rng(0)
+    scores = np.array([tune.dp_score(correct, val_size, sigma_v=sigma_v, rng=rng) for _ in range(20000)])
+    assert scores.mean() == pytest.approx(correct / val_size, abs=3 * sigma_v / val_size / math.sqrt(20000))
+    assert scores.std() == pytest.approx(sigma_v / val_size, rel=0.03)
+    with pytest.raises(ValueError, match="val_fraction"):
+        tune.dp_score(1, 0, sigma_v=1.0, rng=rng)
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep plan against independent dp_accounting computations
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_plan():
+    cfg = privacy.resolve(_cfg(space=SPACE), DIGITS_N)
+    return cfg, tune.sweep_plan(cfg, DIGITS_N)
+
+
+def test_private_sweep_epsilon_is_the_repeat_and_select_total(private_plan):
+    cfg, sp = private_plan
+    ref, t = sp["reference"], cfg.tune
+    assert (ref["rounds"], ref["sigma_c"]) == (3, 2.0)  # worst corner of the space
+    assert ref["q_c"] == pytest.approx(100 / DIGITS_N) and ref["q"] == pytest.approx(64 / DIGITS_N)
+    assert ref["steps"] == math.ceil(DIGITS_N / 64)
+    event = dp_event.RepeatAndSelectDpEvent(
+        _trial_event(3, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], t.score_noise),
+        t.num_trials, t.tnb_eta)
+    eps = _rdp_epsilon(event)
+    assert eps <= sp["epsilon"] * (1 + 1e-9) <= cfg.privacy.epsilon  # full order grid: never above
+    assert eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)  # and the smallest sigma to do it
+    # the penalty is real: a single untuned run gets less noise
+    assert sp["single_sigma"] < sp["trial_sigma"]
+    # PLD cannot account RepeatAndSelect: the sweep says so and uses RDP
+    assert not pld.PLDAccountant().supports(event)
+
+
+def test_each_trial_sigma_stays_under_the_reference(private_plan):
+    cfg, sp = private_plan
+    ref, t = sp["reference"], cfg.tune
+    orders = tuple(ref["orders"])
+    bound = np.asarray(ref["rdp"])
+    for rounds, sigma_c in [(3, 2.0), (1, 2.0), (2, 3.5), (3, 4.0)]:
+        trial_cfg = config.replace(cfg, {"central.rounds": rounds, "central.noise_multiplier": sigma_c})
+        sigma = tune.trial_sigma(sp, trial_cfg, DIGITS_N)
+        assert sigma <= sp["trial_sigma"] * (1 + 1e-12)
+        acc = rdp.RdpAccountant(list(orders))
+        acc.compose(_trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise))
+        assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12)
+        whole = dp_event.RepeatAndSelectDpEvent(
+            _trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise),
+            t.num_trials, t.tnb_eta)
+        assert _rdp_epsilon(whole) <= cfg.privacy.epsilon
+        ledger = tune.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
+        assert ledger.repeat == {"mean": t.num_trials, "shape": t.tnb_eta}
+        assert [m.name for m in ledger.mechanisms] == ["central", "dpsgd", "selection"]
+
+
+def test_naive_sweep_epsilon_is_k_composed_trials():
+    cfg = privacy.resolve(_cfg("tune.privacy_mode=naive", "tune.num_trials=3"), DIGITS_N)
+    sp = tune.sweep_plan(cfg, DIGITS_N)
+    ref = sp["reference"]
+    trial = _trial_event(2, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 10.0)
+    eps = _rdp_epsilon(dp_event.SelfComposedDpEvent(trial, 3))
+    assert eps <= cfg.privacy.epsilon and eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)
+    assert sp["trials"] == {"count": 3}
+    assert sp["trial_sigma"] > sp["single_sigma"]
+
+
+def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
+    cfg = privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N)
+    sp = tune.sweep_plan(cfg, DIGITS_N)
+    steps = math.ceil(DIGITS_N / 64)
+    single = dp_event.ComposedDpEvent([_poisson_gaussian(100 / DIGITS_N, 2.0, 2),
+                                      _poisson_gaussian(64 / DIGITS_N, sp["single_sigma"], steps)])
+    eps = _rdp_epsilon(single)
+    assert sp["epsilon"] == pytest.approx(eps, rel=1e-6)
+    assert eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3) and eps <= cfg.privacy.epsilon
+    assert sp["tuning_cost"] == 0.0 and sp["trial_sigma"] is None
+
+
+def test_pld_config_is_accounted_with_rdp_and_says_so():
+    sp = tune.sweep_plan(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N),
+                         DIGITS_N)
+    assert sp["accountant"] == "rdp" and "RepeatAndSelectDpEvent" in sp["accountant_note"]
+    assert "RDP" in tune.sweep_plan_table(sp)
+
+
+def test_sweep_refuses_when_the_score_alone_spends_the_budget():
+    with pytest.raises(ValueError, match="tune.score_noise"):
+        tune.sweep_plan(privacy.resolve(_cfg("privacy.epsilon=1", "tune.score_noise=0.3"), DIGITS_N), DIGITS_N)
+    with pytest.raises(ValueError, match="privacy.noise_multiplier"):
+        tune.sweep_plan(_cfg("privacy.noise_multiplier=2"), DIGITS_N)
+
+
+def test_sweep_plan_is_json_and_printable(private_plan):
+    _, sp = private_plan
+    text = tune.sweep_plan_table(sp)
+    assert "penalty" in text and "whole sweep" in text
+    small = tune.sweep_plan_json(sp)
+    assert "rdp" not in small["reference"]
+    json.dumps(sp)
