@@ -120,15 +120,28 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    raise NotImplementedError("dpfeta evaluate lands with issue 6")
+    from dpfeta import evaluate, pipeline
+
+    cfg = _load(args)
+    result = pipeline.evaluate_samples(cfg, args.samples, args.out)
+    eps = "unknown (no ledger.json)" if result["epsilon"] is None else f"{result['epsilon']:.4f}"
+    fid = "withheld" if result.get("fid") is None else f"{result['fid']:.2f}"
+    print(f"epsilon {eps}  accuracy {result['accuracy']:.4f}  FID {fid} [{evaluate.fid_label(result)}]")
+    return 0
 
 
 def _cmd_run(args) -> int:
-    raise NotImplementedError("dpfeta run lands with issue 6")
+    from dpfeta import pipeline
+
+    pipeline.run(_load(args))
+    return 0
 
 
 def _cmd_tune(args) -> int:
-    raise NotImplementedError("dpfeta tune lands with issue 7")
+    from dpfeta import tune
+
+    tune.run_sweep(_load(args), echo=print)  # plan first (no data read); rerun the same name to resume
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

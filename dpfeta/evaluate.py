@@ -259,7 +259,7 @@ def fid_reference(cfg: Config, splits: Splits, *, seed: int = 0) -> FidReference
     """The FID features (Inception from local weights, else a CNN on the training split) and the
     test-split statistics."""
     e, device = cfg.eval, _device(cfg)
-    reference = splits.test.images[:e.fid.num_samples]
+    reference = splits.test.images  # the whole real test split
     if e.fid.inception_weights:
         extract = load_inception(e.fid.inception_weights, device)
         mu, sigma = feature_stats(extract(reference))

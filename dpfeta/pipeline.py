@@ -1,0 +1,473 @@
+"""One DP-FETA run: central images -> warm-up -> DP fine-tune -> sample -> evaluate.
+
+Run directory ``cfg.run_dir()``::
+
+    config.json      the resolved config (central sigma fixed); a resume must match it
+    ledger.json      every mechanism, steps taken, composed epsilon; updated after each spending stage
+    central/         DP central images (M1) + grid.png
+    checkpoints/     warmup/ (no privacy cost), finetune/ (M2, Ray Train)
+    samples/         synthetic set (images/<label>/*.png), grid.png, samples.json
+    eval.json        epsilon (composed total), delta, accountant, accuracy, FID (+ kind, reference)
+    mlflow_run.json  the MLflow run this directory logs into
+
+Every stage is skipped when its output exists, so rerunning the same command resumes. The privacy
+plan is printed before any data is read; sigma is decided once, stored in ledger.json, and never
+recalibrated on resume. A released stage is recorded in ledger.json before its output is moved into
+place, so the ledger never under-reports.
+
+Ray: the cluster named by ``run.ray_address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
+local one with logical CPU headroom for Ray Data. When ``run.use_gpu`` is set and the driver has no
+GPU (a CPU head node), warm-up, sampling and evaluation run as one-GPU Ray tasks; their files travel
+through the object store, so no shared filesystem is needed for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from dpfeta import config as config_mod
+from dpfeta import data, privacy, tracking
+from dpfeta.config import Config
+
+log = logging.getLogger(__name__)
+
+# Sections whose change makes a run directory's outputs or ledger invalid.
+RESUME_SECTIONS = ("data", "central", "model", "diffusion", "warmup", "finetune", "privacy")
+RAY_DATA_HEADROOM_CPUS = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: plan, run directory, ledger, Ray
+# --------------------------------------------------------------------------------------------
+
+
+def plan_run(cfg: Config) -> privacy.Plan:
+    """The privacy plan from public facts only (no data is read)."""
+    n = data.public_train_size(cfg)
+    for line in config_mod.validate_against_n(cfg, n):
+        log.warning(line)
+    if cfg.finetune.init == "warmup" and cfg.warmup.steps > 0 and cfg.central.rounds == 0:
+        raise ValueError("config key 'central.rounds': expected >= 1 with finetune.init=warmup "
+                         "(the warm-up trains on the central images), got 0")
+    return privacy.plan(cfg, n)
+
+
+def budget_text(cfg: Config, pl: privacy.Plan) -> str:
+    return (f"privacy plan for run '{cfg.run.name}' (no data read yet)\n" + privacy.plan_table(pl))
+
+
+def _check_resume(cfg: Config, run_dir: Path) -> None:
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), cfg.to_dict()
+    changed = [f"{s}.{k}" for s in RESUME_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    if changed:
+        raise ValueError(f"run directory '{run_dir}' was started with a different config ({', '.join(changed[:6])}"
+                         f"{' ...' if len(changed) > 6 else ''}); rerun with the same config to resume, "
+                         f"or pick a new run.name")
+
+
+def open_ledger(run_dir: Path, pl: privacy.Plan) -> privacy.Plan:
+    """Load ledger.json (resume: its sigma is kept, never recalibrated) or write the planned one."""
+    path = run_dir / "ledger.json"
+    if not path.is_file():
+        save_ledger(pl.ledger, path)
+        return pl
+    ledger = privacy.Ledger.load(path)
+    planned = {m.name: (m.sample_rate, m.planned) for m in pl.ledger.mechanisms}
+    stored = {m.name: (m.sample_rate, m.planned) for m in ledger.mechanisms}
+    if planned != stored or ledger.n != pl.n or ledger.delta != pl.delta or ledger.accountant != pl.accountant:
+        raise ValueError(f"'{path}' records a different privacy plan ({stored}) than the config ({planned}); "
+                         "pick a new run.name")
+    sigma = ledger.get("dpsgd").noise_multiplier
+    if not math.isclose(sigma, pl.sigma, rel_tol=1e-6):
+        log.warning("resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma, pl.sigma)
+    return dataclasses.replace(pl, sigma=sigma, ledger=ledger, epsilon=ledger.epsilon(planned=True))
+
+
+def spent_epsilon(ledger: privacy.Ledger) -> float:
+    """Composed epsilon over the steps taken, leaving out mechanisms not run yet.
+
+    Works around privacy.Ledger.epsilon() returning 0 while a mechanism has 0 steps taken (its
+    cached RDP curve holds inf at some orders and 0 * inf = nan poisons the sum).
+    """
+    taken = [dataclasses.replace(m) for m in ledger.mechanisms if m.taken > 0]
+    if not taken:
+        return 0.0
+    return privacy.Ledger(ledger.accountant, ledger.delta, ledger.n, mechanisms=taken,
+                          repeat=ledger.repeat, seeded=ledger.seeded).epsilon()
+
+
+def save_ledger(ledger: privacy.Ledger, path: Path) -> None:
+    state = ledger.to_json()
+    state["epsilon_spent"] = spent_epsilon(ledger)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def record(run_dir: Path, pl: privacy.Plan, name: str, count: int) -> float:
+    """Record ``count`` compositions of mechanism ``name`` taken; save ledger.json; return total epsilon."""
+    pl.ledger.record_steps(name, count)
+    save_ledger(pl.ledger, run_dir / "ledger.json")
+    eps = spent_epsilon(pl.ledger)
+    if name == "central":
+        tracking.log_dp_metrics({"epsilon": eps}, step=0)
+    return eps
+
+
+_started_ray = False  # this process started a local Ray (and shuts it down at the end of run())
+
+
+def connect_ray(cfg: Config) -> None:
+    """Connect to the configured/found cluster, else start a local one (once per process)."""
+    global _started_ray
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("ray: connecting to %s", address)
+        ray.init(address=address, runtime_env=_runtime_env())
+        return
+    workers = cfg.run.num_workers[1] if isinstance(cfg.run.num_workers, tuple) else cfg.run.num_workers
+    num_cpus = math.ceil(workers * cfg.run.cpus_per_worker) + RAY_DATA_HEADROOM_CPUS
+    log.info("ray: starting a local cluster with %d logical CPUs (%d for Ray Data)", num_cpus,
+             RAY_DATA_HEADROOM_CPUS)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env())
+    _started_ray = True
+
+
+def _shutdown_ray() -> None:
+    global _started_ray
+    if _started_ray:
+        import ray
+
+        ray.shutdown()
+        _started_ray = False
+
+
+def _runtime_env() -> dict:
+    """Job-level env for Ray workers: the MLflow run (rank 0 may log to it).
+
+    Variables the driver already has (e.g. from a job's runtime_env.yaml) are left out: Ray refuses
+    to merge a job's runtime_env with a ray.init one that sets the same variable.
+    """
+    tracker = tracking.current()
+    env = {k: v for k, v in (tracker.env() if tracker else {}).items() if k not in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def _needs_remote(cfg: Config) -> bool:
+    if not cfg.run.use_gpu:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def call(cfg: Config, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` here, or as a one-GPU Ray task when a GPU is asked for and the driver has none."""
+    if not _needs_remote(cfg):
+        return fn(*args)
+    import ray
+
+    connect_ray(cfg)
+    task = ray.remote(num_gpus=1, num_cpus=cfg.run.cpus_per_worker)(fn)
+    return ray.get(task.remote(*args))
+
+
+def _pack(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def _unpack(files: dict[str, bytes], directory: Path) -> None:
+    for rel, blob in files.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(blob)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _generator(cfg: Config, offset: int):
+    import torch
+
+    g = torch.Generator()
+    if cfg.run.seed is not None:
+        g.manual_seed(cfg.run.seed + offset)
+    else:
+        g.seed()
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def stage_central(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet) -> Optional[data.ImageSet]:
+    """M1: the DP central images (skipped when central/ exists)."""
+    from dpfeta import central
+
+    out, tmp = run_dir / "central", run_dir / "central.tmp"
+    if cfg.central.rounds == 0:
+        return None
+    if out.is_dir():
+        log.info("central: found %s, skipping", out)
+        return central.load_central(out)
+    if tmp.is_dir() and (tmp / "central.json").is_file() and pl.ledger.get("central").taken == cfg.central.rounds:
+        _replace_dir(tmp, out)  # released and recorded before an interruption: finish the move
+        return central.load_central(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    result = central.central_images(cfg, train, generator=_generator(cfg, 1) if cfg.run.seed is not None else None)
+    if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
+        raise AssertionError("central noise differs from the ledger")  # internal invariant
+    central.save_central(result, tmp)
+    eps = record(run_dir, pl, "central", result.rounds)
+    _replace_dir(tmp, out)
+    log.info("central: %d images released in %.1fs; epsilon so far %.4f", len(result.images),
+             time.perf_counter() - start, eps)
+    tracking.log_artifact(out / "grid.png", "central")
+    tracking.log_artifact(run_dir / "ledger.json")
+    return result.imageset()
+
+
+def _warmup_task(cfg: Config, central_set: data.ImageSet, files: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
+    from dpfeta import warmup
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _unpack(files, Path(tmp))
+        summary = warmup.train_warmup(cfg, central_set, tmp, generator=_generator(cfg, 2) if cfg.run.seed is not None else None)
+        return summary, _pack(Path(tmp))
+
+
+def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet]) -> Optional[Path]:
+    """Warm-up on the central images (post-processing, no privacy cost). Returns the checkpoint dir."""
+    from dpfeta import checkpoint, warmup
+
+    if cfg.finetune.init != "warmup" or cfg.warmup.steps == 0:
+        return None
+    out = run_dir / "checkpoints" / "warmup"
+    ckpt = out / "checkpoint"
+    if checkpoint.exists(ckpt) and checkpoint.load(ckpt)["meta"].get("step") == cfg.warmup.steps:
+        log.info("warmup: found a finished checkpoint at %s, skipping", ckpt)
+        return ckpt
+    start = time.perf_counter()
+    if _needs_remote(cfg):
+        files = _pack(out) if out.is_dir() else {}
+        summary, files = call(cfg, _warmup_task, cfg, central_set, files)
+        _unpack(files, out)
+    else:
+        reporter = lambda m: tracking.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
+        summary = warmup.train_warmup(cfg, central_set, out, reporter=reporter,
+                                      generator=_generator(cfg, 2) if cfg.run.seed is not None else None)
+    log.info("warmup: done in %.1fs (loss %s)", time.perf_counter() - start, summary.get("loss"))
+    return Path(summary.get("checkpoint", ckpt)) if not _needs_remote(cfg) else ckpt
+
+
+def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet,
+                   init_dir: Optional[Path]) -> Path:
+    """M2: DP-SGD on Ray Train (fit_finetune resumes, and returns at once when done); records the
+    steps taken in ledger.json. Returns the directory of the final weights."""
+    from dpfeta import distributed
+
+    out = run_dir / "checkpoints" / "finetune"
+    start = time.perf_counter()
+    summary = out / "finetune.json"
+    if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
+        connect_ray(cfg)  # only when there is training to do: a finished run resumes without Ray
+    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out)
+    steps = int(result["steps"])
+    if steps != pl.ledger.get("dpsgd").taken:
+        record(run_dir, pl, "dpsgd", steps)
+        log_epsilon_curve(pl)
+        tracking.log_artifact(run_dir / "ledger.json")
+    eps = spent_epsilon(pl.ledger)
+    log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
+             time.perf_counter() - start, eps, float(result.get("epsilon", float("nan"))))
+    return Path(result.get("checkpoint", out / "checkpoint"))
+
+
+def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:
+    """epsilon spent after t DP-SGD steps (central query included), t = 0..T taken.
+
+    epsilon depends only on public quantities (sigma, q, counts), so the curve is computed from the
+    ledger rather than collected from the workers.
+    """
+    mech = pl.ledger.get("dpsgd")
+    ledger = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
+    for t in sorted({round(i * mech.taken / points) for i in range(points + 1)}):
+        ledger.get("dpsgd").taken = t
+        tracking.log_dp_metrics({"epsilon": spent_epsilon(ledger)}, step=t)
+
+
+def _sample_task(cfg: Config, ckpt_files: dict[str, bytes], seed_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from dpfeta import diffusion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _unpack(ckpt_files, Path(tmp))
+        device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+        denoiser = diffusion.load_denoiser(tmp, cfg, weights="ema").to(device)
+    g = _generator(cfg, seed_offset)
+    images, labels = diffusion.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
+    return images.numpy(), labels.numpy()
+
+
+def stage_sample(cfg: Config, run_dir: Path, weights_dir: Path) -> data.ImageSet:
+    """Synthetic set from the EMA weights (post-processing)."""
+    from dpfeta import evaluate, images
+
+    out, tmp = run_dir / "samples", run_dir / "samples.tmp"
+    if (out / "samples.json").is_file():
+        log.info("sample: found %s, skipping", out)
+        return evaluate.load_synthetic(out, cfg)
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    x, y = call(cfg, _sample_task, cfg, _pack(weights_dir), 3)
+    images.save_class_folders(x, y, tmp / "images")
+    images.save_class_grid(x, y, tmp / "grid.png")
+    meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+            "guidance": cfg.sample.guidance, "weights": str(weights_dir), "seconds": round(time.perf_counter() - start, 1)}
+    (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_dir(tmp, out)
+    log.info("sample: %d images in %.1fs -> %s", len(y), meta["seconds"], out)
+    tracking.log_artifact(out / "grid.png", "samples")
+    return data.ImageSet(x, y.astype(np.int64), cfg.data.num_classes)
+
+
+def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -> dict:
+    from dpfeta import evaluate
+
+    return evaluate.evaluate(cfg, synthetic, splits)
+
+
+def privacy_summary(pl: privacy.Plan) -> dict:
+    ledger = pl.ledger
+    return {"epsilon": spent_epsilon(ledger), "epsilon_target": pl.target_epsilon, "delta": ledger.delta,
+            "accountant": ledger.accountant, "neighbouring_relation": privacy.NEIGHBOURING_RELATION,
+            "noise_multiplier": pl.sigma, "sample_rate": pl.sample_rate,
+            "steps": ledger.get("dpsgd").taken, "steps_planned": pl.steps,
+            "epsilon_per_mechanism": ledger.per_mechanism(planned=False)}
+
+
+def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data.ImageSet,
+                   splits: data.Splits) -> dict:
+    path = run_dir / "eval.json"
+    if path.is_file():
+        log.info("evaluate: found %s, skipping", path)
+        return json.loads(path.read_text())
+    result = {**privacy_summary(pl), **call(cfg, _evaluate_task, cfg, synthetic, splits)}
+    result["run_dir"] = str(run_dir)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    log_eval(result)
+    tracking.log_artifact(path)
+    return result
+
+
+def log_eval(result: dict) -> None:
+    dp = {k: result[k] for k in ("accuracy", "logreg_accuracy") if result.get(k) is not None}
+    if result.get("fid") is not None:
+        (tracking.log_nondp_metrics if result.get("fid_nondp") else tracking.log_dp_metrics)({"fid": result["fid"]})
+    tracking.log_dp_metrics({"epsilon_final": result["epsilon"], **dp})
+    tracking.log_nondp_metrics(result.get("nondp", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
+    """The whole pipeline for a resolved config; returns eval.json's content."""
+    start = time.perf_counter()
+    pl = plan_run(cfg)
+    echo(budget_text(cfg, pl))
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(cfg, run_dir)
+    cfg.dump(run_dir / "config.json")
+    pl = open_ledger(run_dir, pl)
+    tracker = tracking.start_run(cfg, run_dir, params=tracking.run_params(cfg, pl),
+                                 tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
+    tracking.log_artifact(run_dir / "config.json")
+    status = "FAILED"
+    try:
+        splits = data.load_splits(cfg)  # validates the data before any privacy spend
+        if len(splits.train) != pl.n:
+            raise ValueError(f"data: the plan used N={pl.n} (public size) but the training split has "
+                             f"{len(splits.train)} records; set data.n_train to the true size")
+        central_set = stage_central(cfg, run_dir, pl, splits.train)
+        init_dir = stage_warmup(cfg, run_dir, central_set)
+        weights = stage_finetune(cfg, run_dir, pl, splits.train, init_dir)
+        synthetic = stage_sample(cfg, run_dir, weights)
+        result = stage_evaluate(cfg, run_dir, pl, synthetic, splits)
+        if tracker is not None:
+            tracking.log_artifact(run_dir / "ledger.json")
+            for name in ("ema.pt", "meta.json"):
+                tracking.log_artifact(weights / name, "model")
+        status = "FINISHED"
+    finally:
+        tracking.end_run(status)
+        _shutdown_ray()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    echo(summary_text(cfg, result, tracker.uri if tracker else None))
+    return result
+
+
+def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
+    from dpfeta.evaluate import fid_label
+
+    fid = "withheld (" + result.get("fid_withheld", "") + ")" if result.get("fid") is None else f"{result['fid']:.2f}"
+    lines = [
+        f"dpfeta run '{cfg.run.name}' done in {result.get('seconds', 0):.0f}s",
+        f"  epsilon   {result['epsilon']:.4f} spent (target {result['epsilon_target']:g}, delta {result['delta']:g}, "
+        f"{result['accountant']}; composed over every mechanism)",
+        f"  accuracy  {result['accuracy']:.4f} (reference CNN trained on {result.get('num_synthetic')} synthetic "
+        f"images, tested on {result.get('num_test')} real test images)"
+        + (f"; logistic regression {result['logreg_accuracy']:.4f}" if result.get("logreg_accuracy") is not None else ""),
+        f"  FID       {fid} [{fid_label(result)}; reference: {result.get('fid_reference')}]",
+        f"  run dir   {cfg.run_dir()}  (eval.json, ledger.json, samples/grid.png, central/grid.png)",
+    ]
+    if uri:
+        lines.append(f"  MLflow    {tracking.ui_command(uri)}")
+    return "\n".join(lines)
+
+
+def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
+    """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon from a ledger.json
+    found beside it (a run directory), else reported as unknown."""
+    from dpfeta import evaluate
+
+    samples_dir = Path(samples_dir)
+    synthetic = evaluate.load_synthetic(samples_dir, cfg)
+    splits = data.load_splits(cfg)
+    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
+    if ledger_path is not None:
+        ledger = privacy.Ledger.load(ledger_path)
+        head = {"epsilon": spent_epsilon(ledger), "delta": ledger.delta, "accountant": ledger.accountant,
+                "ledger": str(ledger_path)}
+    else:
+        head = {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+                "ledger": "none found beside the samples: epsilon unknown"}
+    result = {**head, **evaluate.evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
+    out = Path(out_path) if out_path else samples_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
