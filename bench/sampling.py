@@ -1,13 +1,14 @@
 """CPU throughput of the U-Net: sampler images/s and non-private fwd+bwd examples/s.
 
-    python bench/sampling.py [--steps 8] [--batch 64] [--threads N]
+    python bench/sampling.py [--steps 4] [--batch 32] [--threads N]
 
 For the digits (16 px, configs/digits.yaml) and MNIST (28 px, configs/mnist_28/eps_10.yaml) models
 with random weights (speed does not depend on them): the EDM stochastic Heun sampler (2N-1
 denoiser evaluations), the same with CFG (each evaluation on a doubled batch), the deterministic
 Euler/DDIM sampler (N evaluations), and one training step (EDM loss, K=1, Adam). Sampler rates
-scale as 1/steps: the images/s at the config's own step count is printed too.
-Allocator matters on small VMs (stack-notes §6.1): the LD_PRELOAD in effect is printed.
+scale as 1/steps: the images/s at the config's own step count is printed too. Each sampler runs once
+after one untimed denoiser call. Allocator and load matter on small shared VMs (stack-notes §6.1):
+LD_PRELOAD and the load average are printed with the numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ CONFIGS = {"digits": ROOT / "configs/digits.yaml", "mnist": ROOT / "configs/mnis
 
 
 def _timed(fn, reps: int) -> float:
-    fn()  # warm-up (allocator, oneDNN primitives)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -48,6 +48,8 @@ def bench_config(name: str, path: Path, *, steps: int, batch: int, reps: int) ->
           f"parameters, batch {batch}, {steps} sampler steps (config: {s.steps})")
 
     denoiser.eval()
+    with torch.no_grad():
+        denoiser(latents, torch.ones(batch), labels)  # warm-up (allocator, oneDNN primitives)
     samplers = {
         "edm (Heun, churn)": (2 * steps - 1,
                               lambda: edm_sampler(denoiser, latents, labels, steps=steps, guidance=0.0,
@@ -62,8 +64,8 @@ def bench_config(name: str, path: Path, *, steps: int, batch: int, reps: int) ->
         for label, (evals, run) in samplers.items():
             seconds = _timed(run, 1)
             at_config = batch / seconds * steps / s.steps
-            print(f"  sample {label:18s} {batch / seconds:8.1f} images/s  ({evals} evaluations of "
-                  f"the batch, {seconds:.2f} s; ~{at_config:.2f} images/s at {s.steps} steps)")
+            print(f"  sample {label:18s} {batch / seconds:8.2f} images/s  ({evals} evaluations of "
+                  f"the batch in {seconds:.2f} s; ~{at_config:.3g} images/s at {s.steps} steps)")
 
     denoiser.train()
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=3e-4)
@@ -76,23 +78,26 @@ def bench_config(name: str, path: Path, *, steps: int, batch: int, reps: int) ->
         loss.mean().backward()
         optimizer.step()
 
+    train_step()  # warm-up
     seconds = _timed(train_step, reps)
     print(f"  train fwd+bwd+Adam       {batch / seconds:8.1f} examples/s  ({seconds:.3f} s/step, non-private)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="sampler steps N")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="sampler steps N")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3, help="timed training steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
-          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(glibc malloc)'}")
+          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(glibc malloc)'}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, path in CONFIGS.items():
         bench_config(name, path, steps=args.steps, batch=args.batch, reps=args.reps)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
