@@ -60,22 +60,29 @@ def _device(cfg: Config) -> torch.device:
 
 def train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
                      device: torch.device | str = "cpu", label: str = "classifier") -> CNN:
-    """Train the reference CNN on ``train``; returns its EMA copy in eval mode."""
-    _, c, h, _ = train.images.shape
+    """Train the reference CNN on ``train``; returns its EMA copy in eval mode.
+
+    Initialisation, dropout (CPU) and batch order come from ``seed``; the global RNG is left as it was.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CNN(in_channels=c, num_classes=train.num_classes, resolution=h).to(device)
+        return _train_classifier(train, epochs=epochs, batch_size=batch_size, lr=lr, device=device, label=label)
+
+
+def _train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: float, device: torch.device | str,
+                      label: str) -> CNN:
+    _, c, h, _ = train.images.shape
+    model = CNN(in_channels=c, num_classes=train.num_classes, resolution=h).to(device)
     ema = CNN(in_channels=c, num_classes=train.num_classes, resolution=h).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     x_all = images_mod.to_float(train.images)
     y_all = torch.from_numpy(train.labels)
     step, start = 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        for idx in torch.randperm(len(y_all), generator=generator).split(batch_size):
+        for idx in torch.randperm(len(y_all)).split(batch_size):
             loss = F.cross_entropy(model(x_all[idx].to(device)), y_all[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
