@@ -1,0 +1,125 @@
+"""Pipeline pieces without Ray or MLflow: ledger resume, refusals, stage resume, epsilon curve, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dpfeta import cli, config, data, pipeline, privacy, tracking
+
+BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
+        "central.epsilon_share=0.3", "finetune.batch_size=128", "finetune.epochs=1", "privacy.epsilon=4",
+        "tracking.enabled=false", "eval.classifier_epochs=1", "run.name=t"]
+
+
+def make_cfg(tmp_path, *extra) -> config.Config:
+    cfg = config.load(None, [*BASE, f"run.dir={tmp_path}", *extra])
+    return privacy.resolve(cfg, data.public_train_size(cfg))
+
+
+class Recorder:
+    def __init__(self):
+        self.dp: list[tuple[dict, int]] = []
+
+    def log_dp_metrics(self, metrics, *, step=None):
+        self.dp.append((dict(metrics), step))
+
+
+def test_spent_epsilon_counts_a_stage_taken_before_the_others(tmp_path):
+    pl = pipeline.plan_run(make_cfg(tmp_path))
+    assert pipeline.spent_epsilon(pl.ledger) == 0.0
+    pl.ledger.record_steps("central", 2)
+    central_alone = pl.ledger.per_mechanism(planned=False)["central"]
+    assert central_alone > 0 and pipeline.spent_epsilon(pl.ledger) == pytest.approx(central_alone)
+    pl.ledger.record_steps("dpsgd", pl.steps)
+    assert pipeline.spent_epsilon(pl.ledger) == pytest.approx(pl.epsilon) and pl.epsilon <= 4
+
+
+def test_resume_keeps_the_stored_sigma_and_refuses_another_plan(tmp_path):
+    cfg = make_cfg(tmp_path)
+    pl = pipeline.plan_run(cfg)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    stored = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
+    stored.get("dpsgd").noise_multiplier = pl.sigma * 1.01  # e.g. calibrated by an older release
+    pipeline.save_ledger(stored, run_dir / "ledger.json")
+    resumed = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+    assert resumed.sigma == pytest.approx(pl.sigma * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.sigma
+    with pytest.raises(ValueError, match="different privacy plan"):
+        pipeline.open_ledger(run_dir, pipeline.plan_run(config.replace(cfg, {"finetune.epochs": 2})))
+
+
+def test_a_changed_config_is_refused_but_sampling_settings_may_change(tmp_path):
+    cfg = make_cfg(tmp_path)
+    cfg.run_dir().mkdir(parents=True)
+    cfg.dump(cfg.run_dir() / "config.json")
+    pipeline._check_resume(config.replace(cfg, {"sample.steps": 8, "eval.classifier_epochs": 3}), cfg.run_dir())
+    with pytest.raises(ValueError, match="privacy.epsilon"):
+        pipeline._check_resume(config.replace(cfg, {"privacy.epsilon": 8}), cfg.run_dir())
+
+
+def test_bad_data_fails_before_any_privacy_spend(tmp_path):
+    cfg = make_cfg(tmp_path, "data.n_train=1000")  # the digits training split has 1258 records
+    with pytest.raises(ValueError, match="1000"):
+        pipeline.run(cfg, echo=lambda s: None)
+    ledger = json.loads((cfg.run_dir() / "ledger.json").read_text())
+    assert all(m["taken"] == 0 for m in ledger["mechanisms"]) and ledger["epsilon_spent"] == 0
+    assert not (cfg.run_dir() / "central").exists()
+
+
+def test_warmup_without_central_images_is_refused_before_data(tmp_path):
+    with pytest.raises(ValueError, match="central.rounds"):
+        pipeline.plan_run(make_cfg(tmp_path, "central.rounds=0"))
+
+
+def test_central_stage_releases_once_and_finishes_an_interrupted_move(tmp_path):
+    cfg = make_cfg(tmp_path, "run.seed=0")
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+    train = data.load_splits(cfg).train
+    first = pipeline.stage_central(cfg, run_dir, pl, train)
+    assert len(first) == 2 * 10 and pl.ledger.get("central").taken == 2
+    assert json.loads((run_dir / "ledger.json").read_text())["epsilon_spent"] > 0
+    (run_dir / "central").rename(run_dir / "central.tmp")  # interrupted after recording, before the move
+    again = pipeline.stage_central(cfg, run_dir, pl, train)
+    assert np.array_equal(np.sort(again.images.reshape(20, -1), 0), np.sort(first.images.reshape(20, -1), 0))
+    assert pl.ledger.get("central").taken == 2 and not (run_dir / "central.tmp").exists()
+
+
+def test_epsilon_curve_rises_from_the_central_query_to_the_total(tmp_path, monkeypatch):
+    pl = pipeline.plan_run(make_cfg(tmp_path))
+    pl.ledger.record_steps("central", 2)
+    pl.ledger.record_steps("dpsgd", pl.steps)
+    recorder = Recorder()
+    monkeypatch.setattr(tracking, "_current", recorder)
+    pipeline.log_epsilon_curve(pl, points=5)
+    curve = [(step, m["epsilon"]) for m, step in recorder.dp]
+    assert curve[0] == (0, pytest.approx(pl.ledger.per_mechanism(planned=False)["central"]))
+    assert curve[-1] == (pl.steps, pytest.approx(pl.epsilon))
+    assert all(a[1] < b[1] for a, b in zip(curve, curve[1:]))
+
+
+def test_dpfeta_evaluate_cli_reads_the_ledger_beside_the_samples(tmp_path, capsys):
+    from dpfeta import images
+
+    cfg = make_cfg(tmp_path)
+    run_dir = cfg.run_dir()
+    pl = pipeline.plan_run(cfg)
+    pl.ledger.record_steps("central", 2)
+    run_dir.mkdir(parents=True)
+    pipeline.save_ledger(pl.ledger, run_dir / "ledger.json")
+    test = data.load_splits(cfg).test
+    images.save_class_folders(test.images[:60], test.labels[:60], run_dir / "samples" / "images")
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("{}\n")  # everything comes from --set
+    argv = ["evaluate", "--config", str(yaml_path), "--samples", str(run_dir / "samples")]
+    for item in [*BASE, f"run.dir={tmp_path}"]:
+        argv += ["--set", item]
+    assert cli.main(argv) == 0
+    out = json.loads((run_dir / "samples" / "eval.json").read_text())
+    assert out["epsilon"] == pytest.approx(pipeline.spent_epsilon(pl.ledger))
+    assert out["fid_kind"] == "offline-cnn" and 0 <= out["accuracy"] <= 1
+    assert "accuracy" in capsys.readouterr().out
