@@ -116,7 +116,21 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    raise NotImplementedError("dpfeta finetune lands with issue 5")
+    from dpfeta import data, distributed, privacy
+
+    cfg = _load(args)
+    if args.init is None and cfg.finetune.init != "scratch":
+        cfg = config_mod.replace(cfg, {"finetune.init": "scratch"})
+    pl = _plan(cfg)
+    start = f"warm-up weights in {args.init}" if args.init else "scratch (DPDM baseline; no --init)"
+    print(f"DP-SGD fine-tuning of run '{cfg.run.name}' from {start}")
+    print(privacy.plan_table(pl))
+    splits = data.load_splits(cfg)
+    out = args.out or str(cfg.run_dir() / "finetune")
+    summary = distributed.fit_finetune(cfg, train=splits.train, plan=pl, init_dir=args.init, out_dir=out)
+    print(f"finetune: {summary['steps']} of T={pl.steps} steps, composed epsilon {summary['epsilon']:.4f} "
+          f"(delta {pl.delta:g}, {pl.accountant}); checkpoint {summary['checkpoint']} (rerun to resume)")
+    return 0
 
 
 def _cmd_evaluate(args) -> int:

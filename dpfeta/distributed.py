@@ -1,0 +1,226 @@
+"""DP-SGD fine-tuning on Ray Train V2: disjoint shards, lock-step workers, resume to exactly T.
+
+``fit_finetune`` is the driver. It stores the plan once (``plan.json``: sigma is never
+recalibrated), turns the training split into a materialised Ray Dataset and launches a
+``TorchTrainer`` whose workers each read a disjoint shard (``ExactSplit``: every record in exactly
+one shard, nothing dropped) and run ``finetune.train_finetune``. Rank 0 reports metrics and
+checkpoints through ``ray.train.report``; every rank reports the same number of times. After a
+worker failure or an elastic resize, Ray restarts the group and every worker resumes from the
+latest checkpoint (model, EMA, optimiser, step, ledger, sigma), re-reading its shard for the new
+group size; shards may differ between attempts, which Poisson sampling allows at every step.
+
+Resume = rerun: the same ``out_dir`` gives the same ``RunConfig(name, storage_path)``, so Ray
+restores its checkpoint history and the run continues; a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from ray.train import DataConfig
+
+from dpfeta import checkpoint, data, finetune, privacy
+from dpfeta.config import Config
+
+logger = logging.getLogger(__name__)
+
+FAULT_MARKER = "fault_injected"
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------------------------
+
+
+class ExactSplit(DataConfig):
+    """``DataConfig`` whose split datasets use ``streaming_split(equal=False)``.
+
+    Ray's default ``equal=True`` drops up to W-1 rows to even the shards, in a data-dependent way
+    (privacy.md §4); here every record goes to exactly one worker. Datasets not split are handed
+    whole to every worker, as in Ray.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in split:
+                for rank, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank][name] = it
+            else:
+                for rank in range(world_size):
+                    output[rank][name] = ds.iterator()
+        return output
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+
+
+def _ray_reporter(rank: int) -> finetune.Reporter:
+    import ray.train
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        name = f"step_{metrics['step']:08d}" if ckpt is not None else None
+        ray.train.report(metrics, checkpoint=ckpt if rank == 0 else None, checkpoint_dir_name=name)
+
+    return report
+
+
+def _fault(fail_at_step: Optional[int], marker: Path, rank: int, world_size: int):
+    """Test hook: the last rank raises once, at ``fail_at_step``, in the first attempt that gets there."""
+    if fail_at_step is None:
+        return None
+
+    def before_step(step: int) -> None:
+        if step == fail_at_step and rank == world_size - 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+    return before_step
+
+
+def _check_cover(shard_size: int, n: int, device: torch.device) -> None:
+    """The shards must hold N records in total, the N the accountant was given."""
+    import torch.distributed as dist
+
+    total = torch.tensor([shard_size], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    if int(total) != n:
+        raise ValueError(f"expected the worker shards to cover the N={n} training records of the plan, "
+                         f"found {int(total)}")
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = config["cfg"]
+    plan: privacy.Plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    d = cfg.data
+    shard = data.materialize_shard(ray.train.get_dataset_shard("train"), num_classes=d.num_classes,
+                                   image_shape=(d.channels, d.resolution, d.resolution))
+    _check_cover(len(shard), plan.n, device)
+    latest = ray.train.get_checkpoint()
+    with (latest.as_directory() if latest is not None else nullcontext(None)) as resume_dir:
+        finetune.train_finetune(
+            cfg, shard, plan=plan, init_dir=config["init_dir"], resume_dir=resume_dir,
+            reporter=_ray_reporter(rank), worker=finetune.Worker(rank, world_size, str(device)),
+            task=config["task"],
+            before_step=_fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------------
+
+
+def _store_plan(plan: privacy.Plan, path: Path) -> None:
+    """Write the plan once; a rerun must bring the same sigma, q, T and N (never recalibrated)."""
+    given = privacy.plan_json(plan)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        keys = ("noise_multiplier", "sample_rate", "steps", "n")
+        if not all(math.isclose(stored[k], given[k], rel_tol=1e-12) for k in keys):
+            raise ValueError(f"'{path}' holds {[stored[k] for k in keys]} for (sigma, q, T, N), the plan now "
+                             f"gives {[given[k] for k in keys]}; sigma is decided once per run: use a new "
+                             "output folder for a different plan")
+        return
+    path.write_text(json.dumps(given, indent=2) + "\n")
+
+
+def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = cfg.run
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=RunConfig(name=f"{r.name}-finetune", storage_path=str(out_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+        dataset_config=ExactSplit(datasets_to_split=["train"]),
+    )
+
+
+def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path | str | None,
+                 out_dir: Path | str, fail_at_step: Optional[int] = None,
+                 task: finetune.Task = finetune.EDM) -> dict[str, Any]:
+    """Run DP-SGD fine-tuning on Ray Train; returns the final metrics (``epsilon``, ``steps``, ...).
+
+    ``train``: the training split as an ``ImageSet`` or a Ray Dataset (columns image, label).
+    ``init_dir``: the warm-up output or its checkpoint (DP-FETA), or None (from scratch: the DPDM
+    baseline; refused with an ``init_dir`` when ``finetune.init=scratch``).
+    Writes ``out_dir/checkpoint`` (raw and EMA weights, optimiser, meta with the ledger),
+    ``out_dir/ledger.json``, ``out_dir/plan.json`` and ``out_dir/finetune.json``.
+    ``fail_at_step`` (tests): the last rank raises once at that step. ``task``: tests swap the model.
+    """
+    import ray
+
+    if cfg.finetune.init == "scratch" and init_dir is not None:
+        raise ValueError(f"config key 'finetune.init': 'scratch' trains from a fresh network, got "
+                         f"init_dir={str(init_dir)!r}; set finetune.init=warmup to start from it")
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "checkpoint"
+    summary_path = out_dir / "finetune.json"
+    _store_plan(plan, out_dir / "plan.json")
+    if summary_path.is_file() and checkpoint.exists(final):
+        summary = json.loads(summary_path.read_text())
+        if summary.get("steps") == plan.steps:
+            logger.info("finetune: '%s' already holds the final checkpoint (step %d)", out_dir, plan.steps)
+            return summary
+    if init_dir is not None:
+        init_dir = finetune.warmup_checkpoint(Path(init_dir).expanduser().resolve())
+    logger.info("finetune: starting from %s", init_dir or "scratch (DPDM baseline)")
+    if init_dir is None and any(m.name == "central" for m in plan.ledger.mechanisms):
+        logger.warning("finetune from scratch with central.rounds=%d: the central query's budget is counted "
+                       "but its images are unused (central.rounds=0 gives DP-SGD the whole budget)",
+                       cfg.central.rounds)
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address)
+    dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
+    config = {"cfg": cfg, "plan": plan, "init_dir": None if init_dir is None else str(init_dir), "task": task,
+              "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER)}
+    result = _trainer(cfg, config, dataset, out_dir).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
+
+    # Copy the final checkpoint out of Ray's storage; write the ledger and the summary.
+    with result.checkpoint.as_directory() as last:
+        state = checkpoint.load(last)
+    meta = state["meta"]
+    if meta["step"] != plan.steps:
+        raise RuntimeError(f"finetune: the last checkpoint is at step {meta['step']}, expected T={plan.steps}")
+    checkpoint.save(final, model=state["model"], ema=state["ema"], optimizer=state["optimizer"], meta=meta)
+    ledger = privacy.Ledger.from_state_dict(meta["ledger"])
+    ledger.save(out_dir / "ledger.json")
+    summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
+    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "sigma": plan.sigma,
+                    "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
+                    "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
+                    "world_size": meta["world_size"]})
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

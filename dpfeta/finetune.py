@@ -1,0 +1,300 @@
+"""DP-SGD fine-tuning, one worker's loop: a plain function with a Reporter seam.
+
+``train_finetune`` runs the T logical steps of the plan on this worker's disjoint shard
+(privacy.md §2 M2, §4, §5): Poisson sampling over the shard, the privatised gradient of
+``dpsgd.DPSGD`` (all-reduced with noise once for the group), Adam, and the EMA, updated on logical
+steps only. It starts from the warm-up's raw weights with a fresh optimiser and a fresh EMA
+(DP-FETA), from scratch (the DPDM baseline), or from a checkpoint, which restores model, EMA,
+optimiser, step and ledger; sigma always comes from the plan decided once by the driver, and a
+resumed run checks that it is the same and continues to exactly T.
+
+Every ``log_every``/``checkpoint_every`` steps (and at T) every rank calls the reporter the same
+number of times; rank 0 passes the metrics (step, nimg, epsilon spent = the composed total so far
+including the central query, sec/step, and ``nondp/*`` only when ``tracking.nondp``) and, at
+checkpoint steps, a checkpoint directory. ``distributed.py`` turns the reporter into
+``ray.train.report``; ``LocalReporter`` runs it in one process (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dpfeta import checkpoint, dpsgd, privacy
+from dpfeta.config import Config
+from dpfeta.diffusion import EDMPrecond, edm_loss_rows
+from dpfeta.images import to_float
+from dpfeta.nn import UNet, count_parameters, update_ema
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, Any], Optional[Path]], None]  # (metrics, checkpoint dir or None)
+
+
+# --------------------------------------------------------------------------------------------
+# What is trained
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """The network, its per-row loss and its optimiser: the EDM U-Net (``EDM``) or a test stand-in.
+
+    ``loss_rows(module, images [-1,1] [b,C,H,W], labels [b], cfg, generator) -> [b*K]``, rows
+    b*K .. b*K+K-1 belonging to example b; ``module`` is the network under Opacus' hooks.
+    """
+
+    build: Callable[[Config], nn.Module]
+    loss_rows: Callable[[nn.Module, torch.Tensor, torch.Tensor, Config, torch.Generator], torch.Tensor]
+    optimizer: Callable[[list[nn.Parameter], Config], torch.optim.Optimizer]
+
+
+def _edm_loss_rows(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                   generator: torch.Generator) -> torch.Tensor:
+    d = cfg.diffusion
+    return edm_loss_rows(EDMPrecond(module, d.sigma_data), images, labels, P_mean=d.P_mean,
+                         P_std=d.P_std, sigma_data=d.sigma_data, label_drop_prob=d.label_drop_prob,
+                         num_classes=cfg.data.num_classes, K=cfg.finetune.noise_multiplicity,
+                         generator=generator)
+
+
+def _adam(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.finetune.lr)
+
+
+EDM = Task(build=UNet.from_config, loss_rows=_edm_loss_rows, optimizer=_adam)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process in the worker group (torch.distributed initialised when world_size > 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Start points
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_checkpoint(init_dir: Path | str) -> Path:
+    """The checkpoint directory of a warm-up: ``init_dir`` itself or ``init_dir/checkpoint``."""
+    init_dir = Path(init_dir)
+    for candidate in (init_dir, init_dir / "checkpoint"):
+        if checkpoint.exists(candidate):
+            return candidate
+    raise ValueError(f"expected a warm-up checkpoint (meta.json) in '{init_dir}' or "
+                     f"'{init_dir / 'checkpoint'}', found none")
+
+
+def _check_model(meta: dict, cfg: Config, where: Path | str) -> None:
+    saved = meta.get("config", {}).get("model")
+    if saved is not None and saved != cfg.to_dict()["model"]:
+        raise ValueError(f"checkpoint '{where}' holds model={saved}, but the config asks for "
+                         f"model={cfg.to_dict()['model']}")
+
+
+def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
+    """sigma, q, T and N of a checkpoint must be the plan's: a restart never recalibrates."""
+    saved = (meta["sigma"], meta["sample_rate"], meta["steps"], meta["n"])
+    given = (plan.sigma, plan.sample_rate, plan.steps, plan.n)
+    if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, given)):
+        raise ValueError(f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
+                         f"plan now gives {given}; sigma is decided once per run, use a new output folder")
+
+
+def start_ledger(plan: privacy.Plan) -> privacy.Ledger:
+    """The plan's ledger with the central query counted as spent (it precedes fine-tuning)."""
+    ledger = privacy.Ledger.from_state_dict(plan.ledger.state_dict())
+    for mech in ledger.mechanisms:
+        if mech.name == "central" and mech.taken < mech.planned:
+            ledger.record_steps("central", mech.planned)
+    return ledger
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Totals since the last report (the nondp/ ones are not DP)."""
+
+    steps: int = 0
+    examples: int = 0
+    clipped: int = 0
+    loss_sum: float = 0.0
+    start: float = 0.0
+
+    def add(self, stats: dpsgd.StepStats) -> None:
+        self.steps += 1
+        self.examples += stats.examples
+        self.clipped += stats.clipped
+        self.loss_sum += stats.loss_sum
+
+
+def _broadcast(module: nn.Module, worker: Worker) -> None:
+    if worker.world_size > 1 and dist.is_available() and dist.is_initialized():
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def build_network(cfg: Config, task: Task, worker: Worker) -> nn.Module:
+    """The network on its device; seeded initialisation with run.seed, else rank 0's is broadcast."""
+    with torch.random.fork_rng(devices=[]):
+        if cfg.run.seed is not None:
+            torch.manual_seed(cfg.run.seed)
+        net = task.build(cfg)
+    return net.to(worker.device)
+
+
+def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Path | str | None,
+                   resume_dir: Path | str | None, reporter: Reporter, worker: Worker = Worker(),
+                   task: Task = EDM, before_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run logical steps until ``plan.steps`` on this worker's shard (an ``ImageSet``-like object).
+
+    ``init_dir``: warm-up output (raw weights; fresh Adam and EMA) or None (from scratch);
+    ``resume_dir``: a checkpoint written by this loop, which takes precedence. ``before_step(step)``
+    is a test hook (fault injection). Returns the final metrics of this rank.
+    """
+    f = cfg.finetune
+    device = torch.device(worker.device)
+    net = build_network(cfg, task, worker)
+    optimizer = task.optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    ema, step = None, 0
+    if resume_dir is not None:
+        state = checkpoint.load(resume_dir, map_location=device)
+        _check_model(state["meta"], cfg, resume_dir)
+        _check_plan(state["meta"], plan, resume_dir)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        ema.load_state_dict(state["ema"])
+        ledger = privacy.Ledger.from_state_dict(state["meta"]["ledger"])
+        step, start = int(state["meta"]["step"]), "checkpoint step %d" % state["meta"]["step"]
+    else:
+        if init_dir is not None:
+            source = warmup_checkpoint(init_dir)
+            state = checkpoint.load(source, map_location=device)
+            _check_model(state["meta"], cfg, source)
+            net.load_state_dict(state["model"])
+        ledger = start_ledger(plan)
+        start = f"warm-up weights {init_dir}" if init_dir is not None else "scratch"
+    _broadcast(net, worker)
+    if ema is None:  # fresh EMA of the start weights
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    # Generators: OS entropy per attempt unless run.seed (then distinct per stream, rank and start).
+    seed = cfg.run.seed
+    sampler = dpsgd.PoissonSampler(len(shard), sample_rate=plan.sample_rate, generator=dpsgd.make_generator(
+        seed, stream="sample", rank=worker.rank, step=step))
+    loss_generator = dpsgd.make_generator(seed, stream="loss", rank=worker.rank, step=step, device=device)
+    noise_generator = (dpsgd.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
+                       if worker.rank == 0 else None)
+    private = dpsgd.DPSGD(net, noise_multiplier=plan.sigma, max_grad_norm=f.max_grad_norm,
+                          expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
+                          physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
+                          grad_sample_mode=f.grad_sample_mode)
+    images = torch.as_tensor(shard.images).to(device)
+    labels = torch.as_tensor(shard.labels).to(device)
+
+    def loss_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return task.loss_rows(module, x, y, cfg, loss_generator)
+
+    if worker.rank == 0:
+        logger.info("finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
+                    "T=%d, from step %d", start, count_parameters(net), len(images), plan.n,
+                    worker.world_size, plan.sigma, plan.sample_rate, plan.steps, step)
+    window, metrics, first_step = _Window(start=time.perf_counter()), {}, step
+    net.train()
+    while step < plan.steps:
+        if before_step is not None:
+            before_step(step)
+        # Sample this worker's Poisson batch and privatise its gradient.
+        index = sampler.sample().to(device)
+        stats = private.privatise(to_float(images[index]), labels[index], loss_rows)
+        if stats.workers != worker.world_size:
+            raise RuntimeError(f"lock-step broken: {stats.workers} of {worker.world_size} ranks at step {step}")
+        # Optimiser step on the logical batch.
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ledger.record_steps("dpsgd", step)
+        # Update EMA.
+        update_ema(ema, net, num_updates=step, decay=f.ema_decay)
+        window.add(stats)
+
+        # Report and checkpoint.
+        save = step == plan.steps or (f.checkpoint_every > 0 and step % f.checkpoint_every == 0)
+        if save or step == plan.steps or (f.log_every > 0 and step % f.log_every == 0):
+            metrics = _metrics(cfg, plan, ledger, step, window) if worker.rank == 0 else {"step": step}
+            _report(reporter, metrics, save and worker.rank == 0, cfg=cfg, plan=plan, ledger=ledger,
+                    net=net, ema=ema, optimizer=optimizer, step=step, worker=worker, first_step=first_step)
+            window = _Window(start=time.perf_counter())
+    return metrics or {"step": step, "epsilon": ledger.epsilon(), "steps": plan.steps}
+
+
+def _metrics(cfg: Config, plan: privacy.Plan, ledger: privacy.Ledger, step: int,
+             window: _Window) -> dict[str, Any]:
+    """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
+    out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
+           "epsilon": ledger.epsilon(), "sigma": plan.sigma,
+           "sec_per_step": (time.perf_counter() - window.start) / max(window.steps, 1)}
+    if cfg.tracking.nondp:
+        examples = max(window.examples, 1)
+        out.update({"nondp/loss": window.loss_sum / examples, "nondp/clip_fraction": window.clipped / examples,
+                    "nondp/batch": window.examples / max(window.steps, 1)})
+    logger.info("finetune step %d/%d nimg %d eps %.4f sec/step %.3f%s", step, plan.steps, out["nimg"],
+                out["epsilon"], out["sec_per_step"],
+                f" nondp/loss {out['nondp/loss']:.4f}" if "nondp/loss" in out else "")
+    return out
+
+
+def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Config, plan: privacy.Plan,
+            ledger: privacy.Ledger, net: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+            step: int, worker: Worker, first_step: int) -> None:
+    if not save:
+        reporter(metrics, None)
+        return
+    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "sigma": plan.sigma,
+            "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
+            "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
+            "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.to_dict()}
+    with tempfile.TemporaryDirectory(prefix="dpfeta-finetune-") as tmp:
+        path = checkpoint.save(Path(tmp) / "checkpoint", model=net, ema=ema, optimizer=optimizer, meta=meta)
+        reporter(metrics, path)
+
+
+class LocalReporter:
+    """The reporter of a one-process run: keeps every report and the latest checkpoint in ``directory``."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        self.history: list[dict[str, Any]] = []
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        self.history.append(dict(metrics))
+        if checkpoint_dir is not None:
+            tmp = self.directory.with_name(self.directory.name + ".incoming")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            tmp.rename(self.directory)
+
+    def resume_dir(self) -> Optional[Path]:
+        return self.directory if checkpoint.exists(self.directory) else None

@@ -1,0 +1,254 @@
+"""DP-SGD math in one process: K-folded per-example gradients, clipping, noise, sampling, resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpfeta import checkpoint, config, dpsgd, finetune, privacy
+from dpfeta.data import ImageSet
+from dpfeta.diffusion import EDMPrecond
+from dpfeta.nn import UNet
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on this shared 2-core machine OpenMP spinning makes 2 threads ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = {"data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],
+        "model.num_res_blocks": 1, "model.attn_resolutions": [4], "model.emb_channels": 16}
+
+
+def tiny_cfg(**updates) -> config.Config:
+    base = dict(TINY)
+    base.update({"central.rounds": 0, "central.batch_size": 4, "finetune.batch_size": 4, "finetune.epochs": 1.0,
+                 "finetune.noise_multiplicity": 2, "finetune.physical_batch_size": 3,
+                 "finetune.checkpoint_every": 2, "finetune.log_every": 1, "privacy.epsilon": 1000.0,
+                 "privacy.noise_multiplier": 1.0, "run.seed": 0})
+    base.update({k.replace("__", "."): v for k, v in updates.items()})
+    return config.replace(config.Config(), base)
+
+
+def tiny_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet.from_config(tiny_cfg())
+    with torch.no_grad():  # zero-initialised output layers would hide most gradients
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def fixed_rows(batch: int, K: int, seed: int = 1, nan_example: int | None = None):
+    """A deterministic per-row EDM loss: noise levels and noise drawn once, rows b*K.. of example b.
+
+    ``nan_example``: that example's image is NaN (a non-finite per-example gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.randint(0, 3, (batch,), generator=g)
+    sigma = (torch.randn(batch * K, generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn(batch * K, 1, 8, 8, generator=g) * sigma[:, None, None, None]
+    if nan_example is not None:
+        x[nan_example] = float("nan")
+
+    def rows(module: nn.Module, index: torch.Tensor, _labels=None) -> torch.Tensor:
+        r = (index[:, None] * K + torch.arange(K)).flatten()
+        xr = x[index].repeat_interleave(K, 0)
+        out = EDMPrecond(module, 0.5)(xr + noise[r], sigma[r], y[index].repeat_interleave(K, 0))
+        return ((out - xr) ** 2).flatten(1).mean(1)
+
+    return rows
+
+
+def naive_per_example(net: nn.Module, rows, batch: int) -> torch.Tensor:
+    """Gradient of each example's K-averaged loss, one example at a time."""
+    out = []
+    for b in range(batch):
+        net.zero_grad()
+        rows(net, torch.tensor([b])).mean().backward()
+        out.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("K", [1, 3, 9])  # K < 8 and K >= 8 take different conv paths
+def test_folded_per_example_gradients_equal_a_naive_loop(K):
+    batch, net = 3, tiny_unet()
+    rows = fixed_rows(batch, K)
+    reference = naive_per_example(net, rows, batch)
+    module = dpsgd.FoldedGradSampleModule(copy.deepcopy(net), noise_multiplicity=K)
+    rows(module, torch.arange(batch)).view(batch, K).mean(1).sum().backward()
+    got = torch.cat([p.grad_sample.reshape(batch, -1) for p in module._module.parameters()], 1)
+    assert got.shape == reference.shape
+    assert torch.allclose(got, reference, atol=1e-6, rtol=1e-4), (got - reference).abs().max()
+
+
+def test_privatised_sum_equals_the_naive_sum_of_clipped_gradients():
+    batch, K, C = 5, 3, 0.05
+    net = tiny_unet()
+    rows = fixed_rows(batch, K)
+    per_example = naive_per_example(net, rows, batch)
+    norms = per_example.norm(dim=1)
+    assert (norms > C).any() and (norms < C).any(), norms  # both regimes are exercised
+    expected = (per_example * torch.clamp(C / (norms + 1e-6), max=1.0)[:, None]).sum(0) / 2.5
+    private = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
+                          noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
+    stats = private.privatise(torch.arange(batch), torch.zeros(batch), rows)
+    got = torch.cat([p.grad.flatten() for p in private.params])
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
+    assert stats.examples == batch and stats.clipped == int((norms > C).sum()) and stats.workers == 1
+
+
+def test_clipped_norms_are_at_most_C_and_non_finite_gradients_are_dropped():
+    batch, K, C = 4, 2, 0.01
+    net = tiny_unet()
+    rows = fixed_rows(batch, K)
+    private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                          noise_multiplicity=K, physical_batch_size=1, noise_generator=None)
+    for b in range(batch):  # one example alone: the update is its clipped gradient
+        stats = private.privatise(torch.tensor([b]), torch.zeros(1), rows)
+        norm = torch.cat([p.grad.flatten() for p in private.params]).norm()
+        assert norm <= C and norm > 0.999 * C and stats.clipped == 1
+
+    stats = private.privatise(torch.tensor([0, 1, 2]), torch.zeros(3), fixed_rows(batch, K, nan_example=1))
+    with_nan = torch.cat([p.grad.flatten() for p in private.params])
+    private.privatise(torch.tensor([0, 2]), torch.zeros(2), rows)
+    without = torch.cat([p.grad.flatten() for p in private.params])
+    assert torch.isfinite(with_nan).all() and torch.allclose(with_nan, without)
+    assert stats.clipped == 3 and stats.examples == 3
+    assert dpsgd.clip_factors(torch.tensor([float("inf"), float("nan"), 0.0]), 1.0).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_micro_batch_size_does_not_change_the_update():
+    batch, K = 16, 2
+    net = tiny_unet()
+    rows = fixed_rows(batch, K)
+    updates = []
+    for physical in (4, 16):
+        model = copy.deepcopy(net)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        private = dpsgd.DPSGD(model, noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=8.0,
+                              noise_multiplicity=K, physical_batch_size=physical,
+                              noise_generator=torch.Generator().manual_seed(7))
+        private.privatise(torch.arange(batch), torch.zeros(batch), rows)
+        optimizer.step()
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(updates[0], updates[1], atol=1e-6)
+
+
+class ZeroSignal(nn.Module):
+    """A model whose loss does not depend on its parameters' values: every gradient is zero."""
+
+    def __init__(self, size: int = 4096):
+        super().__init__()
+        self.linear = nn.Linear(size // 8, 8, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def zero_rows(module, images, labels, *args):
+    """Per-row loss (K = 2 rows per example) through the model, with a zero gradient."""
+    return module(torch.ones(len(images) * 2, 512)).sum(1) * 0.0
+
+
+def test_noise_is_sigma_C_over_qN_also_on_an_empty_batch():
+    sigma, C, expected_batch = 2.0, 0.5, 10.0
+    private = dpsgd.DPSGD(ZeroSignal(), noise_multiplier=sigma, max_grad_norm=C,
+                          expected_batch_size=expected_batch, noise_multiplicity=2, physical_batch_size=4,
+                          noise_generator=torch.Generator().manual_seed(3))
+    for batch in (6, 0):
+        stats = private.privatise(torch.zeros(batch, 1), torch.zeros(batch), zero_rows)
+        noise = private.params[0].grad.flatten()
+        assert stats.examples == batch
+        assert abs(noise.std().item() / (sigma * C / expected_batch) - 1) < 0.05
+        assert abs(noise.mean().item()) < 4 * sigma * C / expected_batch / math.sqrt(noise.numel())
+
+
+def test_poisson_sampler_includes_each_record_with_probability_q():
+    n, q, steps = 400, 0.1, 1500
+    counts = torch.zeros(n)
+    sampler = dpsgd.PoissonSampler(n, sample_rate=q, generator=dpsgd.make_generator(0, stream="sample", rank=0, step=0))
+    for _ in range(steps):
+        counts[sampler.sample()] += 1
+    frequency = counts / steps
+    assert abs(frequency.mean().item() - q) < 0.003
+    assert (frequency - q).abs().max().item() < 5 * math.sqrt(q * (1 - q) / steps)
+    # Expected local batch 0.5: empty batches are returned, never skipped.
+    small = dpsgd.PoissonSampler(5, sample_rate=0.1, generator=torch.Generator().manual_seed(0))
+    sizes = [len(small.sample()) for _ in range(200)]
+    assert sizes.count(0) > 100 and len(sizes) == 200
+
+
+def test_generators_are_distinct_per_rank_and_stream_and_fresh_without_seed():
+    def draw(**kw):
+        return torch.rand(4, generator=dpsgd.make_generator(**kw)).tolist()
+
+    base = dict(seed=5, stream="sample", rank=0, step=0)
+    assert draw(**base) == draw(**base)
+    for change in ({"rank": 1}, {"stream": "noise"}, {"step": 4}):
+        assert draw(**{**base, **change}) != draw(**base)
+    assert draw(**{**base, "seed": None}) != draw(**{**base, "seed": None})
+
+
+def images(n: int, seed: int = 0) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    return ImageSet(rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int64), 3)
+
+
+def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
+    cfg = tiny_cfg()
+    train = images(12)
+    plan = privacy.plan(cfg, len(train))  # q = 4/12, T = 3... from epochs 1
+    assert plan.steps == 3
+    reporter = finetune.LocalReporter(tmp_path / "ckpt")
+
+    def fail(step):
+        if step == 2:
+            raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter,
+                                before_step=fail)
+    assert checkpoint.load(reporter.resume_dir())["meta"]["step"] == 2
+    final = finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=reporter.resume_dir(),
+                                    reporter=reporter)
+    state = checkpoint.load(reporter.resume_dir())
+    meta = state["meta"]
+    assert final["step"] == meta["step"] == plan.steps and meta["attempt_first_step"] == 2
+    assert meta["sigma"] == plan.sigma and set(state) >= {"model", "ema", "optimizer"}
+    ledger = privacy.Ledger.from_state_dict(meta["ledger"])
+    assert ledger.get("dpsgd").taken == plan.steps
+    assert final["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+    assert [h["step"] for h in reporter.history] == [1, 2, 3]
+    assert {"nondp/loss", "nondp/clip_fraction", "epsilon", "nimg", "sec_per_step"} <= set(final)
+    assert final["nimg"] == round(3 * 4)
+    # A changed plan cannot resume: sigma is decided once.
+    other = privacy.plan(tiny_cfg(privacy__noise_multiplier=2.0), len(train))
+    with pytest.raises(ValueError, match="sigma is decided once"):
+        finetune.train_finetune(cfg, train, plan=other, init_dir=None, resume_dir=reporter.resume_dir(),
+                                reporter=reporter)
+
+
+def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nondp(tmp_path):
+    cfg = tiny_cfg(finetune__lr=0.0, tracking__nondp=False, finetune__checkpoint_every=0)
+    warm, other = tiny_unet(1), tiny_unet(2)
+    checkpoint.save(tmp_path / "warmup" / "checkpoint", model=warm, ema=other, meta={"config": cfg.to_dict()})
+    plan = privacy.plan(cfg, 12)
+    reporter = finetune.LocalReporter(tmp_path / "ckpt")
+    final = finetune.train_finetune(cfg, images(12), plan=plan, init_dir=tmp_path / "warmup", resume_dir=None,
+                                    reporter=reporter)
+    assert not any(k.startswith("nondp/") for k in final)
+    state = checkpoint.load(reporter.resume_dir())
+    for name, value in warm.state_dict().items():  # lr 0: raw and EMA weights stay the warm-up's raw ones
+        assert torch.equal(state["model"][name], value) and torch.equal(state["ema"][name], value)
