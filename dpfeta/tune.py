@@ -261,8 +261,8 @@ def _step_curve(q: float, sigma: float, orders: tuple) -> np.ndarray:
 def curve(event, orders: tuple = tuple(ORDERS)) -> np.ndarray:
     """The RDP of ``event`` at ``orders``: the sums dp_accounting's RdpAccountant forms, with the
     per-(q, sigma) step curve cached (calibration re-evaluates the fixed mechanisms many times)."""
-    if isinstance(event, dp_event.SelfComposedDpEvent):
-        return event.count * curve(event.event, orders)
+    if isinstance(event, dp_event.SelfComposedDpEvent):  # 0 compositions cost 0 (not 0 * inf)
+        return event.count * curve(event.event, orders) if event.count else np.zeros(len(orders))
     if isinstance(event, dp_event.ComposedDpEvent):
         return sum((curve(e, orders) for e in event.events), np.zeros(len(orders)))
     if isinstance(event, dp_event.GaussianDpEvent):
@@ -706,6 +706,7 @@ def run_trial(spec: _Spec, params: dict, trial_id: str) -> dict:
     plan = trial_plan(spec.plan, cfg, spec.n, sigma)
     cfg = config_mod.replace(cfg, {"privacy.noise_multiplier": sigma})
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump(out_dir / "config.json")  # the trial's resolved config, its sigma included
     tracker = None
     if spec.log_trials and spec.parent_run_id:
         tags = {"mlflow.parentRunId": spec.parent_run_id, "dpfeta.trial_id": trial_id,
@@ -795,8 +796,8 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     else:
         log.warning("pipeline.stage_finetune takes no callbacks: Tune sees this trial's DP-SGD "
                     "progress only when it ends")
-    finetune_dir = pipeline.stage_finetune(cfg, run_dir, pl, splits.train, init_dir, **kwargs)
-    synthetic = pipeline.stage_sample(cfg, run_dir, pipeline.final_checkpoint(finetune_dir))
+    weights = pipeline.stage_finetune(cfg, run_dir, pl, splits.train, init_dir, **kwargs)
+    synthetic = pipeline.stage_sample(cfg, run_dir, weights)
     e = cfg.eval
     model = evaluate.train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
                                       lr=e.classifier_lr, label="selection CNN (synthetic)")
@@ -843,8 +844,7 @@ def trials_config(cfg: config_mod.Config) -> tuple[config_mod.Config, int]:
         log.warning("tune.proxy_data names the same source as data (%s, %s): the sweep is only free if that "
                     "data is public", cfg.data.source, cfg.data.path)
     n = data.public_train_size(proxy_cfg)
-    return privacy.resolve(config_mod.replace(proxy_cfg, {"central.noise_multiplier": None})
-                           if cfg.central.noise_multiplier is None else proxy_cfg, n), n
+    return privacy.resolve(proxy_cfg, n), n
 
 
 def _grid_size(space: dict) -> int:
@@ -1007,7 +1007,7 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
         echo(summary_text(summary))
     except BaseException:
         if tracker is not None:
-            tracking.end_run("FAILED")
+            tracker.end("FAILED")
         raise
     return summary
 
@@ -1111,4 +1111,8 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, lo
         if log_trials and record.is_file():
             best_run = tracking.Tracker(tracker.uri, json.loads(record.read_text())["run_id"], nondp=False)
             best_run.set_tags({"dpfeta.best": "true"})
-    tracking.end_run("FINISHED")
+    final_record = Path(summary["final"]["dir"]) / tracking.RUN_FILE if "final" in summary else None
+    if final_record is not None and final_record.is_file():  # public mode: nest the final run too
+        final_run = tracking.Tracker(tracker.uri, json.loads(final_record.read_text())["run_id"], nondp=False)
+        final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
+    tracker.end("FINISHED")  # the handle: pipeline.run (public final run) replaces tracking's current run

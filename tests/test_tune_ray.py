@@ -1,0 +1,288 @@
+"""Sweeps on a local Ray (one for the module): each tuning mode end to end, MLflow parent/nested
+runs, Train V2 reports reaching Tune, resume after the driver is killed, and one sweep through
+the real pipeline stages (privacy.md §6).
+
+Trials use stand-in trial functions (a fixed "accuracy" per hyperparameter, counted on the real
+validation-split size) except ``test_private_sweep_through_the_pipeline``; the accounting checks
+build their events directly from dp_accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event, rdp
+
+from dpfeta import config, data, tune
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+         "warmup.steps": {"type": "choice", "values": [1, 2]}}
+FAST = ["central.noise_multiplier=2.0", "central.batch_size=100", "central.rounds=2",
+        "finetune.batch_size=64", "finetune.epochs=1", "tracking.enabled=false", "run.seed=1",
+        "run.max_failures=0",
+        f"tune.search_space={json.dumps(SPACE)}"]
+# Tiny real stages (a few warm-up and DP-SGD steps, an 8x8 U-Net of ~9k parameters).
+TINY = ["data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
+        "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.batch_size=16",
+        "warmup.checkpoint_every=2", "warmup.log_every=1", "finetune.epochs=0.1",
+        "finetune.noise_multiplicity=1", "finetune.checkpoint_every=1", "finetune.log_every=1",
+        "sample.steps=2", "sample.num_samples=40", "sample.batch_size=40", "eval.classifier_epochs=1",
+        "eval.classifier_batch_size=32", "eval.logreg=false", "eval.fid.num_samples=40",
+        "run.cpus_per_worker=0.5"]
+DELTA = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Trial functions defined here travel by value (the tests folder is not importable on workers).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def _cfg(tmp_path, mode, *overrides):
+    return config.load("configs/digits.yaml", [*FAST, f"run.dir={tmp_path}", f"run.name={mode}",
+                                               f"tune.privacy_mode={mode}", *overrides])
+
+
+def fake_trial(ctx):
+    """Stand-in: more central rounds and warm-up score better; the count is out of the real val size."""
+    marker = ctx.out_dir / "runs.txt"
+    with marker.open("a") as f:
+        f.write("run\n")
+    val_size = 180  # digits: 10 % of 1,797
+    correct = 60 + 30 * ctx.cfg.central.rounds + 5 * ctx.cfg.warmup.steps
+    if (ctx.out_dir.parents[1] / "SLOW").exists():  # <sweep dir>/SLOW: the resume test's slow trials
+        time.sleep(4)
+    return {"correct": correct, "val_size": val_size}
+
+
+def _poisson_gaussian(q, sigma, count):
+    return dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), count)
+
+
+def _trial_event(trial_cfg_dict, sigma, n, sigma_v):
+    c, f = trial_cfg_dict["central"], trial_cfg_dict["finetune"]
+    q = f["batch_size"] / n
+    parts = [_poisson_gaussian(q, sigma, math.ceil(f["epochs"] / q - 1e-9)), dp_event.GaussianDpEvent(sigma_v)]
+    if c["rounds"]:
+        parts.insert(0, _poisson_gaussian(c["batch_size"] / n, c["noise_multiplier"], c["rounds"]))
+    return dp_event.ComposedDpEvent(parts)
+
+
+def _rdp_epsilon(event):
+    acc = rdp.RdpAccountant()
+    acc.compose(event)
+    return acc.get_epsilon(DELTA)
+
+
+def _check_trials(summary, k):
+    assert summary["num_trials"] == k and len(summary["trials"]) == k
+    assert all(r["status"] == "done" for r in summary["trials"])
+    best = max(summary["trials"], key=lambda r: r["score"])
+    assert summary["best"]["trial_id"] == best["trial_id"]
+
+
+def test_private_sweep_accounts_the_whole_search(tmp_path):
+    cfg = _cfg(tmp_path, "private", "tune.seed=1", "tracking.enabled=true")  # seed 1: K = 3 trials
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    _check_trials(summary, 3)
+    n = data.public_train_size(cfg)
+    state = json.loads((cfg.run_dir() / tune.SWEEP_FILE).read_text())
+    t = cfg.tune
+    # Independent: every realised trial (its own sigma and central rounds) repeated-and-selected
+    # stays within the total, and the reference trial's bound is the reported total.
+    for row in summary["trials"]:
+        trial_cfg = json.loads((cfg.run_dir() / "trials" / row["trial_id"] / "config.json").read_text())
+        assert trial_cfg["privacy"]["noise_multiplier"] == pytest.approx(row["sigma"])
+        event = dp_event.RepeatAndSelectDpEvent(_trial_event(trial_cfg, row["sigma"], n, t.score_noise),
+                                                t.num_trials, t.tnb_eta)
+        assert _rdp_epsilon(event) <= cfg.privacy.epsilon
+        assert row["sigma"] <= state["plan"]["trial_sigma"] * (1 + 1e-12)
+    ref = state["plan"]["reference"]
+    worst = dp_event.RepeatAndSelectDpEvent(dp_event.ComposedDpEvent([
+        _poisson_gaussian(ref["q_c"], ref["sigma_c"], ref["rounds"]),
+        _poisson_gaussian(ref["q"], ref["sigma"], ref["steps"]), dp_event.GaussianDpEvent(t.score_noise)]),
+        t.num_trials, t.tnb_eta)
+    assert ref["rounds"] == 3  # randint(1, 4): at most 3 rounds
+    assert _rdp_epsilon(worst) == pytest.approx(summary["epsilon"], rel=1e-9)
+    assert summary["epsilon"] <= cfg.privacy.epsilon and summary["epsilon"] == pytest.approx(10.0, rel=1e-3)
+    # The release names the best trial only: no trial count, no other scores.
+    release = json.loads((cfg.run_dir() / tune.RELEASE_FILE).read_text())
+    assert release["best"]["trial_id"] == summary["best"]["trial_id"] and "trials" not in release
+    assert "num_trials" not in release
+    # MLflow: one parent run, a nested run per trial, the best one tagged, the summary artifacts.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("dpfeta.kind") == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert parent.data.tags["dpfeta.best_trial"] == summary["best"]["trial_id"]
+    assert [r.data.tags["dpfeta.trial_id"] for r in children if r.data.tags.get("dpfeta.best")] == \
+        [summary["best"]["trial_id"]]
+    assert parent.data.metrics["epsilon"] == pytest.approx(summary["epsilon"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"release.json", "summary.json", "trials.csv"}
+
+
+def test_private_sweep_in_release_mode_keeps_trials_out_of_mlflow(tmp_path):
+    cfg = _cfg(tmp_path, "private", "tune.seed=0", "tracking.enabled=true", "tracking.nondp=false")  # K = 1
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1  # the sweep's parent run only: K and the other scores stay internal
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"release.json"}
+    assert runs[0].data.tags["dpfeta.best_trial"] == summary["best"]["trial_id"]
+
+
+def test_naive_sweep_composes_k_trials(tmp_path):
+    cfg = _cfg(tmp_path, "naive", "tune.num_trials=3", "tune.scheduler=asha")
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    _check_trials(summary, 3)
+    n = data.public_train_size(cfg)
+    events = []
+    for row in summary["trials"]:
+        trial_cfg = json.loads((cfg.run_dir() / "trials" / row["trial_id"] / "config.json").read_text())
+        events.append(_trial_event(trial_cfg, row["sigma"], n, cfg.tune.score_noise))
+    realised = _rdp_epsilon(dp_event.ComposedDpEvent(events))  # the three trials actually run
+    assert realised <= summary["epsilon"] * (1 + 1e-9) <= cfg.privacy.epsilon
+    assert summary["epsilon"] == pytest.approx(10.0, rel=1e-3)
+    release = json.loads((cfg.run_dir() / tune.RELEASE_FILE).read_text())
+    assert "composed" in release["note"]
+
+
+def test_public_sweep_spends_only_the_final_run(tmp_path):
+    finals = []
+
+    def final_fn(final_cfg):
+        finals.append(final_cfg)
+        return {"accuracy": 0.5}
+
+    cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_data={split_seed: 7, val_fraction: 0.2}")
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial, final_fn=final_fn)
+    _check_trials(summary, 3)
+    # trials ran on the proxy (its own split, its own N)
+    trial_cfg = json.loads((cfg.run_dir() / "trials" / summary["best"]["trial_id"] / "config.json").read_text())
+    assert trial_cfg["data"]["split_seed"] == 7 and trial_cfg["data"]["val_fraction"] == 0.2
+    # the final run: the sensitive data, the best hyperparameters, the whole budget
+    (final,) = finals
+    assert final.data.split_seed == cfg.data.split_seed
+    assert final.central.rounds == summary["best"]["params"]["central.rounds"]
+    n = data.public_train_size(cfg)
+    q = 64 / n
+    event = dp_event.ComposedDpEvent([_poisson_gaussian(100 / n, 2.0, final.central.rounds),
+                                      _poisson_gaussian(q, summary["final"]["sigma"], math.ceil(1 / q))])
+    eps = _rdp_epsilon(event)
+    assert summary["epsilon"] == pytest.approx(eps, rel=1e-6) and eps <= cfg.privacy.epsilon
+    assert eps == pytest.approx(10.0, rel=2e-3)
+
+
+def test_train_reports_reach_tune(tmp_path):
+    """The Ray 2.60 Train V2 pattern: a TorchTrainer inside the trial, TuneReportCallback forwarding."""
+
+    def trainer_trial(ctx):
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        def loop(config):
+            for step in range(1, 4):
+                ray.train.report({"step": step, "epsilon": 0.1 * step})
+
+        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                     run_config=RunConfig(name=f"train-{ctx.trial_id}", storage_path=str(ctx.out_dir / "ray"),
+                                          callbacks=ctx.train_callbacks())).fit()
+        return {"correct": 100, "val_size": 180}
+
+    cfg = _cfg(tmp_path, "naive", "tune.num_trials=1", "tune.search_space={}")
+    summary = tune.run_sweep(cfg, trial_fn=trainer_trial)
+    (trial,) = summary["trials"]
+    rows = [json.loads(line) for line in
+            next((tmp_path / "naive" / tune.EXPERIMENT).glob("*/result.json")).read_text().splitlines()]
+    assert [r.get("step") for r in rows[:3]] == [1, 2, 3]  # rank 0's reports, live
+    assert rows[-1]["trial_done"] == 1 and rows[-1]["score"] == pytest.approx(trial["score"])
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from dpfeta import config, tune
+sys.path.insert(0, {tests!r})
+import ray, test_tune_ray
+ray.cloudpickle.register_pickle_by_value(test_tune_ray)
+from test_tune_ray import fake_trial
+cfg = config.load("configs/digits.yaml", json.loads(sys.argv[1]))
+tune.run_sweep(cfg, trial_fn=fake_trial)
+"""
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    overrides = [*FAST, f"run.dir={tmp_path}", "run.name=resume", "tune.seed=1", "tune.privacy_mode=private"]
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(repo=str(REPO), tests=str(REPO / "tests")))
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "SLOW").touch()
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(overrides)], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "resume" / "trials"
+    try:
+        deadline = time.time() + 240
+        while not list(trials.glob(f"*/{tune.RESULT_FILE}")):
+            assert proc.poll() is None, "the driver ended before any trial finished"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait()
+    finished = {p.parent.name for p in trials.glob(f"*/{tune.RESULT_FILE}")}
+    assert 1 <= len(finished) < 3
+    state = json.loads((tmp_path / "resume" / tune.SWEEP_FILE).read_text())
+    assert not (tmp_path / "resume" / tune.SUMMARY_FILE).exists()
+
+    (tmp_path / "resume" / "SLOW").unlink()
+    cfg = config.load("configs/digits.yaml", overrides)  # the same command again
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    _check_trials(summary, state["num_trials"])
+    assert json.loads((tmp_path / "resume" / tune.SWEEP_FILE).read_text()) == state  # K and sigma kept
+    for trial_id in finished:  # a finished trial is never trained or scored again
+        assert (trials / trial_id / "runs.txt").read_text().count("run") == 1
+        stored = json.loads((trials / trial_id / tune.RESULT_FILE).read_text())
+        assert next(r for r in summary["trials"] if r["trial_id"] == trial_id)["score"] == stored["score"]
+    # a finished sweep answers with its summary
+    assert tune.run_sweep(cfg, trial_fn=fake_trial) == summary
+
+
+def test_private_sweep_through_the_pipeline(tmp_path):
+    """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score."""
+    cfg = _cfg(tmp_path, "private", *TINY, "tune.seed=0")  # seed 0: K = 1 trial (the stages, once)
+    summary = tune.run_sweep(cfg)
+    (row,) = summary["trials"]
+    trial_dir = Path(summary["best"]["dir"])
+    assert row["status"] == "done" and -0.5 < row["score"] < 1.5  # a noisy accuracy (sigma_v / 180 ~ 0.06)
+    ledger = json.loads((trial_dir / "ledger.json").read_text())
+    taken = {m["name"]: m["taken"] for m in ledger["mechanisms"]}
+    trial_cfg = json.loads((trial_dir / "config.json").read_text())
+    q = trial_cfg["finetune"]["batch_size"] / data.public_train_size(cfg)
+    assert taken == {"central": trial_cfg["central"]["rounds"], "dpsgd": math.ceil(0.1 / q - 1e-9), "selection": 1}
+    assert ledger["repeat"] == {"mean": 3.0, "shape": 1.0}
+    assert (trial_dir / "samples" / "grid.png").is_file()
+    assert summary["epsilon"] <= cfg.privacy.epsilon
