@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -276,10 +276,6 @@ def curve(event, orders: tuple = tuple(ORDERS)) -> np.ndarray:
 
 def curve_epsilon(rdp_curve: np.ndarray, delta: float, orders: tuple = tuple(ORDERS)) -> float:
     return float(_rdp_impl.compute_epsilon(list(orders), rdp_curve, delta)[0])
-
-
-def optimal_order(rdp_curve: np.ndarray, delta: float, orders: tuple) -> float:
-    return float(_rdp_impl.compute_epsilon(list(orders), rdp_curve, delta)[1])
 
 
 def repeat_curve(rdp_curve: np.ndarray, mean: float, shape: float, orders: tuple = tuple(ORDERS)) -> np.ndarray:
@@ -1068,7 +1064,8 @@ def release_view(summary: dict) -> dict:
 
 def summary_text(summary: dict) -> str:
     best = summary["best"]
-    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}): {summary['num_trials']} trials",
+    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}): {summary['num_trials']} trial(s) run "
+             "(operator view; release.json is what may be published)",
              f"  epsilon   {summary['epsilon']:.4f} for the released model (target {summary['target_epsilon']:g}, "
              f"delta {summary['delta']:g}, {summary['accountant']}; the whole sweep, selection included)"]
     if best is None:

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import dp_event, pld, rdp
@@ -248,3 +247,25 @@ def test_sweep_plan_is_json_and_printable(private_plan):
     small = tune.sweep_plan_json(sp)
     assert "rdp" not in small["reference"]
     json.dumps(sp)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points refuse before anything runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_and_job_entry_point_refuse_asha_in_private_mode(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from dpfeta import cli
+
+    args = ["--config", "configs/digits.yaml", "--set", "tune.scheduler=asha"]
+    assert cli.main(["tune", *args]) == 2
+    assert "fifo" in capsys.readouterr().err
+    path = Path(__file__).resolve().parents[1] / "ray_jobs" / "tune.py"
+    spec = importlib.util.spec_from_file_location("ray_jobs_tune", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(args) == 2
+    assert "tune.scheduler" in capsys.readouterr().err
