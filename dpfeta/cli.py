@@ -40,6 +40,12 @@ def _cmd_budget(args) -> int:
     from dpfeta import privacy
 
     cfg = _load(args)
+    if args.sweep:
+        from dpfeta import data, tune
+
+        sp = tune.sweep_plan(cfg, data.public_train_size(cfg))
+        print(json.dumps(tune.sweep_plan_json(sp), indent=2) if args.json else tune.sweep_plan_table(sp))
+        return 0
     pl = _plan(cfg)
     if args.json:
         print(json.dumps(privacy.plan_json(pl), indent=2))
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="print the privacy plan (sigma, q, T, epsilon) without reading data")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.add_argument("--sweep", action="store_true",
+                   help="the plan of a 'dpfeta tune' sweep (tune.privacy_mode): per-trial vs single-run sigma")
     p.set_defaults(func=_cmd_budget)
 
     p = sub.add_parser("prepare", help="write the training split as Parquet shards for a cluster")

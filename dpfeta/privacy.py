@@ -110,6 +110,8 @@ def _rdp_vector(event: dp_accounting.DpEvent, orders: tuple) -> np.ndarray | Non
     forms, with the per-(q, sigma) curve cached (calibration re-evaluates the fixed mechanisms
     many times). None for any other event: the caller then uses the accountant itself."""
     if isinstance(event, dp_event.SelfComposedDpEvent):
+        if event.count == 0:  # no composition: zero cost (avoid 0 * inf = NaN at extreme orders)
+            return np.zeros(len(orders))
         inner = _rdp_vector(event.event, orders)
         return None if inner is None else event.count * inner
     if isinstance(event, dp_event.ComposedDpEvent):

@@ -52,3 +52,15 @@ def test_budget_refuses_when_central_query_alone_spends_target():
 def test_budget_bad_key_exits_nonzero_naming_it(capsys):
     assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml"), "--set", "privacy.eps=1"]) == 2
     assert "privacy.eps" in capsys.readouterr().err
+
+
+def test_budget_sweep_plan_shows_the_sigma_penalty(capsys):
+    assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml"), "--sweep", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml"), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert sweep["mode"] == "private" and sweep["accountant"] == "rdp"
+    assert sweep["single_sigma"] == pytest.approx(single["noise_multiplier"], rel=1e-6)
+    assert sweep["trial_sigma"] > sweep["single_sigma"]  # tuning privately costs noise
+    assert sweep["penalty"] == pytest.approx(sweep["trial_sigma"] / sweep["single_sigma"], rel=1e-9)
+    assert sweep["epsilon"] <= 10.0 and sweep["epsilon_per_trial"] < sweep["epsilon"]
