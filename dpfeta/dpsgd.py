@@ -6,7 +6,8 @@ The only module that imports Opacus. One logical step (privacy.md §2 M2, §4, �
 2. the local batch is cut into physical micro-batches (a pure memory knob);
 3. per micro-batch, Opacus' hooks give the gradient of each example's loss, where the loss of an
    example is the mean of its K noise-draw rows: the K rows are folded inside every layer hook
-   (``FoldedGradSampleModule``), so memory holds one gradient per example, never per row;
+   (``FoldedGradSampleModule``), so memory holds one gradient per example, never per row; the
+   backward pass skips the batch-summed conv/linear weight gradients that DP-SGD never uses;
 4. each per-example gradient is clipped to norm C (a NaN/inf gradient is zeroed and counted as
    clipped) and added to a fp32 running sum;
 5. the noise rank adds N(0, sigma^2 C^2) to its sum (exactly once for the whole group), the sums are
@@ -20,6 +21,7 @@ seeds are never logged.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -29,10 +31,12 @@ import torch
 import torch.distributed as dist
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
-from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
+from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.utils.module_utils import trainable_parameters
 from opacus.validators import ModuleValidator
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 LossRows = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 CLIP_EPS = 1e-6  # clip factor min(1, C / (||g|| + eps)), as Opacus and the DPDM fork
@@ -176,13 +180,27 @@ class FoldedGradSampleModule(GradSampleModule):
         assert rows % self.noise_multiplicity == 0, (rows, self.noise_multiplicity)
         examples = rows // self.noise_multiplicity
         for param, gs in self._per_example(module, activations, backprops, examples).items():
-            create_or_accumulate_grad_sample(param=param, grad_sample=gs, max_batch_len=examples)
+            if hasattr(param, "_current_grad_sample"):  # a parameter used twice in one forward
+                param._current_grad_sample = param._current_grad_sample + gs
+            else:
+                param._current_grad_sample = gs  # fresh tensor: no zero-fill and copy as in Opacus
         for _, p in trainable_parameters(module):
             p._forward_counter -= 1
             if p._forward_counter == 0:
                 promote_current_grad_sample(p)
         if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
             del module.max_batch_len
+
+    def reset(self) -> None:
+        """Forget a half-done backward pass: stored activations, counters, per-example gradients."""
+        for module in self._module.modules():
+            for name in ("activations", "max_batch_len"):
+                if hasattr(module, name):
+                    delattr(module, name)
+        for p in self._module.parameters():
+            p._forward_counter, p.grad_sample = 0, None
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,12 +259,13 @@ class DPSGD:
             raise ValueError("the noise rank needs a noise generator")
         self.noise_generator = noise_generator
         self.numel = sum(p.numel() for p in self.params)
-        # Backpropagate only to what the hooks need: every parameter except the weights of
-        # Conv2d layers with a trainable bias. Each module's input or output gradient is still
-        # computed (a requested bias lies behind every conv), so every hook fires, while the
-        # batch-summed conv weight gradients, which DP-SGD never uses, are not computed.
-        skipped = {id(m.weight) for m in module.modules()
-                   if isinstance(m, nn.Conv2d) and m.bias is not None and m.bias.requires_grad}
+        # Backpropagate only as far as the hooks need: to the (float) images and to the parameters
+        # of layers other than Conv2d and Linear. Every conv/linear input or output gradient is
+        # then still computed (so every hook fires), but not their batch-summed weight and bias
+        # gradients, which DP-SGD never uses (oneDNN computes the weight gradient whenever the
+        # bias gradient is asked for). A loss where some hook does not fire falls back to all.
+        skipped = {id(p) for m in module.modules() if type(m) in (nn.Conv2d, nn.Linear)
+                   for p in m.parameters(recurse=False)}
         self._backward_to = [p for p in self.params if id(p) not in skipped]
 
     def privatise(self, images: torch.Tensor, labels: torch.Tensor, loss_rows: LossRows) -> StepStats:
@@ -288,13 +307,24 @@ class DPSGD:
         batch = len(images)
         if batch == 0:
             return
+        if images.is_floating_point():
+            images = images.detach().requires_grad_()
         rows = loss_rows(self.module, images, labels)
         if rows.shape != (batch * self.K,):
             raise ValueError(f"expected the per-row loss of shape [{batch * self.K}] (B*K), got {tuple(rows.shape)}")
         per_example = rows.view(batch, self.K).mean(1)
+        targets = ([images] if images.requires_grad else []) + self._backward_to or self.params
         with warnings.catch_warnings():  # the first layer's hook fires on its output: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            torch.autograd.grad(per_example.sum(), self._backward_to, allow_unused=True)
+            torch.autograd.grad(per_example.sum(), targets, allow_unused=True)
+        if any(p.grad_sample is None for p in self.params):
+            if len(self._backward_to) == len(self.params):
+                raise RuntimeError("no per-example gradient for some parameters: are they used in forward?")
+            logger.info("dpsgd: some layers are not between the images and the loss; backpropagating to "
+                        "every parameter from now on")
+            self.module.reset()
+            self._backward_to = list(self.params)
+            return self._accumulate(images.detach(), labels, loss_rows, total, stats)
 
         grads = [p.grad_sample.reshape(batch, -1) for p in self.params]
         norms = torch.stack([g.pow(2).sum(1) for g in grads], dim=1).sum(1).sqrt()

@@ -50,9 +50,11 @@ def tiny_unet(seed: int = 0) -> UNet:
 
 
 def fixed_rows(batch: int, K: int, seed: int = 1, nan_example: int | None = None):
-    """A deterministic per-row EDM loss: noise levels and noise drawn once, rows b*K.. of example b.
+    """Images and a deterministic per-row EDM loss (noise levels and noise drawn once).
 
-    ``nan_example``: that example's image is NaN (a non-finite per-example gradient)."""
+    ``rows(module, images, index)``: ``images`` are the clean images of examples ``index`` (passed as
+    the labels), rows b*K .. b*K+K-1 belong to example b. ``nan_example``: that image is NaN.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1
     y = torch.randint(0, 3, (batch,), generator=g)
@@ -61,32 +63,37 @@ def fixed_rows(batch: int, K: int, seed: int = 1, nan_example: int | None = None
     if nan_example is not None:
         x[nan_example] = float("nan")
 
-    def rows(module: nn.Module, index: torch.Tensor, _labels=None) -> torch.Tensor:
+    def rows(module: nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         r = (index[:, None] * K + torch.arange(K)).flatten()
-        xr = x[index].repeat_interleave(K, 0)
+        xr = images.repeat_interleave(K, 0)
         out = EDMPrecond(module, 0.5)(xr + noise[r], sigma[r], y[index].repeat_interleave(K, 0))
         return ((out - xr) ** 2).flatten(1).mean(1)
 
-    return rows
+    return x, rows
 
 
-def naive_per_example(net: nn.Module, rows, batch: int) -> torch.Tensor:
+def naive_per_example(net: nn.Module, x: torch.Tensor, rows) -> torch.Tensor:
     """Gradient of each example's K-averaged loss, one example at a time."""
     out = []
-    for b in range(batch):
+    for b in range(len(x)):
         net.zero_grad()
-        rows(net, torch.tensor([b])).mean().backward()
+        rows(net, x[b:b + 1], torch.tensor([b])).mean().backward()
         out.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     return torch.stack(out)
+
+
+def privatised(private: dpsgd.DPSGD, x: torch.Tensor, index: torch.Tensor, rows) -> tuple[torch.Tensor, dpsgd.StepStats]:
+    stats = private.privatise(x[index], index, rows)
+    return torch.cat([p.grad.flatten() for p in private.params]), stats
 
 
 @pytest.mark.parametrize("K", [1, 3, 9])  # K < 8 and K >= 8 take different conv paths
 def test_folded_per_example_gradients_equal_a_naive_loop(K):
     batch, net = 3, tiny_unet()
-    rows = fixed_rows(batch, K)
-    reference = naive_per_example(net, rows, batch)
+    x, rows = fixed_rows(batch, K)
+    reference = naive_per_example(net, x, rows)
     module = dpsgd.FoldedGradSampleModule(copy.deepcopy(net), noise_multiplicity=K)
-    rows(module, torch.arange(batch)).view(batch, K).mean(1).sum().backward()
+    rows(module, x, torch.arange(batch)).view(batch, K).mean(1).sum().backward()
     got = torch.cat([p.grad_sample.reshape(batch, -1) for p in module._module.parameters()], 1)
     assert got.shape == reference.shape
     assert torch.allclose(got, reference, atol=1e-6, rtol=1e-4), (got - reference).abs().max()
@@ -95,34 +102,39 @@ def test_folded_per_example_gradients_equal_a_naive_loop(K):
 def test_privatised_sum_equals_the_naive_sum_of_clipped_gradients():
     batch, K, C = 5, 3, 0.05
     net = tiny_unet()
-    rows = fixed_rows(batch, K)
-    per_example = naive_per_example(net, rows, batch)
+    x, rows = fixed_rows(batch, K)
+    per_example = naive_per_example(net, x, rows)
     norms = per_example.norm(dim=1)
     assert (norms > C).any() and (norms < C).any(), norms  # both regimes are exercised
     expected = (per_example * torch.clamp(C / (norms + 1e-6), max=1.0)[:, None]).sum(0) / 2.5
     private = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
                           noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
-    stats = private.privatise(torch.arange(batch), torch.zeros(batch), rows)
-    got = torch.cat([p.grad.flatten() for p in private.params])
+    got, stats = privatised(private, x, torch.arange(batch), rows)
+    assert len(private._backward_to) < len(private.params) // 2  # the short backward pass was used
     assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
     assert stats.examples == batch and stats.clipped == int((norms > C).sum()) and stats.workers == 1
+
+    # A loss that does not read the images it is given still gets every gradient (full backward).
+    fallback = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
+                           noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
+    got, _ = privatised(fallback, x, torch.arange(batch), lambda m, images, index: rows(m, x[index], index))
+    assert len(fallback._backward_to) == len(fallback.params)
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
 
 
 def test_clipped_norms_are_at_most_C_and_non_finite_gradients_are_dropped():
     batch, K, C = 4, 2, 0.01
     net = tiny_unet()
-    rows = fixed_rows(batch, K)
+    x, rows = fixed_rows(batch, K)
     private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
                           noise_multiplicity=K, physical_batch_size=1, noise_generator=None)
     for b in range(batch):  # one example alone: the update is its clipped gradient
-        stats = private.privatise(torch.tensor([b]), torch.zeros(1), rows)
-        norm = torch.cat([p.grad.flatten() for p in private.params]).norm()
-        assert norm <= C and norm > 0.999 * C and stats.clipped == 1
+        got, stats = privatised(private, x, torch.tensor([b]), rows)
+        assert got.norm() <= C and got.norm() > 0.999 * C and stats.clipped == 1
 
-    stats = private.privatise(torch.tensor([0, 1, 2]), torch.zeros(3), fixed_rows(batch, K, nan_example=1))
-    with_nan = torch.cat([p.grad.flatten() for p in private.params])
-    private.privatise(torch.tensor([0, 2]), torch.zeros(2), rows)
-    without = torch.cat([p.grad.flatten() for p in private.params])
+    x_nan, rows_nan = fixed_rows(batch, K, nan_example=1)
+    with_nan, stats = privatised(private, x_nan, torch.tensor([0, 1, 2]), rows_nan)
+    without, _ = privatised(private, x, torch.tensor([0, 2]), rows)
     assert torch.isfinite(with_nan).all() and torch.allclose(with_nan, without)
     assert stats.clipped == 3 and stats.examples == 3
     assert dpsgd.clip_factors(torch.tensor([float("inf"), float("nan"), 0.0]), 1.0).tolist() == [0.0, 0.0, 1.0]
@@ -131,7 +143,7 @@ def test_clipped_norms_are_at_most_C_and_non_finite_gradients_are_dropped():
 def test_micro_batch_size_does_not_change_the_update():
     batch, K = 16, 2
     net = tiny_unet()
-    rows = fixed_rows(batch, K)
+    x, rows = fixed_rows(batch, K)
     updates = []
     for physical in (4, 16):
         model = copy.deepcopy(net)
@@ -139,7 +151,7 @@ def test_micro_batch_size_does_not_change_the_update():
         private = dpsgd.DPSGD(model, noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=8.0,
                               noise_multiplicity=K, physical_batch_size=physical,
                               noise_generator=torch.Generator().manual_seed(7))
-        private.privatise(torch.arange(batch), torch.zeros(batch), rows)
+        private.privatise(x, torch.arange(batch), rows)
         optimizer.step()
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(updates[0], updates[1], atol=1e-6)

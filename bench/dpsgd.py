@@ -1,0 +1,260 @@
+"""Cost of DP-SGD: step time vs non-private, where the time goes, memory vs K, 2 workers vs 1.
+
+    python bench/dpsgd.py [--threads 1] [--reps 3] [--mnist-batch 8] [--skip-ratio|memory|ray]
+
+1. Step time, DP / non-private, measured interleaved in one process for the digits
+   (configs/digits.yaml: batch = its physical batch, its K) and MNIST (configs/mnist_28/eps_1.yaml
+   model, K=32, a small batch so that it runs on a CPU) U-Nets. Both steps see the same B*K rows of
+   the EDM loss and end with Adam; the DP step adds per-example gradients (K folded in the hooks),
+   clipping, noise and the division by q N. One extra DP step is split into forward / autograd
+   backward / per-example gradient hooks / clipping + noise + optimiser hand-off.
+2. Peak memory of one DP step (fresh subprocess each, RSS above the pre-step level) at K=1 and K=32
+   with the same examples per micro-batch, K=1 with the same rows, and stock Opacus (per-row
+   gradients, folded afterwards) at K=32.
+3. Ray Train throughput of the digits fine-tune, 2 workers / 1 worker (1 CPU each, local Ray),
+   timed over the second half of the steps.
+
+Ratios only: absolute times on a shared 2-core VM move with its load (printed) and allocator
+(LD_PRELOAD printed; stack-notes §6.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dpfeta import config, dpsgd, finetune
+from dpfeta.nn import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS, MNIST = ROOT / "configs/digits.yaml", ROOT / "configs/mnist_28/eps_1.yaml"
+
+
+def setup(path: Path, batch: int, K: int):
+    cfg = config.replace(config.load(path), {"finetune.noise_multiplicity": K, "run.seed": 0})
+    d = cfg.data
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, d.channels, d.resolution, d.resolution, generator=g) * 2 - 1
+    labels = torch.randint(d.num_classes, (batch,), generator=g)
+    net = finetune.build_network(cfg, finetune.EDM, finetune.Worker())
+    loss_generator = torch.Generator().manual_seed(1)
+
+    def rows(module, x, y):
+        return finetune.EDM.loss_rows(module, x, y, cfg, loss_generator)
+
+    return cfg, net, images, labels, rows
+
+
+def nonprivate_step(net, rows, images, labels):
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        rows(net, images, labels).mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def private_step(net, rows, images, labels, K, physical=None, mode="hooks"):
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
+    private = dpsgd.DPSGD(net, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(images),
+                          noise_multiplicity=K, physical_batch_size=physical or len(images),
+                          noise_generator=torch.Generator().manual_seed(2), grad_sample_mode=mode)
+
+    def step():
+        private.privatise(images, labels, rows)
+        optimizer.step()
+
+    return step, private
+
+
+def breakdown(step, rows_holder) -> dict[str, float]:
+    """One DP step split into forward, autograd backward, per-example hooks, clip/noise/rest."""
+    times = {"forward": 0.0, "backward (autograd, without hooks)": 0.0, "per-example hooks": 0.0}
+    original_grad, original_hook = torch.autograd.grad, dpsgd.FoldedGradSampleModule._per_example
+    original_rows = rows_holder[0]
+
+    def timed_rows(*a):
+        start = time.perf_counter()
+        out = original_rows(*a)
+        times["forward"] += time.perf_counter() - start
+        return out
+
+    def timed_grad(*a, **k):
+        start = time.perf_counter()
+        out = original_grad(*a, **k)
+        times["backward (autograd, without hooks)"] += time.perf_counter() - start
+        return out
+
+    def timed_hook(self, *a):
+        start = time.perf_counter()
+        out = original_hook(self, *a)
+        times["per-example hooks"] += time.perf_counter() - start
+        return out
+
+    torch.autograd.grad, dpsgd.FoldedGradSampleModule._per_example = timed_grad, timed_hook
+    rows_holder[0] = timed_rows
+    try:
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+    finally:
+        torch.autograd.grad, dpsgd.FoldedGradSampleModule._per_example = original_grad, original_hook
+        rows_holder[0] = original_rows
+    times["backward (autograd, without hooks)"] -= times["per-example hooks"]
+    times["clip + accumulate + noise + Adam"] = total - sum(times.values())
+    return {k: v / total for k, v in times.items()} | {"total_s": total}
+
+
+def bench_ratio(name: str, path: Path, batch: int, K: int | None, reps: int) -> None:
+    cfg = config.load(path)
+    K = K or cfg.finetune.noise_multiplicity
+    cfg, net, images, labels, rows = setup(path, batch, K)
+    holder = [rows]
+    dp_net = finetune.build_network(cfg, finetune.EDM, finetune.Worker())
+    steps = {"non-private": nonprivate_step(net, rows, images, labels)}
+    steps["DP"], _ = private_step(dp_net, lambda *a: holder[0](*a), images, labels, K)
+    for step in steps.values():  # warm-up (oneDNN primitives, allocator)
+        step()
+    times = {k: [] for k in steps}
+    for _ in range(reps):  # interleaved, so load changes hit both
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{name}: U-Net {count_parameters(net):,} parameters, batch {batch} x K={K} = {batch * K} rows "
+          f"of {cfg.data.resolution}x{cfg.data.resolution}, {reps} interleaved reps (median)")
+    print(f"  non-private {med['non-private']:.3f} s/step   DP {med['DP']:.3f} s/step   "
+          f"ratio DP / non-private = {med['DP'] / med['non-private']:.2f}  (goal <= 1.5)")
+    parts = breakdown(steps["DP"], holder)
+    print("  DP step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in parts.items() if k != "total_s"))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (one fresh process per measurement)
+# --------------------------------------------------------------------------------------------
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak of this process image; ru_maxrss would include the parent's)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(batch: int, K: int, mode: str) -> None:
+    from opacus.grad_sample import GradSampleModule
+
+    cfg, net, images, labels, rows = setup(DIGITS, batch, K)
+    try:  # reset the peak to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    before = _status_mb("VmRSS")
+    if mode == "folded":
+        step, _ = private_step(net, rows, images, labels, K)
+        step()
+    else:  # stock Opacus: per-row gradients, folded after the backward pass
+        module = GradSampleModule(net, loss_reduction="sum")
+        rows(module, images, labels).view(batch, K).mean(1).sum().backward()
+        [p.grad_sample.view(batch, K, -1).sum(1) for p in net.parameters()]
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"peak_above_start_mb": peak - before}))
+
+
+def bench_memory(threads: int) -> None:
+    cases = [("K=1, 16 examples", 16, 1, "folded"), ("K=32, 16 examples", 16, 32, "folded"),
+             ("K=1, 512 examples (same rows)", 512, 1, "folded"), ("K=32, stock Opacus per-row", 16, 32, "stock")]
+    print("\nmemory of one DP step, digits U-Net (peak RSS above the pre-step level, fresh process each):")
+    results = {}
+    for label, batch, K, mode in cases:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(batch), str(K), mode,
+                              "--threads", str(threads)], capture_output=True, text=True, check=True)
+        results[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_start_mb"]
+        print(f"  {label:<32} {results[label]:8.0f} MB")
+    base = results["K=1, 16 examples"]
+    print(f"  ratio K=32 / K=1 (same examples per micro-batch) = {results['K=32, 16 examples'] / base:.1f}; "
+          f"K=32 vs K=1 at the same rows = {results['K=32, 16 examples'] / results['K=1, 512 examples (same rows)']:.2f}; "
+          f"stock per-row / folded at K=32 = {results['K=32, stock Opacus per-row'] / results['K=32, 16 examples']:.1f}")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train: 2 workers vs 1
+# --------------------------------------------------------------------------------------------
+
+
+def bench_ray(steps: int) -> None:
+    import ray
+
+    from dpfeta import data, distributed, privacy
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    base = config.load(DIGITS)
+    train = data.load_splits(base).train
+    batch = 64.0
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            cfg = config.replace(base, {
+                "central.rounds": 0, "finetune.init": "scratch", "finetune.batch_size": batch,
+                "finetune.epochs": steps * batch / len(train), "finetune.checkpoint_every": 0,
+                "finetune.log_every": steps // 2, "privacy.noise_multiplier": 1.0, "privacy.epsilon": 1e6,
+                "run.num_workers": workers, "run.cpus_per_worker": 1.0, "run.dir": tmp,
+                "run.name": f"w{workers}", "tracking.nondp": False})
+            plan = privacy.plan(cfg, len(train))
+            summary = distributed.fit_finetune(cfg, train=train, plan=plan, init_dir=None,
+                                               out_dir=Path(tmp) / f"w{workers}")
+            rates[workers] = batch / summary["sec_per_step"]
+            print(f"  {workers} worker(s): {summary['sec_per_step']:.2f} s/step over steps {steps // 2 + 1}..{plan.steps}, "
+                  f"{rates[workers]:.1f} examples/s")
+    ray.shutdown()
+    print(f"  throughput 2 workers / 1 worker = {rates[2] / rates[1]:.2f}  (2 cores, 1 thread per worker)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: shared VMs)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--mnist-batch", type=int, default=8, help="examples per MNIST step (x K=32 rows)")
+    parser.add_argument("--ray-steps", type=int, default=6, help="T of the Ray runs (the last half is timed)")
+    parser.add_argument("--skip-ratio", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--memory-child", nargs=3, metavar=("BATCH", "K", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        batch, K, mode = args.memory_child
+        memory_child(int(batch), int(K), mode)
+        return
+    print(f"bench/dpsgd.py: torch {torch.__version__}, {args.threads} thread(s), load average "
+          f"{os.getloadavg()[0]:.1f}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(glibc malloc)')}")
+    if not args.skip_ratio:
+        bench_ratio("digits", DIGITS, config.load(DIGITS).finetune.physical_batch_size, None, args.reps)
+        bench_ratio("MNIST", MNIST, args.mnist_batch, None, args.reps)
+    if not args.skip_memory:
+        bench_memory(args.threads)
+    if not args.skip_ray:
+        print("\nRay Train, digits fine-tune (batch 64, K=4), local Ray with 2 CPUs:")
+        bench_ray(args.ray_steps)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
