@@ -241,7 +241,7 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
 
         # Report and checkpoint.
         save = step == plan.steps or (f.checkpoint_every > 0 and step % f.checkpoint_every == 0)
-        if save or step == plan.steps or (f.log_every > 0 and step % f.log_every == 0):
+        if save or (f.log_every > 0 and step % f.log_every == 0):
             metrics = _metrics(cfg, plan, ledger, step, window) if worker.rank == 0 else {"step": step}
             _report(reporter, metrics, save and worker.rank == 0, cfg=cfg, plan=plan, ledger=ledger,
                     net=net, ema=ema, optimizer=optimizer, step=step, worker=worker, first_step=first_step)
