@@ -146,7 +146,7 @@ def _store_plan(plan: privacy.Plan, path: Path) -> None:
     path.write_text(json.dumps(given, indent=2) + "\n")
 
 
-def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path):
+def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -158,7 +158,8 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path):
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(name=f"{r.name}-finetune", storage_path=str(out_dir / "ray"),
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=list(callbacks or [])),
         datasets={"train": dataset},
         dataset_config=ExactSplit(datasets_to_split=["train"]),
     )
@@ -166,7 +167,7 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path):
 
 def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path | str | None,
                  out_dir: Path | str, fail_at_step: Optional[int] = None,
-                 task: finetune.Task = finetune.EDM) -> dict[str, Any]:
+                 task: finetune.Task = finetune.EDM, callbacks: Optional[list] = None) -> dict[str, Any]:
     """Run DP-SGD fine-tuning on Ray Train; returns the final metrics (``epsilon``, ``steps``, ...).
 
     ``train``: the training split as an ``ImageSet`` or a Ray Dataset (columns image, label).
@@ -175,6 +176,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     Writes ``out_dir/checkpoint`` (raw and EMA weights, optimiser, meta with the ledger),
     ``out_dir/ledger.json``, ``out_dir/plan.json`` and ``out_dir/finetune.json``.
     ``fail_at_step`` (tests): the last rank raises once at that step. ``task``: tests swap the model.
+    ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` inside a trial.
     """
     import ray
 
@@ -204,7 +206,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
     config = {"cfg": cfg, "plan": plan, "init_dir": None if init_dir is None else str(init_dir), "task": task,
               "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER)}
-    result = _trainer(cfg, config, dataset, out_dir).fit()
+    result = _trainer(cfg, config, dataset, out_dir, callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
 
