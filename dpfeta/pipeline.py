@@ -282,9 +282,10 @@ def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet
 
 
 def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet,
-                   init_dir: Optional[Path]) -> Path:
+                   init_dir: Optional[Path], callbacks: Optional[list] = None) -> Path:
     """M2: DP-SGD on Ray Train (fit_finetune resumes, and returns at once when done); records the
-    steps taken in ledger.json. Returns the directory of the final weights."""
+    steps taken in ledger.json. Returns the directory of the final weights. ``callbacks``: Ray Train
+    callbacks (a Tune trial passes TuneReportCallback)."""
     from dpfeta import distributed
 
     out = run_dir / "checkpoints" / "finetune"
@@ -292,7 +293,8 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     summary = out / "finetune.json"
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
         connect_ray(cfg)  # only when there is training to do: a finished run resumes without Ray
-    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out)
+    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out,
+                                      callbacks=callbacks)
     steps = int(result["steps"])
     if steps != pl.ledger.get("dpsgd").taken:
         record(run_dir, pl, "dpsgd", steps)
