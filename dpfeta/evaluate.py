@@ -21,6 +21,7 @@ feature network live in memory only; nothing here writes them to disk.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -262,9 +263,30 @@ class FidReference:
         return frechet_distance(*feature_stats(self.extract(images)), self.mu, self.sigma)
 
 
+_REFERENCES: dict[str, FidReference] = {}  # in-process cache (benchmarks evaluate many runs); never written
+
+
+def _reference_key(cfg: Config, splits: Splits, seed: int) -> str:
+    e = cfg.eval
+    digest = hashlib.sha256()
+    for part in (splits.train.images, splits.train.labels, splits.test.images):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update(repr((e.classifier_epochs, e.classifier_batch_size, e.classifier_lr, e.fid.inception_weights,
+                        seed, str(_device(cfg)))).encode())
+    return digest.hexdigest()
+
+
 def fid_reference(cfg: Config, splits: Splits, *, seed: int = 0) -> FidReference:
     """The FID features (Inception from local weights, else a CNN on the training split) and the
-    test-split statistics."""
+    test-split statistics; cached in memory for the same data and settings."""
+    key = _reference_key(cfg, splits, seed)
+    if key not in _REFERENCES:
+        _REFERENCES.clear()  # keep at most one (it may hold a network trained on sensitive data)
+        _REFERENCES[key] = _fid_reference(cfg, splits, seed=seed)
+    return _REFERENCES[key]
+
+
+def _fid_reference(cfg: Config, splits: Splits, *, seed: int) -> FidReference:
     e, device = cfg.eval, _device(cfg)
     reference = splits.test.images  # the whole real test split
     if e.fid.inception_weights:

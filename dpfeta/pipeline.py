@@ -57,9 +57,12 @@ def plan_run(cfg: Config) -> privacy.Plan:
     n = data.public_train_size(cfg)
     for line in config_mod.validate_against_n(cfg, n):
         log.warning(line)
-    if cfg.finetune.init == "warmup" and cfg.warmup.steps > 0 and cfg.central.rounds == 0:
+    if cfg.finetune.init == "warmup" and cfg.central.rounds == 0:
         raise ValueError("config key 'central.rounds': expected >= 1 with finetune.init=warmup "
-                         "(the warm-up trains on the central images), got 0")
+                         "(the warm-up trains on the central images), got 0; use finetune.init=scratch")
+    if cfg.finetune.init == "warmup" and cfg.warmup.steps == 0:
+        raise ValueError("config key 'warmup.steps': expected >= 1 with finetune.init=warmup, got 0; "
+                         "use finetune.init=scratch for no warm-up")
     return privacy.plan(cfg, n)
 
 
@@ -261,7 +264,7 @@ def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet
     """Warm-up on the central images (post-processing, no privacy cost). Returns the checkpoint dir."""
     from dpfeta import checkpoint, warmup
 
-    if cfg.finetune.init != "warmup" or cfg.warmup.steps == 0:
+    if cfg.finetune.init != "warmup":
         return None
     out = run_dir / "checkpoints" / "warmup"
     ckpt = out / "checkpoint"

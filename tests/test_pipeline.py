@@ -123,3 +123,37 @@ def test_dpfeta_evaluate_cli_reads_the_ledger_beside_the_samples(tmp_path, capsy
     assert out["epsilon"] == pytest.approx(pipeline.spent_epsilon(pl.ledger))
     assert out["fid_kind"] == "offline-cnn" and 0 <= out["accuracy"] <= 1
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.fixture
+def fake_gpu_ray():
+    """A local Ray that advertises one (fake) GPU: tasks asking for it run on the CPU here."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
+    """run.use_gpu on a driver without CUDA: warm-up, sampling and evaluation go to a GPU task and
+    their files come back through the object store."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the driver has a GPU: stages run in process")
+    cfg = make_cfg(tmp_path, "run.use_gpu=true", "run.seed=0", "model.channels=8", "model.channel_mult=[1]",
+                   "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.steps=2", "warmup.batch_size=8",
+                   "sample.steps=2", "sample.num_samples=20", "sample.batch_size=20", "eval.fid.num_samples=20")
+    assert pipeline._needs_remote(cfg)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+    splits = data.load_splits(cfg)
+    central_set = pipeline.stage_central(cfg, run_dir, pl, splits.train)
+    ckpt = pipeline.stage_warmup(cfg, run_dir, central_set)
+    assert (ckpt / "meta.json").is_file() and (ckpt / "ema.pt").is_file()
+    synthetic = pipeline.stage_sample(cfg, run_dir, ckpt)
+    assert len(synthetic) == 20 and (run_dir / "samples" / "grid.png").is_file()
+    result = pipeline.call(cfg, pipeline._evaluate_task, cfg, synthetic, splits)
+    assert result["num_synthetic"] == 20 and result["fid_kind"] == "offline-cnn"
