@@ -294,8 +294,10 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     out = run_dir / "checkpoints" / "finetune"
     start = time.perf_counter()
     summary = out / "finetune.json"
+    callbacks = list(callbacks or [])
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
         connect_ray(cfg)  # only when there is training to do: a finished run resumes without Ray
+        callbacks += _mlflow_callbacks()
     result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out,
                                       callbacks=callbacks)
     steps = int(result["steps"])
@@ -307,6 +309,33 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
              time.perf_counter() - start, eps, float(result.get("epsilon", float("nan"))))
     return Path(result.get("checkpoint", out / "checkpoint"))
+
+
+def _mlflow_callbacks() -> list:
+    """A Ray Train callback logging rank 0's reports (``finetune/*`` and ``nondp/*``) to this run.
+
+    It runs in the Train controller; a local sqlite store is only used when the cluster is one node
+    (on several nodes the controller may sit on another machine: use an http tracking server).
+    """
+    import ray
+    from ray.train import UserCallback
+
+    tracker = tracking.current()
+    if tracker is None or (tracker.uri.startswith("sqlite:") and len(ray.nodes()) > 1):
+        return []
+    uri, run_id, nondp = tracker.uri, tracker.run_id, tracker.nondp
+
+    class MLflowReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            report = dict(metrics[0]) if metrics else {}
+            step = int(report.get("step", 0))
+            sink = tracking.Tracker(uri, run_id, nondp=nondp)
+            sink.log_dp_metrics({f"finetune/{k}": report[k] for k in ("nimg", "sec_per_step") if k in report},
+                                step=step)
+            sink.log_nondp_metrics({k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)},
+                                   step=step)
+
+    return [MLflowReport()]
 
 
 def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:

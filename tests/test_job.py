@@ -101,12 +101,15 @@ def stop_cluster(markers: list[str], timeout: float = 10.0) -> None:
 @pytest.fixture(scope="module")
 def head():
     temp = tempfile.mkdtemp(prefix="dpj", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent, agent_grpc, metrics, env_agent = (_free_port() for _ in range(7))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=3", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                    # non-default agent ports too: another Ray on the host holds the defaults
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
                     f"--temp-dir={temp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
                    timeout=180)
     try:
@@ -122,11 +125,16 @@ def job(head, tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(TINY.replace("RUNS", str(root / "runs")))
-    sub = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--submission-id", f"dpfeta-{root.name}",
-         "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"), "--",
-         "python", "ray_jobs/pipeline.py", "--config", str(cfg_path)],
-        env=head["env"], capture_output=True, text=True, timeout=900)
+    argv = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--submission-id",
+            f"dpfeta-{root.name}", "--working-dir", str(REPO), "--runtime-env",
+            str(REPO / "ray_jobs" / "runtime_env.yaml"), "--", "python", "ray_jobs/pipeline.py", "--config",
+            str(cfg_path)]
+    deadline = time.time() + 180
+    while True:  # right after `ray start` the job agent may not be up yet
+        sub = subprocess.run(argv, env=head["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent" not in sub.stdout + sub.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     cfg = config.load(cfg_path)
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     return {"cfg": cfg, "cfg_path": cfg_path, "run_dir": cfg.run_dir(), "submit": sub, "head": head,
@@ -229,6 +237,10 @@ def test_mlflow_run_has_epsilon_curve_params_and_grids(job):
     assert steps[0] == (0, pytest.approx(result["epsilon_per_mechanism"]["central"]))
     assert steps[-1] == (result["steps"], pytest.approx(result["epsilon"]))
     assert len(steps) >= 2 and all(a[1] <= b[1] + 1e-9 for a, b in zip(steps, steps[1:]))  # grows with steps
+    # Rank 0's reports, forwarded live by the Train callback: public ones by name, the rest under nondp/.
+    assert len(client.get_metric_history(run.info.run_id, "finetune/nimg")) == result["steps"]
+    assert len(client.get_metric_history(run.info.run_id, "nondp/loss")) == result["steps"]
+    assert "loss" not in run.data.metrics and "finetune/loss" not in run.data.metrics
     params = run.data.params
     for key in ("dp.sigma", "dp.q", "dp.T", "dp.delta", "dp.accountant", "privacy.epsilon", "model.channels"):
         assert key in params, key
@@ -260,8 +272,8 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
         walk(json.loads(js.read_text()))
     for key, value in run.data.metrics.items():  # scalars under known names only
         assert np.isfinite(value)
-        assert key.split("/")[0] in {"epsilon", "epsilon_final", "warmup", "accuracy", "logreg_accuracy", "fid",
-                                     "nondp"}, key
+        assert key.split("/")[0] in {"epsilon", "epsilon_final", "warmup", "finetune", "accuracy",
+                                     "logreg_accuracy", "fid", "nondp"}, key
 
 
 def test_rerun_resumes_without_spending_again(job):
