@@ -441,7 +441,7 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     pl = open_ledger(run_dir, pl)
     tracker = tracking.start_run(cfg, run_dir, params=tracking.run_params(cfg, pl),
                                  tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
-    tracking.log_artifact(run_dir / "config.json")
+    tracking.log_config(cfg)  # the noise seed (if any) redacted
     status = "FAILED"
     try:
         splits = data.load_splits(cfg)  # validates the data before any privacy spend
@@ -455,8 +455,7 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
         result = stage_evaluate(cfg, run_dir, pl, synthetic, splits)
         if tracker is not None:
             tracking.log_artifact(run_dir / "ledger.json")
-            for name in ("ema.pt", "meta.json"):
-                tracking.log_artifact(weights / name, "model")
+            _log_weights(weights)
         status = "FINISHED"
     finally:
         tracking.end_run(status)
@@ -464,6 +463,17 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     result["seconds"] = round(time.perf_counter() - start, 1)
     echo(summary_text(cfg, result, tracker.uri if tracker else None))
     return result
+
+
+def _log_weights(weights: Path) -> None:
+    """The final EMA weights and their meta.json (noise seed redacted) as MLflow artifacts."""
+    tracking.log_artifact(weights / "ema.pt", "model")
+    meta = json.loads((weights / "meta.json").read_text())
+    if meta.get("config", {}).get("run", {}).get("seed") is not None:
+        meta["config"]["run"]["seed"] = tracking.SEED_REDACTED
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tracking.log_artifact(Path(tmp) / "meta.json", "model")
 
 
 def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:

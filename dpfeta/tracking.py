@@ -13,7 +13,8 @@
 * Best effort: a tracking failure is logged as a warning and never stops training; after
   ``MAX_FAILURES`` failures the run's tracking is switched off.
 * Never log raw sensitive images, their statistics, per-example data or noise seeds
-  (privacy.md §7); callers pass only DP releases and ledger/config files.
+  (privacy.md §7); callers pass only DP releases and ledger/config files. ``run.seed`` (tests and
+  reproduction only) is redacted from params and from the logged config.
 
 Workers (e.g. Train rank 0) find the run through the environment (``env()``: MLFLOW_TRACKING_URI,
 MLFLOW_RUN_ID, DPFETA_TRACKING_NONDP), passed in a runtime_env.
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ RUN_FILE = "mlflow_run.json"
 NONDP_PREFIX = "nondp/"
 ENV_URI, ENV_RUN_ID, ENV_NONDP = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DPFETA_TRACKING_NONDP"
 MAX_PARAM_CHARS = 6000
+SEED_REDACTED = "set (redacted)"
 MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
 
 
@@ -277,9 +280,30 @@ def log_artifact(path: Path | str, artifact_path: Optional[str] = None) -> None:
         tracker.log_artifact(path, artifact_path)
 
 
+def redacted(cfg: Config) -> dict:
+    """``cfg.to_dict()`` without the noise seed (privacy.md §7: seeds of noise are never logged)."""
+    out = cfg.to_dict()
+    if out["run"].get("seed") is not None:
+        out["run"]["seed"] = SEED_REDACTED
+    return out
+
+
+def log_config(cfg: Config, name: str = "config.json") -> None:
+    """Log the config as a JSON artifact, noise seed redacted."""
+    tracker = current()
+    if tracker is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(redacted(cfg), indent=2, sort_keys=True) + "\n")
+        tracker.log_artifact(path)
+
+
 def run_params(cfg: Config, plan) -> dict[str, Any]:
-    """The flattened config plus the privacy plan (sigma, q, T, delta, accountant)."""
+    """The flattened config (noise seed redacted) plus the privacy plan (sigma, q, T, delta, accountant)."""
     params = dict(cfg.flat())
+    if params.get("run.seed") is not None:
+        params["run.seed"] = SEED_REDACTED
     params.update({"dp.sigma": plan.sigma, "dp.q": plan.sample_rate, "dp.T": plan.steps,
                    "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
                    "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})

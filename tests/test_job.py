@@ -37,7 +37,7 @@ finetune: {batch_size: 128, epochs: 0.2, noise_multiplicity: 1, physical_batch_s
 privacy: {epsilon: 10, delta: 1.0e-5}
 sample: {steps: 2, num_samples: 40, batch_size: 40}
 eval: {classifier_epochs: 1, fid: {num_samples: 40}}
-run: {dir: RUNS, name: job, num_workers: 1, cpus_per_worker: 1}
+run: {dir: RUNS, name: job, num_workers: 1, cpus_per_worker: 1, seed: 918273645}
 """
 
 
@@ -260,7 +260,10 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
     for png in pngs:
         assert training_copies(read_png(png, cfg.data.channels), train.images) == 0, png
     pixel_count = int(np.prod(train.images.shape[1:]))
-    for js in local.rglob("*.json"):  # no dumps of pixel arrays or per-example data
+    seed = str(cfg.run.seed)  # the noise seed is redacted everywhere (privacy.md §7)
+    assert seed not in json.dumps(run.data.params)
+    for js in local.rglob("*.json"):  # no dumps of pixel arrays or per-example data, no noise seed
+        assert seed not in js.read_text(), js
         def walk(node):
             if isinstance(node, list):
                 assert len(node) < pixel_count, (js, len(node))

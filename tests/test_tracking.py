@@ -95,3 +95,18 @@ def test_tracking_failures_never_raise(root):
         broken.log_dp_metrics({"epsilon": 1.0}, step=1)
     assert broken.enabled is False
     assert tracking.start_run(cfg_for(root, "disabled", "tracking.enabled=false")) is None
+
+
+def test_the_noise_seed_is_never_logged(root):
+    from dpfeta import data, pipeline, privacy
+
+    cfg = cfg_for(root, "seeded", "run.seed=1234567", "data.resolution=8", "finetune.batch_size=64",
+                  "central.batch_size=64")
+    cfg = privacy.resolve(cfg, data.public_train_size(cfg))
+    t = tracking.start_run(cfg, params=tracking.run_params(cfg, pipeline.plan_run(cfg)))
+    tracking.log_config(cfg)
+    run = t.client.get_run(t.run_id)
+    assert run.data.params["run.seed"] == tracking.SEED_REDACTED
+    local = t.client.download_artifacts(t.run_id, "config.json", str(root / "dl"))
+    text = open(local).read()
+    assert "1234567" not in text and json.loads(text)["run"]["seed"] == tracking.SEED_REDACTED
