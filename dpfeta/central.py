@@ -264,16 +264,31 @@ def load_central(directory: Path | str) -> ImageSet:
     return ImageSet(part.images, part.labels, classes)
 
 
+def check_fresh_out(out_dir: Path | str) -> Path:
+    """Refuse a folder that already holds a central query's ledger (its budget is spent)."""
+    out = Path(out_dir)
+    if (out / "ledger.json").is_file():
+        raise ValueError(f"'{out}' already holds central images and their ledger.json (budget spent); "
+                         "a new query would spend again: choose a new --out")
+    return out
+
+
 def release(cfg: config_mod.Config, train, out_dir: Path | str, *,
             generator: Optional[torch.Generator] = None) -> tuple[CentralResult, privacy.Ledger]:
-    """Run M1, write the images and ``ledger.json`` (the central mechanism taken) to ``out_dir``."""
+    """Run M1, write ``ledger.json`` (the central mechanism taken) and then the images to ``out_dir``.
+
+    Refuses an ``out_dir`` that already holds a ledger: a second query would spend again, and the
+    folder's ledger would count one. The ledger is written before the images touch the disk.
+    """
+    out = check_fresh_out(out_dir)
     result = central_images(cfg, train, generator=generator)
     n = _dataset_facts(train)[0]
-    save_central(result, out_dir)
     ledger = privacy.Ledger(cfg.privacy.accountant, cfg.privacy.delta, n, seeded=generator is not None)
     if result.rounds:
         ledger.add("central", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                    count=result.rounds, taken=result.rounds)
-    ledger.save(Path(out_dir) / "ledger.json")
+    out.mkdir(parents=True, exist_ok=True)
+    ledger.save(out / "ledger.json")
+    save_central(result, out)
     return result, ledger
 

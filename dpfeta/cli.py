@@ -71,6 +71,7 @@ def _cmd_central(args) -> int:
 
     cfg = _load(args)
     _plan(cfg)  # refuses, before any data is read, when the central query alone spends the target
+    central.check_fresh_out(args.out)  # a folder that already spent: refused before any data is read
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))  # sigma_c fixed once, from public facts
     splits = data.load_splits(cfg)  # validates before any privacy spend
     generator = None
@@ -89,18 +90,69 @@ def _cmd_central(args) -> int:
     return 0
 
 
+def _stage_ledger(folder: str, *, what: str):
+    """The ledger a stage's output folder carries (``ledger.json``, or a checkpoint's meta)."""
+    from pathlib import Path
+
+    from dpfeta import privacy
+
+    root = Path(folder)
+    for path in (root / "ledger.json", root / "checkpoint" / "meta.json", root / "meta.json"):
+        if path.is_file():
+            state = json.loads(path.read_text())
+            state = state.get("ledger", state) if path.name == "meta.json" else state
+            if "mechanisms" in state:
+                return privacy.Ledger.from_state_dict(state)
+    raise ValueError(f"{what} '{root}': expected a folder written by the previous dpfeta stage, with its "
+                     "ledger.json (the privacy spent so far), found none")
+
+
+def _check_central_spent(spent, pl, where: str) -> None:
+    """The recorded central query must be exactly the one the config plans, and the only spend."""
+    import math
+
+    planned = pl.ledger.get("central") if any(m.name == "central" for m in pl.ledger.mechanisms) else None
+    recorded = {m.name: m for m in spent.mechanisms if m.taken > 0}
+    got = recorded.get("central")
+    same = (planned is not None and got is not None and set(recorded) == {"central"}
+            and math.isclose(got.noise_multiplier, planned.noise_multiplier, rel_tol=1e-9)
+            and math.isclose(got.sample_rate, planned.sample_rate, rel_tol=1e-12)
+            and got.taken == planned.planned
+            and (spent.n, spent.delta, spent.accountant) == (pl.n, pl.delta, pl.accountant))
+    if not same:
+        def show(m):
+            return "none" if m is None else f"rounds={m.taken or m.planned}, sigma_c={m.noise_multiplier:.6g}, q_c={m.sample_rate:.6g}"
+
+        raise ValueError(f"'{where}' records a different spend ({sorted(recorded)}; central {show(got)}; N={spent.n}, "
+                         f"delta={spent.delta:g}, {spent.accountant}) than this config plans (central {show(planned)}; "
+                         f"N={pl.n}, delta={pl.delta:g}, {pl.accountant}); fine-tune with the config the central "
+                         "images were made with")
+
+
 def _cmd_warmup(args) -> int:
+    from pathlib import Path
+
     from dpfeta import warmup
 
     cfg = _load(args)
-    summary = warmup.train_warmup(cfg, args.central, args.out)
+    ledger = _stage_ledger(args.central, what="--central")  # refuses central images without a ledger
+    out = Path(args.out)
+    if (out / "ledger.json").is_file() and json.loads((out / "ledger.json").read_text())["mechanisms"] != \
+            ledger.state_dict()["mechanisms"]:
+        raise ValueError(f"'{out}' holds a warm-up of other central images (its ledger.json differs from "
+                         f"'{args.central}'); choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ledger.save(out / "ledger.json")  # the warm-up is post-processing: the same spend, carried on
+    summary = warmup.train_warmup(cfg, args.central, args.out, ledger=ledger.state_dict())
     print(f"warm-up: step {summary['step']}/{cfg.warmup.steps} ({summary['steps_run']} run now, "
           f"{summary['seconds']:.0f} s), loss {summary['loss']}, U-Net {summary['parameters']:,} parameters; "
-          f"checkpoint {summary['checkpoint']} (rerun to resume)")
+          f"checkpoint {summary['checkpoint']} (rerun to resume); epsilon so far {ledger.epsilon():.4f}")
     return 0
 
 
 def _cmd_sample(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from dpfeta import diffusion
@@ -115,6 +167,11 @@ def _cmd_sample(args) -> int:
         generator.seed()
     num = args.num or cfg.sample.num_samples
     images, _ = diffusion.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
+    try:  # sampling is post-processing: the samples carry the checkpoint's ledger on
+        _stage_ledger(args.checkpoint, what="--checkpoint").save(Path(args.out) / "ledger.json")
+    except ValueError:
+        log.warning("no ledger found with the checkpoint %s: 'dpfeta evaluate' will report epsilon unknown",
+                    args.checkpoint)
     s = cfg.sample
     print(f"wrote {len(images)} images ({s.sampler}, {s.steps} steps, guidance {s.guidance}) to "
           f"{args.out}/images/<class>/, grid {args.out}/grid.png")
@@ -128,6 +185,12 @@ def _cmd_finetune(args) -> int:
     if args.init is None and cfg.finetune.init != "scratch":
         cfg = config_mod.replace(cfg, {"finetune.init": "scratch"})
     pl = _plan(cfg)
+    if args.init is not None:
+        # compose the spend the warm-up folder carries (central query), refusing another plan's
+        _check_central_spent(_stage_ledger(args.init, what="--init"), pl, args.init)
+    elif cfg.central.rounds > 0:
+        log.warning("no --init: the ledger counts the config's central query (central.rounds=%d) as spent; "
+                    "set central.rounds=0 for a from-scratch run without central images", cfg.central.rounds)
     start = f"warm-up weights in {args.init}" if args.init else "scratch (DPDM baseline; no --init)"
     print(f"DP-SGD fine-tuning of run '{cfg.run.name}' from {start}")
     print(privacy.plan_table(pl))
@@ -135,7 +198,8 @@ def _cmd_finetune(args) -> int:
     out = args.out or str(cfg.run_dir() / "finetune")
     summary = distributed.fit_finetune(cfg, train=splits.train, plan=pl, init_dir=args.init, out_dir=out)
     print(f"finetune: {summary['steps']} of T={pl.steps} steps, composed epsilon {summary['epsilon']:.4f} "
-          f"(delta {pl.delta:g}, {pl.accountant}); checkpoint {summary['checkpoint']} (rerun to resume)")
+          f"(delta {pl.delta:g}, {pl.accountant}; central query and DP-SGD); ledger {out}/ledger.json, "
+          f"checkpoint {summary['checkpoint']} (rerun to resume)")
     return 0
 
 
@@ -145,8 +209,13 @@ def _cmd_evaluate(args) -> int:
     cfg = _load(args)
     result = pipeline.evaluate_samples(cfg, args.samples, args.out)
     eps = "unknown (no ledger.json)" if result["epsilon"] is None else f"{result['epsilon']:.4f}"
-    fid = "withheld" if result.get("fid") is None else f"{result['fid']:.2f}"
-    print(f"epsilon {eps}  accuracy {result['accuracy']:.4f}  FID {fid} [{evaluate.fid_label(result)}]")
+
+    def shown(name: str, fmt: str) -> str:
+        value, is_dp = evaluate.metric(result, name)
+        return "withheld" if value is None else format(value, fmt) + ("" if is_dp else " (non-DP)")
+
+    print(f"epsilon {eps}  accuracy {shown('accuracy', '.4f')}  FID {shown('fid', '.2f')} "
+          f"[{evaluate.fid_label(result)}]")
     return 0
 
 

@@ -23,6 +23,10 @@ SOURCES = ("digits", "idx", "imagefolder", "npz", "parquet", "torchvision")
 SAMPLERS = ("edm", "ddim")
 TUNE_MODES = ("private", "public", "naive")
 INIT_MODES = ("warmup", "scratch")
+SECRET_KEYS = ("run.seed",)  # seeds of sampling and noise: never stored or logged (privacy.md §5, §7)
+SEED_REDACTED = "set (redacted)"
+RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurations only); the trial count "
+                             "and the score noise now come from OS entropy, or from run.seed in tests"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class DataConfig:
     test_fraction: float = 0.2  # only for sources without a test part (digits, npz, imagefolder)
     split_seed: int = 0  # public seed of the deterministic split rule
     n_train: Optional[int] = None  # public size N of the training split; checked against the data
+    # Evaluation data. The test split is sensitive (metrics on it are non-DP, under nondp/) unless it
+    # is a separate, public set: data.test_path (same format as data.path, its test part or the whole
+    # set), or the source's own test part declared public with test_is_public: true. A test split
+    # carved out of the source (digits, npz/imagefolder/parquet without a test part) is never public.
+    test_path: Optional[str] = None
+    test_is_public: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,10 @@ class TuneConfig:
     metric: str = "score"
     max_concurrent_trials: int = 1
     proxy_data: dict = field(default_factory=dict)  # public mode: data.* overrides of the proxy
-    seed: Optional[int] = None  # search seed (public randomness; tests only)
+    proxy_is_public: bool = False  # public mode: the operator attests that the proxy is public data
+    # Seeds only the order in which configurations are drawn (public: it is part of the config). The
+    # trial count K and the score noise are secret: OS entropy, unless run.seed is set (tests).
+    search_seed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,8 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3
-    seed: Optional[int] = None  # None: OS entropy for sampling and noise (production)
+    seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
+    # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
     ray_address: Optional[str] = None  # None: the cluster Ray finds, else a local one
 
 
@@ -212,8 +226,26 @@ class Config:
         walk("", self)
         return out
 
+    def public_dict(self) -> dict:
+        """``to_dict()`` with every secret key (noise seeds) redacted: what may be stored or logged."""
+        out = self.to_dict()
+        for key in SECRET_KEYS:
+            section, name = key.split(".")
+            if out[section].get(name) is not None:
+                out[section][name] = SEED_REDACTED
+        return out
+
+    def public_flat(self) -> dict[str, Any]:
+        """``flat()`` with the secret keys redacted (MLflow params)."""
+        out = self.flat()
+        for key in SECRET_KEYS:
+            if out.get(key) is not None:
+                out[key] = SEED_REDACTED
+        return out
+
     def dump(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """config.json: the public config (noise seeds redacted)."""
+        Path(path).write_text(json.dumps(self.public_dict(), indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,6 +311,8 @@ def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         key = prefix + unknown[0]
+        if key in RENAMED_KEYS:
+            raise ValueError(f"config key '{key}' was replaced: use {RENAMED_KEYS[key]}")
         raise ValueError(f"unknown config key '{key}'; expected one of: "
                          + ", ".join(prefix + n for n in sorted(names)))
     kwargs = {}

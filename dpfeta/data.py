@@ -68,6 +68,19 @@ class Splits:
     train: ImageSet
     val: ImageSet
     test: ImageSet
+    test_public: bool = False  # True only for a separate test set the config declares public
+
+
+def test_split_fact(cfg: config_mod.Config) -> tuple[bool, str]:
+    """(is the test split public?, the public fact saying where it comes from), from the config
+    alone. Metrics on a sensitive test split are non-DP (privacy.md §7)."""
+    d = cfg.data
+    if d.test_path is not None:
+        return True, f"a separate public test set (data.test_path={d.test_path})"
+    if d.test_is_public:
+        return True, f"the source's own test part, declared public (data.test_is_public: true; {d.source} {d.path or ''})".rstrip()
+    return False, ("sensitive (part of the data source, not declared public): metrics on it are non-DP, "
+                   "reported under nondp/ and left out of the release")
 
 
 @dataclass
@@ -103,14 +116,46 @@ def load_splits(cfg: config_mod.Config) -> Splits:
             images, labels = images[index], labels[index]
         return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), d.num_classes)
 
+    if d.test_is_public and "test" not in parts and d.test_path is None:
+        raise ValueError(f"config key 'data.test_is_public': expected a source with its own test part "
+                         f"(data.source={d.source} at {d.path!r} has none, so the test split is carved out "
+                         f"of the sensitive data); set data.test_path to a separate public test set, or false")
+    if d.test_path is not None:
+        test = _read_test_set(cfg)
+    else:
+        test = take("test", None) if "test" in parts else take("train", idx_test)
     splits = Splits(
         train=take("train", idx_train),
         val=take("val", None) if "val" in parts else take("train", idx_val),
-        test=take("test", None) if "test" in parts else take("train", idx_test))
+        test=test, test_public=test_split_fact(cfg)[0])
     _check_train(splits.train, cfg, train_part.where)
     log.info("data %s: train %d, val %d, test %d images of shape %s", d.source, len(splits.train),
              len(splits.val), len(splits.test), tuple(splits.train.images.shape[1:]))
     return splits
+
+
+def _read_test_set(cfg: config_mod.Config) -> ImageSet:
+    """``data.test_path``: a separate test set in the source's format (its test part, else all of it)."""
+    d = cfg.data
+    if d.source == "digits":
+        raise ValueError("config key 'data.test_path': expected a source read from a path "
+                         "(digits has none; its test split is carved out of the sensitive set), got "
+                         f"{d.test_path!r}")
+    if d.path is not None and same_location(d.test_path, d.path):
+        raise ValueError(f"config key 'data.test_path': expected a set apart from the sensitive data.path, "
+                         f"got the same location {d.test_path!r}")
+    tcfg = config_mod.replace(cfg, {"data.path": d.test_path, "data.test_path": None})
+    parts = _read_source(tcfg)
+    part = parts.get("test", parts["train"])
+    _check_part(part, tcfg, "test")
+    images = _fit(part.images, d.resolution, d.channels, part.where)
+    return ImageSet(np.ascontiguousarray(images), part.labels.astype(np.int64), d.num_classes)
+
+
+def same_location(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def split_indices(m: int, *, val_fraction: float, test_fraction: float, seed: int,

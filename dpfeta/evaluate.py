@@ -10,13 +10,15 @@
   ``default_1.pt`` or NVIDIA's ``inception-2015-12-05.pt``, or a pytorch-fid state_dict; never
   downloaded). Without weights, ``fid_kind: "offline-cnn"``: the 128-d penultimate features of the
   reference CNN trained on the real **training** split. That feature network has seen the sensitive
-  training split without DP, so an offline-CNN FID is a non-DP number (``fid_nondp: true``) and is
+  training split without DP, so an offline-CNN FID is a non-DP number (under ``nondp``) and is
   withheld in release mode (``tracking.nondp: false``). FIDs of different kinds (or Inception ports)
   are not comparable.
 
-Privacy (privacy.md §7): the test split is not the protected training split, so test accuracy and an
-Inception FID against it are free to report. Real-data features, statistics and the offline
-feature network live in memory only; nothing here writes them to disk.
+Privacy (privacy.md §7): a metric is a DP release only when it is computed from the synthetic set
+(DP) against a *public* test set (``data.test_path``, or a source's own test part declared public
+with ``data.test_is_public``). A test split carved out of the sensitive source holds sensitive
+records, so accuracy and FID on it are non-DP (``nondp``). Real-data features, statistics and the
+offline feature network live in memory only; nothing here writes them to disk.
 """
 
 from __future__ import annotations
@@ -325,34 +327,55 @@ def evaluate(cfg: Config, synthetic: ImageSet, splits: Splits, *, reference: Fid
              seed: int = 0) -> dict:
     """Accuracy (CNN, logistic regression) on the real test split and FID of ``synthetic``.
 
-    Returns the evaluation part of eval.json. Non-DP numbers (``nondp``, and ``fid`` when
-    ``fid_nondp``) are left out when ``tracking.nondp`` is false.
+    Returns the evaluation part of eval.json: ``dp`` holds the metrics that are DP releases
+    (computed from the synthetic set against a *public* test set, ``splits.test_public``), ``nondp``
+    those that are not (anything measured on a sensitive test split; an offline-CNN FID, whose
+    features saw the training split). In release mode (``tracking.nondp: false``) the non-DP
+    numbers are neither computed nor returned; ``withheld`` says why.
     """
     e, start = cfg.eval, time.perf_counter()
     if len(synthetic) == 0:
         raise ValueError("expected a non-empty synthetic set to evaluate")
-    model = train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
-                             lr=e.classifier_lr, seed=seed, device=_device(cfg), label="downstream CNN (synthetic)")
-    out = {"accuracy": accuracy(model, splits.test),
-           "logreg_accuracy": logreg_accuracy(synthetic, splits.test) if e.logreg else None,
-           "num_synthetic": len(synthetic), "num_test": len(splits.test),
-           "classifier": f"reference CNN, {e.classifier_epochs} epochs, EMA weights, real test split"}
+    test_public = bool(getattr(splits, "test_public", False))
+    out: dict = {"dp": {}, "nondp": {}, "withheld": [], "test_split_public": test_public,
+                 "num_synthetic": len(synthetic), "num_test": len(splits.test),
+                 "classifier": f"reference CNN, {e.classifier_epochs} epochs, EMA weights, real test split"}
+    if test_public or cfg.tracking.nondp:
+        model = train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
+                                 lr=e.classifier_lr, seed=seed, device=_device(cfg), label="downstream CNN (synthetic)")
+        acc = {"accuracy": accuracy(model, splits.test)}
+        if e.logreg:
+            acc["logreg_accuracy"] = logreg_accuracy(synthetic, splits.test)
+        out["dp" if test_public else "nondp"].update(acc)
+    else:
+        out["withheld"].append("accuracy: release mode and the test split is sensitive (not declared public)")
+    if not (test_public or cfg.tracking.nondp):
+        out["withheld"].append("fid: release mode and the test split is sensitive")
+        out["eval_seconds"] = round(time.perf_counter() - start, 1)
+        return out
     reference = reference or fid_reference(cfg, splits, seed=seed)
-    fid = reference.fid(synthetic.images[:e.fid.num_samples])
-    allowed = cfg.tracking.nondp or not reference.nondp
-    out.update({"fid": fid if allowed else None, "fid_kind": reference.kind,
+    fid_is_dp = test_public and not reference.nondp
+    out.update({"fid_kind": reference.kind,
                 "fid_reference": f"{FID_REFERENCE} split ({reference.num_reference} real images)",
-                "fid_samples": min(len(synthetic), e.fid.num_samples), "fid_nondp": reference.nondp,
-                "fid_weights": reference.weights})
-    if not allowed:
-        out["fid_withheld"] = ("release mode (tracking.nondp: false): the offline-CNN features were "
-                               "trained on the training split without DP")
+                "fid_samples": min(len(synthetic), e.fid.num_samples), "fid_weights": reference.weights})
+    if fid_is_dp or cfg.tracking.nondp:
+        out["dp" if fid_is_dp else "nondp"]["fid"] = reference.fid(synthetic.images[:e.fid.num_samples])
+    else:
+        out["withheld"].append("fid: release mode and the offline-CNN features were trained on the "
+                               "training split without DP")
     if cfg.tracking.nondp and reference.nondp_metrics:
-        out["nondp"] = dict(reference.nondp_metrics)
+        out["nondp"].update(reference.nondp_metrics)
     out["eval_seconds"] = round(time.perf_counter() - start, 1)
-    log.info("evaluate: accuracy %.4f, logreg %s, FID %s (%s)", out["accuracy"], out["logreg_accuracy"],
-             "withheld" if not allowed else f"{fid:.2f}", reference.kind)
+    log.info("evaluate: DP %s; non-DP %s; withheld %s (%s)", out["dp"], out["nondp"], out["withheld"], reference.kind)
     return out
+
+
+def metric(result: dict, name: str):
+    """A metric of an eval.json: ``(value, is_dp)``, or ``(None, False)`` when absent or withheld."""
+    for section, is_dp in (("dp", True), ("nondp", False)):
+        if name in result.get(section, {}):
+            return result[section][name], is_dp
+    return None, False
 
 
 def fid_label(result: dict) -> str:
@@ -360,6 +383,8 @@ def fid_label(result: dict) -> str:
     kind = result.get("fid_kind", "?")
     if result.get("fid_weights"):
         kind += f" ({result['fid_weights']})"
-    if result.get("fid_nondp"):
+    if kind.startswith("offline-cnn"):
         kind += ", non-DP: features trained on the training split"
+    elif not result.get("test_split_public"):
+        kind += ", non-DP: against a sensitive test split"
     return kind

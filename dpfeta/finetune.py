@@ -274,7 +274,7 @@ def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Con
     meta = {"stage": "finetune", "step": step, "steps": plan.steps, "sigma": plan.sigma,
             "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
             "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
-            "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.to_dict()}
+            "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.public_dict()}
     with tempfile.TemporaryDirectory(prefix="dpfeta-finetune-") as tmp:
         path = checkpoint.save(Path(tmp) / "checkpoint", model=net, ema=ema, optimizer=optimizer, meta=meta)
         reporter(metrics, path)

@@ -7,13 +7,15 @@ Run directory ``cfg.run_dir()``::
     central/         DP central images (M1) + grid.png
     checkpoints/     warmup/ (no privacy cost), finetune/ (M2, Ray Train)
     samples/         synthetic set (images/<label>/*.png), grid.png, samples.json
-    eval.json        epsilon (composed total), delta, accountant, accuracy, FID (+ kind, reference)
+    eval.json        epsilon (composed total), delta, accountant; "dp" and "nondp" metric sections
+    release/         exactly what may be published (dpfeta.release): central images, the final
+                     weights, samples, DP metrics, ledger.json, config.json, release.json, README.md
     mlflow_run.json  the MLflow run this directory logs into
 
 Every stage is skipped when its output exists, so rerunning the same command resumes. The privacy
 plan is printed before any data is read; sigma is decided once, stored in ledger.json, and never
-recalibrated on resume. A released stage is recorded in ledger.json before its output is moved into
-place, so the ledger never under-reports.
+recalibrated on resume (a stored plan above the target is refused). A spending stage is recorded in
+ledger.json *before* its output touches the disk, so the ledger never under-reports.
 
 Ray: the cluster named by ``run.ray_address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
 local one with logical CPU headroom for Ray Data. When ``run.use_gpu`` is set and the driver has no
@@ -37,7 +39,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import data, privacy, tracking
+from dpfeta import data, privacy, release, tracking
 from dpfeta.config import Config
 
 log = logging.getLogger(__name__)
@@ -83,50 +85,52 @@ def _check_resume(cfg: Config, run_dir: Path) -> None:
 
 
 def open_ledger(run_dir: Path, pl: privacy.Plan) -> privacy.Plan:
-    """Load ledger.json (resume: its sigma is kept, never recalibrated) or write the planned one."""
+    """Load ledger.json (resume: its sigma is kept, never recalibrated) or write the planned one.
+
+    Refuses a stored ledger of another plan, and a stored plan whose epsilon (recomputed now) is
+    above the target (e.g. after an accountant upgrade): continuing it would end above the target.
+    """
     path = run_dir / "ledger.json"
     if not path.is_file():
-        save_ledger(pl.ledger, path)
+        pl.ledger.save(path)
         return pl
     ledger = privacy.Ledger.load(path)
-    planned = {m.name: (m.sample_rate, m.planned) for m in pl.ledger.mechanisms}
-    stored = {m.name: (m.sample_rate, m.planned) for m in ledger.mechanisms}
-    if planned != stored or ledger.n != pl.n or ledger.delta != pl.delta or ledger.accountant != pl.accountant:
-        raise ValueError(f"'{path}' records a different privacy plan ({stored}) than the config ({planned}); "
-                         "pick a new run.name")
+    pl.ledger.check_same_plan(ledger, where=f"'{path}'")
     sigma = ledger.get("dpsgd").noise_multiplier
     if not math.isclose(sigma, pl.sigma, rel_tol=1e-6):
         log.warning("resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma, pl.sigma)
-    return dataclasses.replace(pl, sigma=sigma, ledger=ledger, epsilon=ledger.epsilon(planned=True))
-
-
-def spent_epsilon(ledger: privacy.Ledger) -> float:
-    """Composed epsilon over the steps taken, leaving out mechanisms not run yet.
-
-    Works around privacy.Ledger.epsilon() returning 0 while a mechanism has 0 steps taken (its
-    cached RDP curve holds inf at some orders and 0 * inf = nan poisons the sum).
-    """
-    taken = [dataclasses.replace(m) for m in ledger.mechanisms if m.taken > 0]
-    if not taken:
-        return 0.0
-    return privacy.Ledger(ledger.accountant, ledger.delta, ledger.n, mechanisms=taken,
-                          repeat=ledger.repeat, seeded=ledger.seeded).epsilon()
-
-
-def save_ledger(ledger: privacy.Ledger, path: Path) -> None:
-    state = ledger.to_json()
-    state["epsilon_spent"] = spent_epsilon(ledger)
-    path.write_text(json.dumps(state, indent=2) + "\n")
+    planned = ledger.epsilon(planned=True)
+    if planned > pl.target_epsilon * (1 + 1e-9):
+        raise ValueError(f"'{path}' holds a plan of epsilon={planned:.6g} (recomputed by this version's "
+                         f"{ledger.accountant} accountant), above the target privacy.epsilon={pl.target_epsilon:g}; "
+                         "it cannot be resumed within the budget: start a new run.name")
+    return dataclasses.replace(pl, sigma=sigma, ledger=ledger, epsilon=planned)
 
 
 def record(run_dir: Path, pl: privacy.Plan, name: str, count: int) -> float:
     """Record ``count`` compositions of mechanism ``name`` taken; save ledger.json; return total epsilon."""
     pl.ledger.record_steps(name, count)
-    save_ledger(pl.ledger, run_dir / "ledger.json")
-    eps = spent_epsilon(pl.ledger)
+    pl.ledger.save(run_dir / "ledger.json")
+    eps = pl.ledger.epsilon()
     if name == "central":
         tracking.log_dp_metrics({"epsilon": eps}, step=0)
     return eps
+
+
+def release_facts(cfg: Config) -> dict:
+    """Public facts of a release beyond privacy.PUBLIC_FACTS (where the test split comes from)."""
+    return {"test split": data.test_split_fact(cfg)[1]}
+
+
+def publish(cfg: Config, run_dir: Path, pl: privacy.Plan, metrics: Optional[dict] = None) -> None:
+    """Refresh the release record (ledger, config, card) and send release/ files to MLflow."""
+    release.record(run_dir, kind="run", ledger=pl.ledger, public_config=cfg.public_dict(), metrics=metrics,
+                   extra_facts=release_facts(cfg))
+    root = release.release_dir(run_dir)
+    for name in (release.LEDGER_FILE, release.CONFIG_FILE, release.RECORD_FILE, release.CARD_FILE,
+                 release.METRICS_FILE):
+        if (root / name).is_file():
+            tracking.log_artifact(root / name)
 
 
 _started_ray = False  # this process started a local Ray (and shuts it down at the end of run())
@@ -233,22 +237,33 @@ def stage_central(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Imag
     if out.is_dir():
         log.info("central: found %s, skipping", out)
         return central.load_central(out)
-    if tmp.is_dir() and (tmp / "central.json").is_file() and pl.ledger.get("central").taken == cfg.central.rounds:
-        _replace_dir(tmp, out)  # released and recorded before an interruption: finish the move
-        return central.load_central(out)
+    if pl.ledger.get("central").taken == cfg.central.rounds:  # counted, then interrupted before the move
+        if not (tmp / "central.json").is_file():
+            raise ValueError(f"run directory '{run_dir}': the central query was counted in ledger.json "
+                             "(its budget is spent) but its output was lost before it was written; a new "
+                             "query would spend again under the same ledger: start a new run.name")
+        _replace_dir(tmp, out)
+        return _publish_central(cfg, run_dir, pl, out)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     result = central.central_images(cfg, train, generator=_generator(cfg, 1) if cfg.run.seed is not None else None)
     if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
-        raise AssertionError("central noise differs from the ledger")  # internal invariant
+        raise RuntimeError("internal: the central noise differs from the ledger's; nothing was recorded")
+    eps = record(run_dir, pl, "central", result.rounds)  # counted before the output touches the disk
     central.save_central(result, tmp)
-    eps = record(run_dir, pl, "central", result.rounds)
     _replace_dir(tmp, out)
     log.info("central: %d images released in %.1fs; epsilon so far %.4f", len(result.images),
              time.perf_counter() - start, eps)
-    tracking.log_artifact(out / "grid.png", "central")
-    tracking.log_artifact(run_dir / "ledger.json")
-    return result.imageset()
+    return _publish_central(cfg, run_dir, pl, out)
+
+
+def _publish_central(cfg: Config, run_dir: Path, pl: privacy.Plan, out: Path) -> data.ImageSet:
+    from dpfeta import central
+
+    shown = release.put_dir(run_dir, out, "central")
+    publish(cfg, run_dir, pl)
+    tracking.log_artifact(shown / "grid.png")
+    return central.load_central(out)
 
 
 def _warmup_task(cfg: Config, central_set: data.ImageSet, files: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
@@ -304,8 +319,8 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     if steps != pl.ledger.get("dpsgd").taken:
         record(run_dir, pl, "dpsgd", steps)
         log_epsilon_curve(pl)
-        tracking.log_artifact(run_dir / "ledger.json")
-    eps = spent_epsilon(pl.ledger)
+        publish(cfg, run_dir, pl)
+    eps = pl.ledger.epsilon()
     log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
              time.perf_counter() - start, eps, float(result.get("epsilon", float("nan"))))
     return Path(result.get("checkpoint", out / "checkpoint"))
@@ -348,7 +363,7 @@ def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:
     ledger = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
     for t in sorted({round(i * mech.taken / points) for i in range(points + 1)}):
         ledger.get("dpsgd").taken = t
-        tracking.log_dp_metrics({"epsilon": spent_epsilon(ledger)}, step=t)
+        tracking.log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
 
 
 def _sample_task(cfg: Config, ckpt_files: dict[str, bytes], seed_offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -379,11 +394,11 @@ def stage_sample(cfg: Config, run_dir: Path, weights_dir: Path) -> data.ImageSet
     images.save_class_folders(x, y, tmp / "images")
     images.save_class_grid(x, y, tmp / "grid.png")
     meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
-            "guidance": cfg.sample.guidance, "weights": str(weights_dir), "seconds": round(time.perf_counter() - start, 1)}
+            "guidance": cfg.sample.guidance, "weights": "EMA", "seconds": round(time.perf_counter() - start, 1)}
     (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
     _replace_dir(tmp, out)
     log.info("sample: %d images in %.1fs -> %s", len(y), meta["seconds"], out)
-    tracking.log_artifact(out / "grid.png", "samples")
+    tracking.log_artifact(release.put_dir(run_dir, out, "samples") / "grid.png")
     return data.ImageSet(x, y.astype(np.int64), cfg.data.num_classes)
 
 
@@ -395,15 +410,16 @@ def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -
 
 def privacy_summary(pl: privacy.Plan) -> dict:
     ledger = pl.ledger
-    return {"epsilon": spent_epsilon(ledger), "epsilon_target": pl.target_epsilon, "delta": ledger.delta,
+    return {"epsilon": ledger.epsilon(), "epsilon_target": pl.target_epsilon, "delta": ledger.delta,
             "accountant": ledger.accountant, "neighbouring_relation": privacy.NEIGHBOURING_RELATION,
             "noise_multiplier": pl.sigma, "sample_rate": pl.sample_rate,
             "steps": ledger.get("dpsgd").taken, "steps_planned": pl.steps,
-            "epsilon_per_mechanism": ledger.per_mechanism(planned=False)}
+            "epsilon_per_mechanism": ledger.per_mechanism(planned=False), "seeded": ledger.seeded}
 
 
 def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data.ImageSet,
                    splits: data.Splits) -> dict:
+    """eval.json (the operator's record: DP and non-DP sections) and release/metrics.json (DP only)."""
     path = run_dir / "eval.json"
     if path.is_file():
         log.info("evaluate: found %s, skipping", path)
@@ -412,15 +428,23 @@ def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data
     result["run_dir"] = str(run_dir)
     path.write_text(json.dumps(result, indent=2) + "\n")
     log_eval(result)
-    tracking.log_artifact(path)
+    tracking.log_artifact(path)  # operator view: under nondp/ (not a release file), nothing in release mode
     return result
 
 
+def release_metrics(result: dict) -> dict:
+    """What release/metrics.json holds: the privacy summary and the DP metrics, nothing non-DP."""
+    keys = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "seeded")
+    out = {k: result[k] for k in keys if k in result}
+    out.update(result.get("dp", {}))
+    out.update({k: result[k] for k in ("num_synthetic", "num_test", "test_split_public") if k in result})
+    if "fid" in result.get("dp", {}):
+        out.update({k: result[k] for k in ("fid_kind", "fid_reference", "fid_samples", "fid_weights")})
+    return out
+
+
 def log_eval(result: dict) -> None:
-    dp = {k: result[k] for k in ("accuracy", "logreg_accuracy") if result.get(k) is not None}
-    if result.get("fid") is not None:
-        (tracking.log_nondp_metrics if result.get("fid_nondp") else tracking.log_dp_metrics)({"fid": result["fid"]})
-    tracking.log_dp_metrics({"epsilon_final": result["epsilon"], **dp})
+    tracking.log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
     tracking.log_nondp_metrics(result.get("nondp", {}))
 
 
@@ -437,11 +461,10 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(cfg, run_dir)
-    cfg.dump(run_dir / "config.json")
+    cfg.dump(run_dir / "config.json")  # noise seed redacted
     pl = open_ledger(run_dir, pl)
     tracker = tracking.start_run(cfg, run_dir, params=tracking.run_params(cfg, pl),
                                  tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
-    tracking.log_config(cfg)  # the noise seed (if any) redacted
     status = "FAILED"
     try:
         splits = data.load_splits(cfg)  # validates the data before any privacy spend
@@ -453,9 +476,10 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
         weights = stage_finetune(cfg, run_dir, pl, splits.train, init_dir)
         synthetic = stage_sample(cfg, run_dir, weights)
         result = stage_evaluate(cfg, run_dir, pl, synthetic, splits)
-        if tracker is not None:
-            tracking.log_artifact(run_dir / "ledger.json")
-            _log_weights(weights)
+        model = release.put_model(run_dir, weights)
+        publish(cfg, run_dir, pl, metrics=release_metrics(result))
+        for name in ("ema.pt", "meta.json"):
+            tracking.log_artifact(model / name)
         status = "FINISHED"
     finally:
         tracking.end_run(status)
@@ -465,30 +489,26 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     return result
 
 
-def _log_weights(weights: Path) -> None:
-    """The final EMA weights and their meta.json (noise seed redacted) as MLflow artifacts."""
-    tracking.log_artifact(weights / "ema.pt", "model")
-    meta = json.loads((weights / "meta.json").read_text())
-    if meta.get("config", {}).get("run", {}).get("seed") is not None:
-        meta["config"]["run"]["seed"] = tracking.SEED_REDACTED
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        tracking.log_artifact(Path(tmp) / "meta.json", "model")
-
-
 def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
-    from dpfeta.evaluate import fid_label
+    from dpfeta.evaluate import fid_label, metric
 
-    fid = "withheld (" + result.get("fid_withheld", "") + ")" if result.get("fid") is None else f"{result['fid']:.2f}"
+    def shown(name: str, fmt: str) -> str:
+        value, is_dp = metric(result, name)
+        if value is None:
+            return "withheld (release mode: " + ("; ".join(result.get("withheld", [])) or "not computed") + ")"
+        return format(value, fmt) + ("" if is_dp else " [non-DP: sensitive test data, not in release/]")
+
+    logreg, _ = metric(result, "logreg_accuracy")
     lines = [
         f"dpfeta run '{cfg.run.name}' done in {result.get('seconds', 0):.0f}s",
         f"  epsilon   {result['epsilon']:.4f} spent (target {result['epsilon_target']:g}, delta {result['delta']:g}, "
         f"{result['accountant']}; composed over every mechanism)",
-        f"  accuracy  {result['accuracy']:.4f} (reference CNN trained on {result.get('num_synthetic')} synthetic "
+        f"  accuracy  {shown('accuracy', '.4f')} (reference CNN trained on {result.get('num_synthetic')} synthetic "
         f"images, tested on {result.get('num_test')} real test images)"
-        + (f"; logistic regression {result['logreg_accuracy']:.4f}" if result.get("logreg_accuracy") is not None else ""),
-        f"  FID       {fid} [{fid_label(result)}; reference: {result.get('fid_reference')}]",
-        f"  run dir   {cfg.run_dir()}  (eval.json, ledger.json, samples/grid.png, central/grid.png)",
+        + (f"; logistic regression {logreg:.4f}" if logreg is not None else ""),
+        f"  FID       {shown('fid', '.2f')} [{fid_label(result)}; reference: {result.get('fid_reference')}]",
+        f"  release   {release.release_dir(cfg.run_dir())}  (what may be published: README.md is its card)",
+        f"  run dir   {cfg.run_dir()}  (eval.json, ledger.json, checkpoints: operator-internal)",
     ]
     if uri:
         lines.append(f"  MLflow    {tracking.ui_command(uri)}")
@@ -506,7 +526,7 @@ def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str 
     ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
     if ledger_path is not None:
         ledger = privacy.Ledger.load(ledger_path)
-        head = {"epsilon": spent_epsilon(ledger), "delta": ledger.delta, "accountant": ledger.accountant,
+        head = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
                 "ledger": str(ledger_path)}
     else:
         head = {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,

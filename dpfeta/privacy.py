@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,7 +29,7 @@ from scipy.optimize import brentq
 
 NEIGHBOURING_RELATION = "add/remove one record (image with its label) of the training split"
 PUBLIC_FACTS = ("N (training-split size)", "number of classes", "image shape and value range",
-                "the whole config")
+                "the whole config (noise seeds excepted)")
 KINDS = ("poisson_gaussian", "gaussian")
 
 
@@ -90,14 +91,28 @@ def make_accountant(accountant: str, orders: tuple | None = None):
 
 def epsilon_of(event: dp_accounting.DpEvent, *, delta: float, accountant: str,
                orders: tuple | None = None) -> float:
-    """epsilon(delta) of ``event``; ``orders`` restricts the RDP grid (a subset only raises epsilon)."""
+    """epsilon(delta) of ``event``; ``orders`` restricts the RDP grid (a subset only raises epsilon).
+
+    Fails closed: a NaN anywhere in the RDP curve counts as +inf at that order (dp_accounting's
+    ``compute_epsilon`` would otherwise pick the NaN order and report epsilon = 0), and a result that
+    is not a number >= 0 is an error, never a small epsilon.
+    """
     if accountant == "rdp":
-        vector = _rdp_vector(event, orders or DEFAULT_RDP_ORDERS)
-        if vector is not None:
-            return float(rdp_impl.compute_epsilon(orders or DEFAULT_RDP_ORDERS, vector, delta)[0])
-    acc = make_accountant(accountant, orders)
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+        grid = orders or DEFAULT_RDP_ORDERS
+        vector = _rdp_vector(event, grid)
+        if vector is None:
+            acc = make_accountant("rdp", grid)
+            acc.compose(event)
+            vector = np.asarray(acc._rdp, dtype=np.float64)  # the accountant's composed curve
+        vector = np.where(np.isnan(vector), np.inf, vector)
+        eps = float(rdp_impl.compute_epsilon(grid, vector, delta)[0]) if np.isfinite(vector).any() else math.inf
+    else:
+        acc = make_accountant(accountant, orders)
+        acc.compose(event)
+        eps = float(acc.get_epsilon(delta))
+    if math.isnan(eps) or eps < 0:
+        raise ArithmeticError(f"the {accountant} accountant returned epsilon={eps!r}; refusing to report it")
+    return eps
 
 
 @functools.lru_cache(maxsize=4096)
@@ -197,16 +212,19 @@ class Ledger:
         mech.taken = int(count)
 
     def event(self, planned: bool = False) -> dp_accounting.DpEvent:
-        parts = [m.event(m.planned if planned else m.taken) for m in self.mechanisms]
-        event = dp_accounting.ComposedDpEvent(parts)
+        """The composition of every mechanism's compositions taken (or planned). A mechanism with a
+        count of 0 is left out (it costs nothing; composing it 0 times would put 0 * inf = NaN into
+        the RDP curve at orders where its per-step curve is infinite)."""
+        counts = [(m, m.planned if planned else m.taken) for m in self.mechanisms]
+        event = dp_accounting.ComposedDpEvent([m.event(c) for m, c in counts if c > 0])
         if self.repeat is not None:
             event = dp_event.RepeatAndSelectDpEvent(event, float(self.repeat["mean"]),
                                                          float(self.repeat["shape"]))
         return event
 
     def epsilon(self, planned: bool = False) -> float:
-        """Composed epsilon(delta) over the steps taken (or the whole plan)."""
-        if not planned and all(m.taken == 0 for m in self.mechanisms):
+        """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran."""
+        if all((m.planned if planned else m.taken) == 0 for m in self.mechanisms):
             return 0.0
         return epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
 
@@ -247,7 +265,23 @@ class Ledger:
         return state
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write ledger.json atomically (a temporary file, then a rename): a crash never leaves a
+        half-written ledger in place of a good one."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def check_same_plan(self, other: "Ledger", *, where: str = "the stored ledger") -> None:
+        """Refuse to continue ``other``'s plan with this one unless both describe the same mechanisms
+        (q, counts, N, delta, accountant); sigma may differ only for a mechanism not yet run."""
+        def key(ledger):
+            return (ledger.n, ledger.delta, ledger.accountant,
+                    [(m.name, m.kind, m.sample_rate, m.planned) for m in ledger.mechanisms])
+
+        if key(self) != key(other):
+            raise ValueError(f"{where} records a different privacy plan {key(other)} than the config's "
+                             f"{key(self)}; use a new run name or output folder")
 
     @classmethod
     def load(cls, path: Path | str) -> "Ledger":

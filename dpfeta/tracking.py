@@ -12,9 +12,13 @@
   used the training split) under ``nondp/``, dropped entirely when ``tracking.nondp`` is false.
 * Best effort: a tracking failure is logged as a warning and never stops training; after
   ``MAX_FAILURES`` failures the run's tracking is switched off.
+* Artifacts: a file of the run's ``release/`` folder (``dpfeta.release``) is logged under
+  ``release/...``; any other file is operator-internal and goes under ``nondp/...``, or nowhere in
+  release mode (``tracking.nondp: false``). So in release mode MLflow holds only files of
+  ``release/``, whoever calls ``log_artifact``.
 * Never log raw sensitive images, their statistics, per-example data or noise seeds
-  (privacy.md §7); callers pass only DP releases and ledger/config files. ``run.seed`` (tests and
-  reproduction only) is redacted from params and from the logged config.
+  (privacy.md §7). The secret config keys (``config.SECRET_KEYS``: ``run.seed``) are redacted by
+  ``Tracker.log_params`` itself, whatever the caller passes.
 
 Workers (e.g. Train rank 0) find the run through the environment (``env()``: MLFLOW_TRACKING_URI,
 MLFLOW_RUN_ID, DPFETA_TRACKING_NONDP), passed in a runtime_env.
@@ -32,15 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dpfeta.config import Config
+from dpfeta import release as release_mod
+from dpfeta.config import SECRET_KEYS, SEED_REDACTED, Config
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
 NONDP_PREFIX = "nondp/"
 ENV_URI, ENV_RUN_ID, ENV_NONDP = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DPFETA_TRACKING_NONDP"
+ENV_RELEASE = "DPFETA_RELEASE_DIR"
 MAX_PARAM_CHARS = 6000
-SEED_REDACTED = "set (redacted)"
 MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
 
 
@@ -118,6 +123,7 @@ class Tracker:
     uri: str
     run_id: str
     nondp: bool
+    release_root: Optional[str] = None  # the run's release/ folder: its files go to MLflow as release/...
     enabled: bool = True
     failures: int = 0
     _cached: Any = field(default=None, repr=False, compare=False)
@@ -147,6 +153,8 @@ class Tracker:
             logged = client.get_run(self.run_id).data.params
             new = {}
             for key, value in params.items():
+                if key in SECRET_KEYS and value is not None:
+                    value = SEED_REDACTED
                 text = str(value)[:MAX_PARAM_CHARS]
                 if key not in logged:
                     new[key] = text
@@ -183,10 +191,32 @@ class Tracker:
         self._log_metrics({k if k.startswith(NONDP_PREFIX) else NONDP_PREFIX + k: v
                            for k, v in metrics.items()}, step)
 
+    def artifact_path_for(self, path: Path, artifact_path: Optional[str] = None) -> Optional[str]:
+        """Where ``path`` goes in MLflow: ``release/<its place in release/>`` for a release file,
+        else ``nondp/<artifact_path>`` (operator view), or None (not logged: release mode)."""
+        if self.release_root is not None:
+            root = Path(self.release_root).resolve()
+            try:
+                rel = path.resolve().relative_to(root)
+            except ValueError:
+                rel = None
+            if rel is not None:
+                return "/".join([release_mod.RELEASE_DIR, *rel.parent.parts] if not path.is_dir()
+                                else [release_mod.RELEASE_DIR, *rel.parts])
+        if not self.nondp:
+            return None
+        return NONDP_PREFIX.rstrip("/") + (f"/{artifact_path}" if artifact_path else "")
+
     def log_artifact(self, path: Path | str, artifact_path: Optional[str] = None) -> None:
+        """Log a file or folder: release files under ``release/``, anything else under ``nondp/``
+        (nothing in release mode)."""
         path = Path(path)
         if not path.exists():
             log.warning("tracking: no artifact at %s", path)
+            return
+        artifact_path = self.artifact_path_for(path, artifact_path)
+        if artifact_path is None:
+            log.debug("tracking: release mode, not logging %s (not a file of release/)", path)
             return
         if path.is_dir():
             self._call("log_artifacts", lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
@@ -205,7 +235,10 @@ class Tracker:
 
     def env(self) -> dict[str, str]:
         """Environment for worker processes (runtime_env env_vars)."""
-        return {ENV_URI: self.uri, ENV_RUN_ID: self.run_id, ENV_NONDP: "1" if self.nondp else "0"}
+        env = {ENV_URI: self.uri, ENV_RUN_ID: self.run_id, ENV_NONDP: "1" if self.nondp else "0"}
+        if self.release_root:
+            env[ENV_RELEASE] = self.release_root
+        return env
 
 
 _current: Optional[Tracker] = None
@@ -240,7 +273,8 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
     except Exception as exc:  # noqa: BLE001
         log.warning("tracking disabled: cannot start an MLflow run at %s (%s)", uri, exc)
         return None
-    _current = Tracker(uri, run_id, nondp=cfg.tracking.nondp)
+    _current = Tracker(uri, run_id, nondp=cfg.tracking.nondp,
+                       release_root=str(release_mod.release_dir(run_dir).resolve()))
     if params:
         _current.log_params(params)
     return _current
@@ -251,7 +285,8 @@ def current() -> Optional[Tracker]:
     if _current is not None:
         return _current
     if os.environ.get(ENV_URI) and os.environ.get(ENV_RUN_ID):
-        return Tracker(os.environ[ENV_URI], os.environ[ENV_RUN_ID], nondp=os.environ.get(ENV_NONDP, "0") == "1")
+        return Tracker(os.environ[ENV_URI], os.environ[ENV_RUN_ID], nondp=os.environ.get(ENV_NONDP, "0") == "1",
+                       release_root=os.environ.get(ENV_RELEASE))
     return None
 
 
@@ -280,30 +315,9 @@ def log_artifact(path: Path | str, artifact_path: Optional[str] = None) -> None:
         tracker.log_artifact(path, artifact_path)
 
 
-def redacted(cfg: Config) -> dict:
-    """``cfg.to_dict()`` without the noise seed (privacy.md §7: seeds of noise are never logged)."""
-    out = cfg.to_dict()
-    if out["run"].get("seed") is not None:
-        out["run"]["seed"] = SEED_REDACTED
-    return out
-
-
-def log_config(cfg: Config, name: str = "config.json") -> None:
-    """Log the config as a JSON artifact, noise seed redacted."""
-    tracker = current()
-    if tracker is None:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(redacted(cfg), indent=2, sort_keys=True) + "\n")
-        tracker.log_artifact(path)
-
-
 def run_params(cfg: Config, plan) -> dict[str, Any]:
     """The flattened config (noise seed redacted) plus the privacy plan (sigma, q, T, delta, accountant)."""
-    params = dict(cfg.flat())
-    if params.get("run.seed") is not None:
-        params["run.seed"] = SEED_REDACTED
+    params = cfg.public_flat()
     params.update({"dp.sigma": plan.sigma, "dp.q": plan.sample_rate, "dp.T": plan.steps,
                    "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
                    "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})

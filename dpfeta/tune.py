@@ -22,9 +22,18 @@ draws its hyperparameters at random is then dominated by the reference at every 
 Papernot-Steinke bound computed on the reference covers the sweep. RDP is required for this
 (``dp_accounting``'s PLD accountant supports neither RepeatAndSelectDpEvent nor curve dominance).
 
-The trial count K is drawn once, from OS entropy (``tune.seed`` only in tests; the record then says
+The trial count K is drawn once, from OS entropy (``run.seed`` only in tests; the record then says
 ``seeded``), before any trial runs, and stored; a resumed sweep reuses it. K is never chosen
 adaptively, and -- like the other trials' scores -- it is not part of the released output.
+``tune.search_seed`` seeds only the order of the hyperparameter draws (public).
+
+What a sweep publishes is ``<sweep dir>/release/`` (``dpfeta.release``): the selected trial's
+central images, weights and samples, its noisy score and hyperparameters, the ledger and the card,
+under an opaque id (a keyed hash of Ray's trial id with a key drawn from OS entropy and kept in
+sweep.json), so neither the id nor anything else in the release tells the trial's position or K.
+Trial folders (``trials/<opaque id>/``), ``summary.json`` and ``trials.csv`` are operator-internal.
+In private mode no MLflow run is created per trial; with ``tracking.nondp: true`` the summary and
+trial table reach MLflow under ``nondp/`` only.
 """
 
 from __future__ import annotations
@@ -32,11 +41,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import secrets
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,7 +411,9 @@ def _worst_central(cfg: config_mod.Config, space: dict, n: int) -> TrialPrivacy:
             other = curve(privacy.central_event(noise_multiplier=s, sample_rate=b / n, rounds=r),
                           INTEGER_ORDERS)
             both = np.isfinite(ref) & np.isfinite(other)
-            assert np.all(other[both] <= ref[both] * (1 + 1e-9) + 1e-12), (r, s, b)
+            if not np.all(other[both] <= ref[both] * (1 + 1e-9) + 1e-12):
+                raise RuntimeError(f"internal: the reference central query does not dominate rounds={r}, "
+                                   f"noise_multiplier={s}, batch_size={b}; refusing to plan the sweep")
     return worst
 
 
@@ -667,7 +681,13 @@ class _Spec:
     tracking_uri: Optional[str] = None
     parent_run_id: Optional[str] = None
     log_trials: bool = True
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # run.seed (tests): seeds the score noise; None = OS entropy
+    id_key: str = ""  # secret key of the opaque trial ids (sweep.json)
+
+
+def opaque_id(key: str, ray_trial_id: str) -> str:
+    """A trial's public id: a keyed hash of Ray's trial id (whose counter tells the trial's position)."""
+    return hashlib.blake2b(ray_trial_id.encode(), key=bytes.fromhex(key), digest_size=8).hexdigest()
 
 
 def _trial_config(spec: _Spec, params: dict, trial_id: str) -> config_mod.Config:
@@ -730,8 +750,10 @@ def run_trial(spec: _Spec, params: dict, trial_id: str) -> dict:
             tracking.end_run("FAILED")
         raise
     if tracker is not None:
-        tracker.log_dp_metrics({k: v for k, v in result.items()
-                                if isinstance(v, (int, float)) and not k.startswith("nondp/")})
+        # The released total only; one trial's own composition is not a total (naive/public modes only:
+        # private sweeps make no per-trial runs).
+        tracker.log_dp_metrics({k: result[k] for k in ("score", "sigma", "epsilon_total") if k in result})
+        tracker.log_nondp_metrics({k: result[k] for k in ("epsilon_trial",) if k in result})
         tracker.log_artifact(out_dir / "trial_ledger.json")
         tracking.end_run()
     return result
@@ -772,7 +794,7 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     """
     import inspect
 
-    from dpfeta import data, evaluate, pipeline
+    from dpfeta import data, evaluate, pipeline, release
 
     cfg, run_dir = ctx.cfg, ctx.out_dir
     pl = pipeline.open_ledger(run_dir, ctx.plan)  # resume: the stored sigma is kept
@@ -794,6 +816,7 @@ def pipeline_trial(ctx: TrialContext) -> dict:
                     "progress only when it ends")
     weights = pipeline.stage_finetune(cfg, run_dir, pl, splits.train, init_dir, **kwargs)
     synthetic = pipeline.stage_sample(cfg, run_dir, weights)
+    release.put_model(run_dir, weights)  # the trial's release/ (central, samples, model) if selected
     e = cfg.eval
     model = evaluate.train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
                                       lr=e.classifier_lr, label="selection CNN (synthetic)")
@@ -807,14 +830,14 @@ def _trainable(config: dict, spec: _Spec) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    tune.report(run_trial(spec, config["params"], trial_id))
+    tune.report(run_trial(spec, config["params"], opaque_id(spec.id_key, trial_id)))
 
 
 # --------------------------------------------------------------------------------------------
 # The sweep: state, Tuner, summary
 # --------------------------------------------------------------------------------------------
 
-SWEEP_FILE, SUMMARY_FILE, RELEASE_FILE, TRIALS_FILE = "sweep.json", "summary.json", "release.json", "trials.csv"
+SWEEP_FILE, SUMMARY_FILE, TRIALS_FILE = "sweep.json", "summary.json", "trials.csv"
 EXPERIMENT = "tune"  # the Tune experiment folder under the sweep directory
 TRIAL_CPUS = 1.0  # the trial driver (central query, warm-up, sampling, scoring run in it)
 
@@ -836,11 +859,27 @@ def trials_config(cfg: config_mod.Config) -> tuple[config_mod.Config, int]:
         raise ValueError("config key 'tune.proxy_data': expected data.* overrides naming a public proxy "
                          "dataset in tune.privacy_mode=public (e.g. {source: idx, path: /data/emnist}), got {}")
     proxy_cfg = config_mod.replace(cfg, {f"data.{k}": v for k, v in proxy.items()})
-    if all(getattr(proxy_cfg.data, k) == getattr(cfg.data, k) for k in ("source", "path", "name")):
-        log.warning("tune.proxy_data names the same source as data (%s, %s): the sweep is only free if that "
-                    "data is public", cfg.data.source, cfg.data.path)
+    if same_source(proxy_cfg.data, cfg.data):
+        raise ValueError(f"config key 'tune.proxy_data': expected a public dataset apart from the sensitive "
+                         f"data, got the same source ({cfg.data.source}, path={cfg.data.path!r}, "
+                         f"name={cfg.data.name!r}); trials on it would spend budget the sweep does not count")
+    if not cfg.tune.proxy_is_public:
+        raise ValueError("config key 'tune.proxy_is_public': expected true in tune.privacy_mode=public (the "
+                         "operator's statement that tune.proxy_data is public data; it is recorded in the "
+                         "release), got false")
     n = data.public_train_size(proxy_cfg)
     return privacy.resolve(proxy_cfg, n), n
+
+
+def same_source(a, b) -> bool:
+    """Do two data sections name the same data (source, resolved path, torchvision name)?"""
+    from dpfeta.data import same_location
+
+    if a.source != b.source or a.name != b.name:
+        return False
+    if a.path is None or b.path is None:
+        return a.path == b.path
+    return same_location(a.path, b.path)
 
 
 def _grid_size(space: dict) -> int:
@@ -864,15 +903,17 @@ def load_state(cfg: config_mod.Config, n: int) -> dict:
     t = cfg.tune
     if t.privacy_mode == "private":
         shape = math.inf if plan["trials"]["shape"] == "inf" else plan["trials"]["shape"]
-        # Fresh OS entropy: K must be independent of the data and unknown to an observer of the release.
-        k = draw_num_trials(plan["trials"]["mean"], shape, np.random.default_rng(t.seed))
+        # Fresh OS entropy: K must be independent of the data and unknown to an observer of the release
+        # (run.seed only in tests; the record then says seeded).
+        k = draw_num_trials(plan["trials"]["mean"], shape, np.random.default_rng(cfg.run.seed))
     else:
         grid = _grid_size(t.search_space)
         if t.num_trials % grid:
             raise ValueError(f"config key 'tune.num_trials': expected a multiple of the grid size {grid}, "
                              f"got {t.num_trials}")
         k = t.num_trials
-    state = {"config": _fingerprint(cfg), "plan": plan, "num_trials": k, "seeded": t.seed is not None}
+    state = {"config": _fingerprint(cfg), "plan": plan, "num_trials": k, "seeded": cfg.run.seed is not None,
+             "id_key": secrets.token_hex(16)}  # secret key of the opaque trial ids
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -907,7 +948,7 @@ def _fit(cfg: config_mod.Config, spec: _Spec, num_trials: int):
             tune_config=tune.TuneConfig(
                 num_samples=num_trials // grid, scheduler=_scheduler(cfg),
                 # plain random search; the hyperparameter draws are data-independent
-                search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials),
+                search_alg=BasicVariantGenerator(random_state=t.search_seed, max_concurrent=t.max_concurrent_trials),
                 reuse_actors=True),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=spec.sweep_dir,
                                       failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
@@ -981,16 +1022,16 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
         echo(summary_text(summary))
         return summary
     plan, mode = state["plan"], cfg.tune.privacy_mode
-    # Private mode releases the best trial only: per-trial records (and so K) are operator-internal
-    # and are not sent to MLflow in release mode (tracking.nondp: false).
-    log_trials = mode != "private" or cfg.tracking.nondp
-    tracker = tracking.start_run(cfg, sweep_dir, params={**cfg.flat(), **_plan_params(plan)},
+    # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
+    # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one).
+    log_trials = mode != "private"
+    tracker = tracking.start_run(cfg, sweep_dir, params={**cfg.public_flat(), **_plan_params(plan)},
                                  tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": mode})
     trials_cfg, trials_n = trials_config(cfg)
     spec = _Spec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=str(sweep_dir),
                  trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
                  parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,
-                 seed=cfg.tune.seed if cfg.tune.seed is not None else cfg.run.seed)
+                 seed=cfg.run.seed, id_key=state["id_key"])
     rows: list[dict] = []
     try:
         if state["num_trials"] > 0:
@@ -999,7 +1040,7 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
         summary = _summarize(cfg, state, rows)
         if mode == "public" and summary["best"] is not None:
             summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn))
-        _finish(cfg, summary, rows, tracker, log_trials)
+        _finish(cfg, summary, rows, tracker)
         echo(summary_text(summary))
     except BaseException:
         if tracker is not None:
@@ -1043,73 +1084,116 @@ def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[
                                                     "sigma": final_plan.sigma, "result": result}}
 
 
+NOTES = {
+    "private": "only the selected trial (its central images, model, samples, hyperparameters and noisy score) is "
+               "covered by epsilon (repeat-and-select over a random number of trials); the other trials, their "
+               "scores, the number of trials and the selected trial's position are not released",
+    "naive": "every trial's output is covered (k trials composed); this folder holds the selected trial's",
+    "public": "the trials ran on a public proxy; epsilon is the final run's on the sensitive data",
+}
+
+
 def release_view(summary: dict) -> dict:
-    """What the sweep releases: the best trial (private: nothing about the other trials, nor K)."""
+    """The selection facts a sweep releases: the selected trial's opaque id, hyperparameters, score
+    and sigma (private: nothing about the other trials, nor K, nor the position)."""
     best = summary["best"]
-    out = {k: summary[k] for k in ("name", "mode", "epsilon", "delta", "accountant", "target_epsilon", "metric")}
-    out["neighbouring_relation"] = privacy.NEIGHBOURING_RELATION
-    out["best"] = None if best is None else {k: best[k] for k in ("trial_id", "params", "score", "sigma", "dir")}
+    out = {"mode": summary["mode"], "metric": summary["metric"], "target_epsilon": summary["target_epsilon"],
+           "selected": None if best is None else {"id": best["trial_id"], "params": best["params"],
+                                                  "score": best["score"], "sigma": best["sigma"]},
+           "note": NOTES[summary["mode"]] + ("" if best is not None or summary["mode"] == "public"
+                                             else "; no trial finished, nothing is released")}
     if "final" in summary:
-        out["final"] = summary["final"]
-    out["note"] = {
-        "private": "only the selected trial (model, hyperparameters, noisy score) is covered by epsilon; "
-                   "the other trials, their scores and the number of trials stay internal",
-        "naive": "every trial's output is covered (k trials composed)",
-        "public": "trials ran on the public proxy; epsilon is the final run's on the sensitive data",
-    }[summary["mode"]]
-    if best is None and summary["mode"] != "public":
-        out["note"] += "; no trial finished, nothing is released"
+        out["final"] = {"sigma": summary["final"]["sigma"]}
     return out
 
 
 def summary_text(summary: dict) -> str:
+    """The operator's console summary. Private mode leaves K out (stdout ends up in Ray job logs)."""
     best = summary["best"]
-    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}): {summary['num_trials']} trial(s) run "
-             "(operator view; release.json is what may be published)",
-             f"  epsilon   {summary['epsilon']:.4f} for the released model (target {summary['target_epsilon']:g}, "
+    count = "" if summary["mode"] == "private" else f": {summary['num_trials']} trial(s) run"
+    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}){count}",
+             f"  epsilon   {summary['epsilon']:.4f} for the release (target {summary['target_epsilon']:g}, "
              f"delta {summary['delta']:g}, {summary['accountant']}; the whole sweep, selection included)"]
     if best is None:
-        lines.append("  best      none (no trial finished): nothing is released")
+        lines.append("  selected  none (no trial finished): nothing is released")
     else:
-        lines.append(f"  best      {best['trial_id']}: {summary['metric']} {best['score']:.4f}, sigma "
+        lines.append(f"  selected  {best['trial_id']}: {summary['metric']} {best['score']:.4f}, sigma "
                      f"{best['sigma']:.4f}, {json.dumps(best['params'], sort_keys=True)}")
-        lines.append(f"            {best['dir']}")
     if "final" in summary:
         lines.append(f"  final     {summary['final']['dir']} (sigma {summary['final']['sigma']:.4f})")
-    lines.append(f"  files     {Path(summary.get('dir', '.')) / RELEASE_FILE} (what may be published), "
-                 f"{SUMMARY_FILE}, {TRIALS_FILE}")
+    lines.append(f"  release   {Path(summary.get('dir', '.')) / 'release'} (what may be published; README.md is "
+                 f"its card); {SUMMARY_FILE}, {TRIALS_FILE}: operator-internal")
     return "\n".join(lines)
 
 
-def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, log_trials: bool) -> None:
+def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config) -> privacy.Ledger:
+    """The ledger the sweep's release states: the selected trial's (public mode: the final run's)."""
+    where = Path(summary["final"]["dir"]) if "final" in summary else (
+        Path(summary["best"]["dir"]) if summary["best"] is not None else None)
+    if where is not None and (where / "ledger.json").is_file():
+        return privacy.Ledger.load(where / "ledger.json")
+    if where is not None and (where / "trial_ledger.json").is_file():
+        return privacy.Ledger.from_state_dict(json.loads((where / "trial_ledger.json").read_text()))
+    return privacy.Ledger(state_plan["accountant"], cfg.privacy.delta, 0, seeded=cfg.run.seed is not None)
+
+
+def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict) -> Path:
+    """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card."""
+    from dpfeta import release
+
+    sweep_dir, best = cfg.run_dir(), summary["best"]
+    source = Path(summary["final"]["dir"]) if "final" in summary else (Path(best["dir"]) if best else None)
+    if source is not None:
+        for part in ("central", "model", "samples"):
+            if (release.release_dir(source) / part).is_dir():
+                release.put_dir(sweep_dir, release.release_dir(source) / part, part)
+    ledger = _release_ledger(summary, state_plan, cfg)
+    view = release_view(summary)
+    metrics = {"epsilon": summary["epsilon"], "delta": summary["delta"], "accountant": summary["accountant"]}
+    if best is not None:
+        metrics[f"selected/{summary['metric']}"] = best["score"]
+    facts = {"tuning mode": summary["mode"], "selection": json.dumps(view, sort_keys=True, default=str)}
+    if summary["mode"] == "public":
+        facts["proxy"] = (f"tune.proxy_data={json.dumps(cfg.tune.proxy_data, sort_keys=True)} "
+                          "(declared public: tune.proxy_is_public)")
+    else:
+        facts["test split"] = "not used by the sweep (the selection score is on the validation split)"
+    release.record(sweep_dir, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
+                   extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]])
+    release.write_json(sweep_dir, release.SELECTION_FILE, view)
+    return release.release_dir(sweep_dir)
+
+
+def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker) -> None:
     from dpfeta import tracking
 
     sweep_dir = cfg.run_dir()
     _write_trials_csv(rows, sweep_dir / TRIALS_FILE)
-    (sweep_dir / RELEASE_FILE).write_text(json.dumps(release_view(summary), indent=2, default=str) + "\n")
+    state_plan = json.loads((sweep_dir / SWEEP_FILE).read_text())["plan"]
+    root = _publish_release(cfg, summary, state_plan)
     tmp = sweep_dir / (SUMMARY_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     os.replace(tmp, sweep_dir / SUMMARY_FILE)
     best = summary["best"]
-    log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); best %s", summary["name"],
+    log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s", summary["name"],
              summary["mode"], summary["epsilon"], summary["delta"], summary["accountant"],
              "none" if best is None else f"{best['trial_id']} score {best['score']:.4f} {best['params']}")
     if tracker is None:
         return
     tracker.log_dp_metrics({"epsilon": summary["epsilon"],
-                            **({"best/score": best["score"], "best/sigma": best["sigma"]} if best else {})})
-    tracker.log_artifact(sweep_dir / RELEASE_FILE)
-    if log_trials:
-        tracker.log_artifact(sweep_dir / SUMMARY_FILE)
-        tracker.log_artifact(sweep_dir / TRIALS_FILE)
+                            **({"selected/score": best["score"], "selected/sigma": best["sigma"]} if best else {})})
+    tracker.log_artifact(root)  # release/... (the only artifacts in release mode)
+    tracker.log_artifact(sweep_dir / SUMMARY_FILE)  # nondp/... (operator view), dropped in release mode
+    tracker.log_artifact(sweep_dir / TRIALS_FILE)
     if best is not None:
-        tracker.set_tags({"dpfeta.best_trial": best["trial_id"]})
+        tracker.set_tags({"dpfeta.selected": best["trial_id"]})
         record = Path(best["dir"]) / tracking.RUN_FILE
-        if log_trials and record.is_file():
+        if summary["mode"] != "private" and record.is_file():
             best_run = tracking.Tracker(tracker.uri, json.loads(record.read_text())["run_id"], nondp=False)
-            best_run.set_tags({"dpfeta.best": "true"})
+            best_run.set_tags({"dpfeta.selected": "true"})
     final_record = Path(summary["final"]["dir"]) / tracking.RUN_FILE if "final" in summary else None
     if final_record is not None and final_record.is_file():  # public mode: nest the final run too
         final_run = tracking.Tracker(tracker.uri, json.loads(final_record.read_text())["run_id"], nondp=False)
         final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
     tracker.end("FINISHED")  # the handle: pipeline.run (public final run) replaces tracking's current run
+

@@ -119,11 +119,12 @@ def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: 
 
 
 def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Reporter | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, Any]:
+                 generator: torch.Generator | None = None, ledger: dict | None = None) -> dict[str, Any]:
     """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict.
 
     ``reporter(metrics)`` gets {step, nimg, loss, sec_per_step} every ``warmup.log_every`` steps.
-    Without ``generator``: seeded by ``run.seed``, else OS entropy.
+    Without ``generator``: seeded by ``run.seed``, else OS entropy. ``ledger``: the state of the
+    central images' ledger, carried in every checkpoint's meta so fine-tuning composes it.
     """
     w = cfg.warmup
     images, labels = central_arrays(central, cfg)
@@ -166,7 +167,9 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
             window, window_start = [], time.perf_counter()
         if step == w.steps or (w.checkpoint_every > 0 and step % w.checkpoint_every == 0):
             meta = {"stage": "warmup", "step": step, "nimg": step * batch, "loss": loss,
-                    "parameters": params, "config": cfg.to_dict()}
+                    "parameters": params, "config": cfg.public_dict()}
+            if ledger is not None:
+                meta["ledger"] = ledger
             checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
                             extra={"generator": generator.get_state()})
 

@@ -114,18 +114,25 @@ def test_load_inception_refuses_a_missing_file(tmp_path):
         evaluate.load_inception(tmp_path / "missing.pt")
 
 
-def test_evaluate_reports_kind_reference_and_withholds_nondp_in_release_mode(tmp_path):
+def test_evaluate_separates_dp_from_nondp_and_withholds_nondp_in_release_mode(tmp_path):
     torch.set_num_threads(1)
-    splits = Splits(train=squares(30), val=squares(2, seed=5), test=squares(15, seed=1))
+    public = Splits(train=squares(30), val=squares(2, seed=5), test=squares(15, seed=1), test_public=True)
     synthetic = squares(25, seed=2)
-    out = evaluate.evaluate(tiny_cfg(tmp_path), synthetic, splits)
-    assert out["accuracy"] >= 0.8 and out["logreg_accuracy"] >= 0.9
-    assert out["fid_kind"] == "offline-cnn" and out["fid_nondp"] is True
-    assert out["fid"] >= 0 and out["fid_reference"].startswith("test split")
-    assert 0 <= out["nondp"]["real_accuracy"] <= 1
-    release = evaluate.evaluate(tiny_cfg(tmp_path, "tracking.nondp=false"), synthetic, splits)
-    assert release["fid"] is None and "nondp" not in release and "fid_withheld" in release
-    assert release["accuracy"] == out["accuracy"]  # same seed: same classifier
+    out = evaluate.evaluate(tiny_cfg(tmp_path), synthetic, public)
+    # a public test set: accuracy is DP; the offline-CNN FID saw the training split: non-DP
+    assert out["dp"]["accuracy"] >= 0.8 and out["dp"]["logreg_accuracy"] >= 0.9
+    assert out["fid_kind"] == "offline-cnn" and out["nondp"]["fid"] >= 0 and "fid" not in out["dp"]
+    assert out["fid_reference"].startswith("test split") and 0 <= out["nondp"]["real_accuracy"] <= 1
+    release = evaluate.evaluate(tiny_cfg(tmp_path, "tracking.nondp=false"), synthetic, public)
+    assert release["nondp"] == {} and any(w.startswith("fid") for w in release["withheld"])
+    assert release["dp"]["accuracy"] == out["dp"]["accuracy"]  # same seed: same classifier
+    # a test split carved out of the sensitive source: every metric is non-DP, none in release mode
+    sensitive = Splits(train=public.train, val=public.val, test=public.test, test_public=False)
+    operator = evaluate.evaluate(tiny_cfg(tmp_path), synthetic, sensitive)
+    assert operator["dp"] == {} and operator["nondp"]["accuracy"] == out["dp"]["accuracy"]
+    assert evaluate.metric(operator, "accuracy") == (out["dp"]["accuracy"], False)
+    hidden = evaluate.evaluate(tiny_cfg(tmp_path, "tracking.nondp=false"), synthetic, sensitive)
+    assert hidden["dp"] == {} and hidden["nondp"] == {} and len(hidden["withheld"]) == 2
 
 
 def test_load_synthetic_round_trip(tmp_path):

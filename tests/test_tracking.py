@@ -97,16 +97,46 @@ def test_tracking_failures_never_raise(root):
     assert tracking.start_run(cfg_for(root, "disabled", "tracking.enabled=false")) is None
 
 
-def test_the_noise_seed_is_never_logged(root):
+def test_the_noise_seed_is_never_logged_nor_stored(root):
     from dpfeta import data, pipeline, privacy
 
     cfg = cfg_for(root, "seeded", "run.seed=1234567", "data.resolution=8", "finetune.batch_size=64",
                   "central.batch_size=64")
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     t = tracking.start_run(cfg, params=tracking.run_params(cfg, pipeline.plan_run(cfg)))
-    tracking.log_config(cfg)
+    t.log_params({"run.seed": 1234567, "other": 1})  # the Tracker redacts, whatever the caller passes
     run = t.client.get_run(t.run_id)
-    assert run.data.params["run.seed"] == tracking.SEED_REDACTED
-    local = t.client.download_artifacts(t.run_id, "config.json", str(root / "dl"))
-    text = open(local).read()
-    assert "1234567" not in text and json.loads(text)["run"]["seed"] == tracking.SEED_REDACTED
+    assert run.data.params["run.seed"] == config.SEED_REDACTED
+    assert "1234567" not in json.dumps(run.data.params)
+    cfg.dump(root / "config.json")
+    text = (root / "config.json").read_text()
+    assert "1234567" not in text and json.loads(text)["run"]["seed"] == config.SEED_REDACTED
+    assert cfg.run.seed == 1234567  # the live config keeps it (tests reproduce)
+
+
+@pytest.mark.parametrize("nondp", [True, False])
+def test_artifacts_outside_release_go_under_nondp_or_nowhere(root, nondp):
+    from dpfeta import release
+
+    cfg = cfg_for(root, f"artifacts-{nondp}", f"tracking.nondp={str(nondp).lower()}")
+    t = tracking.start_run(cfg)
+    run_dir = cfg.run_dir()
+    release.write_json(run_dir, "metrics.json", {"epsilon": 1.0})
+    (run_dir / "central").mkdir(exist_ok=True)
+    (run_dir / "central" / "grid.png").write_bytes(b"png")
+    shown = release.put_dir(run_dir, run_dir / "central", "central")
+    (run_dir / "eval.json").write_text("{}")
+    t.log_artifact(release.release_dir(run_dir) / "metrics.json")
+    t.log_artifact(shown / "grid.png")
+    t.log_artifact(run_dir / "eval.json")  # not a release file
+    t.log_artifact(run_dir / "eval.json", "evaluation")
+
+    def walk(path=None):
+        for a in t.client.list_artifacts(t.run_id, path):
+            yield from (walk(a.path) if a.is_dir else [a.path])
+
+    logged = set(walk())
+    expected = {"release/metrics.json", "release/central/grid.png"}
+    if nondp:
+        expected |= {"nondp/eval.json", "nondp/evaluation/eval.json"}
+    assert logged == expected

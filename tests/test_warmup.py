@@ -130,7 +130,7 @@ def test_warmup_resume_equals_uninterrupted_run(tmp_path):
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
-    assert a["meta"]["step"] == b["meta"]["step"] == 5 and a["meta"]["config"] == cfg.to_dict()
+    assert a["meta"]["step"] == b["meta"]["step"] == 5 and a["meta"]["config"] == cfg.public_dict()
     assert train_warmup(cfg, Central(), tmp_path / "b")["steps_run"] == 0  # finished: nothing to do
 
 
@@ -151,9 +151,21 @@ def test_cli_warmup_then_sample(tmp_path, capsys):
         "warmup: {steps: 2, batch_size: 4, log_every: 1}\n"
         "sample: {steps: 2, batch_size: 3}\nrun: {seed: 0}\n")
     common = ["--config", str(tmp_path / "c.yaml")]
-    assert cli.main(["warmup", *common, "--central", str(tmp_path / "central"), "--out", str(tmp_path / "w")]) == 0
+    args = ["warmup", *common, "--central", str(tmp_path / "central"), "--out", str(tmp_path / "w")]
+    assert cli.main(args) == 2  # central images without their ledger: refused, nothing trained
+    assert "ledger.json" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    from dpfeta import privacy
+
+    spent = privacy.Ledger("rdp", 1e-5, 600)
+    spent.add("central", noise_multiplier=5.0, sample_rate=0.1, count=2, taken=2)
+    spent.save(tmp_path / "central" / "ledger.json")
+    assert cli.main(args) == 0
     assert "step 2/2" in capsys.readouterr().out
+    # the warm-up carries the central spend on: its folder, its checkpoint and the samples
+    assert privacy.Ledger.load(tmp_path / "w" / "ledger.json").epsilon() == pytest.approx(spent.epsilon())
+    assert checkpoint.load(tmp_path / "w" / "checkpoint")["meta"]["ledger"] == spent.state_dict()
     assert cli.main(["sample", *common, "--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "s"),
                      "--num", "5"]) == 0
     assert "wrote 5 images" in capsys.readouterr().out
+    assert privacy.Ledger.load(tmp_path / "s" / "ledger.json").epsilon() == pytest.approx(spent.epsilon())
     assert len(list((tmp_path / "s" / "images").glob("*/*.png"))) == 5 and (tmp_path / "s" / "grid.png").is_file()
