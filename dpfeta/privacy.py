@@ -103,7 +103,7 @@ def epsilon_of(event: dp_accounting.DpEvent, *, delta: float, accountant: str,
         if vector is None:
             acc = make_accountant("rdp", grid)
             acc.compose(event)
-            vector = np.asarray(acc._rdp, dtype=np.float64)  # the accountant's composed curve
+            vector = np.asarray(acc.rdp, dtype=np.float64)  # the accountant's composed curve
         vector = np.where(np.isnan(vector), np.inf, vector)
         eps = float(rdp_impl.compute_epsilon(grid, vector, delta)[0]) if np.isfinite(vector).any() else math.inf
     else:
@@ -117,7 +117,8 @@ def epsilon_of(event: dp_accounting.DpEvent, *, delta: float, accountant: str,
 
 @functools.lru_cache(maxsize=4096)
 def _poisson_gaussian_rdp(q: float, sigma: float, orders: tuple) -> np.ndarray:
-    return np.asarray(rdp_impl._compute_rdp_poisson_subsampled_gaussian(q, sigma, list(orders)))
+    out = np.asarray(rdp_impl._compute_rdp_poisson_subsampled_gaussian(q, sigma, list(orders)), dtype=np.float64)
+    return np.where(np.isnan(out), np.inf, out)  # inf: an order the accountant cannot bound
 
 
 def _rdp_vector(event: dp_accounting.DpEvent, orders: tuple) -> np.ndarray | None:
@@ -137,6 +138,10 @@ def _rdp_vector(event: dp_accounting.DpEvent, orders: tuple) -> np.ndarray | Non
                 return None
             total = total + inner
         return total
+    if isinstance(event, dp_event.RepeatAndSelectDpEvent):  # the accountant's own formula (Papernot-Steinke)
+        inner = _rdp_vector(event.event, orders)
+        return None if inner is None else np.asarray(rdp_impl._compute_rdp_repeat_and_select(
+            list(orders), inner, float(event.mean), float(event.shape)), dtype=np.float64)
     if isinstance(event, dp_event.GaussianDpEvent):
         return _poisson_gaussian_rdp(1.0, float(event.noise_multiplier), orders)
     if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):

@@ -735,7 +735,7 @@ def run_trial(spec: _Spec, params: dict, trial_id: str) -> dict:
         out = dict(spec.trial_fn(ctx) or {})
         plan = ctx.plan  # the trial function may have reopened it (resume)
         result = _score(spec, plan, out, trial_id)
-        result.update(sigma=sigma, trial_id=trial_id, trial_done=1)
+        result.update(sigma=sigma, id=trial_id, trial_done=1)  # "trial_id" is Ray's own (a counter)
         record = {**plan.ledger.state_dict(), "epsilon_trial": result.get("epsilon_trial"),
                   "epsilon_if_all_trials_were_this_one": plan.epsilon, "epsilon_total": spec.plan["epsilon"]}
         (out_dir / "trial_ledger.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -951,7 +951,9 @@ def _fit(cfg: config_mod.Config, spec: _Spec, num_trials: int):
                 search_alg=BasicVariantGenerator(random_state=t.search_seed, max_concurrent=t.max_concurrent_trials),
                 reuse_actors=True),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=spec.sweep_dir,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
+                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+                                      # private: Tune's trial table (every trial's score, K) stays off stdout
+                                      verbose=0 if t.privacy_mode == "private" else None))
     return tuner.fit()
 
 
@@ -960,7 +962,7 @@ def _rows(grid, metric: str) -> list[dict]:
     for result in grid:
         m = result.metrics or {}
         rows.append({
-            "trial_id": m.get("trial_id") or Path(result.path).name,
+            "trial_id": m.get("id") or Path(result.path).name,
             "params": dict((result.config or {}).get("params", {})),
             "score": m.get(metric), "sigma": m.get("sigma"), "epsilon_trial": m.get("epsilon_trial"),
             "status": "error" if result.error else ("done" if m.get("trial_done") else "stopped"),
@@ -1014,6 +1016,7 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
         log.warning(line)
     cfg = privacy.resolve(cfg, n)
     sweep_dir = cfg.run_dir()
+    trials_cfg, trials_n = trials_config(cfg)  # refuses a bad proxy before anything is stored
     state = load_state(cfg, n)
     echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
     if (sweep_dir / SUMMARY_FILE).is_file():
@@ -1027,7 +1030,6 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
     log_trials = mode != "private"
     tracker = tracking.start_run(cfg, sweep_dir, params={**cfg.public_flat(), **_plan_params(plan)},
                                  tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": mode})
-    trials_cfg, trials_n = trials_config(cfg)
     spec = _Spec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=str(sweep_dir),
                  trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
                  parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,

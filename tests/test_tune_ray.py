@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from dp_accounting import dp_event, rdp
 
-from dpfeta import config, data, tune
+from dpfeta import config, data, release, tune
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -61,10 +61,14 @@ def _cfg(tmp_path, mode, *overrides):
 
 
 def fake_trial(ctx):
-    """Stand-in: more central rounds and warm-up score better; the count is out of the real val size."""
+    """Stand-in: more central rounds and warm-up score better; the count is out of the real val size.
+    It leaves a stand-in release (central grid, model) naming its trial, to trace what is published."""
     marker = ctx.out_dir / "runs.txt"
     with marker.open("a") as f:
         f.write("run\n")
+    for part in ("central", "model"):
+        (ctx.out_dir / "release" / part).mkdir(parents=True, exist_ok=True)
+        (ctx.out_dir / "release" / part / "stand-in.txt").write_text(f"output of trial {ctx.trial_id}\n")
     val_size = 180  # digits: 10 % of 1,797
     correct = 60 + 30 * ctx.cfg.central.rounds + 5 * ctx.cfg.warmup.steps
     if (ctx.out_dir.parents[1] / "SLOW").exists():  # <sweep dir>/SLOW: the resume test's slow trials
@@ -98,8 +102,21 @@ def _check_trials(summary, k):
     assert summary["best"]["trial_id"] == best["trial_id"]
 
 
+def _mlflow(tmp_path, cfg):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    return client, runs
+
+
+def _artifacts(client, run_id, path=None):
+    for a in client.list_artifacts(run_id, path):
+        yield from (_artifacts(client, run_id, a.path) if a.is_dir else [a.path])
+
+
 def test_private_sweep_accounts_the_whole_search(tmp_path):
-    cfg = _cfg(tmp_path, "private", "tune.seed=1", "tracking.enabled=true")  # seed 1: K = 3 trials
+    cfg = _cfg(tmp_path, "private", "tracking.enabled=true")  # run.seed=1: K = 3 trials
     summary = tune.run_sweep(cfg, trial_fn=fake_trial)
     _check_trials(summary, 3)
     n = data.public_train_size(cfg)
@@ -122,35 +139,79 @@ def test_private_sweep_accounts_the_whole_search(tmp_path):
     assert ref["rounds"] == 3  # randint(1, 4): at most 3 rounds
     assert _rdp_epsilon(worst) == pytest.approx(summary["epsilon"], rel=1e-9)
     assert summary["epsilon"] <= cfg.privacy.epsilon and summary["epsilon"] == pytest.approx(10.0, rel=1e-3)
-    # The release names the best trial only: no trial count, no other scores.
-    release = json.loads((cfg.run_dir() / tune.RELEASE_FILE).read_text())
-    assert release["best"]["trial_id"] == summary["best"]["trial_id"] and "trials" not in release
-    assert "num_trials" not in release
-    # MLflow: one parent run, a nested run per trial, the best one tagged, the summary artifacts.
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("dpfeta.kind") == "sweep")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
-    assert parent.data.tags["dpfeta.best_trial"] == summary["best"]["trial_id"]
-    assert [r.data.tags["dpfeta.trial_id"] for r in children if r.data.tags.get("dpfeta.best")] == \
-        [summary["best"]["trial_id"]]
+    # The release names the selected trial only (opaque id): no trial count, no other scores.
+    root = release.release_dir(cfg.run_dir())
+    record = json.loads((root / release.RECORD_FILE).read_text())
+    selection = json.loads((root / release.SELECTION_FILE).read_text())
+    assert selection["selected"]["id"] == summary["best"]["trial_id"] and "trials" not in selection
+    assert record["epsilon"] == pytest.approx(summary["epsilon"]) and record["seeded"] is True
+    assert (root / "central" / "stand-in.txt").read_text() == f"output of trial {summary['best']['trial_id']}\n"
+    # MLflow: one run (no run per trial, whatever tracking.nondp says); the summary under nondp/ only.
+    client, runs = _mlflow(tmp_path, cfg)
+    (parent,) = runs
+    assert parent.data.tags["dpfeta.selected"] == summary["best"]["trial_id"]
     assert parent.data.metrics["epsilon"] == pytest.approx(summary["epsilon"])
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"release.json", "summary.json", "trials.csv"}
+    logged = set(_artifacts(client, parent.info.run_id))
+    assert {p for p in logged if not p.startswith("release/")} == {"nondp/summary.json", "nondp/trials.csv"}
+    assert "release/release.json" in logged and "release/central/stand-in.txt" in logged
 
 
-def test_private_sweep_in_release_mode_keeps_trials_out_of_mlflow(tmp_path):
-    cfg = _cfg(tmp_path, "private", "tune.seed=0", "tracking.enabled=true", "tracking.nondp=false")  # K = 1
+@pytest.mark.parametrize("nondp", [False, True])
+def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp):
+    """K >= 5 trials drawn (a large mean); nothing published -- release/, MLflow params, tags, metric
+    names and artifacts outside nondp/ -- tells a trial's position, another trial's score, K, or
+    holds a non-selected trial's output."""
+    cfg = _cfg(tmp_path, "private", "tracking.enabled=true", f"tracking.nondp={str(nondp).lower()}",
+               "tune.num_trials=12", "run.seed=3")
     summary = tune.run_sweep(cfg, trial_fn=fake_trial)
-    from mlflow import MlflowClient
+    k = summary["num_trials"]
+    assert k >= 5
+    _check_trials(summary, k)
+    selected = summary["best"]["trial_id"]
+    others = [r for r in summary["trials"] if r["trial_id"] != selected]
+    import re
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    assert len(runs) == 1  # the sweep's parent run only: K and the other scores stay internal
-    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"release.json"}
-    assert runs[0].data.tags["dpfeta.best_trial"] == summary["best"]["trial_id"]
+    ray_ids = {m.group(0) for d in (cfg.run_dir() / tune.EXPERIMENT).iterdir() if d.is_dir()
+               for m in [re.search(r"[0-9a-f]{5}_\d{5}", d.name)] if m}
+    assert len(ray_ids) == k
+    client, runs = _mlflow(tmp_path, cfg)
+    (parent,) = runs  # no per-trial runs
+
+    published = []  # (where, text)
+    root = release.release_dir(cfg.run_dir())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    published += [(str(p), p.read_text()) for p in files]
+    published += [(f"param {k_}", f"{k_}={v}") for k_, v in parent.data.params.items()]
+    published += [(f"tag {k_}", f"{k_}={v}") for k_, v in parent.data.tags.items() if not k_.startswith("mlflow.")]
+    published += [(f"metric {k_}", f"{k_}={v}") for k_, v in parent.data.metrics.items()]
+    artifacts = set(_artifacts(client, parent.info.run_id))
+    for path in artifacts:
+        if path.startswith("nondp/"):
+            continue
+        assert path.startswith("release/") and (root / path[len("release/"):]).is_file(), path
+        local = client.download_artifacts(parent.info.run_id, path, str(tmp_path / "dl"))
+        assert Path(local).read_bytes() == (root / path[len("release/"):]).read_bytes()
+        published.append((f"artifact {path}", Path(local).read_text()))
+    if not nondp:
+        assert not [p for p in artifacts if p.startswith("nondp/")]
+
+    for where, text in published:
+        assert not re.search(r"_\d{5}\b", text), where  # Ray's counter ids: the trial's position
+        for rid in ray_ids:
+            assert rid not in text, where
+        for row in others:
+            assert row["trial_id"] not in text, where  # nor another trial's id, output or score
+            assert f"{row['score']}" not in text, where
+        assert "num_trials\": " + str(k) not in text and "trials.csv" not in text, where
+    # names: the public config, the sweep plan, the released total and the selected trial only
+    assert set(parent.data.params) <= set(cfg.public_flat()) | {f"sweep.{k}" for k in (
+        "mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise", "trials")}
+    assert set(parent.data.metrics) == {"epsilon", "selected/score", "selected/sigma"}
+    assert {k for k in parent.data.tags if not k.startswith("mlflow.")} == {"dpfeta.kind", "dpfeta.tune_mode",
+                                                                           "dpfeta.selected"}
+    assert parent.data.params["run.seed"] == config.SEED_REDACTED
+    assert (root / "model" / "stand-in.txt").read_text() == f"output of trial {selected}\n"
+    assert "seeded" in json.loads((root / release.RECORD_FILE).read_text())
 
 
 def test_naive_sweep_composes_k_trials(tmp_path):
@@ -165,8 +226,29 @@ def test_naive_sweep_composes_k_trials(tmp_path):
     realised = _rdp_epsilon(dp_event.ComposedDpEvent(events))  # the three trials actually run
     assert realised <= summary["epsilon"] * (1 + 1e-9) <= cfg.privacy.epsilon
     assert summary["epsilon"] == pytest.approx(10.0, rel=1e-3)
-    release = json.loads((cfg.run_dir() / tune.RELEASE_FILE).read_text())
-    assert "composed" in release["note"]
+    selection = json.loads((release.release_dir(cfg.run_dir()) / release.SELECTION_FILE).read_text())
+    assert "composed" in selection["note"]
+
+
+def _public_proxy(tmp_path) -> str:
+    """A public proxy on disk: another dataset (npz), not the sensitive digits."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "proxy.npz"
+    np.savez(path, x=rng.integers(0, 256, (1000, 8, 8), dtype=np.uint8), y=np.arange(1000) % 10)
+    return str(path)
+
+
+def test_public_sweep_refuses_the_sensitive_data_as_proxy(tmp_path):
+    cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_data={split_seed: 7}", "tune.proxy_is_public=true")
+    with pytest.raises(ValueError, match="same source"):
+        tune.run_sweep(cfg, trial_fn=fake_trial)
+    cfg = _cfg(tmp_path, "public", "tune.num_trials=3",
+               f"tune.proxy_data={{source: npz, path: {_public_proxy(tmp_path)}}}")
+    with pytest.raises(ValueError, match="proxy_is_public"):
+        tune.run_sweep(cfg, trial_fn=fake_trial)
+    assert not (tmp_path / "public" / "trials").exists()
 
 
 def test_public_sweep_spends_only_the_final_run(tmp_path):
@@ -176,15 +258,17 @@ def test_public_sweep_spends_only_the_final_run(tmp_path):
         finals.append(final_cfg)
         return {"accuracy": 0.5}
 
-    cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_data={split_seed: 7, val_fraction: 0.2}")
+    proxy = _public_proxy(tmp_path)
+    cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_is_public=true",
+               f"tune.proxy_data={{source: npz, path: {proxy}, val_fraction: 0.2}}")
     summary = tune.run_sweep(cfg, trial_fn=fake_trial, final_fn=final_fn)
     _check_trials(summary, 3)
     # trials ran on the proxy (its own split, its own N)
     trial_cfg = json.loads((cfg.run_dir() / "trials" / summary["best"]["trial_id"] / "config.json").read_text())
-    assert trial_cfg["data"]["split_seed"] == 7 and trial_cfg["data"]["val_fraction"] == 0.2
+    assert trial_cfg["data"]["source"] == "npz" and trial_cfg["data"]["val_fraction"] == 0.2
     # the final run: the sensitive data, the best hyperparameters, the whole budget
     (final,) = finals
-    assert final.data.split_seed == cfg.data.split_seed
+    assert final.data.source == "digits"
     assert final.central.rounds == summary["best"]["params"]["central.rounds"]
     n = data.public_train_size(cfg)
     q = 64 / n
@@ -234,7 +318,7 @@ tune.run_sweep(cfg, trial_fn=fake_trial)
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
-    overrides = [*FAST, f"run.dir={tmp_path}", "run.name=resume", "tune.seed=1", "tune.privacy_mode=private"]
+    overrides = [*FAST, f"run.dir={tmp_path}", "run.name=resume", "tune.privacy_mode=private"]
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(repo=str(REPO), tests=str(REPO / "tests")))
     (tmp_path / "resume").mkdir()
@@ -272,7 +356,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 def test_private_sweep_through_the_pipeline(tmp_path):
     """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score."""
-    cfg = _cfg(tmp_path, "private", *TINY, "tune.seed=0")  # seed 0: K = 1 trial (the stages, once)
+    cfg = _cfg(tmp_path, "private", *TINY, "run.seed=0")  # seed 0: K = 1 trial (the stages, once)
     summary = tune.run_sweep(cfg)
     (row,) = summary["trials"]
     trial_dir = Path(summary["best"]["dir"])
