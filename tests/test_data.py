@@ -350,3 +350,30 @@ def test_torchvision_mnist_root_on_disk(tmp_path):
     assert np.array_equal(s.train.images[:, 0], x[train_idx]) and np.array_equal(s.val.labels, y[val_idx])
     assert len(s.test) == 12 and data.public_train_size(cfg) == 36
     assert data.public_train_size(config.replace(cfg, {"data.path": str(tmp_path / "none")})) == 54000
+
+
+def test_the_test_split_is_public_only_when_the_config_says_so_and_it_is_separate(tmp_path):
+    x, y = toy(24)
+    xt, yt = toy(8, seed=3)
+    np.savez(tmp_path / "with_test.npz", x=x, y=y, x_test=xt, y_test=yt)
+    np.savez(tmp_path / "train_only.npz", x=x, y=y)
+    np.savez(tmp_path / "public_test.npz", x=xt, y=yt)
+    # carved out of the source: sensitive, whatever else is set
+    carved = make_cfg(data__source="npz", data__path=str(tmp_path / "train_only.npz"), data__test_fraction=0.25)
+    assert data.load_splits(carved).test_public is False and data.test_split_fact(carved)[0] is False
+    with pytest.raises(ValueError, match="data.test_is_public"):  # cannot declare a carved split public
+        data.load_splits(config.replace(carved, {"data.test_is_public": True}))
+    # the source's own test part: sensitive by default, public when declared
+    own = make_cfg(data__source="npz", data__path=str(tmp_path / "with_test.npz"))
+    assert data.load_splits(own).test_public is False
+    declared = data.load_splits(config.replace(own, {"data.test_is_public": True}))
+    assert declared.test_public is True and np.array_equal(declared.test.labels, yt)
+    # a separate public test set by path: read in the source's format, public
+    sep = config.replace(carved, {"data.test_path": str(tmp_path / "public_test.npz")})
+    s = data.load_splits(sep)
+    assert s.test_public is True and np.array_equal(s.test.images[:, 0], xt) and len(s.train) == 18
+    assert "data.test_path" in data.test_split_fact(sep)[1]
+    with pytest.raises(ValueError, match="apart from the sensitive"):  # the sensitive file itself: refused
+        data.load_splits(config.replace(carved, {"data.test_path": str(tmp_path / "train_only.npz")}))
+    with pytest.raises(ValueError, match="digits has none"):
+        data.load_splits(config.load(None, [f"data.test_path={tmp_path / 'public_test.npz'}"]))

@@ -203,7 +203,9 @@ def test_job_succeeded_with_epsilon_within_budget(job):
     assert 0 < result["epsilon"] <= cfg.privacy.epsilon
     assert result["delta"] == cfg.privacy.delta and result["accountant"] == cfg.privacy.accountant
     assert result["steps"] == result["steps_planned"] > 0
-    assert 0 <= result["accuracy"] <= 1 and result["fid_kind"] == "offline-cnn" and result["fid"] >= 0
+    # digits' test split is carved out of the sensitive source: accuracy and FID are non-DP
+    assert result["dp"] == {} and 0 <= result["nondp"]["accuracy"] <= 1
+    assert result["fid_kind"] == "offline-cnn" and result["nondp"]["fid"] >= 0
     ledger = json.loads((job["run_dir"] / "ledger.json").read_text())
     assert ledger["epsilon_spent"] == pytest.approx(result["epsilon"])
     assert {m["name"]: m["taken"] for m in ledger["mechanisms"]} == {"central": 2, "dpsgd": result["steps"]}
@@ -245,8 +247,10 @@ def test_mlflow_run_has_epsilon_curve_params_and_grids(job):
     for key in ("dp.sigma", "dp.q", "dp.T", "dp.delta", "dp.accountant", "privacy.epsilon", "model.channels"):
         assert key in params, key
     files = _artifacts(client, run.info.run_id)
-    for name in ("samples/grid.png", "central/grid.png", "config.json", "ledger.json", "eval.json", "model/ema.pt"):
+    for name in ("release/samples/grid.png", "release/central/grid.png", "release/config.json",
+                 "release/ledger.json", "release/release.json", "release/model/ema.pt", "nondp/eval.json"):
         assert name in files, (name, files)
+    assert all(f.startswith(("release/", "nondp/")) for f in files), files
 
 
 def test_nothing_logged_or_stored_copies_training_pixels(job):
@@ -261,12 +265,17 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
         assert training_copies(read_png(png, cfg.data.channels), train.images) == 0, png
     pixel_count = int(np.prod(train.images.shape[1:]))
     seed = str(cfg.run.seed)  # the noise seed is redacted everywhere (privacy.md §7)
-    assert seed not in json.dumps(run.data.params)
+    assert seed not in json.dumps(run.data.params) and seed not in json.dumps(run.data.tags)
+    stored = sorted(job["run_dir"].rglob("*.json"))  # config.json, checkpoint meta.json, release/, ledgers
+    assert len(stored) >= 8 and any(p.name == "meta.json" for p in stored)
+    for js in stored:
+        assert seed not in js.read_text(), js
+    assert json.loads((job["run_dir"] / "release" / "release.json").read_text())["seeded"] is True
     for js in local.rglob("*.json"):  # no dumps of pixel arrays or per-example data, no noise seed
         assert seed not in js.read_text(), js
         def walk(node):
-            if isinstance(node, list):
-                assert len(node) < pixel_count, (js, len(node))
+            if isinstance(node, list):  # a list of numbers as long as an image: a pixel dump
+                assert len(node) < pixel_count or all(isinstance(v, str) for v in node), (js, len(node))
                 for v in node:
                     walk(v)
             elif isinstance(node, dict):

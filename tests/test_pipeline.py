@@ -37,26 +37,25 @@ def test_ledger_epsilon_counts_a_stage_taken_before_the_others(tmp_path):
     assert pl.ledger.epsilon() == pytest.approx(pl.epsilon) and pl.epsilon <= 4
 
 
-def test_resume_refuses_a_stored_plan_above_the_target(tmp_path):
+def _stored_with_sigma(tmp_path, factor: float):
+    """A run directory whose ledger.json holds the plan with DP-SGD sigma scaled by ``factor``."""
     cfg = make_cfg(tmp_path)
     pl = pipeline.plan_run(cfg)
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True)
+    cfg.run_dir().mkdir(parents=True)
     stored = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
-    stored.get("dpsgd").noise_multiplier = pl.sigma * 0.9  # e.g. planned by an older, looser accountant
-    stored.save(run_dir / "ledger.json")
+    stored.get("dpsgd").noise_multiplier = pl.sigma * factor
+    stored.save(cfg.run_dir() / "ledger.json")
+    return cfg, pl, cfg.run_dir()
+
+
+def test_resume_refuses_a_stored_plan_above_the_target(tmp_path):
+    cfg, _, run_dir = _stored_with_sigma(tmp_path, 0.9)  # e.g. planned by an older, looser accountant
     with pytest.raises(ValueError, match="above the target"):
         pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
 
 
 def test_resume_keeps_the_stored_sigma_and_refuses_another_plan(tmp_path):
-    cfg = make_cfg(tmp_path)
-    pl = pipeline.plan_run(cfg)
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True)
-    stored = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
-    stored.get("dpsgd").noise_multiplier = pl.sigma * 1.01  # e.g. calibrated by an older release
-    stored.save(run_dir / "ledger.json")
+    cfg, pl, run_dir = _stored_with_sigma(tmp_path, 1.01)  # e.g. calibrated by an older release
     resumed = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
     assert resumed.sigma == pytest.approx(pl.sigma * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.sigma
     with pytest.raises(ValueError, match="different privacy plan"):

@@ -5,6 +5,7 @@ import logging
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting import rdp
 from hypothesis import HealthCheck, given, settings
@@ -182,3 +183,55 @@ def test_composed_epsilon_is_at_least_each_part(sc, qc, n, s, q, t):
     for part in ledger.per_mechanism(planned=False).values():
         assert total >= part - 1e-9
     assert math.isfinite(total)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(eps=st.floats(1.0, 20.0), rounds=st.integers(0, 10), sigma_c=st.floats(3.0, 30.0),
+       central_batch=st.integers(50, 2000), batch=st.integers(32, 4000), epochs=st.floats(0.5, 50.0))
+def test_a_planned_run_never_overshoots_its_target(eps, rounds, sigma_c, central_batch, batch, epochs):
+    """The whole plan (central query + DP-SGD) calibrated by ``privacy.plan``, checked with a fresh
+    dp_accounting RdpAccountant on the default order grid (not this module's cached fast path)."""
+    from dp_accounting import dp_event, rdp
+
+    cfg = config.load("configs/digits.yaml", [
+        f"privacy.epsilon={eps}", f"central.rounds={rounds}", f"central.noise_multiplier={sigma_c}",
+        f"central.batch_size={central_batch}", f"finetune.batch_size={batch}", f"finetune.epochs={epochs}",
+        "finetune.init=scratch"])
+    n = 10_000
+    try:
+        pl = privacy.plan(cfg, n)
+    except ValueError as exc:  # the central query alone spends the target: refused, never overshot
+        assert "alone spends" in str(exc)
+        return
+
+    def events(sigma):
+        parts = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
+            batch / n, dp_event.GaussianDpEvent(sigma)), pl.steps)]
+        if rounds:
+            parts.append(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
+                central_batch / n, dp_event.GaussianDpEvent(sigma_c)), rounds))
+        acc = rdp.RdpAccountant()
+        acc.compose(dp_event.ComposedDpEvent(parts))
+        return acc.get_epsilon(1e-5)
+
+    assert pl.steps == math.ceil(epochs / (batch / n) - 1e-9)
+    assert events(pl.sigma) <= eps * (1 + 1e-12) and pl.epsilon <= eps
+    assert events(pl.sigma * (1 - 2e-3)) > eps  # the smallest sigma, to the configured tolerance
+
+
+def test_a_mechanism_not_yet_run_never_turns_epsilon_into_zero():
+    """0 compositions of a mechanism whose RDP curve is infinite at some orders: 0 * inf = NaN made
+    dp_accounting report epsilon = 0 under a repeat-and-select wrapper. It now costs exactly 0."""
+    from dp_accounting import dp_event
+
+    step = dp_event.PoissonSampledDpEvent(0.9, dp_event.GaussianDpEvent(0.3))
+    assert not np.isfinite(privacy._rdp_vector(step, privacy.DEFAULT_RDP_ORDERS)).all()  # the trap exists
+    ledger = privacy.Ledger("rdp", 1e-5, 1000, repeat={"mean": 3.0, "shape": 1.0})
+    ledger.add("central", noise_multiplier=5.0, sample_rate=0.1, count=5, taken=5)
+    ledger.add("dpsgd", noise_multiplier=0.3, sample_rate=0.9, count=10, taken=0)
+    alone = privacy.Ledger("rdp", 1e-5, 1000, repeat={"mean": 3.0, "shape": 1.0})
+    alone.add("central", noise_multiplier=5.0, sample_rate=0.1, count=5, taken=5)
+    assert ledger.epsilon() == pytest.approx(alone.epsilon(), rel=1e-12) and ledger.epsilon() > 0.1
+    assert ledger.to_json()["epsilon_spent"] == pytest.approx(alone.epsilon())
+    # the mechanism itself, run: its NaN orders count as infinite, the others bound it (never 0)
+    assert privacy.epsilon_of(dp_event.SelfComposedDpEvent(step, 10), delta=1e-5, accountant="rdp") > 1.0

@@ -269,3 +269,39 @@ def test_cli_and_job_entry_point_refuse_asha_in_private_mode(capsys):
     spec.loader.exec_module(job)
     assert job.main(args) == 2
     assert "tune.scheduler" in capsys.readouterr().err
+
+
+def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
+    """(q, T) move with the trial: each trial's own curve (central + DP-SGD at its q and T + M3) must
+    stay under the reference at every order, so the sweep's total holds for every draw."""
+    space = {"finetune.batch_size": {"type": "choice", "values": [32, 64, 128]},
+             "finetune.epochs": {"type": "uniform", "lower": 0.5, "upper": 2.0},
+             "central.rounds": {"type": "randint", "lower": 1, "upper": 3}}
+    cfg = privacy.resolve(_cfg(space=space), DIGITS_N)
+    sp = tune.sweep_plan(cfg, DIGITS_N)
+    ref, t = sp["reference"], cfg.tune
+    bound = np.asarray(ref["rdp"])
+    sigmas = []
+    for batch, epochs, rounds in [(32, 0.5, 1), (32, 2.0, 2), (64, 1.0, 1), (128, 0.5, 2), (128, 2.0, 2)]:
+        trial_cfg = config.replace(cfg, {"finetune.batch_size": batch, "finetune.epochs": epochs,
+                                         "central.rounds": rounds})
+        sigma = tune.trial_sigma(sp, trial_cfg, DIGITS_N)
+        q = batch / DIGITS_N
+        steps = math.ceil(epochs / q - 1e-9)
+        event = _trial_event(rounds, 2.0, 100 / DIGITS_N, sigma, q, steps, t.score_noise)
+        acc = rdp.RdpAccountant(list(ref["orders"]))
+        acc.compose(event)
+        assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12), (batch, epochs, rounds)
+        assert _rdp_epsilon(dp_event.RepeatAndSelectDpEvent(event, t.num_trials, t.tnb_eta)) <= cfg.privacy.epsilon
+        plan = tune.trial_plan(sp, trial_cfg, DIGITS_N, sigma)
+        assert (plan.sample_rate, plan.steps) == (pytest.approx(q), steps)
+        sigmas.append(sigma)
+    # more steps at the same q need more noise: the trials really got their own sigma
+    assert sigmas[1] > sigmas[0] and sigmas[4] > sigmas[3]
+
+
+def test_search_seed_is_public_and_the_old_key_is_refused():
+    cfg = _cfg("tune.search_seed=7")
+    assert cfg.tune.search_seed == 7 and cfg.public_flat()["tune.search_seed"] == 7
+    with pytest.raises(ValueError, match="tune.search_seed"):
+        _cfg("tune.seed=1")
