@@ -236,6 +236,8 @@ def stage_central(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Imag
         return None
     if out.is_dir():
         log.info("central: found %s, skipping", out)
+        if not (release.release_dir(run_dir) / "central").is_dir():  # interrupted before it was published
+            return _publish_central(cfg, run_dir, pl, out)
         return central.load_central(out)
     if pl.ledger.get("central").taken == cfg.central.rounds:  # counted, then interrupted before the move
         if not (tmp / "central.json").is_file():
@@ -387,6 +389,8 @@ def stage_sample(cfg: Config, run_dir: Path, weights_dir: Path) -> data.ImageSet
     out, tmp = run_dir / "samples", run_dir / "samples.tmp"
     if (out / "samples.json").is_file():
         log.info("sample: found %s, skipping", out)
+        if not (release.release_dir(run_dir) / "samples").is_dir():  # interrupted before it was published
+            tracking.log_artifact(release.put_dir(run_dir, out, "samples") / "grid.png")
         return evaluate.load_synthetic(out, cfg)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()

@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
