@@ -28,7 +28,7 @@ def main() -> None:
             start, cpu = time.perf_counter(), time.process_time()
             pl = privacy.plan(cfg, n)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            print(f"{path:<32} {accountant:<5} {pl.sigma:>9.4f} {pl.steps:>6d} {pl.epsilon:>8.4f} "
+            print(f"{path:<32} {accountant:<5} {pl.noise_multiplier:>9.4f} {pl.steps:>6d} {pl.epsilon:>8.4f} "
                   f"{seconds:>8.2f} {cpu:>8.2f}")
 
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from dpfeta import config as config_mod
 from dpfeta import privacy
-from dpfeta.data import ImageSet, encode_png, read_image_folder
+from dpfeta.data import ImageSet, read_image_folder
+from dpfeta.images import encode_png
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def release(cfg: config_mod.Config, train, out_dir: Path | str, *,
     out = check_fresh_out(out_dir)
     result = central_images(cfg, train, generator=generator)
     n = _dataset_facts(train)[0]
-    ledger = privacy.Ledger(cfg.privacy.accountant, cfg.privacy.delta, n, seeded=generator is not None)
+    ledger = privacy.Ledger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta, n=n, seeded=generator is not None)
     if result.rounds:
         ledger.add("central", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                    count=result.rounds, taken=result.rounds)

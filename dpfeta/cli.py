@@ -42,9 +42,10 @@ def _cmd_budget(args) -> int:
     cfg = _load(args)
     if args.sweep:
         from dpfeta import data, tune
+        from dpfeta.privacy import sweep as psweep
 
-        sp = tune.sweep_plan(cfg, data.public_train_size(cfg))
-        print(json.dumps(tune.sweep_plan_json(sp), indent=2) if args.json else tune.sweep_plan_table(sp))
+        sp = tune.plan_sweep(cfg, data.public_train_size(cfg))
+        print(json.dumps(psweep.sweep_plan_json(sp), indent=2) if args.json else psweep.sweep_plan_table(sp))
         return 0
     pl = _plan(cfg)
     if args.json:
@@ -65,20 +66,17 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_central(args) -> int:
-    import torch
-
-    from dpfeta import central, data, privacy
+    from dpfeta import central, cluster, data, privacy, rng
 
     cfg = _load(args)
     _plan(cfg)  # refuses, before any data is read, when the central query alone spends the target
     central.check_fresh_out(args.out)  # a folder that already spent: refused before any data is read
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))  # sigma_c fixed once, from public facts
     splits = data.load_splits(cfg)  # validates before any privacy spend
-    generator = None
-    if cfg.run.seed is not None:
-        log.warning("run.seed=%d: sampling and noise are reproducible (tests only, not a release)", cfg.run.seed)
-        generator = torch.Generator().manual_seed(cfg.run.seed)
-    with data.ray_session(cfg):
+    generator = rng.seeded_generator(cfg.run.seed, stream="central")
+    if generator is not None:
+        log.warning("run.seed is set: sampling and noise are reproducible (tests only, not a release)")
+    with cluster.session(cfg):
         train = data.to_ray_dataset(splits.train, index=True)
         result, ledger = central.release(cfg, train, args.out, generator=generator)
     c = cfg.central
@@ -153,18 +151,11 @@ def _cmd_warmup(args) -> int:
 def _cmd_sample(args) -> int:
     from pathlib import Path
 
-    import torch
-
-    from dpfeta import diffusion
+    from dpfeta import cluster, diffusion, rng
 
     cfg = _load(args)
-    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
-    denoiser = diffusion.load_denoiser(args.checkpoint, cfg).to(device)  # EMA weights
-    generator = torch.Generator()
-    if cfg.run.seed is not None:
-        generator.manual_seed(cfg.run.seed)
-    else:
-        generator.seed()
+    denoiser = diffusion.load_denoiser(args.checkpoint, cfg).to(cluster.device(cfg))  # EMA weights
+    generator = rng.make_generator(cfg.run.seed, stream="sample")
     num = args.num or cfg.sample.num_samples
     images, _ = diffusion.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
     try:  # sampling is post-processing: the samples carry the checkpoint's ledger on

@@ -467,8 +467,14 @@ def validate(cfg: Config) -> None:
     _check(t.score_noise > 0, "tune.score_noise", "a number > 0", t.score_noise)
     if t.privacy_mode == "private":
         _check(t.scheduler == "fifo", "tune.scheduler",
-               "fifo in tune.privacy_mode=private (adaptive schedulers select on private scores "
-               "and are not covered by the random-stopping analysis)", t.scheduler)
+               "fifo in tune.privacy_mode=private (adaptive schedulers and searchers -- ASHA, HyperBand, PBT, "
+               "Bayesian search -- decide on private intermediate scores and are outside the random-stopping "
+               "analysis of Papernot & Steinke; use privacy_mode=naive or public)", t.scheduler)
+        _check(t.metric == "score", "tune.metric",
+               "score (the DP validation score, M3) in tune.privacy_mode=private", t.metric)
+    if t.privacy_mode != "public":
+        _check(not t.metric.startswith("nondp/"), "tune.metric", "a DP metric (selecting on a non-DP one leaks)",
+               t.metric)
 
     r = cfg.run
     if isinstance(r.num_workers, tuple):

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from ray.train import DataConfig
 
-from dpfeta import checkpoint, data, finetune, privacy
+from dpfeta import checkpoint, cluster, data, finetune, privacy
 from dpfeta.config import Config
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,6 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     ``fail_at_step`` (tests): the last rank raises once at that step. ``task``: tests swap the model.
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` inside a trial.
     """
-    import ray
-
     if cfg.finetune.init == "scratch" and init_dir is not None:
         raise ValueError(f"config key 'finetune.init': 'scratch' trains from a fresh network, got "
                          f"init_dir={str(init_dir)!r}; set finetune.init=warmup to start from it")
@@ -201,8 +199,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
                        "but its images are unused (central.rounds=0 gives DP-SGD the whole budget)",
                        cfg.central.rounds)
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address)
+    cluster.connect(cfg)
     dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
     config = {"cfg": cfg, "plan": plan, "init_dir": None if init_dir is None else str(init_dir), "task": task,
               "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER)}
@@ -220,7 +217,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     ledger = privacy.Ledger.from_state_dict(meta["ledger"])
     ledger.save(out_dir / "ledger.json")
     summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
-    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "sigma": plan.sigma,
+    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "sigma": plan.noise_multiplier,
                     "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
                     "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
                     "world_size": meta["world_size"]})

@@ -20,9 +20,7 @@ seeds are never logged.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -40,28 +38,6 @@ logger = logging.getLogger(__name__)
 
 LossRows = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 CLIP_EPS = 1e-6  # clip factor min(1, C / (||g|| + eps)), as Opacus and the DPDM fork
-
-
-# --------------------------------------------------------------------------------------------
-# Generators
-# --------------------------------------------------------------------------------------------
-
-
-def make_generator(seed: Optional[int], *, stream: str, rank: int, step: int,
-                   device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for one purpose ("sample", "noise", "loss") on one rank, from ``step`` on.
-
-    ``seed=None`` (production): 63 bits of OS entropy, fresh for every attempt. With a seed (tests,
-    reproduction) the state is derived from (seed, stream, rank, step), so ranks get distinct streams
-    and a resumed attempt never replays the noise of the attempt it replaces (stack-notes P6).
-    """
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.manual_seed(secrets.randbits(63))
-    else:
-        digest = hashlib.sha256(f"{seed}/{stream}/{rank}/{step}".encode()).digest()
-        generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return generator
 
 
 # --------------------------------------------------------------------------------------------

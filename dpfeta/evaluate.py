@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from torch import nn
 
+from dpfeta import cluster
 from dpfeta import images as images_mod
 from dpfeta.config import Config
 from dpfeta.data import ImageSet, Splits
@@ -53,7 +54,7 @@ Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 [N,C,H,W] -> float64 [N,
 
 
 def _device(cfg: Config) -> torch.device:
-    return torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    return cluster.device(cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dpfeta import checkpoint, dpsgd, privacy
+from dpfeta import checkpoint, dpsgd, privacy, rng
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss_rows
 from dpfeta.images import to_float
@@ -110,7 +110,7 @@ def _check_model(meta: dict, cfg: Config, where: Path | str) -> None:
 def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
     """sigma, q, T and N of a checkpoint must be the plan's: a restart never recalibrates."""
     saved = (meta["sigma"], meta["sample_rate"], meta["steps"], meta["n"])
-    given = (plan.sigma, plan.sample_rate, plan.steps, plan.n)
+    given = (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.n)
     if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, given)):
         raise ValueError(f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
                          f"plan now gives {given}; sigma is decided once per run, use a new output folder")
@@ -201,12 +201,12 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
 
     # Generators: OS entropy per attempt unless run.seed (then distinct per stream, rank and start).
     seed = cfg.run.seed
-    sampler = dpsgd.PoissonSampler(len(shard), sample_rate=plan.sample_rate, generator=dpsgd.make_generator(
+    sampler = dpsgd.PoissonSampler(len(shard), sample_rate=plan.sample_rate, generator=rng.make_generator(
         seed, stream="sample", rank=worker.rank, step=step))
-    loss_generator = dpsgd.make_generator(seed, stream="loss", rank=worker.rank, step=step, device=device)
-    noise_generator = (dpsgd.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
+    loss_generator = rng.make_generator(seed, stream="loss", rank=worker.rank, step=step, device=device)
+    noise_generator = (rng.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
                        if worker.rank == 0 else None)
-    private = dpsgd.DPSGD(net, noise_multiplier=plan.sigma, max_grad_norm=f.max_grad_norm,
+    private = dpsgd.DPSGD(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
                           expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
                           physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
                           grad_sample_mode=f.grad_sample_mode)
@@ -219,7 +219,7 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
     if worker.rank == 0:
         logger.info("finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
                     "T=%d, from step %d", start, count_parameters(net), len(images), plan.n,
-                    worker.world_size, plan.sigma, plan.sample_rate, plan.steps, step)
+                    worker.world_size, plan.noise_multiplier, plan.sample_rate, plan.steps, step)
     window, metrics, first_step = _Window(start=time.perf_counter()), {}, step
     net.train()
     while step < plan.steps:
@@ -253,7 +253,7 @@ def _metrics(cfg: Config, plan: privacy.Plan, ledger: privacy.Ledger, step: int,
              window: _Window) -> dict[str, Any]:
     """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
     out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
-           "epsilon": ledger.epsilon(), "sigma": plan.sigma,
+           "epsilon": ledger.epsilon(), "sigma": plan.noise_multiplier,
            "sec_per_step": (time.perf_counter() - window.start) / max(window.steps, 1)}
     if cfg.tracking.nondp:
         examples = max(window.examples, 1)
@@ -271,7 +271,7 @@ def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Con
     if not save:
         reporter(metrics, None)
         return
-    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "sigma": plan.sigma,
+    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "sigma": plan.noise_multiplier,
             "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
             "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
             "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.public_dict()}

@@ -1,17 +1,24 @@
-"""Image conversions and PNG I/O: uint8 [N,C,H,W] <-> float in [-1, 1], grids, class folders."""
+"""Image conversions and PNG I/O: uint8 [N,C,H,W] <-> float in [-1, 1], PNG/JPEG codecs, grids,
+class folders. torch is imported only by the functions that take or return tensors."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    import torch
+
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
@@ -20,6 +27,8 @@ def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float in [-1, 1] -> uint8 (rounded, clamped), on the CPU."""
+    import torch
+
     return ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -30,8 +39,40 @@ def _pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
 
 
+def decode_image(data: bytes | Path, where: str) -> np.ndarray:
+    """PNG/JPEG -> uint8 [C, H, W] with C = 1 (greyscale) or 3; names ``where`` when corrupt."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("1", "L", "LA", "I;16", "I"):
+                img = img.convert("L") if mode in ("1", "LA") else img
+                arr = np.asarray(img)
+                if arr.dtype != np.uint8:
+                    arr = (arr.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+                return arr[None]
+            arr = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+            if mode == "P" and np.all(arr == arr[:1]):
+                return np.ascontiguousarray(arr[:1])  # greyscale palette
+            return np.ascontiguousarray(arr)
+    except UnidentifiedImageError:
+        raise ValueError(f"unreadable or corrupt image {where}: not a PNG/JPEG image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"unreadable or corrupt image {where}: {exc}") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] -> PNG bytes."""
+    buf = io.BytesIO()
+    _pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+
 def _numpy_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 images [N,C,H,W] with C in (1, 3), got "
                          f"{images.dtype} {tuple(images.shape)}")
@@ -67,7 +108,7 @@ def save_class_folders(images: torch.Tensor | np.ndarray, labels: torch.Tensor |
                        out_dir: Path | str, *, start: int = 0) -> None:
     """Write ``out_dir/<label:06d>/<index:06d>.png`` (torchvision ImageFolder order)."""
     images = _numpy_uint8(images)
-    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
     if len(labels) != len(images):
         raise ValueError(f"expected one label per image, got {len(labels)} labels for {len(images)} images")
     out_dir = Path(out_dir)
@@ -105,7 +146,7 @@ def save_class_grid(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np
                     path: Path | str, *, per_class: int = 10, scale: int = 2) -> Path:
     """Grid with one row per class (ascending), its first ``per_class`` images; gaps stay black."""
     images = _numpy_uint8(images)
-    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
     classes = np.unique(labels)
     tiles = np.zeros((len(classes) * per_class, *images.shape[1:]), dtype=np.uint8)
     for row, c in enumerate(classes):

@@ -17,10 +17,7 @@ plan is printed before any data is read; sigma is decided once, stored in ledger
 recalibrated on resume (a stored plan above the target is refused). A spending stage is recorded in
 ledger.json *before* its output touches the disk, so the ledger never under-reports.
 
-Ray: the cluster named by ``run.ray_address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
-local one with logical CPU headroom for Ray Data. When ``run.use_gpu`` is set and the driver has no
-GPU (a CPU head node), warm-up, sampling and evaluation run as one-GPU Ray tasks; their files travel
-through the object store, so no shared filesystem is needed for them.
+Where each stage runs (the Ray session, GPU tasks from a CPU head) is ``cluster``'s business.
 """
 
 from __future__ import annotations
@@ -29,24 +26,22 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import data, privacy, release, tracking
+from dpfeta import cluster, data, privacy, release, rng, tracking
 from dpfeta.config import Config
 
 log = logging.getLogger(__name__)
 
 # Sections whose change makes a run directory's outputs or ledger invalid.
 RESUME_SECTIONS = ("data", "central", "model", "diffusion", "warmup", "finetune", "privacy")
-RAY_DATA_HEADROOM_CPUS = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,14 +92,14 @@ def open_ledger(run_dir: Path, pl: privacy.Plan) -> privacy.Plan:
     ledger = privacy.Ledger.load(path)
     pl.ledger.check_same_plan(ledger, where=f"'{path}'")
     sigma = ledger.get("dpsgd").noise_multiplier
-    if not math.isclose(sigma, pl.sigma, rel_tol=1e-6):
-        log.warning("resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma, pl.sigma)
+    if not math.isclose(sigma, pl.noise_multiplier, rel_tol=1e-6):
+        log.warning("resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma, pl.noise_multiplier)
     planned = ledger.epsilon(planned=True)
     if planned > pl.target_epsilon * (1 + 1e-9):
         raise ValueError(f"'{path}' holds a plan of epsilon={planned:.6g} (recomputed by this version's "
                          f"{ledger.accountant} accountant), above the target privacy.epsilon={pl.target_epsilon:g}; "
                          "it cannot be resumed within the budget: start a new run.name")
-    return dataclasses.replace(pl, sigma=sigma, ledger=ledger, epsilon=planned)
+    return dataclasses.replace(pl, noise_multiplier=sigma, ledger=ledger, epsilon=planned)
 
 
 def record(run_dir: Path, pl: privacy.Plan, name: str, count: int) -> float:
@@ -133,93 +128,10 @@ def publish(cfg: Config, run_dir: Path, pl: privacy.Plan, metrics: Optional[dict
             tracking.log_artifact(root / name)
 
 
-_started_ray = False  # this process started a local Ray (and shuts it down at the end of run())
-
-
-def connect_ray(cfg: Config) -> None:
-    """Connect to the configured/found cluster, else start a local one (once per process)."""
-    global _started_ray
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("ray: connecting to %s", address)
-        ray.init(address=address, runtime_env=_runtime_env())
-        return
-    workers = cfg.run.num_workers[1] if isinstance(cfg.run.num_workers, tuple) else cfg.run.num_workers
-    num_cpus = math.ceil(workers * cfg.run.cpus_per_worker) + RAY_DATA_HEADROOM_CPUS
-    log.info("ray: starting a local cluster with %d logical CPUs (%d for Ray Data)", num_cpus,
-             RAY_DATA_HEADROOM_CPUS)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env())
-    _started_ray = True
-
-
-def _shutdown_ray() -> None:
-    global _started_ray
-    if _started_ray:
-        import ray
-
-        ray.shutdown()
-        _started_ray = False
-
-
-def _runtime_env() -> dict:
-    """Job-level env for Ray workers: the MLflow run (rank 0 may log to it).
-
-    Variables the driver already has (e.g. from a job's runtime_env.yaml) are left out: Ray refuses
-    to merge a job's runtime_env with a ray.init one that sets the same variable.
-    """
-    tracker = tracking.current()
-    env = {k: v for k, v in (tracker.env() if tracker else {}).items() if k not in os.environ}
-    return {"env_vars": env} if env else {}
-
-
-def _needs_remote(cfg: Config) -> bool:
-    if not cfg.run.use_gpu:
-        return False
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-def call(cfg: Config, fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` here, or as a one-GPU Ray task when a GPU is asked for and the driver has none."""
-    if not _needs_remote(cfg):
-        return fn(*args)
-    import ray
-
-    connect_ray(cfg)
-    task = ray.remote(num_gpus=1, num_cpus=cfg.run.cpus_per_worker)(fn)
-    return ray.get(task.remote(*args))
-
-
-def _pack(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-
-
-def _unpack(files: dict[str, bytes], directory: Path) -> None:
-    for rel, blob in files.items():
-        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-        (directory / rel).write_bytes(blob)
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-
-
-def _generator(cfg: Config, offset: int):
-    import torch
-
-    g = torch.Generator()
-    if cfg.run.seed is not None:
-        g.manual_seed(cfg.run.seed + offset)
-    else:
-        g.seed()
-    return g
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +160,7 @@ def stage_central(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Imag
         return _publish_central(cfg, run_dir, pl, out)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    result = central.central_images(cfg, train, generator=_generator(cfg, 1) if cfg.run.seed is not None else None)
+    result = central.central_images(cfg, train, generator=rng.seeded_generator(cfg.run.seed, stream="central"))
     if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
         raise RuntimeError("internal: the central noise differs from the ledger's; nothing was recorded")
     eps = record(run_dir, pl, "central", result.rounds)  # counted before the output touches the disk
@@ -272,9 +184,9 @@ def _warmup_task(cfg: Config, central_set: data.ImageSet, files: dict[str, bytes
     from dpfeta import warmup
 
     with tempfile.TemporaryDirectory() as tmp:
-        _unpack(files, Path(tmp))
-        summary = warmup.train_warmup(cfg, central_set, tmp, generator=_generator(cfg, 2) if cfg.run.seed is not None else None)
-        return summary, _pack(Path(tmp))
+        cluster.unpack(files, Path(tmp))
+        summary = warmup.train_warmup(cfg, central_set, tmp, generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
+        return summary, cluster.pack(Path(tmp))
 
 
 def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet]) -> Optional[Path]:
@@ -289,16 +201,16 @@ def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet
         log.info("warmup: found a finished checkpoint at %s, skipping", ckpt)
         return ckpt
     start = time.perf_counter()
-    if _needs_remote(cfg):
-        files = _pack(out) if out.is_dir() else {}
-        summary, files = call(cfg, _warmup_task, cfg, central_set, files)
-        _unpack(files, out)
+    if cluster.needs_remote(cfg):
+        files = cluster.pack(out) if out.is_dir() else {}
+        summary, files = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, files)
+        cluster.unpack(files, out)
     else:
         reporter = lambda m: tracking.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
         summary = warmup.train_warmup(cfg, central_set, out, reporter=reporter,
-                                      generator=_generator(cfg, 2) if cfg.run.seed is not None else None)
+                                      generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
     log.info("warmup: done in %.1fs (loss %s)", time.perf_counter() - start, summary.get("loss"))
-    return Path(summary.get("checkpoint", ckpt)) if not _needs_remote(cfg) else ckpt
+    return Path(summary.get("checkpoint", ckpt)) if not cluster.needs_remote(cfg) else ckpt
 
 
 def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet,
@@ -313,7 +225,7 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     summary = out / "finetune.json"
     callbacks = list(callbacks or [])
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
-        connect_ray(cfg)  # only when there is training to do: a finished run resumes without Ray
+        cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
         callbacks += _mlflow_callbacks()
     result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out,
                                       callbacks=callbacks)
@@ -368,16 +280,13 @@ def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:
         tracking.log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
 
 
-def _sample_task(cfg: Config, ckpt_files: dict[str, bytes], seed_offset: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
+def _sample_task(cfg: Config, ckpt_files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
     from dpfeta import diffusion
 
     with tempfile.TemporaryDirectory() as tmp:
-        _unpack(ckpt_files, Path(tmp))
-        device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
-        denoiser = diffusion.load_denoiser(tmp, cfg, weights="ema").to(device)
-    g = _generator(cfg, seed_offset)
+        cluster.unpack(ckpt_files, Path(tmp))
+        denoiser = diffusion.load_denoiser(tmp, cfg, weights="ema").to(cluster.device(cfg))
+    g = rng.make_generator(cfg.run.seed, stream="sample")
     images, labels = diffusion.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
     return images.numpy(), labels.numpy()
 
@@ -394,7 +303,7 @@ def stage_sample(cfg: Config, run_dir: Path, weights_dir: Path) -> data.ImageSet
         return evaluate.load_synthetic(out, cfg)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    x, y = call(cfg, _sample_task, cfg, _pack(weights_dir), 3)
+    x, y = cluster.run_on_gpu(cfg, _sample_task, cfg, cluster.pack(weights_dir))
     images.save_class_folders(x, y, tmp / "images")
     images.save_class_grid(x, y, tmp / "grid.png")
     meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
@@ -412,15 +321,6 @@ def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -
     return evaluate.evaluate(cfg, synthetic, splits)
 
 
-def privacy_summary(pl: privacy.Plan) -> dict:
-    ledger = pl.ledger
-    return {"epsilon": ledger.epsilon(), "epsilon_target": pl.target_epsilon, "delta": ledger.delta,
-            "accountant": ledger.accountant, "neighbouring_relation": privacy.NEIGHBOURING_RELATION,
-            "noise_multiplier": pl.sigma, "sample_rate": pl.sample_rate,
-            "steps": ledger.get("dpsgd").taken, "steps_planned": pl.steps,
-            "epsilon_per_mechanism": ledger.per_mechanism(planned=False), "seeded": ledger.seeded}
-
-
 def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data.ImageSet,
                    splits: data.Splits) -> dict:
     """eval.json (the operator's record: DP and non-DP sections) and release/metrics.json (DP only)."""
@@ -428,7 +328,7 @@ def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data
     if path.is_file():
         log.info("evaluate: found %s, skipping", path)
         return json.loads(path.read_text())
-    result = {**privacy_summary(pl), **call(cfg, _evaluate_task, cfg, synthetic, splits)}
+    result = {**privacy.privacy_summary(pl), **cluster.run_on_gpu(cfg, _evaluate_task, cfg, synthetic, splits)}
     result["run_dir"] = str(run_dir)
     path.write_text(json.dumps(result, indent=2) + "\n")
     log_eval(result)
@@ -487,7 +387,7 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
         status = "FINISHED"
     finally:
         tracking.end_run(status)
-        _shutdown_ray()
+        cluster.shutdown()
     result["seconds"] = round(time.perf_counter() - start, 1)
     echo(summary_text(cfg, result, tracker.uri if tracker else None))
     return result

@@ -317,7 +317,7 @@ def log_artifact(path: Path | str, artifact_path: Optional[str] = None) -> None:
 def run_params(cfg: Config, plan) -> dict[str, Any]:
     """The flattened config (noise seed redacted) plus the privacy plan (sigma, q, T, delta, accountant)."""
     params = cfg.public_flat()
-    params.update({"dp.sigma": plan.sigma, "dp.q": plan.sample_rate, "dp.T": plan.steps,
+    params.update({"dp.noise_multiplier": plan.noise_multiplier, "dp.q": plan.sample_rate, "dp.T": plan.steps,
                    "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
                    "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})
     return params

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchvision.transforms import RandAugment
 
-from dpfeta import checkpoint
+from dpfeta import checkpoint, cluster, rng
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
@@ -82,7 +82,7 @@ def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch
 
 
 def _device(cfg: Config) -> torch.device:
-    return torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    return cluster.device(cfg)
 
 
 def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module,
@@ -130,11 +130,7 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
     images, labels = central_arrays(central, cfg)
     ckpt_dir = Path(out_dir) / "checkpoint"
     if generator is None:
-        generator = torch.Generator()
-        if cfg.run.seed is not None:
-            generator.manual_seed(cfg.run.seed)
-        else:
-            generator.seed()
+        generator = rng.make_generator(cfg.run.seed, stream="warmup")
 
     # Model, EMA, optimiser; restored from the latest checkpoint if there is one.
     with torch.random.fork_rng(devices=[]):  # initial weights from ``generator`` too

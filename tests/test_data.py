@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dpfeta import config, data
+from dpfeta import config, data, images
+from dpfeta.data import splits as splits_mod
 
 K = 4  # classes in the small synthetic sets
 
@@ -50,7 +51,7 @@ def write_folder(root, images: np.ndarray, labels: np.ndarray, names=None, ext="
 
 
 def png(img: np.ndarray) -> bytes:
-    return data.encode_png(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+    return images.encode_png(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
 
 
 def write_parquet(path, images, labels, hf: bool = False) -> None:
@@ -195,10 +196,10 @@ def test_prepare_writes_shards_that_read_back_as_the_same_splits(tmp_path):
 
 def test_fit_rules():
     x = np.arange(2 * 28 * 28, dtype=np.int64).reshape(2, 1, 28, 28).astype(np.uint8)
-    assert np.array_equal(data._fit(x, 32, 1, "t")[:, :, 2:30, 2:30], x)  # pad
-    up = data._fit(np.full((1, 1, 8, 8), 77, np.uint8), 16, 3, "t")  # upsample + replicate
+    assert np.array_equal(splits_mod._fit(x, 32, 1, "t")[:, :, 2:30, 2:30], x)  # pad
+    up = splits_mod._fit(np.full((1, 1, 8, 8), 77, np.uint8), 16, 3, "t")  # upsample + replicate
     assert up.shape == (1, 3, 16, 16) and (up == 77).all()
-    down = data._fit(np.full((1, 1, 32, 32), 200, np.uint8), 16, 1, "t")
+    down = splits_mod._fit(np.full((1, 1, 32, 32), 200, np.uint8), 16, 1, "t")
     assert down.shape == (1, 1, 16, 16) and (down == 200).all()
 
 

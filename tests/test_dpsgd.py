@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpfeta import checkpoint, config, dpsgd, finetune, privacy
+from dpfeta import checkpoint, config, dpsgd, finetune, privacy, rng
 from dpfeta.data import ImageSet
 from dpfeta.diffusion import EDMPrecond
 from dpfeta.nn import UNet
@@ -190,7 +190,7 @@ def test_noise_is_sigma_C_over_qN_also_on_an_empty_batch():
 def test_poisson_sampler_includes_each_record_with_probability_q():
     n, q, steps = 400, 0.1, 1500
     counts = torch.zeros(n)
-    sampler = dpsgd.PoissonSampler(n, sample_rate=q, generator=dpsgd.make_generator(0, stream="sample", rank=0, step=0))
+    sampler = dpsgd.PoissonSampler(n, sample_rate=q, generator=rng.make_generator(0, stream="sample", rank=0, step=0))
     for _ in range(steps):
         counts[sampler.sample()] += 1
     frequency = counts / steps
@@ -204,7 +204,7 @@ def test_poisson_sampler_includes_each_record_with_probability_q():
 
 def test_generators_are_distinct_per_rank_and_stream_and_fresh_without_seed():
     def draw(**kw):
-        return torch.rand(4, generator=dpsgd.make_generator(**kw)).tolist()
+        return torch.rand(4, generator=rng.make_generator(**kw)).tolist()
 
     base = dict(seed=5, stream="sample", rank=0, step=0)
     assert draw(**base) == draw(**base)
@@ -238,7 +238,7 @@ def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
     state = checkpoint.load(reporter.resume_dir())
     meta = state["meta"]
     assert final["step"] == meta["step"] == plan.steps and meta["attempt_first_step"] == 2
-    assert meta["sigma"] == plan.sigma and set(state) >= {"model", "ema", "optimizer"}
+    assert meta["sigma"] == plan.noise_multiplier and set(state) >= {"model", "ema", "optimizer"}
     ledger = privacy.Ledger.from_state_dict(meta["ledger"])
     assert ledger.get("dpsgd").taken == plan.steps
     assert final["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)

@@ -244,7 +244,7 @@ def test_mlflow_run_has_epsilon_curve_params_and_grids(job):
     assert len(client.get_metric_history(run.info.run_id, "nondp/loss")) == result["steps"]
     assert "loss" not in run.data.metrics and "finetune/loss" not in run.data.metrics
     params = run.data.params
-    for key in ("dp.sigma", "dp.q", "dp.T", "dp.delta", "dp.accountant", "privacy.epsilon", "model.channels"):
+    for key in ("dp.noise_multiplier", "dp.q", "dp.T", "dp.delta", "dp.accountant", "privacy.epsilon", "model.channels"):
         assert key in params, key
     files = _artifacts(client, run.info.run_id)
     for name in ("release/samples/grid.png", "release/central/grid.png", "release/config.json",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dpfeta import cli, config, data, pipeline, privacy, tracking
+from dpfeta import cli, cluster, config, data, pipeline, privacy, tracking
 
 BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
         "central.epsilon_share=0.3", "finetune.batch_size=128", "finetune.epochs=1", "privacy.epsilon=4",
@@ -43,7 +43,7 @@ def _stored_with_sigma(tmp_path, factor: float):
     pl = pipeline.plan_run(cfg)
     cfg.run_dir().mkdir(parents=True)
     stored = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
-    stored.get("dpsgd").noise_multiplier = pl.sigma * factor
+    stored.get("dpsgd").noise_multiplier = pl.noise_multiplier * factor
     stored.save(cfg.run_dir() / "ledger.json")
     return cfg, pl, cfg.run_dir()
 
@@ -57,7 +57,7 @@ def test_resume_refuses_a_stored_plan_above_the_target(tmp_path):
 def test_resume_keeps_the_stored_sigma_and_refuses_another_plan(tmp_path):
     cfg, pl, run_dir = _stored_with_sigma(tmp_path, 1.01)  # e.g. calibrated by an older release
     resumed = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
-    assert resumed.sigma == pytest.approx(pl.sigma * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.sigma
+    assert resumed.noise_multiplier == pytest.approx(pl.noise_multiplier * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.noise_multiplier
     with pytest.raises(ValueError, match="different privacy plan"):
         pipeline.open_ledger(run_dir, pipeline.plan_run(config.replace(cfg, {"finetune.epochs": 2})))
 
@@ -157,7 +157,7 @@ def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
     cfg = make_cfg(tmp_path, "run.use_gpu=true", "run.seed=0", "model.channels=8", "model.channel_mult=[1]",
                    "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.steps=2", "warmup.batch_size=8",
                    "sample.steps=2", "sample.num_samples=20", "sample.batch_size=20", "eval.fid.num_samples=20")
-    assert pipeline._needs_remote(cfg)
+    assert cluster.needs_remote(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True)
     pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
@@ -167,5 +167,5 @@ def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
     assert (ckpt / "meta.json").is_file() and (ckpt / "ema.pt").is_file()
     synthetic = pipeline.stage_sample(cfg, run_dir, ckpt)
     assert len(synthetic) == 20 and (run_dir / "samples" / "grid.png").is_file()
-    result = pipeline.call(cfg, pipeline._evaluate_task, cfg, synthetic, splits)
+    result = cluster.run_on_gpu(cfg, pipeline._evaluate_task, cfg, synthetic, splits)
     assert result["num_synthetic"] == 20 and result["fid_kind"] == "offline-cnn"

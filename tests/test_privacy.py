@@ -51,7 +51,7 @@ def test_plan_mnist_configs(eps, expected):
     pl = privacy.plan(cfg, MNIST_N)
     assert pl.sample_rate == pytest.approx(4096 / 60000)
     assert pl.steps == 2198
-    assert pl.sigma == pytest.approx(expected, rel=0.015)
+    assert pl.noise_multiplier == pytest.approx(expected, rel=0.015)
     assert pl.epsilon <= eps
     # Not more than the tolerance away from the target: the smallest sigma.
     assert pl.epsilon >= eps * (1 - 5e-3)
@@ -61,7 +61,7 @@ def test_pld_gives_smaller_sigma_than_rdp():
     cfg = config.load("configs/mnist_28/eps_10.yaml")
     rdp_plan = privacy.plan(cfg, MNIST_N)
     pld_plan = privacy.plan(config.replace(cfg, {"privacy.accountant": "pld"}), MNIST_N)
-    assert pld_plan.sigma < rdp_plan.sigma * 0.99
+    assert pld_plan.noise_multiplier < rdp_plan.noise_multiplier * 0.99
     assert pld_plan.epsilon <= 10.0
     assert pld_plan.ledger.accountant == "pld"
 
@@ -87,7 +87,7 @@ def test_calibrated_central_noise_spends_its_share():
 
 
 def test_ledger_records_steps_and_round_trips(tmp_path):
-    ledger = privacy.Ledger("rdp", 1e-5, MNIST_N)
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=MNIST_N)
     ledger.add("central", noise_multiplier=5.0, sample_rate=0.1, count=5, taken=5)
     ledger.add("dpsgd", noise_multiplier=1.5, sample_rate=0.04, count=2250)
     assert ledger.epsilon() == pytest.approx(0.188, rel=2e-3)  # nothing of DP-SGD taken yet
@@ -109,7 +109,7 @@ def test_ledger_records_steps_and_round_trips(tmp_path):
 
 
 def test_ledger_matches_independent_dp_accounting_composition():
-    ledger = privacy.Ledger("rdp", 1e-6, 10_000)
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-6, n=10_000)
     ledger.add("central", noise_multiplier=4.0, sample_rate=0.05, count=7, taken=7)
     ledger.add("dpsgd", noise_multiplier=1.1, sample_rate=0.01, count=500, taken=300)
     ledger.add("selection", kind="gaussian", noise_multiplier=20.0, count=1, taken=1)
@@ -121,7 +121,7 @@ def test_ledger_matches_independent_dp_accounting_composition():
 
 
 def test_repeat_and_select_costs_more_than_one_trial():
-    ledger = privacy.Ledger("rdp", 1e-5, 1000)
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=1000)
     ledger.add("dpsgd", noise_multiplier=1.0, sample_rate=0.1, count=100, taken=100)
     single = ledger.epsilon()
     ledger.repeat = {"mean": 3.0, "shape": 1.0}
@@ -176,7 +176,7 @@ def test_epsilon_grows_with_steps_and_shrinks_with_sigma(sigma, q, steps, extra,
 @given(sc=st.floats(1.0, 20.0), qc=st.floats(0.01, 0.5), n=st.integers(1, 50),
        s=st.floats(0.6, 20.0), q=st.floats(0.001, 0.5), t=st.integers(1, 2000))
 def test_composed_epsilon_is_at_least_each_part(sc, qc, n, s, q, t):
-    ledger = privacy.Ledger("rdp", 1e-5, 10_000)
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=10_000)
     ledger.add("central", noise_multiplier=sc, sample_rate=qc, count=n, taken=n)
     ledger.add("dpsgd", noise_multiplier=s, sample_rate=q, count=t, taken=t)
     total = ledger.epsilon()
@@ -215,8 +215,8 @@ def test_a_planned_run_never_overshoots_its_target(eps, rounds, sigma_c, central
         return acc.get_epsilon(1e-5)
 
     assert pl.steps == math.ceil(epochs / (batch / n) - 1e-9)
-    assert events(pl.sigma) <= eps * (1 + 1e-12) and pl.epsilon <= eps
-    assert events(pl.sigma * (1 - 2e-3)) > eps  # the smallest sigma, to the configured tolerance
+    assert events(pl.noise_multiplier) <= eps * (1 + 1e-12) and pl.epsilon <= eps
+    assert events(pl.noise_multiplier * (1 - 2e-3)) > eps  # the smallest sigma, to the configured tolerance
 
 
 def test_a_mechanism_not_yet_run_never_turns_epsilon_into_zero():
@@ -225,11 +225,11 @@ def test_a_mechanism_not_yet_run_never_turns_epsilon_into_zero():
     from dp_accounting import dp_event
 
     step = dp_event.PoissonSampledDpEvent(0.9, dp_event.GaussianDpEvent(0.3))
-    assert not np.isfinite(privacy._rdp_vector(step, privacy.DEFAULT_RDP_ORDERS)).all()  # the trap exists
-    ledger = privacy.Ledger("rdp", 1e-5, 1000, repeat={"mean": 3.0, "shape": 1.0})
+    assert not np.isfinite(privacy.rdp_curve(step)).all()  # the trap exists
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=1000, repeat={"mean": 3.0, "shape": 1.0})
     ledger.add("central", noise_multiplier=5.0, sample_rate=0.1, count=5, taken=5)
     ledger.add("dpsgd", noise_multiplier=0.3, sample_rate=0.9, count=10, taken=0)
-    alone = privacy.Ledger("rdp", 1e-5, 1000, repeat={"mean": 3.0, "shape": 1.0})
+    alone = privacy.Ledger(accountant="rdp", delta=1e-5, n=1000, repeat={"mean": 3.0, "shape": 1.0})
     alone.add("central", noise_multiplier=5.0, sample_rate=0.1, count=5, taken=5)
     assert ledger.epsilon() == pytest.approx(alone.epsilon(), rel=1e-12) and ledger.epsilon() > 0.1
     assert ledger.to_json()["epsilon_spent"] == pytest.approx(alone.epsilon())

@@ -14,6 +14,7 @@ import pytest
 from dp_accounting import dp_event, pld, rdp
 
 from dpfeta import config, privacy, tune
+from dpfeta.privacy import sweep as psweep
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -64,7 +65,7 @@ def test_search_space_becomes_ray_domains_within_bounds():
     sigmas = [domains["central.noise_multiplier"].sample(random_state=rng) for _ in range(200)]
     assert 2.0 <= min(sigmas) and max(sigmas) <= 4.0
     assert {domains["warmup.steps"].sample(random_state=rng) for _ in range(50)} == {2, 4}
-    assert tune._extremes(space["central.rounds"]) == [1, 3]
+    assert psweep.extremes(space["central.rounds"]) == [1, 3]
 
 
 @pytest.mark.parametrize("key,spec,match", [
@@ -96,16 +97,14 @@ def test_grid_is_fine_in_naive_mode():
 def test_private_refuses_asha():
     with pytest.raises(ValueError, match="fifo"):
         _cfg("tune.scheduler=asha")  # private is the default mode
-    # The sweep's own check (also for configs built around config.validate):
+    # The sweep revalidates (also for configs built around config.validate):
     bad = dataclasses.replace(_cfg(), tune=dataclasses.replace(_cfg().tune, scheduler="asha"))
     with pytest.raises(ValueError, match="ASHA.*random-stopping"):
-        tune.check_scheduler(bad)
-    with pytest.raises(ValueError, match="ASHA"):
-        tune.sweep_plan(bad, DIGITS_N)
+        tune.plan_sweep(bad, DIGITS_N)
     # naive mode allows it; a non-DP metric is refused outside public mode
-    tune.check_scheduler(_cfg("tune.privacy_mode=naive", "tune.scheduler=asha"))
-    with pytest.raises(ValueError, match="not DP"):
-        tune.check_scheduler(_cfg("tune.privacy_mode=naive", "tune.metric=nondp/loss"))
+    assert _cfg("tune.privacy_mode=naive", "tune.scheduler=asha").tune.scheduler == "asha"
+    with pytest.raises(ValueError, match="leaks"):
+        _cfg("tune.privacy_mode=naive", "tune.metric=nondp/loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ def test_private_refuses_asha():
 def test_trial_count_has_the_accounted_mean(shape):
     mean = 4.0
     rng = np.random.default_rng(123)
-    draws = np.array([tune.draw_num_trials(mean, shape, rng) for _ in range(20000)])
+    draws = np.array([psweep.draw_num_trials(mean, shape, rng) for _ in range(20000)])
     if not math.isinf(shape):
         assert draws.min() >= 1  # truncated: never an empty sweep
     assert draws.mean() == pytest.approx(mean, rel=0.03)
@@ -125,16 +124,16 @@ def test_trial_count_has_the_accounted_mean(shape):
 
 def test_geometric_trial_count_pmf():
     mean, rng = 3.0, np.random.default_rng(7)
-    gamma = tune.tnb_gamma(mean, 1.0)
+    gamma = psweep.tnb_gamma(mean, 1.0)
     assert gamma == pytest.approx(1 / 3)
-    draws = np.array([tune.draw_num_trials(mean, 1.0, rng) for _ in range(30000)])
+    draws = np.array([psweep.draw_num_trials(mean, 1.0, rng) for _ in range(30000)])
     for k in (1, 2, 3, 5):
         expected = (1 - gamma) ** (k - 1) * gamma  # Papernot-Steinke TNB(eta=1, gamma)
         assert np.mean(draws == k) == pytest.approx(expected, abs=0.01)
 
 
 def test_trial_count_is_fresh_without_a_seed():
-    draws = {tune.draw_num_trials(10.0, 1.0, np.random.default_rng()) for _ in range(40)}
+    draws = {psweep.draw_num_trials(10.0, 1.0, np.random.default_rng()) for _ in range(40)}
     assert len(draws) > 3
 
 
@@ -146,11 +145,11 @@ def test_trial_count_is_fresh_without_a_seed():
 def test_score_noise_has_the_configured_scale():
     sigma_v, val_size, correct = 10.0, 180, 150
     rng = np.random.default_rng(0)
-    scores = np.array([tune.dp_score(correct, val_size, sigma_v=sigma_v, rng=rng) for _ in range(20000)])
+    scores = np.array([psweep.dp_score(correct, val_size, sigma_v=sigma_v, rng=rng) for _ in range(20000)])
     assert scores.mean() == pytest.approx(correct / val_size, abs=3 * sigma_v / val_size / math.sqrt(20000))
     assert scores.std() == pytest.approx(sigma_v / val_size, rel=0.03)
     with pytest.raises(ValueError, match="val_fraction"):
-        tune.dp_score(1, 0, sigma_v=1.0, rng=rng)
+        psweep.dp_score(1, 0, sigma_v=1.0, rng=rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def test_score_noise_has_the_configured_scale():
 @pytest.fixture(scope="module")
 def private_plan():
     cfg = privacy.resolve(_cfg(space=SPACE), DIGITS_N)
-    return cfg, tune.sweep_plan(cfg, DIGITS_N)
+    return cfg, tune.plan_sweep(cfg, DIGITS_N)
 
 
 def test_private_sweep_epsilon_is_the_repeat_and_select_total(private_plan):
@@ -189,7 +188,7 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
     bound = np.asarray(ref["rdp"])
     for rounds, sigma_c in [(3, 2.0), (1, 2.0), (2, 3.5), (3, 4.0)]:
         trial_cfg = config.replace(cfg, {"central.rounds": rounds, "central.noise_multiplier": sigma_c})
-        sigma = tune.trial_sigma(sp, trial_cfg, DIGITS_N)
+        sigma = psweep.trial_sigma(sp, trial_cfg, DIGITS_N)
         assert sigma <= sp["trial_sigma"] * (1 + 1e-12)
         acc = rdp.RdpAccountant(list(orders))
         acc.compose(_trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise))
@@ -198,14 +197,14 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
             _trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise),
             t.num_trials, t.tnb_eta)
         assert _rdp_epsilon(whole) <= cfg.privacy.epsilon
-        ledger = tune.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
+        ledger = psweep.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
         assert ledger.repeat == {"mean": t.num_trials, "shape": t.tnb_eta}
         assert [m.name for m in ledger.mechanisms] == ["central", "dpsgd", "selection"]
 
 
 def test_naive_sweep_epsilon_is_k_composed_trials():
     cfg = privacy.resolve(_cfg("tune.privacy_mode=naive", "tune.num_trials=3"), DIGITS_N)
-    sp = tune.sweep_plan(cfg, DIGITS_N)
+    sp = tune.plan_sweep(cfg, DIGITS_N)
     ref = sp["reference"]
     trial = _trial_event(2, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 10.0)
     eps = _rdp_epsilon(dp_event.SelfComposedDpEvent(trial, 3))
@@ -216,7 +215,7 @@ def test_naive_sweep_epsilon_is_k_composed_trials():
 
 def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
     cfg = privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N)
-    sp = tune.sweep_plan(cfg, DIGITS_N)
+    sp = tune.plan_sweep(cfg, DIGITS_N)
     steps = math.ceil(DIGITS_N / 64)
     single = dp_event.ComposedDpEvent([_poisson_gaussian(100 / DIGITS_N, 2.0, 2),
                                       _poisson_gaussian(64 / DIGITS_N, sp["single_sigma"], steps)])
@@ -227,24 +226,24 @@ def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
 
 
 def test_pld_config_is_accounted_with_rdp_and_says_so():
-    sp = tune.sweep_plan(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N),
+    sp = tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N),
                          DIGITS_N)
     assert sp["accountant"] == "rdp" and "RepeatAndSelectDpEvent" in sp["accountant_note"]
-    assert "RDP" in tune.sweep_plan_table(sp)
+    assert "RDP" in psweep.sweep_plan_table(sp)
 
 
 def test_sweep_refuses_when_the_score_alone_spends_the_budget():
     with pytest.raises(ValueError, match="tune.score_noise"):
-        tune.sweep_plan(privacy.resolve(_cfg("privacy.epsilon=1", "tune.score_noise=0.3"), DIGITS_N), DIGITS_N)
+        tune.plan_sweep(privacy.resolve(_cfg("privacy.epsilon=1", "tune.score_noise=0.3"), DIGITS_N), DIGITS_N)
     with pytest.raises(ValueError, match="privacy.noise_multiplier"):
-        tune.sweep_plan(_cfg("privacy.noise_multiplier=2"), DIGITS_N)
+        tune.plan_sweep(_cfg("privacy.noise_multiplier=2"), DIGITS_N)
 
 
 def test_sweep_plan_is_json_and_printable(private_plan):
     _, sp = private_plan
-    text = tune.sweep_plan_table(sp)
+    text = psweep.sweep_plan_table(sp)
     assert "penalty" in text and "whole sweep" in text
-    small = tune.sweep_plan_json(sp)
+    small = psweep.sweep_plan_json(sp)
     assert "rdp" not in small["reference"]
     json.dumps(sp)
 
@@ -278,14 +277,14 @@ def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
              "finetune.epochs": {"type": "uniform", "lower": 0.5, "upper": 2.0},
              "central.rounds": {"type": "randint", "lower": 1, "upper": 3}}
     cfg = privacy.resolve(_cfg(space=space), DIGITS_N)
-    sp = tune.sweep_plan(cfg, DIGITS_N)
+    sp = tune.plan_sweep(cfg, DIGITS_N)
     ref, t = sp["reference"], cfg.tune
     bound = np.asarray(ref["rdp"])
     sigmas = []
     for batch, epochs, rounds in [(32, 0.5, 1), (32, 2.0, 2), (64, 1.0, 1), (128, 0.5, 2), (128, 2.0, 2)]:
         trial_cfg = config.replace(cfg, {"finetune.batch_size": batch, "finetune.epochs": epochs,
                                          "central.rounds": rounds})
-        sigma = tune.trial_sigma(sp, trial_cfg, DIGITS_N)
+        sigma = psweep.trial_sigma(sp, trial_cfg, DIGITS_N)
         q = batch / DIGITS_N
         steps = math.ceil(epochs / q - 1e-9)
         event = _trial_event(rounds, 2.0, 100 / DIGITS_N, sigma, q, steps, t.score_noise)
@@ -293,7 +292,7 @@ def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
         acc.compose(event)
         assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12), (batch, epochs, rounds)
         assert _rdp_epsilon(dp_event.RepeatAndSelectDpEvent(event, t.num_trials, t.tnb_eta)) <= cfg.privacy.epsilon
-        plan = tune.trial_plan(sp, trial_cfg, DIGITS_N, sigma)
+        plan = psweep.trial_plan(sp, trial_cfg, DIGITS_N, sigma)
         assert (plan.sample_rate, plan.steps) == (pytest.approx(q), steps)
         sigmas.append(sigma)
     # more steps at the same q need more noise: the trials really got their own sigma

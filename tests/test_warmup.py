@@ -156,7 +156,7 @@ def test_cli_warmup_then_sample(tmp_path, capsys):
     assert "ledger.json" in capsys.readouterr().err and not (tmp_path / "w").exists()
     from dpfeta import privacy
 
-    spent = privacy.Ledger("rdp", 1e-5, 600)
+    spent = privacy.Ledger(accountant="rdp", delta=1e-5, n=600)
     spent.add("central", noise_multiplier=5.0, sample_rate=0.1, count=2, taken=2)
     spent.save(tmp_path / "central" / "ledger.json")
     assert cli.main(args) == 0

@@ -1,0 +1,127 @@
+"""Where code runs: the one Ray session, the job-level runtime_env, the device, stages as GPU tasks.
+
+One rule for every command (``run``, ``tune``, ``central``, ``finetune``, ``prepare``, ``ray_jobs/``):
+``run.ray_address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it) -> connect there; otherwise start
+a private local cluster (``address="local"``), never silently joining one whose address file a dead
+or foreign cluster left on disk. Only a cluster started here is shut down by ``shutdown()``.
+
+When ``run.use_gpu`` is set and the driver has no GPU (a CPU head node), ``run_on_gpu`` runs a stage
+as a one-GPU Ray task; files travel through the object store (``pack``/``unpack``), so no shared
+filesystem is needed for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dpfeta import tracking
+from dpfeta.config import Config
+
+log = logging.getLogger(__name__)
+
+RAY_DATA_HEADROOM_CPUS = 2  # logical CPUs a local cluster keeps for Ray Data beside the workers
+_started = False  # this process started the local cluster (and shuts it down)
+
+
+def address(cfg: Config) -> Optional[str]:
+    """The cluster to connect to: ``run.ray_address``, else ``RAY_ADDRESS``, else None (start one)."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
+    """Connect to the configured cluster, else start a private local one (once per process)."""
+    global _started
+    import ray
+
+    if ray.is_initialized():
+        return
+    where = address(cfg)
+    if where:
+        log.info("ray: connecting to %s", where)
+        ray.init(address=where, runtime_env=runtime_env())
+        return
+    if num_cpus is None:
+        workers = cfg.run.num_workers[1] if isinstance(cfg.run.num_workers, tuple) else cfg.run.num_workers
+        num_cpus = math.ceil(workers * cfg.run.cpus_per_worker) + RAY_DATA_HEADROOM_CPUS
+    log.info("ray: starting a local cluster with %d logical CPUs", num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env())
+    _started = True
+
+
+def shutdown() -> None:
+    """Stop the local cluster if this process started it (a cluster we connected to stays up)."""
+    global _started
+    if _started:
+        import ray
+
+        ray.shutdown()
+        _started = False
+
+
+@contextlib.contextmanager
+def session(cfg: Config, *, num_cpus: Optional[int] = None):
+    """``connect`` for the block; a cluster started here is shut down at its end."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    connect(cfg, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        shutdown()
+
+
+def runtime_env() -> dict:
+    """Job-level env for Ray workers: the MLflow run (rank 0 may log to it).
+
+    Variables the driver already has (e.g. from a job's runtime_env.yaml) are left out: Ray refuses
+    to merge a job's runtime_env with a ray.init one that sets the same variable.
+    """
+    tracker = tracking.current()
+    env = {k: v for k, v in (tracker.env() if tracker else {}).items() if k not in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def device(cfg: Config):
+    """``cuda`` when ``run.use_gpu`` and this process sees a GPU, else ``cpu``."""
+    import torch
+
+    return torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def needs_remote(cfg: Config) -> bool:
+    """A GPU is asked for and this process has none (a CPU head node): stages go to GPU tasks."""
+    if not cfg.run.use_gpu:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def run_on_gpu(cfg: Config, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` here, or as a one-GPU Ray task when a GPU is asked for and the driver has none."""
+    if not needs_remote(cfg):
+        return fn(*args)
+    import ray
+
+    connect(cfg)
+    task = ray.remote(num_gpus=1, num_cpus=cfg.run.cpus_per_worker)(fn)
+    return ray.get(task.remote(*args))
+
+
+def pack(directory: Path) -> dict[str, bytes]:
+    """A folder's files as {relative path: bytes}, to travel through the object store."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def unpack(files: dict[str, bytes], directory: Path) -> None:
+    for rel, blob in files.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(blob)

@@ -1,0 +1,27 @@
+"""All privacy accounting of dpfeta, written once (docs/privacy.md is the contract it implements).
+
+* ``events``     -- the mechanisms M1 (central query), M2 (DP-SGD), M3 (selection score) as DpEvents;
+* ``accounting`` -- RDP order grids, the cached RDP curve, epsilon(delta), the sigma searches;
+* ``ledger``     -- ``Mechanism``/``Ledger``: planned and taken counts, the composed epsilon;
+* ``plan``       -- one run's plan: sigma calibrated once so that M1 + M2 meet the target;
+* ``sweep``      -- a sweep's plan: trial count, reference trial, per-trial sigma, the DP score.
+
+Imports neither torch, Ray, nor dpfeta's data, pipeline or tracking (``tests/test_layers.py``).
+"""
+
+from dpfeta.privacy.accounting import (DEFAULT_RDP_ORDERS, INTEGER_RDP_ORDERS, calibrate_noise, curve_epsilon,
+                                       epsilon_of, make_accountant, quiet_accountant, rdp_curve, repeat_curve,
+                                       search_sigma, smallest_sigma, tnb_gamma)
+from dpfeta.privacy.events import (KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, central_event, dpsgd_event,
+                                   poisson_gaussian, selection_event)
+from dpfeta.privacy.ledger import Ledger, Mechanism
+from dpfeta.privacy.plan import (Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary,
+                                 resolve)
+
+__all__ = [
+    "DEFAULT_RDP_ORDERS", "INTEGER_RDP_ORDERS", "KINDS", "Ledger", "Mechanism", "NEIGHBOURING_RELATION",
+    "PUBLIC_FACTS", "Plan", "calibrate_noise", "central_event", "central_noise", "curve_epsilon",
+    "dpsgd_event", "dpsgd_steps", "epsilon_of", "make_accountant", "plan", "plan_json", "plan_table",
+    "poisson_gaussian", "privacy_summary", "quiet_accountant", "rdp_curve", "repeat_curve", "resolve",
+    "search_sigma", "selection_event", "smallest_sigma", "tnb_gamma",
+]

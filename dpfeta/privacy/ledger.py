@@ -1,0 +1,153 @@
+"""The ledger: every mechanism's parameters, planned and taken counts, and the composed epsilon.
+
+``ledger.json`` (in the run directory, every checkpoint's meta and ``release/``) is this object's
+``to_json()``; it is the one record of a run's privacy decisions (sigma, q, T, N, delta, accountant),
+and ``check_same_plan`` the one resume guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import dp_accounting
+from dp_accounting import dp_event
+
+from dpfeta.privacy.accounting import epsilon_of
+from dpfeta.privacy.events import KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, poisson_gaussian, selection_event
+
+@dataclass(kw_only=True)
+class Mechanism:
+    name: str
+    kind: str  # "poisson_gaussian" or "gaussian"
+    noise_multiplier: float
+    sample_rate: float = 1.0
+    planned: int = 1  # compositions planned
+    taken: int = 0  # compositions actually run
+
+    def event(self, count: int) -> dp_accounting.DpEvent:
+        if self.kind == "gaussian":
+            return dp_accounting.SelfComposedDpEvent(selection_event(noise_multiplier=self.noise_multiplier), count)
+        return poisson_gaussian(self.noise_multiplier, self.sample_rate, count)
+
+
+@dataclass(kw_only=True)
+class Ledger:
+    """Every mechanism's parameters, planned and taken counts, and the composed epsilon.
+
+    ``repeat`` (tuning, privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of all
+    mechanisms (one trial) in a ``RepeatAndSelectDpEvent``: a random number of trials, the best
+    one released (Papernot & Steinke 2022; eta = inf is the Poisson distribution).
+    """
+
+    accountant: str
+    delta: float
+    n: int
+    mechanisms: list[Mechanism] = field(default_factory=list)
+    repeat: Optional[dict] = None
+    seeded: bool = False  # a fixed seed was used for sampling/noise (tests/reproduction only)
+
+    def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
+            kind: str = "poisson_gaussian", taken: int = 0) -> Mechanism:
+        if kind not in KINDS:
+            raise ValueError(f"expected kind in {KINDS}, got {kind!r}")
+        if any(m.name == name for m in self.mechanisms):
+            raise ValueError(f"mechanism '{name}' is already in the ledger")
+        mech = Mechanism(name=name, kind=kind, noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
+                         planned=int(count), taken=int(taken))
+        mech.event(1)  # validates the parameters
+        self.mechanisms.append(mech)
+        return mech
+
+    def get(self, name: str) -> Mechanism:
+        for m in self.mechanisms:
+            if m.name == name:
+                return m
+        raise KeyError(f"no mechanism '{name}' in the ledger (have {[m.name for m in self.mechanisms]})")
+
+    def record_steps(self, name: str, count: int) -> None:
+        """Record that ``count`` compositions of ``name`` have been run in total (not a delta)."""
+        mech = self.get(name)
+        if count < mech.taken:
+            raise ValueError(f"ledger '{name}': steps taken cannot go back from {mech.taken} to {count}")
+        mech.taken = int(count)
+
+    def event(self, planned: bool = False) -> dp_accounting.DpEvent:
+        """The composition of every mechanism's compositions taken (or planned). A mechanism with a
+        count of 0 is left out (it costs nothing; composing it 0 times would put 0 * inf = NaN into
+        the RDP curve at orders where its per-step curve is infinite)."""
+        counts = [(m, m.planned if planned else m.taken) for m in self.mechanisms]
+        event = dp_accounting.ComposedDpEvent([m.event(c) for m, c in counts if c > 0])
+        if self.repeat is not None:
+            event = dp_event.RepeatAndSelectDpEvent(event, float(self.repeat["mean"]),
+                                                         float(self.repeat["shape"]))
+        return event
+
+    def epsilon(self, planned: bool = False) -> float:
+        """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran."""
+        if all((m.planned if planned else m.taken) == 0 for m in self.mechanisms):
+            return 0.0
+        return epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
+
+    def per_mechanism(self, planned: bool = True) -> dict[str, float]:
+        """Stand-alone epsilon of each mechanism (never a total)."""
+        out = {}
+        for m in self.mechanisms:
+            count = m.planned if planned else m.taken
+            out[m.name] = 0.0 if count == 0 else epsilon_of(m.event(count), delta=self.delta,
+                                                            accountant=self.accountant)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "n": self.n,
+            "neighbouring_relation": NEIGHBOURING_RELATION,
+            "public_facts": list(PUBLIC_FACTS),
+            "seeded": self.seeded,
+            "repeat": self.repeat,
+            "mechanisms": [vars(m).copy() for m in self.mechanisms],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Ledger":
+        ledger = cls(accountant=state["accountant"], delta=float(state["delta"]), n=int(state["n"]),
+                     repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)))
+        for m in state["mechanisms"]:
+            ledger.mechanisms.append(Mechanism(**m))
+        return ledger
+
+    def to_json(self) -> dict:
+        """state_dict plus the composed epsilon so far and over the plan (for humans and MLflow)."""
+        state = self.state_dict()
+        state["epsilon_spent"] = self.epsilon()
+        state["epsilon_planned"] = self.epsilon(planned=True)
+        return state
+
+    def save(self, path: Path | str) -> None:
+        """Write ledger.json atomically (a temporary file, then a rename): a crash never leaves a
+        half-written ledger in place of a good one."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def check_same_plan(self, other: "Ledger", *, where: str = "the stored ledger") -> None:
+        """Refuse to continue ``other``'s plan with this one unless both describe the same mechanisms
+        (q, counts, N, delta, accountant); sigma may differ only for a mechanism not yet run."""
+        def key(ledger):
+            return (ledger.n, ledger.delta, ledger.accountant,
+                    [(m.name, m.kind, m.sample_rate, m.planned) for m in ledger.mechanisms])
+
+        if key(self) != key(other):
+            raise ValueError(f"{where} records a different privacy plan {key(other)} than the config's "
+                             f"{key(self)}; use a new run name or output folder")
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Ledger":
+        return cls.from_state_dict(json.loads(Path(path).read_text()))
+

@@ -1,0 +1,191 @@
+"""What a sweep writes when it ends: the operator's ``summary.json`` and ``trials.csv``, the release
+(``release/``: the selected trial's outputs, the card, ``selection.json``), the MLflow sweep run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from dpfeta import config as config_mod
+from dpfeta import privacy
+from dpfeta.privacy.sweep import sweep_plan_json
+from dpfeta.tune.space import _metric_mode
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE, SUMMARY_FILE, TRIALS_FILE = "sweep.json", "summary.json", "trials.csv"
+
+
+def _rows(grid, metric: str) -> list[dict]:
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        rows.append({
+            "trial_id": m.get("id") or Path(result.path).name,
+            "params": dict((result.config or {}).get("params", {})),
+            "score": m.get(metric), "sigma": m.get("sigma"), "epsilon_trial": m.get("epsilon_trial"),
+            "status": "error" if result.error else ("done" if m.get("trial_done") else "stopped"),
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _best(rows: list[dict], metric: str) -> Optional[dict]:
+    """Best finished trial; failed or stopped trials are never selected (their score counts as -inf)."""
+    done = [r for r in rows if r["status"] == "done" and isinstance(r["score"], (int, float))
+            and math.isfinite(r["score"])]
+    if not done:
+        return None
+    sign = 1.0 if _metric_mode(metric) == "max" else -1.0
+    return max(done, key=lambda r: sign * r["score"])
+
+
+def _write_trials_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    keys = sorted({k for r in rows for k in r["params"]})
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", *keys, "sigma", "score", "epsilon_trial", "status"])
+        for r in rows:
+            w.writerow([r["trial_id"], *(r["params"].get(k) for k in keys), r["sigma"], r["score"],
+                        r["epsilon_trial"], r["status"]])
+
+
+def _plan_params(plan: dict) -> dict:
+    keys = ("mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise")
+    out = {f"sweep.{k}": plan.get(k) for k in keys if k in plan}
+    out["sweep.trials"] = json.dumps(plan["trials"], sort_keys=True)
+    return out
+
+
+def _summarize(cfg: config_mod.Config, state: dict, rows: list[dict]) -> dict:
+    plan = state["plan"]
+    best = _best(rows, cfg.tune.metric)
+    if best is not None:
+        best = {**best, "dir": str(cfg.run_dir() / "trials" / best["trial_id"])}
+    return {
+        "name": cfg.run.name, "dir": str(cfg.run_dir()), "mode": plan["mode"], "epsilon": plan["epsilon"],
+        "delta": plan["delta"],
+        "accountant": plan["accountant"], "target_epsilon": plan["target_epsilon"],
+        "metric": cfg.tune.metric, "num_trials": state["num_trials"], "seeded": state["seeded"],
+        "best": best, "trials": rows, "plan": sweep_plan_json(plan),
+    }
+
+
+NOTES = {
+    "private": "only the selected trial (its central images, model, samples, hyperparameters and noisy score) is "
+               "covered by epsilon (repeat-and-select over a random number of trials); the other trials, their "
+               "scores, the number of trials and the selected trial's position are not released",
+    "naive": "every trial's output is covered (k trials composed); this folder holds the selected trial's",
+    "public": "the trials ran on a public proxy; epsilon is the final run's on the sensitive data",
+}
+
+
+def release_view(summary: dict) -> dict:
+    """The selection facts a sweep releases: the selected trial's opaque id, hyperparameters, score
+    and sigma (private: nothing about the other trials, nor K, nor the position)."""
+    best = summary["best"]
+    out = {"mode": summary["mode"], "metric": summary["metric"], "target_epsilon": summary["target_epsilon"],
+           "selected": None if best is None else {"id": best["trial_id"], "params": best["params"],
+                                                  "score": best["score"], "sigma": best["sigma"]},
+           "note": NOTES[summary["mode"]] + ("" if best is not None or summary["mode"] == "public"
+                                             else "; no trial finished, nothing is released")}
+    if "final" in summary:
+        out["final"] = {"sigma": summary["final"]["sigma"]}
+    return out
+
+
+def summary_text(summary: dict) -> str:
+    """The operator's console summary. Private mode leaves K out (stdout ends up in Ray job logs)."""
+    best = summary["best"]
+    count = "" if summary["mode"] == "private" else f": {summary['num_trials']} trial(s) run"
+    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}){count}",
+             f"  epsilon   {summary['epsilon']:.4f} for the release (target {summary['target_epsilon']:g}, "
+             f"delta {summary['delta']:g}, {summary['accountant']}; the whole sweep, selection included)"]
+    if best is None:
+        lines.append("  selected  none (no trial finished): nothing is released")
+    else:
+        lines.append(f"  selected  {best['trial_id']}: {summary['metric']} {best['score']:.4f}, sigma "
+                     f"{best['sigma']:.4f}, {json.dumps(best['params'], sort_keys=True)}")
+    if "final" in summary:
+        lines.append(f"  final     {summary['final']['dir']} (sigma {summary['final']['sigma']:.4f})")
+    lines.append(f"  release   {Path(summary.get('dir', '.')) / 'release'} (what may be published; README.md is "
+                 f"its card); {SUMMARY_FILE}, {TRIALS_FILE}: operator-internal")
+    return "\n".join(lines)
+
+
+def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config) -> privacy.Ledger:
+    """The ledger the sweep's release states: the selected trial's (public mode: the final run's)."""
+    where = Path(summary["final"]["dir"]) if "final" in summary else (
+        Path(summary["best"]["dir"]) if summary["best"] is not None else None)
+    if where is not None and (where / "ledger.json").is_file():
+        return privacy.Ledger.load(where / "ledger.json")
+    if where is not None and (where / "trial_ledger.json").is_file():
+        return privacy.Ledger.from_state_dict(json.loads((where / "trial_ledger.json").read_text()))
+    return privacy.Ledger(state_plan["accountant"], cfg.privacy.delta, 0, seeded=cfg.run.seed is not None)
+
+
+def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict) -> Path:
+    """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card."""
+    from dpfeta import release
+
+    sweep_dir, best = cfg.run_dir(), summary["best"]
+    source = Path(summary["final"]["dir"]) if "final" in summary else (Path(best["dir"]) if best else None)
+    if source is not None:
+        for part in ("central", "model", "samples"):
+            if (release.release_dir(source) / part).is_dir():
+                release.put_dir(sweep_dir, release.release_dir(source) / part, part)
+    ledger = _release_ledger(summary, state_plan, cfg)
+    view = release_view(summary)
+    metrics = {"epsilon": summary["epsilon"], "delta": summary["delta"], "accountant": summary["accountant"]}
+    if best is not None:
+        metrics[f"selected/{summary['metric']}"] = best["score"]
+    facts = {"tuning mode": summary["mode"], "selection": json.dumps(view, sort_keys=True, default=str)}
+    if summary["mode"] == "public":
+        facts["proxy"] = (f"tune.proxy_data={json.dumps(cfg.tune.proxy_data, sort_keys=True)} "
+                          "(declared public: tune.proxy_is_public)")
+    else:
+        facts["test split"] = "not used by the sweep (the selection score is on the validation split)"
+    release.record(sweep_dir, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
+                   extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]])
+    release.write_json(sweep_dir, release.SELECTION_FILE, view)
+    return release.release_dir(sweep_dir)
+
+
+def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker) -> None:
+    from dpfeta import tracking
+
+    sweep_dir = cfg.run_dir()
+    _write_trials_csv(rows, sweep_dir / TRIALS_FILE)
+    state_plan = json.loads((sweep_dir / SWEEP_FILE).read_text())["plan"]
+    root = _publish_release(cfg, summary, state_plan)
+    tmp = sweep_dir / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, sweep_dir / SUMMARY_FILE)
+    best = summary["best"]
+    log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s", summary["name"],
+             summary["mode"], summary["epsilon"], summary["delta"], summary["accountant"],
+             "none" if best is None else f"{best['trial_id']} score {best['score']:.4f} {best['params']}")
+    if tracker is None:
+        return
+    tracker.log_dp_metrics({"epsilon": summary["epsilon"],
+                            **({"selected/score": best["score"], "selected/sigma": best["sigma"]} if best else {})})
+    tracker.log_artifact(root)  # release/... (the only artifacts in release mode)
+    tracker.log_artifact(sweep_dir / SUMMARY_FILE)  # nondp/... (operator view), dropped in release mode
+    tracker.log_artifact(sweep_dir / TRIALS_FILE)
+    if best is not None:
+        tracker.set_tags({"dpfeta.selected": best["trial_id"]})
+        record = Path(best["dir"]) / tracking.RUN_FILE
+        if summary["mode"] != "private" and record.is_file():
+            best_run = tracking.Tracker(tracker.uri, json.loads(record.read_text())["run_id"], nondp=False)
+            best_run.set_tags({"dpfeta.selected": "true"})
+    final_record = Path(summary["final"]["dir"]) / tracking.RUN_FILE if "final" in summary else None
+    if final_record is not None and final_record.is_file():  # public mode: nest the final run too
+        final_run = tracking.Tracker(tracker.uri, json.loads(final_record.read_text())["run_id"], nondp=False)
+        final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
+    tracker.end("FINISHED")  # the handle: pipeline.run (public final run) replaces tracking's current run
+

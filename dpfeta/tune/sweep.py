@@ -1,0 +1,219 @@
+"""The sweep: its fixed decisions (plan, trial count K, the id key) made once and stored in
+``sweep.json``; the Ray Tune wiring (plain random search, resume with ``Tuner.restore``); ``run_sweep``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from dpfeta import config as config_mod
+from dpfeta import cluster, privacy
+from dpfeta.privacy.accounting import quiet_accountant
+from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
+from dpfeta.tune.space import _metric_mode, check_search_space, search_space
+from dpfeta.tune.summary import SUMMARY_FILE, SWEEP_FILE, _finish, _plan_params, _rows, _summarize, summary_text
+from dpfeta.tune.trial import FinalFn, TrialFn, TrialSpec, _trainable, pipeline_trial
+
+log = logging.getLogger(__name__)
+
+
+
+EXPERIMENT = "tune"  # the Tune experiment folder under the sweep directory
+
+
+TRIAL_CPUS = 1.0  # the trial driver (central query, warm-up, sampling, scoring run in it)
+
+
+def plan_sweep(cfg: config_mod.Config, n: int) -> dict:
+    """The sweep's privacy plan from public facts (N, the config): the search space validated here,
+    the accounting in ``privacy.sweep``. The config is revalidated (a dataclasses.replace skips it)."""
+    config_mod.validate(cfg)
+    return sweep_plan(cfg, n, check_search_space(cfg))
+
+
+def _fingerprint(cfg: config_mod.Config) -> dict:
+    """What must not change when a sweep is resumed (run.* and tracking.* may)."""
+    d = cfg.to_dict()
+    return {k: v for k, v in d.items() if k not in ("run", "tracking")}
+
+
+def trials_config(cfg: config_mod.Config) -> tuple[config_mod.Config, int]:
+    """The resolved config the trials run on, and its N: the proxy in public mode, else ``cfg``."""
+    from dpfeta import data
+
+    if cfg.tune.privacy_mode != "public":
+        return cfg, data.public_train_size(cfg)
+    proxy = cfg.tune.proxy_data
+    if not proxy:
+        raise ValueError("config key 'tune.proxy_data': expected data.* overrides naming a public proxy "
+                         "dataset in tune.privacy_mode=public (e.g. {source: idx, path: /data/emnist}), got {}")
+    proxy_cfg = config_mod.replace(cfg, {f"data.{k}": v for k, v in proxy.items()})
+    if same_source(proxy_cfg.data, cfg.data):
+        raise ValueError(f"config key 'tune.proxy_data': expected a public dataset apart from the sensitive "
+                         f"data, got the same source ({cfg.data.source}, path={cfg.data.path!r}, "
+                         f"name={cfg.data.name!r}); trials on it would spend budget the sweep does not count")
+    if not cfg.tune.proxy_is_public:
+        raise ValueError("config key 'tune.proxy_is_public': expected true in tune.privacy_mode=public (the "
+                         "operator's statement that tune.proxy_data is public data; it is recorded in the "
+                         "release), got false")
+    n = data.public_train_size(proxy_cfg)
+    return privacy.resolve(proxy_cfg, n), n
+
+
+def same_source(a, b) -> bool:
+    """Do two data sections name the same data (source, resolved path, torchvision name)?"""
+    from dpfeta.data import same_location
+
+    if a.source != b.source or a.name != b.name:
+        return False
+    if a.path is None or b.path is None:
+        return a.path == b.path
+    return same_location(a.path, b.path)
+
+
+def _grid_size(space: dict) -> int:
+    return math.prod(len(s["values"]) for s in space.values() if s["type"] == "grid")
+
+
+def load_state(cfg: config_mod.Config, n: int) -> dict:
+    """The sweep's fixed decisions (plan, trial count), made once and stored in ``sweep.json``.
+
+    A resumed sweep reuses them: sigma is never recalibrated and K is never redrawn.
+    """
+    sweep_dir = cfg.run_dir()
+    path = sweep_dir / SWEEP_FILE
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state["config"] != json.loads(json.dumps(_fingerprint(cfg))):
+            raise ValueError(f"a sweep named '{cfg.run.name}' exists in {sweep_dir} with a different config; "
+                             "rerun it unchanged to resume, or choose another run.name")
+        return state
+    plan = plan_sweep(cfg, n)
+    t = cfg.tune
+    if t.privacy_mode == "private":
+        shape = math.inf if plan["trials"]["shape"] == "inf" else plan["trials"]["shape"]
+        # Fresh OS entropy: K must be independent of the data and unknown to an observer of the release
+        # (run.seed only in tests; the record then says seeded).
+        k = draw_num_trials(plan["trials"]["mean"], shape, np.random.default_rng(cfg.run.seed))
+    else:
+        grid = _grid_size(t.search_space)
+        if t.num_trials % grid:
+            raise ValueError(f"config key 'tune.num_trials': expected a multiple of the grid size {grid}, "
+                             f"got {t.num_trials}")
+        k = t.num_trials
+    state = {"config": _fingerprint(cfg), "plan": plan, "num_trials": k, "seeded": cfg.run.seed is not None,
+             "id_key": secrets.token_hex(16)}  # secret key of the opaque trial ids
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def _scheduler(cfg: config_mod.Config):
+    if cfg.tune.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(metric=cfg.tune.metric, mode=_metric_mode(cfg.tune.metric),
+                         time_attr="training_iteration", grace_period=1)
+
+
+def _fit(cfg: config_mod.Config, spec: TrialSpec, num_trials: int):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(_trainable, spec=spec), {"cpu": TRIAL_CPUS})
+    path = Path(spec.sweep_dir) / EXPERIMENT
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming the sweep from %s (finished trials are kept, unfinished ones continue)", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        t = cfg.tune
+        grid = _grid_size(t.search_space)
+        tuner = tune.Tuner(
+            trainable, param_space={"params": search_space(t.search_space)},
+            tune_config=tune.TuneConfig(
+                num_samples=num_trials // grid, scheduler=_scheduler(cfg),
+                # plain random search; the hyperparameter draws are data-independent
+                search_alg=BasicVariantGenerator(random_state=t.search_seed, max_concurrent=t.max_concurrent_trials),
+                reuse_actors=True),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=spec.sweep_dir,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+                                      # private: Tune's trial table (every trial's score, K) stays off stdout
+                                      verbose=0 if t.privacy_mode == "private" else None))
+    return tuner.fit()
+
+
+def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
+              final_fn: Optional[FinalFn] = None, num_cpus: Optional[int] = None,
+              echo: Callable[[str], None] = lambda line: None) -> dict:
+    """Plan, run (or resume) and summarise the sweep named ``run.name``; returns the summary.
+
+    ``trial_fn(ctx) -> {"correct": int, "val_size": int, ...}`` runs one trial (default: the
+    pipeline's stages, ``pipeline_trial``); ``final_fn(cfg)`` the final run of public mode (default:
+    ``pipeline.run``). ``echo`` gets the sweep plan (before any data is read) and the summary.
+    """
+    from dpfeta import data, tracking
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # Train reports carry no score
+    n = data.public_train_size(cfg)
+    for line in config_mod.validate_against_n(cfg, n):
+        log.warning(line)
+    cfg = privacy.resolve(cfg, n)
+    sweep_dir = cfg.run_dir()
+    trials_cfg, trials_n = trials_config(cfg)  # refuses a bad proxy before anything is stored
+    state = load_state(cfg, n)
+    echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
+    if (sweep_dir / SUMMARY_FILE).is_file():
+        log.info("sweep '%s' is complete; its summary is %s", cfg.run.name, sweep_dir / SUMMARY_FILE)
+        summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
+        echo(summary_text(summary))
+        return summary
+    plan, mode = state["plan"], cfg.tune.privacy_mode
+    # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
+    # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one).
+    log_trials = mode != "private"
+    tracker = tracking.start_run(cfg, sweep_dir, params={**cfg.public_flat(), **_plan_params(plan)},
+                                 tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": mode})
+    spec = TrialSpec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=str(sweep_dir),
+                 trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
+                 parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,
+                 seed=cfg.run.seed, id_key=state["id_key"])
+    rows: list[dict] = []
+    try:
+        if state["num_trials"] > 0:
+            with cluster.session(cfg, num_cpus=num_cpus):
+                rows = _rows(_fit(cfg, spec, state["num_trials"]), cfg.tune.metric)
+        summary = _summarize(cfg, state, rows)
+        if mode == "public" and summary["best"] is not None:
+            summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn))
+        _finish(cfg, summary, rows, tracker)
+        echo(summary_text(summary))
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    return summary
+
+
+def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[FinalFn]) -> dict:
+    """Public mode: the best hyperparameters, one run on the sensitive data with the whole budget."""
+    final_cfg = config_mod.replace(cfg, {**params, "run.dir": str(cfg.run_dir()), "run.name": "final"})
+    with quiet_accountant():
+        final_plan = privacy.plan(privacy.resolve(final_cfg, n), n)
+    if final_fn is None:
+        from dpfeta import pipeline
+
+        final_fn = pipeline.run
+    result = final_fn(final_cfg)
+    return {"epsilon": final_plan.epsilon, "final": {"dir": str(final_cfg.run_dir()),
+                                                    "sigma": final_plan.noise_multiplier, "result": result}}
+
