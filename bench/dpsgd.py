@@ -15,7 +15,7 @@
    timed over the second half of the steps.
 
 Ratios only: absolute times on a shared 2-core VM move with its load (printed) and allocator
-(LD_PRELOAD printed; stack-notes §6.1).
+(LD_PRELOAD printed: jemalloc changes small-tensor timings).
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ log = logging.getLogger("bench.quality")
 
 
 def private_run(base: str, overrides: list[str], name: str, root: Path) -> dict:
-    cfg = config.load(base, [*overrides, f"run.name={name}", f"run.dir={root}"])
-    cfg = privacy.resolve(cfg, data.public_train_size(cfg))
+    cfg = pipeline.resolve_config(base, [*overrides, f"run.name={name}", f"run.dir={root}"])
     return pipeline.run(cfg, echo=log.info)
 
 

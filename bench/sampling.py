@@ -7,7 +7,7 @@ with random weights (speed does not depend on them): the EDM stochastic Heun sam
 denoiser evaluations), the same with CFG (each evaluation on a doubled batch), the deterministic
 Euler/DDIM sampler (N evaluations), and one training step (EDM loss, K=1, Adam). Sampler rates
 scale as 1/steps: the images/s at the config's own step count is printed too. Each sampler runs once
-after one untimed denoiser call. Allocator and load matter on small shared VMs (stack-notes §6.1):
+after one untimed denoiser call. Allocator and load matter on small shared VMs (jemalloc via LD_PRELOAD speeds small tensors up):
 LD_PRELOAD and the load average are printed with the numbers.
 """
 

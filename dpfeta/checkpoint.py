@@ -37,18 +37,6 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The innermost module under GradSampleModule (``_module``) / DDP / DPDDP (``module``)."""
-    while True:
-        for name in ("_module", "module"):
-            inner = getattr(module, name, None)
-            if isinstance(inner, nn.Module):
-                module = inner
-                break
-        else:
-            return module
-
-
 def _state(obj: nn.Module | dict) -> dict:
     return strip_prefixes(obj if isinstance(obj, dict) else obj.state_dict())
 

@@ -20,20 +20,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> config_mod.Config:
     """Load, validate and resolve the config (privacy-derived values fixed from public facts)."""
-    from dpfeta import data, privacy
+    from dpfeta import pipeline
 
-    cfg = config_mod.load(args.config, args.overrides)
-    return privacy.resolve(cfg, data.public_train_size(cfg))
+    return pipeline.resolve_config(args.config, args.overrides)
 
 
 def _plan(cfg):
-    """Plan the ledger from public facts only (N from data.n_train or metadata)."""
-    from dpfeta import data, privacy
+    """Plan the ledger from public facts only (the same checks as ``dpfeta run``)."""
+    from dpfeta import pipeline
 
-    n = data.public_train_size(cfg)
-    for line in config_mod.validate_against_n(cfg, n):
-        log.warning(line)
-    return privacy.plan(cfg, n)
+    return pipeline.plan_run(cfg)
 
 
 def _cmd_budget(args) -> int:
@@ -66,12 +62,11 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_central(args) -> int:
-    from dpfeta import central, cluster, data, privacy, rng
+    from dpfeta import central, cluster, data, rng
 
     cfg = _load(args)
     _plan(cfg)  # refuses, before any data is read, when the central query alone spends the target
     central.check_fresh_out(args.out)  # a folder that already spent: refused before any data is read
-    cfg = privacy.resolve(cfg, data.public_train_size(cfg))  # sigma_c fixed once, from public facts
     splits = data.load_splits(cfg)  # validates before any privacy spend
     generator = rng.seeded_generator(cfg.run.seed, stream="central")
     if generator is not None:

@@ -23,7 +23,7 @@ SOURCES = ("digits", "idx", "imagefolder", "npz", "parquet", "torchvision")
 SAMPLERS = ("edm", "ddim")
 TUNE_MODES = ("private", "public", "naive")
 INIT_MODES = ("warmup", "scratch")
-SECRET_KEYS = ("run.seed",)  # seeds of sampling and noise: never stored or logged (privacy.md §5, §7)
+SECRET_KEYS = ("run.seed",)  # seeds of sampling and noise: never stored or logged (docs/privacy.md §5, §7)
 SEED_REDACTED = "set (redacted)"
 RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurations only); the trial count "
                              "and the score noise now come from OS entropy, or from run.seed in tests"}

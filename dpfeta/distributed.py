@@ -42,7 +42,7 @@ class ExactSplit(DataConfig):
     """``DataConfig`` whose split datasets use ``streaming_split(equal=False)``.
 
     Ray's default ``equal=True`` drops up to W-1 rows to even the shards, in a data-dependent way
-    (privacy.md §4); here every record goes to exactly one worker. Datasets not split are handed
+    (docs/privacy.md §4); here every record goes to exactly one worker. Datasets not split are handed
     whole to every worker, as in Ray.
     """
 

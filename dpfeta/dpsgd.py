@@ -1,6 +1,6 @@
 """DP-SGD with noise multiplicity, Poisson sampling and one noise draw per logical step.
 
-The only module that imports Opacus. One logical step (privacy.md §2 M2, §4, §5):
+The only module that imports Opacus. One logical step (docs/privacy.md §2 M2, §4, §5):
 
 1. every worker draws a Bernoulli(q) mask over its own disjoint shard (``PoissonSampler``);
 2. the local batch is cut into physical micro-batches (a pure memory knob);
@@ -125,7 +125,7 @@ class FoldedGradSampleModule(GradSampleModule):
             raise ValueError(f"expected noise_multiplicity K >= 1, got {noise_multiplicity}")
         errors = ModuleValidator.validate(module, strict=False)
         if errors:
-            raise ValueError(f"expected a module without layers that mix examples (privacy.md §5), "
+            raise ValueError(f"expected a module without layers that mix examples (docs/privacy.md §5), "
                              f"Opacus' validator found: {errors}")
         self.noise_multiplicity = int(noise_multiplicity)
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=True,
@@ -225,7 +225,7 @@ class DPSGD:
         self.params = [p for p in module.parameters() if p.requires_grad]
         wrong = [p.dtype for p in self.params if p.dtype != torch.float32]
         if wrong:
-            raise ValueError(f"expected fp32 parameters for clipping and noise (privacy.md §5), got {wrong[0]}")
+            raise ValueError(f"expected fp32 parameters for clipping and noise (docs/privacy.md §5), got {wrong[0]}")
         self.sigma, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.K, self.physical_batch_size = int(noise_multiplicity), int(physical_batch_size)

@@ -1,6 +1,6 @@
 """Evaluation of a synthetic set: downstream accuracy on the real test split, and FID.
 
-* **Accuracy** (method.md §6.2): the reference CNN (``dpfeta.nn.cnn.CNN``) trained on the synthetic
+* **Accuracy** (docs/method.md §6.2): the reference CNN (``dpfeta.nn.cnn.CNN``) trained on the synthetic
   set (Adam, ``eval.classifier_lr``, batch ``eval.classifier_batch_size``, ``eval.classifier_epochs``
   epochs, EMA 0.9999 with warm-up), its EMA weights tested on the **real test split** after the last
   epoch; plus a logistic-regression baseline on the raw pixels.
@@ -14,7 +14,7 @@
   withheld in release mode (``tracking.nondp: false``). FIDs of different kinds (or Inception ports)
   are not comparable.
 
-Privacy (privacy.md §7): a metric is a DP release only when it is computed from the synthetic set
+Privacy (docs/privacy.md §7): a metric is a DP release only when it is computed from the synthetic set
 (DP) against a *public* test set (``data.test_path``, or a source's own test part declared public
 with ``data.test_is_public``). A test split carved out of the sensitive source holds sensitive
 records, so accuracy and FID on it are non-DP (``nondp``). Real-data features, statistics and the
@@ -46,7 +46,7 @@ from dpfeta.nn.cnn import CNN
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_EMA = 0.9999  # method.md §6.2
+CLASSIFIER_EMA = 0.9999  # docs/method.md §6.2
 INCEPTION_SIZE = 299
 FID_REFERENCE = "test"
 

@@ -1,7 +1,7 @@
 """DP-SGD fine-tuning, one worker's loop: a plain function with a Reporter seam.
 
 ``train_finetune`` runs the T logical steps of the plan on this worker's disjoint shard
-(privacy.md §2 M2, §4, §5): Poisson sampling over the shard, the privatised gradient of
+(docs/privacy.md §2 M2, §4, §5): Poisson sampling over the shard, the privatised gradient of
 ``dpsgd.DPSGD`` (all-reduced with noise once for the group), Adam, and the EMA, updated on logical
 steps only. It starts from the warm-up's raw weights with a fresh optimiser and a fresh EMA
 (DP-FETA), from scratch (the DPDM baseline), or from a checkpoint, which restores model, EMA,

@@ -49,6 +49,13 @@ RESUME_SECTIONS = ("data", "central", "model", "diffusion", "warmup", "finetune"
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The one way in (CLI, ray_jobs/, tune, bench): load and validate the config, then fix every
+    privacy-derived value from public facts (today the central noise), before any data is read."""
+    cfg = config_mod.load(path, list(overrides))
+    return privacy.resolve(cfg, data.public_train_size(cfg))
+
+
 def plan_run(cfg: Config) -> privacy.Plan:
     """The privacy plan from public facts only (no data is read)."""
     n = data.public_train_size(cfg)

@@ -1,4 +1,4 @@
-"""The release: one folder holding exactly what a run or a sweep may publish (privacy.md §1, §7).
+"""The release: one folder holding exactly what a run or a sweep may publish (docs/privacy.md §1, §7).
 
 ``<run dir>/release/`` (a sweep: ``<sweep dir>/release/``) is built stage by stage and holds only
 outputs covered by the reported epsilon, and the public facts needed to read them::

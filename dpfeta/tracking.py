@@ -17,7 +17,7 @@
   release mode (``tracking.nondp: false``). So in release mode MLflow holds only files of
   ``release/``, whoever calls ``log_artifact``.
 * Never log raw sensitive images, their statistics, per-example data or noise seeds
-  (privacy.md §7). The secret config keys (``config.SECRET_KEYS``: ``run.seed``) are redacted by
+  (docs/privacy.md §7). The secret config keys (``config.SECRET_KEYS``: ``run.seed``) are redacted by
   ``Tracker.log_params`` itself, whatever the caller passes.
 
 Workers (e.g. Train rank 0) find the run through the environment (``env()``: MLFLOW_TRACKING_URI,

@@ -1,4 +1,4 @@
-"""Data sources, the split rule, fitting, and validation before any privacy spend (issue 3)."""
+"""Data sources, the split rule, fitting, and validation before any privacy spend."""
 
 from __future__ import annotations
 

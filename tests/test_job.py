@@ -264,7 +264,7 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
     for png in pngs:
         assert training_copies(read_png(png, cfg.data.channels), train.images) == 0, png
     pixel_count = int(np.prod(train.images.shape[1:]))
-    seed = str(cfg.run.seed)  # the noise seed is redacted everywhere (privacy.md §7)
+    seed = str(cfg.run.seed)  # the noise seed is redacted everywhere (docs/privacy.md §7)
     assert seed not in json.dumps(run.data.params) and seed not in json.dumps(run.data.tags)
     stored = sorted(job["run_dir"].rglob("*.json"))  # config.json, checkpoint meta.json, release/, ledgers
     assert len(stored) >= 8 and any(p.name == "meta.json" for p in stored)

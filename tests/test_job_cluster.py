@@ -41,6 +41,7 @@ def test_runtime_env_is_valid_and_keeps_data_out_of_the_upload():
     assert env["env_vars"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
-def test_ray_jobs_entry_point_is_thin():
-    lines = (REPO / "ray_jobs" / "pipeline.py").read_text().splitlines()
-    assert len(lines) <= 100
+@pytest.mark.parametrize("name, command", [("pipeline.py", "run"), ("tune.py", "tune")])
+def test_ray_jobs_entry_points_are_thin_calls_of_the_cli(name, command):
+    text = (REPO / "ray_jobs" / name).read_text()
+    assert len(text.splitlines()) <= 30 and f'cli.main(["{command}"' in text and "ray job submit" in text

@@ -1,4 +1,4 @@
-"""Sweep accounting, search spaces, trial counts and the DP score (no Ray; privacy.md §6).
+"""Sweep accounting, search spaces, trial counts and the DP score (no Ray; docs/privacy.md §6).
 
 The sweep's epsilon is checked against events built here directly from dp_accounting, not through
 dpfeta.privacy or dpfeta.tune's curve code.
@@ -266,7 +266,7 @@ def test_cli_and_job_entry_point_refuse_asha_in_private_mode(capsys):
     spec = importlib.util.spec_from_file_location("ray_jobs_tune", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(args) == 2
+    assert job.main(args) == 2  # the job entry point is the CLI: the same refusal, the same exit code
     assert "tune.scheduler" in capsys.readouterr().err
 
 

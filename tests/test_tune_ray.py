@@ -1,6 +1,6 @@
 """Sweeps on a local Ray (one for the module): each tuning mode end to end, MLflow parent/nested
 runs, Train V2 reports reaching Tune, resume after the driver is killed, and one sweep through
-the real pipeline stages (privacy.md §6).
+the real pipeline stages (docs/privacy.md §6).
 
 Trials use stand-in trial functions (a fixed "accuracy" per hyperparameter, counted on the real
 validation-split size) except ``test_private_sweep_through_the_pipeline``; the accounting checks

@@ -60,7 +60,7 @@ class Splits:
 
 def test_split_fact(cfg: config_mod.Config) -> tuple[bool, str]:
     """(is the test split public?, the public fact saying where it comes from), from the config
-    alone. Metrics on a sensitive test split are non-DP (privacy.md §7)."""
+    alone. Metrics on a sensitive test split are non-DP (docs/privacy.md §7)."""
     d = cfg.data
     if d.test_path is not None:
         return True, f"a separate public test set (data.test_path={d.test_path})"

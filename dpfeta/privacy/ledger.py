@@ -38,7 +38,7 @@ class Mechanism:
 class Ledger:
     """Every mechanism's parameters, planned and taken counts, and the composed epsilon.
 
-    ``repeat`` (tuning, privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of all
+    ``repeat`` (tuning, docs/privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of all
     mechanisms (one trial) in a ``RepeatAndSelectDpEvent``: a random number of trials, the best
     one released (Papernot & Steinke 2022; eta = inf is the Poisson distribution).
     """
