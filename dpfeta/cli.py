@@ -32,10 +32,9 @@ def _plan(cfg):
     return pipeline.plan_run(cfg)
 
 
-def _cmd_budget(args) -> int:
+def _cmd_budget(args, cfg: config_mod.Config) -> int:
     from dpfeta import privacy
 
-    cfg = _load(args)
     if args.sweep:
         from dpfeta import data, tune
         from dpfeta.privacy import sweep as psweep
@@ -52,19 +51,17 @@ def _cmd_budget(args) -> int:
     return 0
 
 
-def _cmd_prepare(args) -> int:
+def _cmd_prepare(args, cfg: config_mod.Config) -> int:
     from dpfeta import data
 
-    cfg = _load(args)
     written = data.prepare(cfg, args.out)
     print(f"wrote the training split as Parquet shards to {written}")
     return 0
 
 
-def _cmd_central(args) -> int:
+def _cmd_central(args, cfg: config_mod.Config) -> int:
     from dpfeta import central, cluster, data, rng
 
-    cfg = _load(args)
     _plan(cfg)  # refuses, before any data is read, when the central query alone spends the target
     central.check_fresh_out(args.out)  # a folder that already spent: refused before any data is read
     splits = data.load_splits(cfg)  # validates before any privacy spend
@@ -122,12 +119,11 @@ def _check_central_spent(spent, pl, where: str) -> None:
                          "images were made with")
 
 
-def _cmd_warmup(args) -> int:
+def _cmd_warmup(args, cfg: config_mod.Config) -> int:
     from pathlib import Path
 
     from dpfeta import warmup
 
-    cfg = _load(args)
     ledger = _stage_ledger(args.central, what="--central")  # refuses central images without a ledger
     out = Path(args.out)
     if (out / "ledger.json").is_file() and json.loads((out / "ledger.json").read_text())["mechanisms"] != \
@@ -143,12 +139,11 @@ def _cmd_warmup(args) -> int:
     return 0
 
 
-def _cmd_sample(args) -> int:
+def _cmd_sample(args, cfg: config_mod.Config) -> int:
     from pathlib import Path
 
     from dpfeta import cluster, diffusion, rng
 
-    cfg = _load(args)
     denoiser = diffusion.load_denoiser(args.checkpoint, cfg).to(cluster.device(cfg))  # EMA weights
     generator = rng.make_generator(cfg.run.seed, stream="sample")
     num = args.num or cfg.sample.num_samples
@@ -164,10 +159,9 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _cmd_finetune(args) -> int:
+def _cmd_finetune(args, cfg: config_mod.Config) -> int:
     from dpfeta import data, distributed, privacy
 
-    cfg = _load(args)
     if args.init is None and cfg.finetune.init != "scratch":
         cfg = config_mod.replace(cfg, {"finetune.init": "scratch"})
     pl = _plan(cfg)
@@ -189,10 +183,9 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
-def _cmd_evaluate(args) -> int:
+def _cmd_evaluate(args, cfg: config_mod.Config) -> int:
     from dpfeta import evaluate, pipeline
 
-    cfg = _load(args)
     result = pipeline.evaluate_samples(cfg, args.samples, args.out)
     eps = "unknown (no ledger.json)" if result["epsilon"] is None else f"{result['epsilon']:.4f}"
 
@@ -205,18 +198,45 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
+def _cmd_run(args, cfg: config_mod.Config) -> int:
     from dpfeta import pipeline
 
-    pipeline.run(_load(args))
+    pipeline.run(cfg)
     return 0
 
 
-def _cmd_tune(args) -> int:
+def _cmd_tune(args, cfg: config_mod.Config) -> int:
     from dpfeta import tune
 
-    tune.run_sweep(_load(args), echo=print)  # plan first (no data read); rerun the same name to resume
+    tune.run_sweep(cfg, echo=print)  # plan first (no data read); rerun the same name to resume
     return 0
+
+
+_OUT = {"required": True, "help": "output folder"}
+# name, handler, help, extra options (every command also takes --config and --set)
+COMMANDS = [
+    ("budget", _cmd_budget, "print the privacy plan (sigma, q, T, epsilon) without reading data",
+     [("--json", {"action": "store_true", "help": "one JSON object instead of a table"}),
+      ("--sweep", {"action": "store_true",
+                   "help": "the plan of a 'dpfeta tune' sweep (tune.privacy_mode): per-trial vs single-run sigma"})]),
+    ("prepare", _cmd_prepare, "write the training split as Parquet shards for a cluster",
+     [("--out", {"required": True, "help": "output folder or URI (s3://, gs://, local)"})]),
+    ("central", _cmd_central, "release DP central images (spends the M1 budget)", [("--out", _OUT)]),
+    ("warmup", _cmd_warmup, "warm up the diffusion model on central images (no privacy cost)",
+     [("--central", {"required": True, "help": "folder written by 'dpfeta central'"}),
+      ("--out", {"required": True, "help": "output folder (checkpoints; rerun resumes)"})]),
+    ("finetune", _cmd_finetune, "DP-SGD fine-tuning on Ray Train (spends the M2 budget)",
+     [("--init", {"default": None, "help": "warm-up folder; omit for from-scratch (DPDM)"}),
+      ("--out", {"default": None, "help": "output folder (default: <run dir>/finetune)"})]),
+    ("sample", _cmd_sample, "generate synthetic images from a checkpoint",
+     [("--checkpoint", {"required": True, "help": "checkpoint folder"}), ("--out", _OUT),
+      ("--num", {"type": int, "default": None, "help": "number of images (default sample.num_samples)"})]),
+    ("evaluate", _cmd_evaluate, "downstream accuracy and FID of a synthetic set",
+     [("--samples", {"required": True, "help": "folder of class sub-folders of PNGs"}),
+      ("--out", {"default": None, "help": "eval.json path (default: <samples>/eval.json)"})]),
+    ("run", _cmd_run, "the whole pipeline: central, warm-up, DP-SGD, sample, evaluate", []),
+    ("tune", _cmd_tune, "Ray Tune sweep under the fixed total budget", []),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,55 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("budget", help="print the privacy plan (sigma, q, T, epsilon) without reading data")
-    _add_config_args(p)
-    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    p.add_argument("--sweep", action="store_true",
-                   help="the plan of a 'dpfeta tune' sweep (tune.privacy_mode): per-trial vs single-run sigma")
-    p.set_defaults(func=_cmd_budget)
-
-    p = sub.add_parser("prepare", help="write the training split as Parquet shards for a cluster")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, local)")
-    p.set_defaults(func=_cmd_prepare)
-
-    p = sub.add_parser("central", help="release DP central images (spends the M1 budget)")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=_cmd_central)
-
-    p = sub.add_parser("warmup", help="warm up the diffusion model on central images (no privacy cost)")
-    _add_config_args(p)
-    p.add_argument("--central", required=True, help="folder written by 'dpfeta central'")
-    p.add_argument("--out", required=True, help="output folder (checkpoints; rerun resumes)")
-    p.set_defaults(func=_cmd_warmup)
-
-    p = sub.add_parser("finetune", help="DP-SGD fine-tuning on Ray Train (spends the M2 budget)")
-    _add_config_args(p)
-    p.add_argument("--init", default=None, help="warm-up folder; omit for from-scratch (DPDM)")
-    p.add_argument("--out", default=None, help="output folder (default: <run dir>/finetune)")
-    p.set_defaults(func=_cmd_finetune)
-
-    p = sub.add_parser("sample", help="generate synthetic images from a checkpoint")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=int, default=None, help="number of images (default sample.num_samples)")
-    p.set_defaults(func=_cmd_sample)
-
-    p = sub.add_parser("evaluate", help="downstream accuracy and FID of a synthetic set")
-    _add_config_args(p)
-    p.add_argument("--samples", required=True, help="folder of class sub-folders of PNGs")
-    p.add_argument("--out", default=None, help="eval.json path (default: <samples>/eval.json)")
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("run", help="the whole pipeline: central, warm-up, DP-SGD, sample, evaluate")
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser("tune", help="Ray Tune sweep under the fixed total budget")
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_tune)
+    for name, func, help_text, options in COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p)
+        for flag, kwargs in options:
+            p.add_argument(flag, **kwargs)
+        p.set_defaults(func=func)
     return parser
 
 
@@ -282,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order convergence chatter
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args, _load(args)) or 0)  # every command takes the resolved config
     except (ValueError, TypeError, FileNotFoundError) as exc:
         if args.verbose:
             raise

@@ -189,15 +189,18 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # the sensitive data and the budget
     data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # the stages, in order
     central: CentralConfig = field(default_factory=CentralConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # sweeps, where it runs, what it logs
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
