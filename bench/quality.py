@@ -49,7 +49,7 @@ def nonprivate_run(base: str, overrides: list[str], name: str, root: Path, seed:
     """No DP at all: the U-Net trained on the real training split (an upper bound, epsilon = inf)."""
     import torch
 
-    from dpfeta import diffusion, evaluate, images, warmup
+    from dpfeta import evaluate, images, sample, warmup
 
     cfg = config.load(base, [*overrides, f"run.name={name}", f"run.dir={root}", f"run.seed={seed}"])
     out = cfg.run_dir()
@@ -62,8 +62,8 @@ def nonprivate_run(base: str, overrides: list[str], name: str, root: Path, seed:
     splits = data.load_splits(cfg)
     summary = warmup.train_warmup(cfg, splits.train, out / "checkpoints" / "nonprivate",
                                   generator=torch.Generator().manual_seed(seed))
-    denoiser = diffusion.load_denoiser(summary["checkpoint"], cfg, weights="ema")
-    x, y = diffusion.generate(denoiser, cfg, cfg.sample.num_samples, generator=torch.Generator().manual_seed(seed + 3))
+    denoiser = sample.load_denoiser(summary["checkpoint"], cfg, weights="ema")
+    x, y = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=torch.Generator().manual_seed(seed + 3))
     images.save_class_grid(x, y, out / "grid.png")
     synthetic = data.ImageSet(x.numpy(), y.numpy().astype(np.int64), cfg.data.num_classes)
     result = {"epsilon": math.inf, "steps": total, **evaluate.evaluate(cfg, synthetic, splits)}

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dpfeta import config
-from dpfeta.diffusion import build_denoiser, ddim_sampler, edm_loss, edm_sampler
+from dpfeta.diffusion import ddim_sampler, edm_loss, edm_sampler
+from dpfeta.sample import build_denoiser
 from dpfeta.nn import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -142,12 +142,12 @@ def _cmd_warmup(args, cfg: config_mod.Config) -> int:
 def _cmd_sample(args, cfg: config_mod.Config) -> int:
     from pathlib import Path
 
-    from dpfeta import cluster, diffusion, rng
+    from dpfeta import cluster, rng, sample
 
-    denoiser = diffusion.load_denoiser(args.checkpoint, cfg).to(cluster.device(cfg))  # EMA weights
+    denoiser = sample.load_denoiser(args.checkpoint, cfg).to(cluster.device(cfg))  # EMA weights
     generator = rng.make_generator(cfg.run.seed, stream="sample")
     num = args.num or cfg.sample.num_samples
-    images, _ = diffusion.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
+    images, _ = sample.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
     try:  # sampling is post-processing: the samples carry the checkpoint's ledger on
         _stage_ledger(args.checkpoint, what="--checkpoint").save(Path(args.out) / "ledger.json")
     except ValueError:

@@ -1,4 +1,4 @@
-"""EDM diffusion: preconditioning, the per-example loss, samplers and batched generation.
+"""EDM diffusion math: preconditioning, the per-example loss, samplers (imports torch only).
 
 Karras et al. 2022 ("EDM") as used by DPDM / DP-FETA (docs/method.md §4.2, §5). Randomness always
 comes from an injected ``torch.Generator``; draws happen on the generator's device and are moved
@@ -7,24 +7,15 @@ to the data's device, so a CPU generator works for a GPU model.
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from dpfeta import checkpoint, images
-from dpfeta.config import Config
-from dpfeta.nn.unet import UNet
-
-logger = logging.getLogger(__name__)
-
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -66,34 +57,6 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), labels)
 
 
-def build_denoiser(cfg: Config) -> EDMPrecond:
-    """A freshly initialised U-Net wrapped in EDM preconditioning, sized by ``cfg``."""
-    return EDMPrecond(UNet.from_config(cfg), cfg.diffusion.sigma_data)
-
-
-def load_denoiser(directory: Path | str, cfg: Config, *, weights: str = "ema") -> EDMPrecond:
-    """Build the denoiser of ``cfg`` and load ``weights`` ("ema" or "model") from a checkpoint.
-
-    ``directory`` is a checkpoint folder or a stage folder holding one as ``checkpoint/``.
-    """
-    if weights not in ("ema", "model"):
-        raise ValueError(f"expected weights='ema' or 'model', got {weights!r}")
-    directory = Path(directory)
-    if not checkpoint.exists(directory) and checkpoint.exists(directory / "checkpoint"):
-        directory = directory / "checkpoint"
-    state = checkpoint.load(directory)
-    saved = state["meta"].get("config", {}).get("model")
-    if saved is not None and saved != cfg.to_dict()["model"]:
-        raise ValueError(f"checkpoint '{directory}' holds model={saved}, but the config asks for "
-                         f"model={cfg.to_dict()['model']}")
-    weights_dict = state[weights] if state[weights] is not None else state["model"]
-    if all(key.startswith("net.") for key in weights_dict):  # saved as EDMPrecond, not its U-Net
-        weights_dict = {key[len("net."):]: value for key, value in weights_dict.items()}
-    denoiser = build_denoiser(cfg)
-    denoiser.net.load_state_dict(weights_dict)
-    return denoiser.eval()
-
-
 # ------------------------------------------------------------------------------------------
 # Loss
 # ------------------------------------------------------------------------------------------
@@ -113,8 +76,8 @@ def edm_loss_rows(denoiser: Denoiser, images: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"expected K >= 1 noise draws, got {K}")
     batch = images.shape[0]
     x = images.repeat_interleave(K, dim=0)
-    sigma = (_randn((batch * K, 1, 1, 1), generator, x) * P_std + P_mean).exp()
-    noise = _randn(tuple(x.shape), generator, x) * sigma
+    sigma = (randn((batch * K, 1, 1, 1), generator, x) * P_std + P_mean).exp()
+    noise = randn(tuple(x.shape), generator, x) * sigma
     drop = _rand((batch,), generator, x) < label_drop_prob
     y = torch.where(drop, torch.full_like(labels, num_classes), labels).repeat_interleave(K, dim=0)
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
@@ -171,7 +134,7 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor,
         t_hat = t_cur * (1 + gamma)
         x_hat = x
         if gamma > 0:
-            x_hat = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * s_noise * _randn(tuple(x.shape), generator, x)
+            x_hat = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * s_noise * randn(tuple(x.shape), generator, x)
         # Euler step, then the second-order correction except on the last step.
         d_cur = (x_hat - denoise(x_hat, t_hat * ones, labels)) / t_hat
         x = x_hat + (t_next - t_hat) * d_cur
@@ -192,57 +155,3 @@ def ddim_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
         x = x + (t_next - t_cur) * (x - denoise(x, t_cur * ones, labels)) / t_cur
     return denoise(x, t_steps[-1] * ones, labels)
-
-
-def sample_batch(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels: torch.Tensor, *,
-                 null_label: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Run the sampler named by ``cfg.sample.sampler`` with its settings."""
-    s = cfg.sample
-    common = dict(steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho,
-                  guidance=s.guidance, null_label=null_label)
-    if s.sampler == "edm":
-        return edm_sampler(denoiser, latents, labels, churn=s.churn, s_min=s.s_min, s_max=s.s_max,
-                           s_noise=s.s_noise, generator=generator, **common)
-    if s.sampler == "ddim":
-        return ddim_sampler(denoiser, latents, labels, **common)
-    raise ValueError(f"config key 'sample.sampler': expected edm or ddim, got {s.sampler!r}")
-
-
-@torch.no_grad()
-def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Generator | None,
-             progress: bool = True, labels: torch.Tensor | None = None,
-             out_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``num`` images in batches of ``cfg.sample.batch_size`` -> (uint8 [N,C,H,W], int64 [N]).
-
-    Labels default to uniform random classes (as the official code); the null class is never drawn.
-    With ``out_dir``, writes ``out_dir/images/<label>/<i>.png`` and ``out_dir/grid.png``.
-    """
-    d = cfg.data
-    device = next(denoiser.parameters()).device
-    if labels is None:
-        labels = torch.randint(d.num_classes, (num,), generator=generator,
-                               device=generator.device if generator is not None else "cpu")
-    labels = labels.to(torch.int64).cpu()
-    if len(labels) != num:
-        raise ValueError(f"expected {num} labels, got {len(labels)}")
-    was_training = denoiser.training
-    denoiser.eval()
-    out, start, done = [], time.perf_counter(), 0
-    for batch_labels in labels.split(cfg.sample.batch_size):
-        like = torch.empty(0, device=device)
-        latents = _randn((len(batch_labels), d.channels, d.resolution, d.resolution), generator, like)
-        x = sample_batch(denoiser, cfg, latents, batch_labels.to(device), null_label=d.num_classes,
-                         generator=generator)
-        out.append(images.to_uint8(x))
-        done += len(batch_labels)
-        if progress:
-            rate = done / (time.perf_counter() - start)
-            logger.info("sample %d/%d images (%.1f img/s, %s %d steps)", done, num, rate,
-                        cfg.sample.sampler, cfg.sample.steps)
-    denoiser.train(was_training)
-    result = torch.cat(out) if out else torch.empty(0, d.channels, d.resolution, d.resolution,
-                                                    dtype=torch.uint8)
-    if out_dir is not None:
-        images.save_class_folders(result, labels, Path(out_dir) / "images")
-        images.save_class_grid(result, labels, Path(out_dir) / "grid.png")
-    return result, labels

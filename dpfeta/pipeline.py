@@ -288,13 +288,13 @@ def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:
 
 
 def _sample_task(cfg: Config, ckpt_files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
-    from dpfeta import diffusion
+    from dpfeta import sample
 
     with tempfile.TemporaryDirectory() as tmp:
         cluster.unpack(ckpt_files, Path(tmp))
-        denoiser = diffusion.load_denoiser(tmp, cfg, weights="ema").to(cluster.device(cfg))
+        denoiser = sample.load_denoiser(tmp, cfg, weights="ema").to(cluster.device(cfg))
     g = rng.make_generator(cfg.run.seed, stream="sample")
-    images, labels = diffusion.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
+    images, labels = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
     return images.numpy(), labels.numpy()
 
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dpfeta import config, data, images
+from dpfeta import config, data
+from dpfeta.images import encode_png
 from dpfeta.data import splits as splits_mod
 
 K = 4  # classes in the small synthetic sets
@@ -51,7 +52,7 @@ def write_folder(root, images: np.ndarray, labels: np.ndarray, names=None, ext="
 
 
 def png(img: np.ndarray) -> bytes:
-    return images.encode_png(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+    return encode_png(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
 
 
 def write_parquet(path, images, labels, hf: bool = False) -> None:

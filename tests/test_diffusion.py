@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dpfeta import config
-from dpfeta.diffusion import (EDMPrecond, build_denoiser, ddim_sampler, edm_loss, edm_loss_rows,
-                              edm_sampler, generate, guided, time_grid)
+from dpfeta.diffusion import EDMPrecond, ddim_sampler, edm_loss, edm_loss_rows, edm_sampler, guided, time_grid
+from dpfeta.sample import build_denoiser, generate
 from dpfeta.images import load_class_folders
 
 SD = math.sqrt(1 / 3)

@@ -8,7 +8,7 @@ import torch
 from opacus.grad_sample import GradSampleModule
 
 from dpfeta import checkpoint, config
-from dpfeta.diffusion import EDMPrecond, build_denoiser, load_denoiser
+from dpfeta.sample import build_denoiser, load_denoiser
 from dpfeta.images import save_class_folders
 from dpfeta.nn import UNet
 from dpfeta.warmup import augment, central_arrays, train_warmup
