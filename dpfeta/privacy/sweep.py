@@ -240,7 +240,7 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
             "tune.score_noise or central noise, use fewer rounds or trials, or tune on public data")
     # Search on the cheap integer orders (a subset only raises epsilon: an upper bound), then refine
     # on the whole grid from there; the trials are checked against the reference on the same grid.
-    rough = search_sigma(eps_on(INTEGER_RDP_ORDERS), p.epsilon, rtol=1e-3, start=single.noise_multiplier)
+    rough = search_sigma(eps_on(INTEGER_RDP_ORDERS), p.epsilon, rtol=1e-3, start=single.noise_multiplier, step=2.0)
     orders = DEFAULT_RDP_ORDERS
     sigma = search_sigma(eps_on(orders), p.epsilon, rtol=p.calibration_rtol, start=rough, step=1.02)
     epsilon = epsilon_of(total_event(sigma), delta=p.delta, accountant=accountant, orders=orders)
