@@ -217,7 +217,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     ledger = privacy.Ledger.from_state_dict(meta["ledger"])
     ledger.save(out_dir / "ledger.json")
     summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
-    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "sigma": plan.noise_multiplier,
+    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "noise_multiplier": plan.noise_multiplier,
                     "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
                     "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
                     "world_size": meta["world_size"]})

@@ -109,7 +109,7 @@ def _check_model(meta: dict, cfg: Config, where: Path | str) -> None:
 
 def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
     """sigma, q, T and N of a checkpoint must be the plan's: a restart never recalibrates."""
-    saved = (meta["sigma"], meta["sample_rate"], meta["steps"], meta["n"])
+    saved = (meta["noise_multiplier"], meta["sample_rate"], meta["steps"], meta["n"])
     given = (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.n)
     if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, given)):
         raise ValueError(f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
@@ -253,7 +253,7 @@ def _metrics(cfg: Config, plan: privacy.Plan, ledger: privacy.Ledger, step: int,
              window: _Window) -> dict[str, Any]:
     """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
     out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
-           "epsilon": ledger.epsilon(), "sigma": plan.noise_multiplier,
+           "epsilon": ledger.epsilon(), "noise_multiplier": plan.noise_multiplier,
            "sec_per_step": (time.perf_counter() - window.start) / max(window.steps, 1)}
     if cfg.tracking.nondp:
         examples = max(window.examples, 1)
@@ -271,7 +271,7 @@ def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Con
     if not save:
         reporter(metrics, None)
         return
-    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "sigma": plan.noise_multiplier,
+    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
             "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
             "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.public_dict()}

@@ -238,7 +238,7 @@ def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
     state = checkpoint.load(reporter.resume_dir())
     meta = state["meta"]
     assert final["step"] == meta["step"] == plan.steps and meta["attempt_first_step"] == 2
-    assert meta["sigma"] == plan.noise_multiplier and set(state) >= {"model", "ema", "optimizer"}
+    assert meta["noise_multiplier"] == plan.noise_multiplier and set(state) >= {"model", "ema", "optimizer"}
     ledger = privacy.Ledger.from_state_dict(meta["ledger"])
     assert ledger.get("dpsgd").taken == plan.steps
     assert final["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)

@@ -206,7 +206,7 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp):
     # names: the public config, the sweep plan, the released total and the selected trial only
     assert set(parent.data.params) <= set(cfg.public_flat()) | {f"sweep.{k}" for k in (
         "mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise", "trials")}
-    assert set(parent.data.metrics) == {"epsilon", "selected/score", "selected/sigma"}
+    assert set(parent.data.metrics) == {"epsilon", "selected/score", "selected/noise_multiplier"}
     assert {k for k in parent.data.tags if not k.startswith("mlflow.")} == {"dpfeta.kind", "dpfeta.tune_mode",
                                                                            "dpfeta.selected"}
     assert parent.data.params["run.seed"] == config.SEED_REDACTED

@@ -91,11 +91,11 @@ def release_view(summary: dict) -> dict:
     best = summary["best"]
     out = {"mode": summary["mode"], "metric": summary["metric"], "target_epsilon": summary["target_epsilon"],
            "selected": None if best is None else {"id": best["trial_id"], "params": best["params"],
-                                                  "score": best["score"], "sigma": best["sigma"]},
+                                                  "score": best["score"], "noise_multiplier": best["sigma"]},
            "note": NOTES[summary["mode"]] + ("" if best is not None or summary["mode"] == "public"
                                              else "; no trial finished, nothing is released")}
     if "final" in summary:
-        out["final"] = {"sigma": summary["final"]["sigma"]}
+        out["final"] = {"noise_multiplier": summary["final"]["sigma"]}
     return out
 
 
@@ -173,7 +173,7 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker) ->
     if tracker is None:
         return
     tracker.log_dp_metrics({"epsilon": summary["epsilon"],
-                            **({"selected/score": best["score"], "selected/sigma": best["sigma"]} if best else {})})
+                            **({"selected/score": best["score"], "selected/noise_multiplier": best["sigma"]} if best else {})})
     tracker.log_artifact(root)  # release/... (the only artifacts in release mode)
     tracker.log_artifact(sweep_dir / SUMMARY_FILE)  # nondp/... (operator view), dropped in release mode
     tracker.log_artifact(sweep_dir / TRIALS_FILE)
