@@ -184,9 +184,9 @@ def _cmd_finetune(args, cfg: config_mod.Config) -> int:
 
 
 def _cmd_evaluate(args, cfg: config_mod.Config) -> int:
-    from dpfeta import evaluate, pipeline
+    from dpfeta import evaluate
 
-    result = pipeline.evaluate_samples(cfg, args.samples, args.out)
+    result = evaluate.evaluate_samples(cfg, args.samples, args.out)
     eps = "unknown (no ledger.json)" if result["epsilon"] is None else f"{result['epsilon']:.4f}"
 
     def shown(name: str, fmt: str) -> str:

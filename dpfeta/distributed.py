@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from ray.train import DataConfig
 
-from dpfeta import checkpoint, cluster, data, finetune, privacy
+from dpfeta import checkpoint, cluster, data, finetune, privacy, tracking
 from dpfeta.config import Config
 
 logger = logging.getLogger(__name__)
@@ -223,3 +223,30 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
                     "world_size": meta["world_size"]})
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def mlflow_callbacks() -> list:
+    """A Ray Train callback logging rank 0's reports (``finetune/*`` and ``nondp/*``) to this run.
+
+    It runs in the Train controller; a local sqlite store is only used when the cluster is one node
+    (on several nodes the controller may sit on another machine: use an http tracking server).
+    """
+    import ray
+    from ray.train import UserCallback
+
+    tracker = tracking.current()
+    if tracker is None or (tracker.uri.startswith("sqlite:") and len(ray.nodes()) > 1):
+        return []
+    uri, run_id, nondp = tracker.uri, tracker.run_id, tracker.nondp
+
+    class MLflowReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            report = dict(metrics[0]) if metrics else {}
+            step = int(report.get("step", 0))
+            sink = tracking.Tracker(uri, run_id, nondp=nondp)
+            sink.log_dp_metrics({f"finetune/{k}": report[k] for k in ("nimg", "sec_per_step") if k in report},
+                                step=step)
+            sink.log_nondp_metrics({k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)},
+                                   step=step)
+
+    return [MLflowReport()]

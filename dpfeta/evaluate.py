@@ -24,6 +24,7 @@ offline feature network live in memory only; nothing here writes them to disk.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import warnings
@@ -40,7 +41,8 @@ from torch import nn
 from dpfeta import cluster
 from dpfeta import images as images_mod
 from dpfeta.config import Config
-from dpfeta.data import ImageSet, Splits
+from dpfeta.data import ImageSet, Splits, load_splits
+from dpfeta.privacy import Ledger
 from dpfeta.nn import update_ema
 from dpfeta.nn.cnn import CNN
 
@@ -389,3 +391,23 @@ def fid_label(result: dict) -> str:
     elif not result.get("test_split_public"):
         kind += ", non-DP: against a sensitive test split"
     return kind
+
+
+def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
+    """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon from a ledger.json
+    found beside it (a run directory), else reported as unknown."""
+    samples_dir = Path(samples_dir)
+    synthetic = load_synthetic(samples_dir, cfg)
+    splits = load_splits(cfg)
+    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
+    if ledger_path is not None:
+        ledger = Ledger.load(ledger_path)
+        head = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
+                "ledger": str(ledger_path)}
+    else:
+        head = {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+                "ledger": "none found beside the samples: epsilon unknown"}
+    result = {**head, **evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
+    out = Path(out_path) if out_path else samples_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result

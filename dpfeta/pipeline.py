@@ -233,13 +233,13 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     callbacks = list(callbacks or [])
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
         cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
-        callbacks += _mlflow_callbacks()
+        callbacks += distributed.mlflow_callbacks()
     result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out,
                                       callbacks=callbacks)
     steps = int(result["steps"])
     if steps != pl.ledger.get("dpsgd").taken:
         record(run_dir, pl, "dpsgd", steps)
-        log_epsilon_curve(pl)
+        tracking.log_epsilon_curve(pl.ledger)
         publish(cfg, run_dir, pl)
     eps = pl.ledger.epsilon()
     log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
@@ -247,44 +247,6 @@ def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.Ima
     return Path(result.get("checkpoint", out / "checkpoint"))
 
 
-def _mlflow_callbacks() -> list:
-    """A Ray Train callback logging rank 0's reports (``finetune/*`` and ``nondp/*``) to this run.
-
-    It runs in the Train controller; a local sqlite store is only used when the cluster is one node
-    (on several nodes the controller may sit on another machine: use an http tracking server).
-    """
-    import ray
-    from ray.train import UserCallback
-
-    tracker = tracking.current()
-    if tracker is None or (tracker.uri.startswith("sqlite:") and len(ray.nodes()) > 1):
-        return []
-    uri, run_id, nondp = tracker.uri, tracker.run_id, tracker.nondp
-
-    class MLflowReport(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            report = dict(metrics[0]) if metrics else {}
-            step = int(report.get("step", 0))
-            sink = tracking.Tracker(uri, run_id, nondp=nondp)
-            sink.log_dp_metrics({f"finetune/{k}": report[k] for k in ("nimg", "sec_per_step") if k in report},
-                                step=step)
-            sink.log_nondp_metrics({k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)},
-                                   step=step)
-
-    return [MLflowReport()]
-
-
-def log_epsilon_curve(pl: privacy.Plan, points: int = 25) -> None:
-    """epsilon spent after t DP-SGD steps (central query included), t = 0..T taken.
-
-    epsilon depends only on public quantities (sigma, q, counts), so the curve is computed from the
-    ledger rather than collected from the workers.
-    """
-    mech = pl.ledger.get("dpsgd")
-    ledger = privacy.Ledger.from_state_dict(pl.ledger.state_dict())
-    for t in sorted({round(i * mech.taken / points) for i in range(points + 1)}):
-        ledger.get("dpsgd").taken = t
-        tracking.log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
 
 
 def _sample_task(cfg: Config, ckpt_files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -338,7 +300,7 @@ def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data
     result = {**privacy.privacy_summary(pl), **cluster.run_on_gpu(cfg, _evaluate_task, cfg, synthetic, splits)}
     result["run_dir"] = str(run_dir)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    log_eval(result)
+    tracking.log_eval(result)
     tracking.log_artifact(path)  # operator view: under nondp/ (not a release file), nothing in release mode
     return result
 
@@ -353,10 +315,6 @@ def release_metrics(result: dict) -> dict:
         out.update({k: result[k] for k in ("fid_kind", "fid_reference", "fid_samples", "fid_weights")})
     return out
 
-
-def log_eval(result: dict) -> None:
-    tracking.log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
-    tracking.log_nondp_metrics(result.get("nondp", {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,25 +382,3 @@ def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
     if uri:
         lines.append(f"  MLflow    {tracking.ui_command(uri)}")
     return "\n".join(lines)
-
-
-def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
-    """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon from a ledger.json
-    found beside it (a run directory), else reported as unknown."""
-    from dpfeta import evaluate
-
-    samples_dir = Path(samples_dir)
-    synthetic = evaluate.load_synthetic(samples_dir, cfg)
-    splits = data.load_splits(cfg)
-    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
-    if ledger_path is not None:
-        ledger = privacy.Ledger.load(ledger_path)
-        head = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
-                "ledger": str(ledger_path)}
-    else:
-        head = {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
-                "ledger": "none found beside the samples: epsilon unknown"}
-    result = {**head, **evaluate.evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
-    out = Path(out_path) if out_path else samples_dir / "eval.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result

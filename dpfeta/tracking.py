@@ -321,3 +321,22 @@ def run_params(cfg: Config, plan) -> dict[str, Any]:
                    "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
                    "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})
     return params
+
+
+def log_epsilon_curve(ledger, points: int = 25) -> None:
+    """epsilon spent after t DP-SGD steps (central query included), t = 0..T taken.
+
+    epsilon depends only on public quantities (sigma, q, counts), so the curve is computed from the
+    ledger rather than collected from the workers.
+    """
+    mech = ledger.get("dpsgd")
+    ledger = type(ledger).from_state_dict(ledger.state_dict())
+    for t in sorted({round(i * mech.taken / points) for i in range(points + 1)}):
+        ledger.get("dpsgd").taken = t
+        log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
+
+
+def log_eval(result: dict) -> None:
+    """An eval.json's metrics: the dp section by name, the nondp section under nondp/."""
+    log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
+    log_nondp_metrics(result.get("nondp", {}))

@@ -106,7 +106,7 @@ def test_epsilon_curve_rises_from_the_central_query_to_the_total(tmp_path, monke
     pl.ledger.record_steps("dpsgd", pl.steps)
     recorder = Recorder()
     monkeypatch.setattr(tracking, "_current", recorder)
-    pipeline.log_epsilon_curve(pl, points=5)
+    tracking.log_epsilon_curve(pl.ledger, points=5)
     curve = [(step, m["epsilon"]) for m, step in recorder.dp]
     assert curve[0] == (0, pytest.approx(pl.ledger.per_mechanism(planned=False)["central"]))
     assert curve[-1] == (pl.steps, pytest.approx(pl.epsilon))
