@@ -126,7 +126,8 @@ def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config) -> 
         return privacy.Ledger.load(where / "ledger.json")
     if where is not None and (where / "trial_ledger.json").is_file():
         return privacy.Ledger.from_state_dict(json.loads((where / "trial_ledger.json").read_text()))
-    return privacy.Ledger(state_plan["accountant"], cfg.privacy.delta, 0, seeded=cfg.run.seed is not None)
+    return privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0,
+                          seeded=cfg.run.seed is not None)
 
 
 def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict) -> Path:
