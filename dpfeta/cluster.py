@@ -33,6 +33,38 @@ def address(cfg: Config) -> Optional[str]:
     return cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
+REACH_TIMEOUT_S = 15.0  # how long an explicit address may take to answer before it is an error
+
+
+def check_reachable(cfg: Config, *, timeout: Optional[float] = None) -> None:
+    """An explicit cluster address must answer (a TCP connection to its GCS or client port) within
+    ``timeout`` seconds; otherwise a clear error, raised before any budget is spent (Ray itself would
+    retry "Failed to connect to GCS" for minutes). No address: nothing to check."""
+    import socket
+    import time
+
+    timeout = REACH_TIMEOUT_S if timeout is None else timeout
+    where = address(cfg)
+    if not where or where in ("auto", "local") or where.startswith(("http://", "https://")):
+        return
+    hostport = where.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {where!r} (run.ray_address or RAY_ADDRESS): expected host:port or "
+                         "ray://host:port")
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(3.0, timeout)):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.5)
+    raise ValueError(f"the Ray cluster at {where} (run.ray_address or RAY_ADDRESS) did not answer within "
+                     f"{timeout:.0f} s ({last}); start it, fix the address, or unset both to run on a "
+                     "private local cluster. Nothing was spent")
+
+
 def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
     """Connect to the configured cluster, else start a private local one (once per process)."""
     global _started
@@ -42,6 +74,7 @@ def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
         return
     where = address(cfg)
     if where:
+        check_reachable(cfg)
         log.info("ray: connecting to %s", where)
         ray.init(address=where, runtime_env=runtime_env())
         return

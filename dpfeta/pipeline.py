@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import cluster, data, privacy, release, rng, tracking
+from dpfeta import cluster, data, privacy, release, rng, runlock, tracking
 from dpfeta.config import Config
 
 log = logging.getLogger(__name__)
@@ -327,8 +327,16 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     start = time.perf_counter()
     pl = plan_run(cfg)
     echo(budget_text(cfg, pl))
+    cluster.check_reachable(cfg)  # a dead or wrong address: an error now, not after the central query
+    with runlock.hold(cfg.run_dir()):  # one process per run directory (and so per ledger)
+        result, uri = _run(cfg, pl)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    echo(summary_text(cfg, result, uri))
+    return result
+
+
+def _run(cfg: Config, pl: privacy.Plan) -> tuple[dict, Optional[str]]:
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(cfg, run_dir)
     cfg.dump(run_dir / "config.json")  # noise seed redacted
     pl = open_ledger(run_dir, pl)
@@ -353,9 +361,7 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     finally:
         tracking.end_run(status)
         cluster.shutdown()
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    echo(summary_text(cfg, result, tracker.uri if tracker else None))
-    return result
+    return result, tracker.uri if tracker else None
 
 
 def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:

@@ -12,10 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "dpfeta"
 
 # part -> the dpfeta parts it may import (besides itself). A part is a top-level module or package.
-BASE = {"config", "rng", "images", "checkpoint"}
+BASE = {"config", "rng", "images", "checkpoint", "runlock"}
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "rng": set(),
+    "runlock": set(),
     "images": set(),
     "checkpoint": set(),
     "dpsgd": set(),

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import cluster, privacy
+from dpfeta import cluster, privacy, runlock
 from dpfeta.privacy.accounting import quiet_accountant
 from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
 from dpfeta.tune.space import _metric_mode, check_search_space, search_space
@@ -161,7 +161,7 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
     pipeline's stages, ``pipeline_trial``); ``final_fn(cfg)`` the final run of public mode (default:
     ``pipeline.run``). ``echo`` gets the sweep plan (before any data is read) and the summary.
     """
-    from dpfeta import data, tracking
+    from dpfeta import data
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # Train reports carry no score
     n = data.public_train_size(cfg)
@@ -170,6 +170,18 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
     cfg = privacy.resolve(cfg, n)
     sweep_dir = cfg.run_dir()
     trials_cfg, trials_n = trials_config(cfg)  # refuses a bad proxy before anything is stored
+    cluster.check_reachable(cfg)  # a dead or wrong address: an error now
+    with runlock.hold(sweep_dir):  # one process per sweep directory
+        return _sweep(cfg, n, trials_cfg, trials_n, trial_fn=trial_fn, final_fn=final_fn, num_cpus=num_cpus,
+                      echo=echo)
+
+
+def _sweep(cfg: config_mod.Config, n: int, trials_cfg: config_mod.Config, trials_n: int, *,
+           trial_fn: Optional[TrialFn], final_fn: Optional[FinalFn], num_cpus: Optional[int],
+           echo: Callable[[str], None]) -> dict:
+    from dpfeta import tracking
+
+    sweep_dir = cfg.run_dir()
     state = load_state(cfg, n)
     echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
     if (sweep_dir / SUMMARY_FILE).is_file():
