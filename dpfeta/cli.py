@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 
 from dpfeta import config as config_mod
 
@@ -253,8 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_cleanly() -> dict:
+    """Ctrl-C or SIGTERM stops the command cleanly: a KeyboardInterrupt unwinds the stages (MLflow run
+    marked FAILED, a Ray cluster we started shut down; the ledger already counts what was released,
+    so rerunning the same command resumes). A second Ctrl-C exits at once."""
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _stop_cleanly()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order convergence chatter
@@ -265,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dpfeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"dpfeta {args.command}: interrupted ({exc or 'SIGINT'}); stopped cleanly: what was released is "
+              "in the ledger, rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,40 @@ def test_a_dead_cluster_address_is_a_clear_error_in_bounded_time_before_any_spen
     assert not (cfg.run_dir() / "ledger.json").exists()  # refused before the run directory was touched
     with pytest.raises(ValueError, match="expected host:port"):
         cluster.check_reachable(pipeline.resolve_config(None, ["run.ray_address=nonsense"]))
+
+
+SLOW_COMMAND = """
+import sys, time
+from dpfeta import cli
+
+def slow(args, cfg):
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:
+        if "--slow-cleanup" in sys.argv:
+            time.sleep(60)  # a second Ctrl-C must not wait for this
+    return 0
+
+cli.COMMANDS[0] = ("budget", slow, "a slow stand-in", [("--slow-cleanup", {"action": "store_true"})])
+sys.exit(cli.main(["budget", "--config", "configs/digits.yaml", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("signals, extra", [(["SIGTERM"], []), (["SIGINT"], []),
+                                            (["SIGINT", "SIGINT"], ["--slow-cleanup"])])
+def test_an_interrupt_stops_cleanly_and_a_second_one_at_once(signals, extra):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMAND, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.5)
+    rc = proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert time.monotonic() - start < 20 and rc == 130, err
+    if len(signals) == 1:  # the clean stop says so; the second signal exits without a word
+        assert f"interrupted ({signals[0]}); stopped cleanly" in err and "rerun the same command" in err
