@@ -27,6 +27,7 @@ SECRET_KEYS = ("run.seed",)  # seeds of sampling and noise: never stored or logg
 SEED_REDACTED = "set (redacted)"
 RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurations only); the trial count "
                              "and the score noise now come from OS entropy, or from run.seed in tests"}
+PRECISIONS = ("auto", "fp32", "bf16")  # dpfeta.precision
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class FinetuneConfig:
     epochs: float = 150.0  # T = ceil(epochs / q)
     noise_multiplicity: int = 32  # K noise draws per example, averaged before clipping
     max_grad_norm: float = 1.0  # C
-    physical_batch_size: int = 64  # examples per micro-batch (memory only)
+    physical_batch_size: int = 2048  # rows (examples x K) per micro-batch; memory only, never the result
     lr: float = 3e-4
     ema_decay: float = 0.999
     grad_sample_mode: str = "hooks"
@@ -176,6 +177,7 @@ class RunConfig:
     max_failures: int = 3
     seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
     # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
+    precision: str = "auto"  # network fwd/bwd: fp32, bf16 (autocast), auto (bf16 where native and measured faster)
     ray_address: Optional[str] = None  # None: the cluster Ray finds, else a local one
 
 
@@ -486,6 +488,7 @@ def validate(cfg: Config) -> None:
     else:
         _check(r.num_workers >= 1, "run.num_workers", "an integer >= 1 or [min, max]", r.num_workers)
     _check(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
+    _check(r.precision in PRECISIONS, "run.precision", "one of " + ", ".join(PRECISIONS), r.precision)
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "a number > 0", r.cpus_per_worker)
 
 

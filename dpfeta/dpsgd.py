@@ -3,13 +3,18 @@
 The only module that imports Opacus. One logical step (docs/privacy.md §2 M2, §4, §5):
 
 1. every worker draws a Bernoulli(q) mask over its own disjoint shard (``PoissonSampler``);
-2. the local batch is cut into physical micro-batches (a pure memory knob);
+2. the local batch of B examples, B*K rows, is cut into physical micro-batches of at most
+   ``physical_batch_size`` rows (a pure memory knob): whole examples when K <= that size, else each
+   example's K rows in several parts whose gradients are summed in fp32 before clipping, so memory
+   depends on the rows per micro-batch, not on K;
 3. per micro-batch, Opacus' hooks give the gradient of each example's loss, where the loss of an
-   example is the mean of its K noise-draw rows: the K rows are folded inside every layer hook
+   example is the mean of its K noise-draw rows: the rows are folded inside every layer hook
    (``FoldedGradSampleModule``), so memory holds one gradient per example, never per row; the
    backward pass skips the batch-summed conv/linear weight gradients that DP-SGD never uses;
-4. each per-example gradient is clipped to norm C (a NaN/inf gradient is zeroed and counted as
-   clipped) and added to a fp32 running sum;
+   with ``precision="bf16"`` the forward runs under bf16 autocast and the backward in the dtypes it
+   left, and every per-example gradient is converted to fp32 as the hook produces it;
+4. each fp32 per-example gradient is clipped to norm C, the norm computed in fp32 on that very
+   vector (a NaN/inf gradient is zeroed and counted as clipped), and added to a fp32 running sum;
 5. the noise rank adds N(0, sigma^2 C^2) to its sum (exactly once for the whole group), the sums are
    all-reduced (SUM) across workers, and the result is divided by the public q N, never by the
    realised batch size.
@@ -34,9 +39,13 @@ from opacus.utils.module_utils import trainable_parameters
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from dpfeta import precision as precision_policy
+
 logger = logging.getLogger(__name__)
 
-LossRows = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# loss_rows(module, images [b], labels [b], draws) -> [b * len(draws)]: the per-row losses of noise
+# draws ``draws`` (a sub-range of range(K)) of each example, rows of example i contiguous.
+LossRows = Callable[[nn.Module, torch.Tensor, torch.Tensor, range], torch.Tensor]
 CLIP_EPS = 1e-6  # clip factor min(1, C / (||g|| + eps)), as Opacus and the DPDM fork
 
 
@@ -133,13 +142,26 @@ class FoldedGradSampleModule(GradSampleModule):
 
     def _per_example(self, module: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor,
                      examples: int) -> dict[nn.Parameter, torch.Tensor]:
+        """fp32 per-example gradients of ``module``'s parameters.
+
+        Conv2d and Linear compute in the dtype of their output gradient (bf16 under autocast: the
+        matrix products accumulate in fp32 and round once) and convert the result to fp32; the small
+        layers (GroupNorm, Embedding, functorch fallbacks) compute in fp32 throughout.
+        """
         kind = type(module)
         if not self.force_functorch:
-            if kind in (nn.Linear, nn.Embedding):
-                inputs = _regroup(activations[0], examples, features=kind is nn.Linear)
-                return self.GRAD_SAMPLERS[kind](module, [inputs], _regroup(backprops, examples, features=True))
+            if kind is nn.Linear:
+                inputs = _regroup(activations[0].to(backprops.dtype), examples, features=True)
+                grads = self.GRAD_SAMPLERS[kind](module, [inputs], _regroup(backprops, examples, features=True))
+                return {p: g.float() for p, g in grads.items()}
             if kind is nn.Conv2d and not isinstance(module.padding, str):
-                return _conv2d_per_example(module, activations[0].to(backprops.dtype), backprops, examples)
+                grads = _conv2d_per_example(module, activations[0].to(backprops.dtype), backprops, examples)
+                return {p: g.float() for p, g in grads.items()}
+        backprops = backprops.float()
+        activations = [a.float() if a.is_floating_point() else a for a in activations]
+        if kind is nn.Embedding and not self.force_functorch:
+            inputs = _regroup(activations[0], examples, features=False)
+            return self.GRAD_SAMPLERS[kind](module, [inputs], _regroup(backprops, examples, features=True))
         sampler = (self.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient)
                    if not self.force_functorch else ft_compute_per_sample_gradient)
         return {p: _fold(gs, examples) for p, gs in sampler(module, activations, backprops).items()}
@@ -205,13 +227,15 @@ class DPSGD:
 
     ``expected_batch_size`` is the public q N of the whole group (not per worker). Exactly one
     worker (``noise_rank``) adds N(0, (sigma C)^2) before the all-reduce; with torch.distributed
-    uninitialised the group is this process alone.
+    uninitialised the group is this process alone. ``physical_batch_size`` counts rows (examples x
+    K) per micro-batch. ``precision`` ("fp32", "bf16" or "auto", see ``dpfeta.precision``) applies
+    to the network's forward and backward only.
     """
 
     def __init__(self, module: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise_multiplicity: int, physical_batch_size: int,
                  noise_generator: Optional[torch.Generator], grad_sample_mode: str = "hooks",
-                 noise_rank: int = 0):
+                 noise_rank: int = 0, precision: str = "fp32"):
         if grad_sample_mode not in ("hooks", "functorch"):
             raise ValueError(f"expected grad_sample_mode hooks or functorch, got {grad_sample_mode!r}")
         if noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
@@ -219,7 +243,7 @@ class DPSGD:
                              f"expected_batch_size > 0, got {noise_multiplier}, {max_grad_norm}, "
                              f"{expected_batch_size}")
         if physical_batch_size < 1:
-            raise ValueError(f"expected physical_batch_size >= 1, got {physical_batch_size}")
+            raise ValueError(f"expected physical_batch_size >= 1 (rows per micro-batch), got {physical_batch_size}")
         self.module = FoldedGradSampleModule(module, noise_multiplicity=noise_multiplicity,
                                              force_functorch=grad_sample_mode == "functorch")
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -229,6 +253,8 @@ class DPSGD:
         self.sigma, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.K, self.physical_batch_size = int(noise_multiplicity), int(physical_batch_size)
+        self.device = self.params[0].device
+        self.precision = precision_policy.resolve(precision, self.device)
         self.rank = dist.get_rank() if _distributed() else 0
         self.noise_rank = int(noise_rank)
         if self.rank == self.noise_rank and noise_multiplier > 0 and noise_generator is None:
@@ -244,27 +270,49 @@ class DPSGD:
                    for p in m.parameters(recurse=False)}
         self._backward_to = [p for p in self.params if id(p) not in skipped]
 
+    def micro_batches(self, examples: int) -> list[tuple[slice, range]]:
+        """The (examples, draws) of each micro-batch: at most ``physical_batch_size`` rows each.
+
+        K <= rows: floor(rows / K) whole examples per micro-batch. K > rows: one example per
+        micro-batch and its K draws in consecutive parts of ``physical_batch_size`` draws.
+        """
+        per = self.physical_batch_size // self.K
+        if per >= 1:
+            return [(slice(start, start + per), range(self.K)) for start in range(0, examples, per)]
+        parts = [range(start, min(start + self.physical_batch_size, self.K))
+                 for start in range(0, self.K, self.physical_batch_size)]
+        return [(slice(b, b + 1), draws) for b in range(examples) for draws in parts]
+
     def privatise(self, images: torch.Tensor, labels: torch.Tensor, loss_rows: LossRows) -> StepStats:
         """Set every ``p.grad`` to (sum_group clip(g_i) + N(0, sigma^2 C^2)) / (q N); return group stats.
 
-        ``loss_rows(module, images, labels) -> [b*K]`` is the per-row loss of a micro-batch.
+        ``loss_rows(module, images, labels, draws) -> [b*len(draws)]`` is the per-row loss of a
+        micro-batch (see ``LossRows``).
         """
-        device = self.params[0].device
         # [clipped gradient sum | loss_sum, examples, clipped, workers] in fp32.
-        buffer = torch.zeros(self.numel + 4, dtype=torch.float32, device=device)
+        buffer = torch.zeros(self.numel + 4, dtype=torch.float32, device=self.device)
         total, stats = buffer[:self.numel], buffer[self.numel:]
         stats[3] = 1.0
 
-        # Accumulate clipped per-example gradients over the physical micro-batches.
-        for start in range(0, len(images), self.physical_batch_size):
-            stop = start + self.physical_batch_size
-            self._accumulate(images[start:stop], labels[start:stop], loss_rows, total, stats)
+        # Accumulate clipped per-example gradients over the physical micro-batches; an example whose
+        # draws are split sums its parts in fp32 (``partial``) and is clipped after its last part.
+        partial = partial_loss = None
+        for examples, draws in self.micro_batches(len(images)):
+            grads, losses = self._per_example(images[examples], labels[examples], draws, loss_rows)
+            if len(draws) == self.K:
+                self._clip_and_add(grads, losses, total, stats)
+                continue
+            flat = torch.cat(grads, dim=1)
+            partial, partial_loss = (flat, losses) if draws.start == 0 else (partial + flat, partial_loss + losses)
+            if draws.stop == self.K:
+                self._clip_and_add([partial], partial_loss, total, stats)
+                partial = partial_loss = None
 
         # Noise once for the group, then sum over workers.
         if self.rank == self.noise_rank and self.sigma > 0:
             total += torch.normal(0.0, self.sigma * self.max_grad_norm, (self.numel,),
                                   generator=self.noise_generator, device=self.noise_generator.device,
-                                  dtype=torch.float32).to(device)
+                                  dtype=torch.float32).to(self.device)
         if _distributed():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
 
@@ -278,17 +326,19 @@ class DPSGD:
         return StepStats(examples=round(examples), clipped=round(clipped), loss_sum=loss_sum,
                          workers=round(workers))
 
-    def _accumulate(self, images: torch.Tensor, labels: torch.Tensor, loss_rows: LossRows,
-                    total: torch.Tensor, stats: torch.Tensor) -> None:
+    def _per_example(self, images: torch.Tensor, labels: torch.Tensor, draws: range,
+                     loss_rows: LossRows) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """fp32 gradients [b, numel_p] per parameter, and losses [b], of sum_{k in draws} row_k / K."""
         batch = len(images)
-        if batch == 0:
-            return
         if images.is_floating_point():
             images = images.detach().requires_grad_()
-        rows = loss_rows(self.module, images, labels)
-        if rows.shape != (batch * self.K,):
-            raise ValueError(f"expected the per-row loss of shape [{batch * self.K}] (B*K), got {tuple(rows.shape)}")
-        per_example = rows.view(batch, self.K).mean(1)
+        self.module.noise_multiplicity = len(draws)  # rows per example in this micro-batch
+        with precision_policy.autocast(self.precision, self.device):
+            rows = loss_rows(self.module, images, labels, draws)
+        if rows.shape != (batch * len(draws),):
+            raise ValueError(f"expected the per-row loss of shape [{batch * len(draws)}] (examples x draws), "
+                             f"got {tuple(rows.shape)}")
+        per_example = rows.float().view(batch, len(draws)).sum(1) / self.K
         targets = ([images] if images.requires_grad else []) + self._backward_to or self.params
         with warnings.catch_warnings():  # the first layer's hook fires on its output: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -300,24 +350,30 @@ class DPSGD:
                         "every parameter from now on")
             self.module.reset()
             self._backward_to = list(self.params)
-            return self._accumulate(images.detach(), labels, loss_rows, total, stats)
-
+            return self._per_example(images.detach(), labels, draws, loss_rows)
         grads = [p.grad_sample.reshape(batch, -1) for p in self.params]
+        for p in self.params:
+            p.grad_sample = None
+        assert all(g.dtype == torch.float32 for g in grads), {g.dtype for g in grads}
+        return grads, per_example.detach()
+
+    def _clip_and_add(self, grads: list[torch.Tensor], losses: torch.Tensor, total: torch.Tensor,
+                      stats: torch.Tensor) -> None:
+        """Clip each example's fp32 gradient (the concatenation of ``grads``' rows) to C; add to ``total``."""
         norms = torch.stack([g.pow(2).sum(1) for g in grads], dim=1).sum(1).sqrt()
         factors = clip_factors(norms, self.max_grad_norm)
         finite = torch.isfinite(norms)
         all_finite = bool(finite.all())
         offset = 0
-        for p, g in zip(self.params, grads):
+        for g in grads:
             if not all_finite:  # a dropped example has factor 0, but 0 * NaN would be NaN
                 g = torch.where(finite[:, None], g, torch.zeros_like(g))
-            total[offset:offset + p.numel()] += factors @ g
-            offset += p.numel()
-            p.grad_sample = None
+            total[offset:offset + g.shape[1]] += factors @ g
+            offset += g.shape[1]
 
-        finite_loss = torch.isfinite(per_example.detach())
-        stats[0] += per_example.detach()[finite_loss].sum()
-        stats[1] += batch
+        finite_loss = torch.isfinite(losses)
+        stats[0] += losses[finite_loss].sum()
+        stats[1] += len(losses)
         stats[2] += ((norms > self.max_grad_norm) | ~finite).sum()
 
 

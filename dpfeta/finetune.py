@@ -51,29 +51,41 @@ Reporter = Callable[[dict[str, Any], Optional[Path]], None]  # (metrics, checkpo
 class Task:
     """The network, its per-row loss and its optimiser: the EDM U-Net (``EDM``) or a test stand-in.
 
-    ``loss_rows(module, images [-1,1] [b,C,H,W], labels [b], cfg, generator) -> [b*K]``, rows
-    b*K .. b*K+K-1 belonging to example b; ``module`` is the network under Opacus' hooks.
+    ``loss_rows(module, images [-1,1] [b,C,H,W], labels [b], cfg, generator, draws) -> [b*len(draws)]``,
+    the rows of noise draws ``draws`` (a sub-range of range(K)) of each example, contiguous per example;
+    ``module`` is the network under Opacus' hooks. ``prepare_labels(labels, cfg, generator)``, if set,
+    runs once per example and logical step before the batch is cut into micro-batches (so an example
+    whose K draws are split keeps one label decision).
     """
 
     build: Callable[[Config], nn.Module]
-    loss_rows: Callable[[nn.Module, torch.Tensor, torch.Tensor, Config, torch.Generator], torch.Tensor]
+    loss_rows: Callable[[nn.Module, torch.Tensor, torch.Tensor, Config, torch.Generator, range], torch.Tensor]
     optimizer: Callable[[list[nn.Parameter], Config], torch.optim.Optimizer]
+    prepare_labels: Optional[Callable[[torch.Tensor, Config, torch.Generator], torch.Tensor]] = None
 
 
 def _edm_loss_rows(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, draws: range) -> torch.Tensor:
+    """EDM loss rows of ``len(draws)`` noise draws per example; labels come already dropped."""
     d = cfg.diffusion
     return edm_loss_rows(EDMPrecond(module, d.sigma_data), images, labels, P_mean=d.P_mean,
-                         P_std=d.P_std, sigma_data=d.sigma_data, label_drop_prob=d.label_drop_prob,
-                         num_classes=cfg.data.num_classes, K=cfg.finetune.noise_multiplicity,
-                         generator=generator)
+                         P_std=d.P_std, sigma_data=d.sigma_data, label_drop_prob=0.0,
+                         num_classes=cfg.data.num_classes, K=len(draws), generator=generator)
+
+
+def _drop_labels(labels: torch.Tensor, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    """CFG label dropout: each example's label becomes the null class with ``label_drop_prob``, once
+    for all its K draws (method.md §4.2)."""
+    drop = torch.rand(len(labels), generator=generator, device=generator.device).to(labels.device)
+    null = torch.full_like(labels, cfg.data.num_classes)
+    return torch.where(drop < cfg.diffusion.label_drop_prob, null, labels)
 
 
 def _adam(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.finetune.lr)
 
 
-EDM = Task(build=UNet.from_config, loss_rows=_edm_loss_rows, optimizer=_adam)
+EDM = Task(build=UNet.from_config, loss_rows=_edm_loss_rows, optimizer=_adam, prepare_labels=_drop_labels)
 
 
 @dataclass(frozen=True)
@@ -209,17 +221,22 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
     private = dpsgd.DPSGD(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
                           expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
                           physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
-                          grad_sample_mode=f.grad_sample_mode)
+                          grad_sample_mode=f.grad_sample_mode, precision=cfg.run.precision)
     images = torch.as_tensor(shard.images).to(device)
     labels = torch.as_tensor(shard.labels).to(device)
 
-    def loss_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return task.loss_rows(module, x, y, cfg, loss_generator)
+    def loss_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: range) -> torch.Tensor:
+        return task.loss_rows(module, x, y, cfg, loss_generator, draws)
+
+    def batch_labels(index: torch.Tensor) -> torch.Tensor:
+        if task.prepare_labels is None:
+            return labels[index]
+        return task.prepare_labels(labels[index], cfg, loss_generator)
 
     if worker.rank == 0:
         logger.info("finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
-                    "T=%d, from step %d", start, count_parameters(net), len(images), plan.n,
-                    worker.world_size, plan.noise_multiplier, plan.sample_rate, plan.steps, step)
+                    "T=%d, from step %d, %s compute", start, count_parameters(net), len(images), plan.n,
+                    worker.world_size, plan.noise_multiplier, plan.sample_rate, plan.steps, step, private.precision)
     window, metrics, first_step = _Window(start=time.perf_counter()), {}, step
     net.train()
     while step < plan.steps:
@@ -227,7 +244,7 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
             before_step(step)
         # Sample this worker's Poisson batch and privatise its gradient.
         index = sampler.sample().to(device)
-        stats = private.privatise(to_float(images[index]), labels[index], loss_rows)
+        stats = private.privatise(to_float(images[index]), batch_labels(index), loss_rows)
         if stats.workers != worker.world_size:
             raise RuntimeError(f"lock-step broken: {stats.workers} of {worker.world_size} ranks at step {step}")
         # Optimiser step on the logical batch.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchvision.transforms import RandAugment
 
-from dpfeta import checkpoint, cluster, rng
+from dpfeta import checkpoint, cluster, precision, rng
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
@@ -108,10 +108,11 @@ def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: 
     idx = _batch_indices(len(images), w.batch_size, generator)
     x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
                          generator=generator)).to(device)
-    # Loss (K noise draws per image, CFG label drop) and optimiser step.
-    loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
-                    sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
-                    num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
+    # Loss (K noise draws per image, CFG label drop; the network in run.precision) and optimiser step.
+    with precision.autocast(cfg.run.precision, device):
+        loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
+                        sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
+                        num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -142,8 +143,9 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
     meta = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else {}
     step, loss = int(meta.get("step", 0)), meta.get("loss")
     params = count_parameters(net)
-    logger.info("warmup: %d central images, U-Net %d parameters, %s from step %d of %d",
-                len(images), params, "resuming" if step else "starting", step, w.steps)
+    logger.info("warmup: %d central images, U-Net %d parameters, %s from step %d of %d, %s compute",
+                len(images), params, "resuming" if step else "starting", step, w.steps,
+                precision.resolve(cfg.run.precision, _device(cfg)))
 
     start_step, start_time = step, time.perf_counter()
     window, window_start = [], time.perf_counter()

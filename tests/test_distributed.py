@@ -71,8 +71,8 @@ def test_exact_split_gives_every_record_to_exactly_one_worker():
 # Zero signal on the real model: the EDM loss times 0 gives every example a zero gradient, so
 # SGD(lr=1) moves each parameter by the noise alone, -sum_t noise_t / (q N) after T steps, with std
 # sqrt(T) sigma C / (q N) if the noise is added once per step, sqrt(2) times that if per rank.
-def zero_signal_rows(module, images, labels, cfg, generator):
-    return finetune.EDM.loss_rows(module, images, labels, cfg, generator) * 0.0
+def zero_signal_rows(module, images, labels, cfg, generator, draws):
+    return finetune.EDM.loss_rows(module, images, labels, cfg, generator, draws) * 0.0
 
 
 def sgd(params, cfg):

@@ -50,10 +50,11 @@ def tiny_unet(seed: int = 0) -> UNet:
 
 
 def fixed_rows(batch: int, K: int, seed: int = 1, nan_example: int | None = None):
-    """Images and a deterministic per-row EDM loss (noise levels and noise drawn once).
+    """Images and a deterministic per-row EDM loss (noise levels and noise drawn once per row).
 
-    ``rows(module, images, index)``: ``images`` are the clean images of examples ``index`` (passed as
-    the labels), rows b*K .. b*K+K-1 belong to example b. ``nan_example``: that image is NaN.
+    ``rows(module, images, index, draws=range(K))``: ``images`` are the clean images of examples
+    ``index`` (passed as the labels); the rows of example b are its draws ``draws``, contiguous.
+    ``nan_example``: that image is NaN.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1
@@ -63,10 +64,10 @@ def fixed_rows(batch: int, K: int, seed: int = 1, nan_example: int | None = None
     if nan_example is not None:
         x[nan_example] = float("nan")
 
-    def rows(module: nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        r = (index[:, None] * K + torch.arange(K)).flatten()
-        xr = images.repeat_interleave(K, 0)
-        out = EDMPrecond(module, 0.5)(xr + noise[r], sigma[r], y[index].repeat_interleave(K, 0))
+    def rows(module: nn.Module, images: torch.Tensor, index: torch.Tensor, draws: range = range(K)) -> torch.Tensor:
+        r = (index[:, None] * K + torch.tensor(list(draws))).flatten()
+        xr = images.repeat_interleave(len(draws), 0)
+        out = EDMPrecond(module, 0.5)(xr + noise[r], sigma[r], y[index].repeat_interleave(len(draws), 0))
         return ((out - xr) ** 2).flatten(1).mean(1)
 
     return x, rows
@@ -117,7 +118,7 @@ def test_privatised_sum_equals_the_naive_sum_of_clipped_gradients():
     # A loss that does not read the images it is given still gets every gradient (full backward).
     fallback = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
                            noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
-    got, _ = privatised(fallback, x, torch.arange(batch), lambda m, images, index: rows(m, x[index], index))
+    got, _ = privatised(fallback, x, torch.arange(batch), lambda m, images, index, draws: rows(m, x[index], index, draws))
     assert len(fallback._backward_to) == len(fallback.params)
     assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
 
@@ -264,3 +265,108 @@ def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nond
     state = checkpoint.load(reporter.resume_dir())
     for name, value in warm.state_dict().items():  # lr 0: raw and EMA weights stay the warm-up's raw ones
         assert torch.equal(state["model"][name], value) and torch.equal(state["ema"][name], value)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory independent of K: micro-batches count rows, an example's draws may be split
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("physical", [1, 2, 4, 9, 13, 64])
+def test_micro_batches_cover_every_row_once_within_the_row_budget(physical):
+    batch, K = 5, 9
+    private = dpsgd.DPSGD(tiny_unet(), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
+                          noise_multiplicity=K, physical_batch_size=physical, noise_generator=None)
+    seen = []
+    for examples, draws in private.micro_batches(batch):
+        size = len(range(batch)[examples])
+        assert 1 <= size * len(draws) <= physical
+        seen += [(b, k) for b in range(batch)[examples] for k in draws]
+    assert sorted(seen) == [(b, k) for b in range(batch) for k in range(K)]
+
+
+@pytest.mark.parametrize("physical", [1, 4, 9, 27])  # K=9: 9 parts, 3 parts (4+4+1), whole, 3 examples
+def test_draws_split_across_micro_batches_equal_the_naive_per_example_loop(physical):
+    batch, K, C = 4, 9, 0.26
+    net = tiny_unet()
+    x, rows = fixed_rows(batch, K)
+    per_example = naive_per_example(net, x, rows)
+    norms = per_example.norm(dim=1)
+    assert (norms > C).any() and (norms < C).any(), norms
+    expected = (per_example * torch.clamp(C / (norms + 1e-6), max=1.0)[:, None]).sum(0) / 3.0
+    private = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
+                          noise_multiplicity=K, physical_batch_size=physical, noise_generator=None)
+    assert max(len(range(batch)[e]) * len(d) for e, d in private.micro_batches(batch)) <= physical
+    got, stats = privatised(private, x, torch.arange(batch), rows)
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4), (got - expected).abs().max()
+    assert stats.examples == batch and stats.clipped == int((norms > C).sum())
+    naive_loss = sum(rows(net, x[b:b + 1], torch.tensor([b])).mean().item() for b in range(batch))
+    assert stats.loss_sum == pytest.approx(naive_loss, rel=1e-5)
+
+
+def test_split_draws_of_a_non_finite_example_drop_the_whole_example():
+    batch, K, C = 3, 4, 0.01
+    net = tiny_unet()
+    x_nan, rows_nan = fixed_rows(batch, K, nan_example=1)
+    x, rows = fixed_rows(batch, K)
+    private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                          noise_multiplicity=K, physical_batch_size=3, noise_generator=None)
+    with_nan, stats = privatised(private, x_nan, torch.arange(batch), rows_nan)
+    without, _ = privatised(private, x, torch.tensor([0, 2]), rows)
+    assert torch.isfinite(with_nan).all() and torch.allclose(with_nan, without)
+    assert stats.clipped == 3 and stats.examples == 3
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 compute, fp32 privacy arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+def test_bf16_per_example_gradients_are_fp32_and_close_to_fp32_ones():
+    batch, K = 3, 3
+    net = tiny_unet()
+    x, rows = fixed_rows(batch, K)
+    reference = naive_per_example(net, x, rows)
+    module = dpsgd.FoldedGradSampleModule(copy.deepcopy(net), noise_multiplicity=K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rows(module, x, torch.arange(batch)).view(batch, K).mean(1).sum()
+    loss.backward()
+    got = torch.cat([p.grad_sample.reshape(batch, -1) for p in module._module.parameters()], 1)
+    assert {p.grad_sample.dtype for p in module._module.parameters()} == {torch.float32}
+    cosine = torch.nn.functional.cosine_similarity(got, reference, dim=1)
+    assert (cosine > 0.995).all(), cosine  # bf16 rounding only ...
+    assert not torch.allclose(got, reference, atol=1e-6, rtol=1e-4)  # ... but it did compute in bf16
+    assert torch.allclose(got.norm(dim=1), reference.norm(dim=1), rtol=0.02)
+
+
+def test_bf16_path_clips_fp32_vectors_to_C_and_adds_fp32_noise():
+    batch, K, C = 4, 2, 0.01
+    private = dpsgd.DPSGD(tiny_unet(), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                          noise_multiplicity=K, physical_batch_size=2, noise_generator=None, precision="bf16")
+    assert private.precision == "bf16"
+    clipped = []
+    original = private._clip_and_add
+
+    def spy(grads, losses, total, stats):  # what is clipped: fp32 vectors, clipped norm <= C in fp32
+        assert {g.dtype for g in grads} == {torch.float32}
+        norms = torch.cat(grads, dim=1).norm(dim=1)
+        clipped.append((norms * dpsgd.clip_factors(norms, C)).max().item())
+        original(grads, losses, total, stats)
+
+    private._clip_and_add = spy
+    x, rows = fixed_rows(batch, K)
+    for b in range(batch):  # one example alone: the update is its clipped gradient
+        got, stats = privatised(private, x, torch.tensor([b]), rows)
+        assert got.dtype == torch.float32 and stats.clipped == 1
+        assert 0.999 * C < got.norm().item() <= C
+    assert len(clipped) == batch and max(clipped) <= C
+
+    sigma, expected_batch = 2.0, 10.0
+    noisy = dpsgd.DPSGD(ZeroSignal(), noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=expected_batch,
+                        noise_multiplicity=2, physical_batch_size=4, noise_generator=torch.Generator().manual_seed(3),
+                        precision="bf16")
+    noisy.privatise(torch.zeros(6, 1), torch.zeros(6), zero_rows)
+    noise = noisy.params[0].grad.flatten()
+    assert noise.dtype == torch.float32
+    assert abs(noise.std().item() / (sigma * 0.5 / expected_batch) - 1) < 0.05
+    assert (noise != noise.bfloat16().float()).float().mean() > 0.95  # fp32 draws, not bf16-rounded
