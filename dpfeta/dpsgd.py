@@ -39,8 +39,6 @@ from opacus.utils.module_utils import trainable_parameters
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from dpfeta import precision as precision_policy
-
 logger = logging.getLogger(__name__)
 
 # loss_rows(module, images [b], labels [b], draws) -> [b * len(draws)]: the per-row losses of noise
@@ -228,8 +226,8 @@ class DPSGD:
     ``expected_batch_size`` is the public q N of the whole group (not per worker). Exactly one
     worker (``noise_rank``) adds N(0, (sigma C)^2) before the all-reduce; with torch.distributed
     uninitialised the group is this process alone. ``physical_batch_size`` counts rows (examples x
-    K) per micro-batch. ``precision`` ("fp32", "bf16" or "auto", see ``dpfeta.precision``) applies
-    to the network's forward and backward only.
+    K) per micro-batch. ``precision`` ("fp32" or "bf16": the resolved ``run.precision``) applies to
+    the network's forward and backward only.
     """
 
     def __init__(self, module: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
@@ -253,8 +251,10 @@ class DPSGD:
         self.sigma, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.K, self.physical_batch_size = int(noise_multiplicity), int(physical_batch_size)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"expected precision fp32 or bf16 (resolve run.precision=auto first), got {precision!r}")
         self.device = self.params[0].device
-        self.precision = precision_policy.resolve(precision, self.device)
+        self.precision = precision
         self.rank = dist.get_rank() if _distributed() else 0
         self.noise_rank = int(noise_rank)
         if self.rank == self.noise_rank and noise_multiplier > 0 and noise_generator is None:
@@ -333,7 +333,7 @@ class DPSGD:
         if images.is_floating_point():
             images = images.detach().requires_grad_()
         self.module.noise_multiplicity = len(draws)  # rows per example in this micro-batch
-        with precision_policy.autocast(self.precision, self.device):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             rows = loss_rows(self.module, images, labels, draws)
         if rows.shape != (batch * len(draws),):
             raise ValueError(f"expected the per-row loss of shape [{batch * len(draws)}] (examples x draws), "

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dpfeta import checkpoint, dpsgd, privacy, rng
+from dpfeta import checkpoint, dpsgd, precision, privacy, rng
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss_rows
 from dpfeta.images import to_float
@@ -221,7 +221,8 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
     private = dpsgd.DPSGD(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
                           expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
                           physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
-                          grad_sample_mode=f.grad_sample_mode, precision=cfg.run.precision)
+                          grad_sample_mode=f.grad_sample_mode,
+                          precision=precision.resolve(cfg.run.precision, device))
     images = torch.as_tensor(shard.images).to(device)
     labels = torch.as_tensor(shard.labels).to(device)
 

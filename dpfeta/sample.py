@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dpfeta import checkpoint, images
+from dpfeta import checkpoint, images, precision
 from dpfeta.config import Config
 from dpfeta.diffusion import Denoiser, EDMPrecond, randn, ddim_sampler, edm_sampler
 from dpfeta.nn.unet import UNet
@@ -83,9 +83,11 @@ def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Ge
     for batch_labels in labels.split(cfg.sample.batch_size):
         like = torch.empty(0, device=device)
         latents = randn((len(batch_labels), d.channels, d.resolution, d.resolution), generator, like)
-        x = sample_batch(denoiser, cfg, latents, batch_labels.to(device), null_label=d.num_classes,
-                         generator=generator)
-        out.append(images.to_uint8(x))
+        # No autograd bookkeeping at all; the network in run.precision, the sampler state stays fp32.
+        with torch.inference_mode(), precision.autocast(cfg.run.precision, device):
+            x = sample_batch(denoiser, cfg, latents, batch_labels.to(device), null_label=d.num_classes,
+                             generator=generator)
+        out.append(images.to_uint8(x))  # functional, outside inference mode: an ordinary tensor
         done += len(batch_labels)
         if progress:
             rate = done / (time.perf_counter() - start)
