@@ -8,9 +8,10 @@
    the EDM loss and end with Adam; the DP step adds per-example gradients (K folded in the hooks),
    clipping, noise and the division by q N. One extra DP step is split into forward / autograd
    backward / per-example gradient hooks / clipping + noise + optimiser hand-off.
-2. Peak memory of one DP step (fresh subprocess each, RSS above the pre-step level) at K=1 and K=32
-   with the same examples per micro-batch, K=1 with the same rows, and stock Opacus (per-row
-   gradients, folded afterwards) at K=32.
+2. Peak memory of one DP step of 256 rows (fresh subprocess each, RSS above the pre-step level),
+   digits and MNIST U-Nets: K=1 vs K=32 at the same rows per micro-batch (``physical_batch_size``
+   counts rows; at 16 rows a K=32 example is split in two parts), and stock Opacus (per-row
+   gradients, folded afterwards) at K=32 on digits.
 3. Ray Train throughput of the digits fine-tune, 2 workers / 1 worker (1 CPU each, local Ray),
    timed over the second half of the steps.
 
@@ -37,6 +38,7 @@ from dpfeta.nn import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS, MNIST = ROOT / "configs/digits.yaml", ROOT / "configs/mnist_28/eps_1.yaml"
+MODELS = {"digits": DIGITS, "mnist": MNIST}
 
 
 def setup(path: Path, batch: int, K: int):
@@ -48,8 +50,8 @@ def setup(path: Path, batch: int, K: int):
     net = finetune.build_network(cfg, finetune.EDM, finetune.Worker())
     loss_generator = torch.Generator().manual_seed(1)
 
-    def rows(module, x, y):
-        return finetune.EDM.loss_rows(module, x, y, cfg, loss_generator)
+    def rows(module, x, y, draws=range(K)):
+        return finetune.EDM.loss_rows(module, x, y, cfg, loss_generator, draws)
 
     return cfg, net, images, labels, rows
 
@@ -68,7 +70,7 @@ def nonprivate_step(net, rows, images, labels):
 def private_step(net, rows, images, labels, K, physical=None, mode="hooks"):
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
     private = dpsgd.DPSGD(net, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(images),
-                          noise_multiplicity=K, physical_batch_size=physical or len(images),
+                          noise_multiplicity=K, physical_batch_size=physical or len(images) * K,
                           noise_generator=torch.Generator().manual_seed(2), grad_sample_mode=mode)
 
     def step():
@@ -155,10 +157,10 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(batch: int, K: int, mode: str) -> None:
+def memory_child(model: str, batch: int, K: int, physical: int, mode: str) -> None:
     from opacus.grad_sample import GradSampleModule
 
-    cfg, net, images, labels, rows = setup(DIGITS, batch, K)
+    cfg, net, images, labels, rows = setup(MODELS[model], batch, K)
     try:  # reset the peak to the current RSS (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -166,30 +168,35 @@ def memory_child(batch: int, K: int, mode: str) -> None:
         pass
     before = _status_mb("VmRSS")
     if mode == "folded":
-        step, _ = private_step(net, rows, images, labels, K)
+        step, _ = private_step(net, rows, images, labels, K, physical=physical)
         step()
     else:  # stock Opacus: per-row gradients, folded after the backward pass
         module = GradSampleModule(net, loss_reduction="sum")
-        rows(module, images, labels).view(batch, K).mean(1).sum().backward()
+        rows(module, images, labels, range(K)).view(batch, K).mean(1).sum().backward()
         [p.grad_sample.view(batch, K, -1).sum(1) for p in net.parameters()]
     peak = _status_mb("VmHWM")
     print(json.dumps({"peak_above_start_mb": peak - before}))
 
 
-def bench_memory(threads: int) -> None:
-    cases = [("K=1, 16 examples", 16, 1, "folded"), ("K=32, 16 examples", 16, 32, "folded"),
-             ("K=1, 512 examples (same rows)", 512, 1, "folded"), ("K=32, stock Opacus per-row", 16, 32, "stock")]
-    print("\nmemory of one DP step, digits U-Net (peak RSS above the pre-step level, fresh process each):")
-    results = {}
-    for label, batch, K, mode in cases:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(batch), str(K), mode,
-                              "--threads", str(threads)], capture_output=True, text=True, check=True)
-        results[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_start_mb"]
-        print(f"  {label:<32} {results[label]:8.0f} MB")
-    base = results["K=1, 16 examples"]
-    print(f"  ratio K=32 / K=1 (same examples per micro-batch) = {results['K=32, 16 examples'] / base:.1f}; "
-          f"K=32 vs K=1 at the same rows = {results['K=32, 16 examples'] / results['K=1, 512 examples (same rows)']:.2f}; "
-          f"stock per-row / folded at K=32 = {results['K=32, stock Opacus per-row'] / results['K=32, 16 examples']:.1f}")
+def bench_memory(threads: int, models: list[str]) -> None:
+    """Peak memory of one logical step of 256 rows: K=1 vs K=32 at the same rows per micro-batch."""
+    print("\nmemory of one DP step of 256 rows (peak RSS above the pre-step level, fresh process each):")
+    for model in models:
+        cases = [(f"K=1,  256 examples, micro-batch 64 rows", 256, 1, 64, "folded"),
+                 (f"K=32,   8 examples, micro-batch 64 rows", 8, 32, 64, "folded"),
+                 (f"K=1,  256 examples, micro-batch 16 rows", 256, 1, 16, "folded"),
+                 (f"K=32,   8 examples, micro-batch 16 rows (split)", 8, 32, 16, "folded")]
+        if model == "digits":
+            cases.append(("K=32, 8 examples, stock Opacus per-row, 256 rows", 8, 32, 256, "stock"))
+        results = {}
+        for label, batch, K, physical, mode in cases:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", model, str(batch), str(K), str(physical),
+                                  mode, "--threads", str(threads)], capture_output=True, text=True, check=True)
+            results[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_start_mb"]
+            print(f"  {model:<6} {label:<50} {results[label]:8.0f} MB", flush=True)
+        values = list(results.values())
+        print(f"  {model}: peak K=32 / K=1 at equal rows per micro-batch: 64 rows {values[1] / values[0]:.2f}, "
+              f"16 rows {values[3] / values[2]:.2f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,12 +243,14 @@ def main() -> None:
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--memory-child", nargs=3, metavar=("BATCH", "K", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-models", nargs="+", default=["digits", "mnist"], choices=list(MODELS))
+    parser.add_argument("--memory-child", nargs=5, metavar=("MODEL", "BATCH", "K", "ROWS", "MODE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        batch, K, mode = args.memory_child
-        memory_child(int(batch), int(K), mode)
+        model, batch, K, physical, mode = args.memory_child
+        memory_child(model, int(batch), int(K), int(physical), mode)
         return
     print(f"bench/dpsgd.py: torch {torch.__version__}, {args.threads} thread(s), load average "
           f"{os.getloadavg()[0]:.1f}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(glibc malloc)')}")
@@ -249,7 +258,7 @@ def main() -> None:
         bench_ratio("digits", DIGITS, config.load(DIGITS).finetune.physical_batch_size, None, args.reps)
         bench_ratio("MNIST", MNIST, args.mnist_batch, None, args.reps)
     if not args.skip_memory:
-        bench_memory(args.threads)
+        bench_memory(args.threads, args.memory_models)
     if not args.skip_ray:
         print("\nRay Train, digits fine-tune (batch 64, K=4), local Ray with 2 CPUs:")
         bench_ray(args.ray_steps)
