@@ -5,7 +5,7 @@ CONFIG ?= configs/digits.yaml
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,7 +23,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
-bench: install
+bench: install  # the roofline table: every stage as a fraction of this machine's matmul rate (minutes)
+	$(BIN)/python bench/roofline.py
+
+bench-all: install  # every benchmark, bench/quality.py included (hours on 2 cores)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -69,9 +69,10 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one untimed call."""
-    fn()
+def timed(fn, reps: int, *, warm: bool = True) -> float:
+    """Median seconds of ``reps`` calls (after one untimed call if ``warm``)."""
+    if warm:
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -165,9 +166,9 @@ class Bench:
                                                          "sample.guidance": 0.0})
         d, s = cfg.data, cfg.sample
         denoiser = sample.build_denoiser(cfg).eval()
-        num = self.sample_images
+        num = self.sample_images or (128 if d.resolution <= 16 else 32)
         x = torch.randn(64, d.channels, d.resolution, d.resolution)
-        with torch.no_grad():
+        with torch.no_grad():  # counts one evaluation, and warms the allocator and oneDNN up
             per_eval = count_flops(lambda: denoiser(x, torch.ones(64), torch.zeros(64, dtype=torch.long))) / 64
         per_image = per_eval * (2 * s.steps - 1)
 
@@ -187,7 +188,7 @@ class Bench:
             runs.append(("sampling, before", before, f"eager no_grad, batch {s.batch_size}"))
         for stage, fn, note in runs:
             self.last_peaks = self.peaks(prec)
-            seconds = timed(fn, max(1, self.reps // 2))
+            seconds = timed(fn, max(1, self.reps // 2), warm=False)
             self.add(stage, prec, "images/s", num / seconds, per_image, note + f"; {num / seconds * s.steps / 32:.1f} img/s at 32 steps")
 
     def evaluation(self, prec: str) -> None:
@@ -239,13 +240,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: shared VMs)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--stages", nargs="+", default=["warmup_step", "dpsgd_step", "sampling", "evaluation"],
                         choices=["warmup_step", "dpsgd_step", "sampling", "evaluation"])
     parser.add_argument("--mnist-batch", type=int, default=4, help="MNIST DP-SGD examples (x K=32 rows)")
     parser.add_argument("--sample-steps", type=int, default=8, help="sampler steps N (rates scale as 1/N)")
-    parser.add_argument("--sample-images", type=int, default=256)
+    parser.add_argument("--sample-images", type=int, default=None, help="default: 128 (16 px), 32 (28 px)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     native = precision.bf16_native("cpu")
