@@ -3,7 +3,8 @@
     python bench/roofline.py [--threads 1] [--bf16 auto|on|off] [--reps 3] [--models digits mnist]
 
 The limit is the best rate of a square fp32 matrix multiply (and bf16, where measured) timed in this
-process, right before each stage (same threads, allocator and load; ``dpfeta.precision.matmul_rate``).
+process right before and right after every timed repetition of a stage (same threads, allocator and
+load; ``dpfeta.precision.matmul_rate``); the repetition with the median fraction is reported.
 Each stage's FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on an untimed call
 (matmuls, convolutions, attention; elementwise work counts 0, as in any roofline of this kind):
 
@@ -89,10 +90,21 @@ class Bench:
         self.mnist_batch, self.sample_steps, self.sample_images = mnist_batch, sample_steps, sample_images
         self.rows: list[Row] = []
 
-    def peaks(self, prec: str) -> tuple[float, float | None]:
-        fp32 = precision.matmul_rate(torch.float32, seconds=0.3)
+    def measure(self, fn, prec: str, reps: int, *, warm: bool = True) -> float:
+        """Seconds of ``fn``, each rep bracketed by matmul-rate measurements (shared machines: the
+        load moves within seconds); keeps the rep with the median fraction and its roofline."""
+        if warm:
+            fn()
         bf16 = precision.matmul_rate(torch.bfloat16, seconds=0.3) if prec == "bf16" else None
-        return fp32, bf16
+        runs = []
+        for _ in range(reps):
+            before = precision.matmul_rate(torch.float32, seconds=0.15)
+            seconds = timed(fn, 1, warm=False)
+            peak = (before * precision.matmul_rate(torch.float32, seconds=0.15)) ** 0.5
+            runs.append((1.0 / (seconds * peak), seconds, peak))
+        _, seconds, peak = sorted(runs)[len(runs) // 2]
+        self.last_peaks = (peak, bf16)
+        return seconds
 
     def add(self, stage: str, prec: str, unit: str, per_second: float, flops_per_unit: float, note: str = ""):
         fp32, bf16 = self.last_peaks
@@ -116,8 +128,7 @@ class Bench:
             warmup._train_step(denoiser, optimizer, images, labels, cfg, gen)
 
         flops = count_flops(step)
-        self.last_peaks = self.peaks(prec)
-        seconds = timed(step, self.reps)
+        seconds = self.measure(step, prec, self.reps)
         rows = w.batch_size * w.noise_multiplicity
         self.add("warm-up step", prec, "rows/s", rows / seconds, flops / rows,
                  f"batch {w.batch_size} x K={w.noise_multiplicity}, RandAugment included")
@@ -144,8 +155,7 @@ class Bench:
             private.privatise(images, finetune.EDM.prepare_labels(labels, cfg, gen), rows_fn)
             optimizer.step()
 
-        self.last_peaks = self.peaks(prec)
-        seconds = timed(step, self.reps)
+        seconds = self.measure(step, prec, self.reps)
         self.add("DP-SGD step", prec, "rows/s", rows / seconds, model_flops / rows, f"{batch} x K={f.noise_multiplicity}")
 
     @staticmethod
@@ -187,8 +197,7 @@ class Bench:
         if prec == "fp32":
             runs.append(("sampling, before", before, f"eager no_grad, batch {s.batch_size}"))
         for stage, fn, note in runs:
-            self.last_peaks = self.peaks(prec)
-            seconds = timed(fn, max(1, self.reps // 2), warm=False)
+            seconds = self.measure(fn, prec, max(1, self.reps // 2), warm=False)
             self.add(stage, prec, "images/s", num / seconds, per_image, note + f"; {num / seconds * s.steps / 32:.1f} img/s at 32 steps")
 
     def evaluation(self, prec: str) -> None:
@@ -215,8 +224,7 @@ class Bench:
         for stage, fn, items, note in [("eval: classifier step", train_step, batch, f"batch {batch}"),
                                        ("eval: FID features", features, 500, "offline CNN, batch 500")]:
             flops = count_flops(fn)
-            self.last_peaks = self.peaks(prec)
-            seconds = timed(fn, self.reps)
+            seconds = self.measure(fn, prec, self.reps)
             self.add(stage, prec, "images/s", items / seconds, flops / items, note)
 
     def run(self, stages: list[str]) -> list[Row]:
