@@ -1,8 +1,9 @@
-"""Shared test fixtures: one tiny config factory."""
+"""Shared test fixtures: one tiny config factory, one intra-op thread."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dpfeta import config
 
@@ -22,3 +23,12 @@ def tiny_cfg(tmp_path):
         return config.load(None, [*TINY, f"run.dir={tmp_path}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes 2 threads ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

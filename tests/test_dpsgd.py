@@ -18,12 +18,8 @@ from dpfeta.nn import UNet
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine OpenMP spinning makes 2 threads ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 TINY = {"data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],

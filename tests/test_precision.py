@@ -9,11 +9,8 @@ from dpfeta import config, images, precision, sample, warmup
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 TINY = {"data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],
