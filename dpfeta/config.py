@@ -28,6 +28,7 @@ SEED_REDACTED = "set (redacted)"
 RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurations only); the trial count "
                              "and the score noise now come from OS entropy, or from run.seed in tests"}
 PRECISIONS = ("auto", "fp32", "bf16")  # dpfeta.precision
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")  # Ray Train's worker placement strategies
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs"
+    dir: str = "runs"  # a local folder, or an object-store prefix (s3://bucket/runs, gs://..., abfs://...)
     name: str = "digits"
     num_workers: Union[int, tuple[int, int]] = 1  # int, or [min, max] for elastic training
     use_gpu: bool = False
@@ -178,7 +179,13 @@ class RunConfig:
     seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
     # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
     precision: str = "auto"  # network fwd/bwd: fp32, bf16 (autocast), auto (bf16 where native and measured faster)
-    ray_address: Optional[str] = None  # None: the cluster Ray finds, else a local one
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a private local cluster
+    placement: str = "PACK"  # DP-SGD workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one per node)
+
+
+def is_uri(location: str) -> bool:
+    """``s3://...``, ``gs://...`` (a URI of an object store; ``file://`` is a local path)."""
+    return "://" in str(location) and not str(location).startswith("file://")
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,18 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # Derived, public quantities -------------------------------------------------------------
+    def run_location(self) -> str:
+        """Where the run's files live: ``run.dir/run.name``, a local path or an object-store URI."""
+        if is_uri(self.run.dir):
+            return f"{self.run.dir.rstrip('/')}/{self.run.name}"
+        return str(self.run_dir())
+
     def run_dir(self) -> Path:
+        """The local run folder; an error when ``run.dir`` is an object-store URI (commands that need a
+        local folder say so instead of writing to a folder named ``s3:``)."""
+        if is_uri(self.run.dir):
+            raise ValueError(f"config key 'run.dir': this command needs a local folder, got the URI "
+                             f"{self.run.dir!r} (object-store run folders are supported by 'dpfeta run')")
         return Path(self.run.dir).expanduser().resolve() / self.run.name
 
     def to_dict(self) -> dict:
@@ -489,6 +507,7 @@ def validate(cfg: Config) -> None:
         _check(r.num_workers >= 1, "run.num_workers", "an integer >= 1 or [min, max]", r.num_workers)
     _check(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
     _check(r.precision in PRECISIONS, "run.precision", "one of " + ", ".join(PRECISIONS), r.precision)
+    _check(r.placement in PLACEMENTS, "run.placement", "one of " + ", ".join(PLACEMENTS), r.placement)
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "a number > 0", r.cpus_per_worker)
 
 

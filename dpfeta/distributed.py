@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
+import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ from ray.train import DataConfig
 
 from dpfeta import checkpoint, cluster, data, finetune, privacy, tracking
 from dpfeta.config import Config
+from dpfeta.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,31 @@ def _check_cover(shard_size: int, n: int, device: torch.device) -> None:
                          f"found {int(total)}")
 
 
+@contextmanager
+def _local_init(init: Optional[Storage]):
+    """The warm-up checkpoint as a local folder on this worker: read from the run's storage (an
+    object store: downloaded to a temporary folder), never from a path of the driver's disk."""
+    if init is None or init.is_local:
+        yield None if init is None else str(init.local_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="dpfeta-init-") as tmp:
+        init.get_dir("", tmp)
+        yield tmp
+
+
+def _count_nodes(world_size: int) -> int:
+    """How many distinct Ray nodes the worker group spans (one all-gather, once per attempt)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes: list = [None] * world_size
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -119,10 +146,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
                                    image_shape=(d.channels, d.resolution, d.resolution))
     _check_cover(len(shard), plan.n, device)
     latest = ray.train.get_checkpoint()
-    with (latest.as_directory() if latest is not None else nullcontext(None)) as resume_dir:
+    with (latest.as_directory() if latest is not None else nullcontext(None)) as resume_dir, \
+            _local_init(config["init"]) as init_dir:
         finetune.train_finetune(
-            cfg, shard, plan=plan, init_dir=config["init_dir"], resume_dir=resume_dir,
-            reporter=_ray_reporter(rank), worker=finetune.Worker(rank, world_size, str(device)),
+            cfg, shard, plan=plan, init_dir=init_dir, resume_dir=resume_dir,
+            reporter=_ray_reporter(rank), worker=finetune.Worker(rank, world_size, str(device), _count_nodes(world_size)),
             task=config["task"],
             before_step=_fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size))
 
@@ -146,7 +174,8 @@ def _store_plan(plan: privacy.Plan, path: Path) -> None:
     path.write_text(json.dumps(given, indent=2) + "\n")
 
 
-def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callbacks: Optional[list] = None):
+def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callbacks: Optional[list] = None,
+             storage: Optional[Storage] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -155,8 +184,11 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callba
         _worker_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker}),
-        run_config=RunConfig(name=f"{r.name}-finetune", storage_path=str(out_dir / "ray"),
+                                     resources_per_worker={"CPU": r.cpus_per_worker},
+                                     placement_strategy=r.placement),
+        run_config=RunConfig(name=f"{r.name}-finetune",
+                             storage_path=storage.fs_path("ray") if storage is not None else str(out_dir / "ray"),
+                             storage_filesystem=storage.filesystem if storage is not None else None,
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=list(callbacks or [])),
@@ -167,7 +199,8 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callba
 
 def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path | str | None,
                  out_dir: Path | str, fail_at_step: Optional[int] = None,
-                 task: finetune.Task = finetune.EDM, callbacks: Optional[list] = None) -> dict[str, Any]:
+                 task: finetune.Task = finetune.EDM, callbacks: Optional[list] = None,
+                 storage: Optional[Storage] = None) -> dict[str, Any]:
     """Run DP-SGD fine-tuning on Ray Train; returns the final metrics (``epsilon``, ``steps``, ...).
 
     ``train``: the training split as an ``ImageSet`` or a Ray Dataset (columns image, label).
@@ -177,6 +210,9 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     ``out_dir/ledger.json``, ``out_dir/plan.json`` and ``out_dir/finetune.json``.
     ``fail_at_step`` (tests): the last rank raises once at that step. ``task``: tests swap the model.
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` inside a trial.
+    ``init_dir`` may be a ``Storage`` location (the workers read it from there). ``storage``: an
+    object-store location for Ray Train's checkpoints (``out_dir`` is then the driver's scratch copy
+    of the small files; the caller commits them), so that no worker needs the driver's disk.
     """
     if cfg.finetune.init == "scratch" and init_dir is not None:
         raise ValueError(f"config key 'finetune.init': 'scratch' trains from a fresh network, got "
@@ -191,9 +227,13 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
         if summary.get("steps") == plan.steps:
             logger.info("finetune: '%s' already holds the final checkpoint (step %d)", out_dir, plan.steps)
             return summary
-    if init_dir is not None:
-        init_dir = finetune.warmup_checkpoint(Path(init_dir).expanduser().resolve())
-    logger.info("finetune: starting from %s", init_dir or "scratch (DPDM baseline)")
+    if isinstance(init_dir, Storage) and init_dir.is_local:
+        init_dir = init_dir.local_path
+    if init_dir is not None and not isinstance(init_dir, Storage):
+        init_dir = Storage(finetune.warmup_checkpoint(Path(init_dir).expanduser().resolve()))
+    if init_dir is not None and not init_dir.is_local and not init_dir.committed(""):
+        raise ValueError(f"expected a committed warm-up checkpoint at '{init_dir.uri}', found none")
+    logger.info("finetune: starting from %s", init_dir.uri if init_dir else "scratch (DPDM baseline)")
     if init_dir is None and any(m.name == "central" for m in plan.ledger.mechanisms):
         logger.warning("finetune from scratch with central.rounds=%d: the central query's budget is counted "
                        "but its images are unused (central.rounds=0 gives DP-SGD the whole budget)",
@@ -201,9 +241,9 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
 
     cluster.connect(cfg)
     dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
-    config = {"cfg": cfg, "plan": plan, "init_dir": None if init_dir is None else str(init_dir), "task": task,
+    config = {"cfg": cfg, "plan": plan, "init": init_dir, "task": task,
               "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER)}
-    result = _trainer(cfg, config, dataset, out_dir, callbacks).fit()
+    result = _trainer(cfg, config, dataset, out_dir, callbacks, storage).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
 
@@ -220,7 +260,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "noise_multiplier": plan.noise_multiplier,
                     "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
                     "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
-                    "world_size": meta["world_size"]})
+                    "world_size": meta["world_size"], "nodes": meta.get("nodes", 1)})
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

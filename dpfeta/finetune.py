@@ -95,6 +95,7 @@ class Worker:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    nodes: int = 1  # distinct Ray nodes in the group (a public fact in each checkpoint's meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Con
     meta = {"stage": "finetune", "step": step, "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
             "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
-            "world_size": worker.world_size, "attempt_first_step": first_step, "config": cfg.public_dict()}
+            "world_size": worker.world_size, "nodes": worker.nodes, "attempt_first_step": first_step, "config": cfg.public_dict()}
     with tempfile.TemporaryDirectory(prefix="dpfeta-finetune-") as tmp:
         path = checkpoint.save(Path(tmp) / "checkpoint", model=net, ema=ema, optimizer=optimizer, meta=meta)
         reporter(metrics, path)

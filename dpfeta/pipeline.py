@@ -12,6 +12,12 @@ Run directory ``cfg.run_dir()``::
                      weights, samples, DP metrics, ledger.json, config.json, release.json, README.md
     mlflow_run.json  the MLflow run this directory logs into
 
+``run.dir`` may be an object-store URI (``s3://bucket/runs``): the run's folder is then a prefix
+there, the driver writes each file to a private scratch folder and commits it (``storage.Workspace``:
+a file atomically, a folder followed by its ``_COMMITTED`` marker), workers and GPU tasks read and
+write the store themselves, and Ray Train keeps its checkpoints there. Nothing of the run stays on
+the driver's disk.
+
 Every stage is skipped when its output exists, so rerunning the same command resumes. The privacy
 plan is printed before any data is read; sigma is decided once, stored in ledger.json, and never
 recalibrated on resume (a stored plan above the target is refused). A spending stage is recorded in
@@ -35,8 +41,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import cluster, data, privacy, release, rng, runlock, tracking
+from dpfeta import cluster, data, privacy, release, rng, runlock, storage, tracking
 from dpfeta.config import Config
+from dpfeta.storage import Storage, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +81,11 @@ def budget_text(cfg: Config, pl: privacy.Plan) -> str:
     return (f"privacy plan for run '{cfg.run.name}' (no data read yet)\n" + privacy.plan_table(pl))
 
 
-def _check_resume(cfg: Config, run_dir: Path) -> None:
-    saved_path = run_dir / "config.json"
-    if not saved_path.is_file():
+def _check_resume(cfg: Config, ws: Workspace | Path) -> None:
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    if not ws.fetch("config.json"):
         return
+    saved_path, run_dir = ws.path("config.json"), ws.url()
     saved, now = json.loads(saved_path.read_text()), cfg.to_dict()
     changed = [f"{s}.{k}" for s in RESUME_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
     if changed:
@@ -86,15 +94,17 @@ def _check_resume(cfg: Config, run_dir: Path) -> None:
                          f"or pick a new run.name")
 
 
-def open_ledger(run_dir: Path, pl: privacy.Plan) -> privacy.Plan:
+def open_ledger(ws: Workspace | Path, pl: privacy.Plan) -> privacy.Plan:
     """Load ledger.json (resume: its sigma is kept, never recalibrated) or write the planned one.
 
     Refuses a stored ledger of another plan, and a stored plan whose epsilon (recomputed now) is
     above the target (e.g. after an accountant upgrade): continuing it would end above the target.
     """
-    path = run_dir / "ledger.json"
-    if not path.is_file():
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    path = ws.path("ledger.json")
+    if not ws.fetch("ledger.json"):
         pl.ledger.save(path)
+        ws.commit("ledger.json")
         return pl
     ledger = privacy.Ledger.load(path)
     pl.ledger.check_same_plan(ledger, where=f"'{path}'")
@@ -109,10 +119,12 @@ def open_ledger(run_dir: Path, pl: privacy.Plan) -> privacy.Plan:
     return dataclasses.replace(pl, noise_multiplier=sigma, ledger=ledger, epsilon=planned)
 
 
-def record(run_dir: Path, pl: privacy.Plan, name: str, count: int) -> float:
-    """Record ``count`` compositions of mechanism ``name`` taken; save ledger.json; return total epsilon."""
+def record(ws: Workspace, pl: privacy.Plan, name: str, count: int) -> float:
+    """Record ``count`` compositions of mechanism ``name`` taken; save and commit ledger.json (a failed
+    commit raises here, before the mechanism's output is written); return the total epsilon."""
     pl.ledger.record_steps(name, count)
-    pl.ledger.save(run_dir / "ledger.json")
+    pl.ledger.save(ws.path("ledger.json"))
+    ws.commit("ledger.json")
     eps = pl.ledger.epsilon()
     if name == "central":
         tracking.log_dp_metrics({"epsilon": eps}, step=0)
@@ -124,14 +136,16 @@ def release_facts(cfg: Config) -> dict:
     return {"test split": data.test_split_fact(cfg)[1]}
 
 
-def publish(cfg: Config, run_dir: Path, pl: privacy.Plan, metrics: Optional[dict] = None) -> None:
-    """Refresh the release record (ledger, config, card) and send release/ files to MLflow."""
+def publish(cfg: Config, ws: Workspace, pl: privacy.Plan, metrics: Optional[dict] = None) -> None:
+    """Refresh the release record (ledger, config, card), commit it and send release/ files to MLflow."""
+    run_dir = ws.local
     release.record(run_dir, kind="run", ledger=pl.ledger, public_config=cfg.public_dict(), metrics=metrics,
                    extra_facts=release_facts(cfg))
     root = release.release_dir(run_dir)
     for name in (release.LEDGER_FILE, release.CONFIG_FILE, release.RECORD_FILE, release.CARD_FILE,
                  release.METRICS_FILE):
         if (root / name).is_file():
+            ws.commit(f"{release.RELEASE_DIR}/{name}")
             tracking.log_artifact(root / name)
 
 
@@ -141,147 +155,192 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+def _put_release_dir(ws: Workspace, src: Path, name: str) -> Path:
+    """Copy a stage's folder into release/<name> and commit it."""
+    shown = release.put_dir(ws.local, src, name)
+    ws.commit(f"{release.RELEASE_DIR}/{name}")
+    return shown
+
+
 # --------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------
 
 
-def stage_central(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet) -> Optional[data.ImageSet]:
-    """M1: the DP central images (skipped when central/ exists)."""
+def stage_central(cfg: Config, ws: Workspace, pl: privacy.Plan, train) -> Optional[data.ImageSet]:
+    """M1: the DP central images (skipped when central/ exists). ``train``: an ImageSet, or a Ray
+    Dataset of the training split (the same Ray Data aggregation as ``dpfeta central``)."""
     from dpfeta import central
 
-    out, tmp = run_dir / "central", run_dir / "central.tmp"
+    out, tmp = ws.path("central"), ws.path("central.tmp")
     if cfg.central.rounds == 0:
         return None
-    if out.is_dir():
-        log.info("central: found %s, skipping", out)
-        if not (release.release_dir(run_dir) / "central").is_dir():  # interrupted before it was published
-            return _publish_central(cfg, run_dir, pl, out)
+    if ws.fetch("central"):
+        log.info("central: found %s, skipping", ws.url("central"))
+        if not ws.fetch(f"{release.RELEASE_DIR}/central"):  # interrupted before it was published
+            return _publish_central(cfg, ws, pl, out)
         return central.load_central(out)
-    if pl.ledger.get("central").taken == cfg.central.rounds:  # counted, then interrupted before the move
+    if pl.ledger.get("central").taken == cfg.central.rounds:  # counted, then interrupted before the commit
         if not (tmp / "central.json").is_file():
-            raise ValueError(f"run directory '{run_dir}': the central query was counted in ledger.json "
+            raise ValueError(f"run directory '{ws.url()}': the central query was counted in ledger.json "
                              "(its budget is spent) but its output was lost before it was written; a new "
                              "query would spend again under the same ledger: start a new run.name")
         _replace_dir(tmp, out)
-        return _publish_central(cfg, run_dir, pl, out)
+        ws.commit("central")
+        return _publish_central(cfg, ws, pl, out)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     result = central.central_images(cfg, train, generator=rng.seeded_generator(cfg.run.seed, stream="central"))
     if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
         raise RuntimeError("internal: the central noise differs from the ledger's; nothing was recorded")
-    eps = record(run_dir, pl, "central", result.rounds)  # counted before the output touches the disk
+    eps = record(ws, pl, "central", result.rounds)  # counted (and committed) before the output is written
     central.save_central(result, tmp)
     _replace_dir(tmp, out)
+    ws.commit("central")
     log.info("central: %d images released in %.1fs; epsilon so far %.4f", len(result.images),
              time.perf_counter() - start, eps)
-    return _publish_central(cfg, run_dir, pl, out)
+    return _publish_central(cfg, ws, pl, out)
 
 
-def _publish_central(cfg: Config, run_dir: Path, pl: privacy.Plan, out: Path) -> data.ImageSet:
+def _publish_central(cfg: Config, ws: Workspace, pl: privacy.Plan, out: Path) -> data.ImageSet:
     from dpfeta import central
 
-    shown = release.put_dir(run_dir, out, "central")
-    publish(cfg, run_dir, pl)
+    shown = _put_release_dir(ws, out, "central")
+    publish(cfg, ws, pl)
     tracking.log_artifact(shown / "grid.png")
     return central.load_central(out)
 
 
-def _warmup_task(cfg: Config, central_set: data.ImageSet, files: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
+WARMUP_CKPT = "checkpoints/warmup/checkpoint"
+
+
+def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage) -> dict:
+    """Warm-up where a GPU is (a Ray task) or here; its checkpoint is committed to ``out`` (the run's
+    storage), from which a rerun resumes and the DP-SGD workers start."""
     from dpfeta import warmup
 
     with tempfile.TemporaryDirectory() as tmp:
-        cluster.unpack(files, Path(tmp))
-        summary = warmup.train_warmup(cfg, central_set, tmp, generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
-        return summary, cluster.pack(Path(tmp))
+        local = out.local_path or Path(tmp)
+        if not out.is_local and out.committed("checkpoint"):
+            out.get_dir("checkpoint", local / "checkpoint")
+        summary = warmup.train_warmup(cfg, central_set, local, generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
+        if not out.is_local:
+            out.put_dir(local / "checkpoint", "checkpoint")
+        return {k: v for k, v in summary.items() if k != "checkpoint"}
 
 
-def stage_warmup(cfg: Config, run_dir: Path, central_set: Optional[data.ImageSet]) -> Optional[Path]:
-    """Warm-up on the central images (post-processing, no privacy cost). Returns the checkpoint dir."""
-    from dpfeta import checkpoint, warmup
+def stage_warmup(cfg: Config, ws: Workspace, central_set: Optional[data.ImageSet]) -> Optional[Storage]:
+    """Warm-up on the central images (post-processing, no privacy cost). Returns where its checkpoint
+    is (a location of the run's storage, read by the workers)."""
+    from dpfeta import checkpoint
 
     if cfg.finetune.init != "warmup":
         return None
-    out = run_dir / "checkpoints" / "warmup"
-    ckpt = out / "checkpoint"
-    if checkpoint.exists(ckpt) and checkpoint.load(ckpt)["meta"].get("step") == cfg.warmup.steps:
-        log.info("warmup: found a finished checkpoint at %s, skipping", ckpt)
-        return ckpt
+    where = ws.remote.child(WARMUP_CKPT)
+    if ws.fetch(WARMUP_CKPT) and checkpoint.load(ws.path(WARMUP_CKPT))["meta"].get("step") == cfg.warmup.steps:
+        log.info("warmup: found a finished checkpoint at %s, skipping", where.uri)
+        return where
     start = time.perf_counter()
+    out = ws.remote.child("checkpoints/warmup")
     if cluster.needs_remote(cfg):
-        files = cluster.pack(out) if out.is_dir() else {}
-        summary, files = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, files)
-        cluster.unpack(files, out)
+        summary = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, out)
     else:
+        from dpfeta import warmup
+
         reporter = lambda m: tracking.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
-        summary = warmup.train_warmup(cfg, central_set, out, reporter=reporter,
+        summary = warmup.train_warmup(cfg, central_set, ws.path("checkpoints/warmup"), reporter=reporter,
                                       generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
+        ws.commit(WARMUP_CKPT)
     log.info("warmup: done in %.1fs (loss %s)", time.perf_counter() - start, summary.get("loss"))
-    return Path(summary.get("checkpoint", ckpt)) if not cluster.needs_remote(cfg) else ckpt
+    return where
 
 
-def stage_finetune(cfg: Config, run_dir: Path, pl: privacy.Plan, train: data.ImageSet,
-                   init_dir: Optional[Path], callbacks: Optional[list] = None) -> Path:
+def stage_finetune(cfg: Config, ws: Workspace, pl: privacy.Plan, train,
+                   init: Optional[Storage], callbacks: Optional[list] = None) -> Path:
     """M2: DP-SGD on Ray Train (fit_finetune resumes, and returns at once when done); records the
-    steps taken in ledger.json. Returns the directory of the final weights. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes TuneReportCallback)."""
+    steps taken in ledger.json. Returns the local directory of the final weights (committed to the
+    storage). ``callbacks``: Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     from dpfeta import distributed
 
-    out = run_dir / "checkpoints" / "finetune"
+    rel = "checkpoints/finetune"
     start = time.perf_counter()
+    for name in ("plan.json", "finetune.json", "ledger.json", "checkpoint"):
+        ws.fetch(f"{rel}/{name}")
+    out = ws.path(rel)
     summary = out / "finetune.json"
     callbacks = list(callbacks or [])
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
         cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
         callbacks += distributed.mlflow_callbacks()
-    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init_dir, out_dir=out,
-                                      callbacks=callbacks)
+    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init, out_dir=out,
+                                      callbacks=callbacks, storage=ws.remote.child(rel) if ws.is_remote else None)
+    for name in ("plan.json", "checkpoint", "ledger.json", "finetune.json"):  # the summary last: "done"
+        ws.commit(f"{rel}/{name}")
     steps = int(result["steps"])
     if steps != pl.ledger.get("dpsgd").taken:
-        record(run_dir, pl, "dpsgd", steps)
+        record(ws, pl, "dpsgd", steps)
         tracking.log_epsilon_curve(pl.ledger)
-        publish(cfg, run_dir, pl)
+        publish(cfg, ws, pl)
     eps = pl.ledger.epsilon()
     log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
              time.perf_counter() - start, eps, float(result.get("epsilon", float("nan"))))
-    return Path(result.get("checkpoint", out / "checkpoint"))
+    return out / "checkpoint"
 
 
+def _sample_task(cfg: Config, weights: Storage, out: Storage) -> dict:
+    """Sample where a GPU is (a Ray task) or here: read the weights from the storage, write the
+    synthetic set to ``out`` (a temporary folder renamed into place, or a committed prefix)."""
+    from dpfeta import images, sample
 
-
-def _sample_task(cfg: Config, ckpt_files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
-    from dpfeta import sample
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster.unpack(ckpt_files, Path(tmp))
-        denoiser = sample.load_denoiser(tmp, cfg, weights="ema").to(cluster.device(cfg))
-    g = rng.make_generator(cfg.run.seed, stream="sample")
-    images, labels = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
-    return images.numpy(), labels.numpy()
-
-
-def stage_sample(cfg: Config, run_dir: Path, weights_dir: Path) -> data.ImageSet:
-    """Synthetic set from the EMA weights (post-processing)."""
-    from dpfeta import evaluate, images
-
-    out, tmp = run_dir / "samples", run_dir / "samples.tmp"
-    if (out / "samples.json").is_file():
-        log.info("sample: found %s, skipping", out)
-        if not (release.release_dir(run_dir) / "samples").is_dir():  # interrupted before it was published
-            tracking.log_artifact(release.put_dir(run_dir, out, "samples") / "grid.png")
-        return evaluate.load_synthetic(out, cfg)
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    x, y = cluster.run_on_gpu(cfg, _sample_task, cfg, cluster.pack(weights_dir))
-    images.save_class_folders(x, y, tmp / "images")
-    images.save_class_grid(x, y, tmp / "grid.png")
-    meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
-            "guidance": cfg.sample.guidance, "weights": "EMA", "seconds": round(time.perf_counter() - start, 1)}
-    (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _replace_dir(tmp, out)
-    log.info("sample: %d images in %.1fs -> %s", len(y), meta["seconds"], out)
-    tracking.log_artifact(release.put_dir(run_dir, out, "samples") / "grid.png")
-    return data.ImageSet(x, y.astype(np.int64), cfg.data.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = weights.local_path
+        if src is None:
+            src = Path(tmp) / "weights"
+            weights.get_dir("", src)
+        denoiser = sample.load_denoiser(src, cfg, weights="ema").to(cluster.device(cfg))
+        g = rng.make_generator(cfg.run.seed, stream="sample")
+        x, y = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
+        x, y = x.numpy(), y.numpy()
+        staged = (out.local_path.with_name(out.local_path.name + ".tmp") if out.is_local else Path(tmp) / "samples")
+        shutil.rmtree(staged, ignore_errors=True)
+        images.save_class_folders(x, y, staged / "images")
+        images.save_class_grid(x, y, staged / "grid.png")
+        meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+                "guidance": cfg.sample.guidance, "weights": "EMA", "seconds": round(time.perf_counter() - start, 1)}
+        (staged / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.is_local:
+            _replace_dir(staged, out.local_path)
+        else:
+            out.put_dir(staged, "")
+    return meta
+
+
+def _stored(ws: Workspace, path: Path | Storage) -> Storage:
+    """A folder of the run as a storage location a task can read (committed first if need be)."""
+    if isinstance(path, Storage):
+        return path
+    if not ws.is_remote:
+        return Storage(path)
+    rel = Path(path).resolve().relative_to(ws.local.resolve()).as_posix()
+    if not ws.remote.committed(rel):
+        ws.commit(rel)
+    return ws.remote.child(rel)
+
+
+def stage_sample(cfg: Config, ws: Workspace, weights: Path | Storage) -> data.ImageSet:
+    """Synthetic set from the EMA weights (post-processing), written to the storage by the stage."""
+    from dpfeta import evaluate
+
+    if not (ws.fetch("samples") and ws.path("samples/samples.json").is_file()):
+        meta = cluster.run_on_gpu(cfg, _sample_task, cfg, _stored(ws, weights), ws.remote.child("samples"))
+        ws.fetch("samples")
+        log.info("sample: %d images in %.1fs -> %s", meta["num"], meta["seconds"], ws.url("samples"))
+    else:
+        log.info("sample: found %s, skipping", ws.url("samples"))
+    if not ws.fetch(f"{release.RELEASE_DIR}/samples"):  # new, or interrupted before it was published
+        tracking.log_artifact(_put_release_dir(ws, ws.path("samples"), "samples") / "grid.png")
+    return evaluate.load_synthetic(ws.path("samples"), cfg)
 
 
 def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -> dict:
@@ -290,19 +349,27 @@ def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -
     return evaluate.evaluate(cfg, synthetic, splits)
 
 
-def stage_evaluate(cfg: Config, run_dir: Path, pl: privacy.Plan, synthetic: data.ImageSet,
+def stage_evaluate(cfg: Config, ws: Workspace, pl: privacy.Plan, synthetic: data.ImageSet,
                    splits: data.Splits) -> dict:
     """eval.json (the operator's record: DP and non-DP sections) and release/metrics.json (DP only)."""
-    path = run_dir / "eval.json"
-    if path.is_file():
-        log.info("evaluate: found %s, skipping", path)
+    path = ws.path("eval.json")
+    if ws.fetch("eval.json"):
+        log.info("evaluate: found %s, skipping", ws.url("eval.json"))
         return json.loads(path.read_text())
     result = {**privacy.privacy_summary(pl), **cluster.run_on_gpu(cfg, _evaluate_task, cfg, synthetic, splits)}
-    result["run_dir"] = str(run_dir)
+    result["run_dir"] = ws.url()
     path.write_text(json.dumps(result, indent=2) + "\n")
+    ws.commit("eval.json")
     tracking.log_eval(result)
     tracking.log_artifact(path)  # operator view: under nondp/ (not a release file), nothing in release mode
     return result
+
+
+def put_model(ws: Workspace, weights: Path) -> Path:
+    """The final weights into release/model, committed."""
+    model = release.put_model(ws.local, weights)
+    ws.commit(f"{release.RELEASE_DIR}/model")
+    return model
 
 
 def release_metrics(result: dict) -> dict:
@@ -328,33 +395,53 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     pl = plan_run(cfg)
     echo(budget_text(cfg, pl))
     cluster.check_reachable(cfg)  # a dead or wrong address: an error now, not after the central query
-    with runlock.hold(cfg.run_dir()):  # one process per run directory (and so per ledger)
-        result, uri = _run(cfg, pl)
+    ws = Workspace(cfg.run_location())
+    try:
+        if ws.is_remote:
+            ws.remote.check_writable()  # a missing bucket, no permission, no endpoint: an error now
+        echo(f"run '{cfg.run.name}': writing to {ws.url()}")
+        with runlock.hold(ws.remote):  # one process per run directory (and so per ledger)
+            result, uri = _run(cfg, pl, ws)
+    finally:
+        ws.close()
     result["seconds"] = round(time.perf_counter() - start, 1)
     echo(summary_text(cfg, result, uri))
     return result
 
 
-def _run(cfg: Config, pl: privacy.Plan) -> tuple[dict, Optional[str]]:
-    run_dir = cfg.run_dir()
-    _check_resume(cfg, run_dir)
-    cfg.dump(run_dir / "config.json")  # noise seed redacted
-    pl = open_ledger(run_dir, pl)
-    tracker = tracking.start_run(cfg, run_dir, params=tracking.run_params(cfg, pl),
+def training_data(cfg: Config, splits: data.Splits):
+    """What the spending stages read: the prepared Parquet shards of the training split, read by Ray
+    Data where the workers are (``data.source: parquet`` on a ``dpfeta prepare`` folder), else the
+    ImageSet the driver holds."""
+    if cfg.data.source == "parquet" and data.is_prepared(cfg.data.path):
+        cluster.connect(cfg)
+        return data.read_prepared(cfg.data.path, "train")
+    return splits.train
+
+
+def _run(cfg: Config, pl: privacy.Plan, ws: Workspace) -> tuple[dict, Optional[str]]:
+    _check_resume(cfg, ws)
+    cfg.dump(ws.path("config.json"))  # noise seed redacted
+    ws.commit("config.json")
+    pl = open_ledger(ws, pl)
+    ws.fetch(tracking.RUN_FILE)
+    tracker = tracking.start_run(cfg, ws.local, params=tracking.run_params(cfg, pl),
                                  tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
+    if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
+        ws.commit(tracking.RUN_FILE)
     status = "FAILED"
     try:
         splits = data.load_splits(cfg)  # validates the data before any privacy spend
         if len(splits.train) != pl.n:
             raise ValueError(f"data: the plan used N={pl.n} (public size) but the training split has "
                              f"{len(splits.train)} records; set data.n_train to the true size")
-        central_set = stage_central(cfg, run_dir, pl, splits.train)
-        init_dir = stage_warmup(cfg, run_dir, central_set)
-        weights = stage_finetune(cfg, run_dir, pl, splits.train, init_dir)
-        synthetic = stage_sample(cfg, run_dir, weights)
-        result = stage_evaluate(cfg, run_dir, pl, synthetic, splits)
-        model = release.put_model(run_dir, weights)
-        publish(cfg, run_dir, pl, metrics=release_metrics(result))
+        central_set = stage_central(cfg, ws, pl, splits.train)
+        init = stage_warmup(cfg, ws, central_set)
+        weights = stage_finetune(cfg, ws, pl, splits.train, init)
+        synthetic = stage_sample(cfg, ws, weights)
+        result = stage_evaluate(cfg, ws, pl, synthetic, splits)
+        model = put_model(ws, weights)
+        publish(cfg, ws, pl, metrics=release_metrics(result))
         for name in ("ema.pt", "meta.json"):
             tracking.log_artifact(model / name)
         status = "FINISHED"
@@ -382,8 +469,8 @@ def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
         f"images, tested on {result.get('num_test')} real test images)"
         + (f"; logistic regression {logreg:.4f}" if logreg is not None else ""),
         f"  FID       {shown('fid', '.2f')} [{fid_label(result)}; reference: {result.get('fid_reference')}]",
-        f"  release   {release.release_dir(cfg.run_dir())}  (what may be published: README.md is its card)",
-        f"  run dir   {cfg.run_dir()}  (eval.json, ledger.json, checkpoints: operator-internal)",
+        f"  release   {Storage(cfg.run_location()).url(release.RELEASE_DIR)}  (what may be published: README.md is its card)",
+        f"  run dir   {cfg.run_location()}  (eval.json, ledger.json, checkpoints: operator-internal)",
     ]
     if uri:
         lines.append(f"  MLflow    {tracking.ui_command(uri)}")

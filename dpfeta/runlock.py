@@ -41,9 +41,56 @@ def _take(path: Path) -> bool:
     return True
 
 
+def _refusal(where: str, holder: dict) -> ValueError:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return ValueError(f"'{where}' is in use by another dpfeta process (pid {holder.get('pid')} on host "
+                      f"{holder.get('host')}, since {since}): two processes must never spend budget under one "
+                      f"ledger. Wait for it, or, if you are sure it is gone, delete {where}/{LOCK_FILE}")
+
+
 @contextlib.contextmanager
-def hold(directory: Path | str):
-    """Hold ``<directory>/run.lock`` for the block; refuse (ValueError naming the holder) if taken."""
+def _hold_object(store):
+    """The lock as an object of an object store. The store has no create-if-absent here, so the lock
+    is written, then read back after a pause: of two processes starting in the same instant, the one
+    whose write landed last keeps it and the other is refused (S3 and GCS read-after-write are
+    strongly consistent)."""
+    import uuid
+
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": uuid.uuid4().hex}
+    if store.is_file(LOCK_FILE):
+        holder = store.read_json(LOCK_FILE)
+        if not (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])):
+            raise _refusal(store.uri, holder)
+        log.warning("run lock %s: its holder (pid %s on %s) is gone; taking it over", store.url(LOCK_FILE),
+                    holder.get("pid"), holder.get("host"))
+    store.write_json(LOCK_FILE, me)
+    time.sleep(RACE_PAUSE_S)
+    holder = store.read_json(LOCK_FILE)
+    if holder.get("token") != me["token"]:
+        raise _refusal(store.uri, holder)
+    try:
+        yield store.url(LOCK_FILE)
+    finally:
+        try:
+            if store.read_json(LOCK_FILE).get("token") == me["token"]:
+                store.delete(LOCK_FILE)
+        except (OSError, ValueError) as exc:
+            log.warning("run lock %s: could not remove it (%s); delete it before the next run", store.url(LOCK_FILE), exc)
+
+
+RACE_PAUSE_S = 1.0
+
+
+@contextlib.contextmanager
+def hold(directory):
+    """Hold ``<directory>/run.lock`` for the block; refuse (ValueError naming the holder) if taken.
+    ``directory``: a local folder, or a ``storage.Storage`` (an object-store prefix)."""
+    if hasattr(directory, "is_local"):
+        if not directory.is_local:
+            with _hold_object(directory) as where:
+                yield where
+            return
+        directory = directory.local_path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
@@ -57,10 +104,7 @@ def hold(directory: Path | str):
             log.warning("run lock %s: its holder (pid %s on %s) is gone; taking it over", path, pid, host)
             path.unlink(missing_ok=True)
         if not _take(path):
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-            raise ValueError(f"'{directory}' is in use by another dpfeta process (pid {pid} on host {host}, "
-                             f"since {since}): two processes must never spend budget under one ledger. Wait "
-                             f"for it, or, if you are sure it is gone, delete {path}")
+            raise _refusal(str(directory), holder)
     try:
         yield path
     finally:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dpfeta import release as release_mod
+from dpfeta import config as config_mod
 from dpfeta.config import SECRET_KEYS, SEED_REDACTED, Config
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,15 @@ MAX_PARAM_CHARS = 6000
 MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
 
 
-def tracking_uri(cfg: Config) -> str:
-    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an absolute sqlite file under run.dir."""
+def tracking_uri(cfg: Config) -> Optional[str]:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else an absolute sqlite file under a local run.dir
+    (None for an object-store run.dir: a sqlite file there would be lost; use a tracking server)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get(ENV_URI):
         return os.environ[ENV_URI]
+    if config_mod.is_uri(cfg.run.dir):
+        return None
     return f"sqlite:///{Path(cfg.run.dir).expanduser().resolve() / 'mlflow.db'}"
 
 
@@ -99,6 +103,10 @@ def setup(cfg: Config) -> Optional[str]:
     if not cfg.tracking.enabled:
         return None
     uri = tracking_uri(cfg)
+    if uri is None:
+        log.warning("tracking off: run.dir %s is an object store and no tracking.uri (or MLFLOW_TRACKING_URI) "
+                    "names an MLflow server; set one to log this run", cfg.run.dir)
+        return None
     try:
         _experiment_id(_client(uri), uri, cfg.tracking.experiment)
     except Exception as exc:  # noqa: BLE001 - tracking is best effort

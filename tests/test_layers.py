@@ -12,11 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "dpfeta"
 
 # part -> the dpfeta parts it may import (besides itself). A part is a top-level module or package.
-BASE = {"config", "rng", "images", "checkpoint", "runlock"}
+BASE = {"config", "rng", "images", "checkpoint", "runlock", "storage"}
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "rng": set(),
     "runlock": set(),
+    "storage": set(),
     "images": set(),
     "checkpoint": set(),
     "dpsgd": set(),
@@ -43,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN = {
     "privacy": {"torch", "ray", "opacus", "mlflow"},
     "release": {"torch", "ray", "mlflow"},
+    "storage": {"torch", "ray", "mlflow"},
     "config": {"torch", "ray", "dp_accounting", "mlflow"},
     "dpsgd": {"ray", "mlflow"},
     "diffusion": {"ray", "mlflow", "opacus", "PIL", "yaml"},

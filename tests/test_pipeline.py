@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dpfeta import cli, cluster, config, data, pipeline, privacy, tracking
+from dpfeta.storage import Workspace
 
 BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
         "central.epsilon_share=0.3", "finetune.batch_size=128", "finetune.epochs=1", "privacy.epsilon=4",
@@ -91,11 +92,11 @@ def test_central_stage_releases_once_and_finishes_an_interrupted_move(tmp_path):
     run_dir.mkdir(parents=True)
     pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
     train = data.load_splits(cfg).train
-    first = pipeline.stage_central(cfg, run_dir, pl, train)
+    first = pipeline.stage_central(cfg, Workspace(run_dir), pl, train)
     assert len(first) == 2 * 10 and pl.ledger.get("central").taken == 2
     assert json.loads((run_dir / "ledger.json").read_text())["epsilon_spent"] > 0
     (run_dir / "central").rename(run_dir / "central.tmp")  # interrupted after recording, before the move
-    again = pipeline.stage_central(cfg, run_dir, pl, train)
+    again = pipeline.stage_central(cfg, Workspace(run_dir), pl, train)
     assert np.array_equal(np.sort(again.images.reshape(20, -1), 0), np.sort(first.images.reshape(20, -1), 0))
     assert pl.ledger.get("central").taken == 2 and not (run_dir / "central.tmp").exists()
 
@@ -162,10 +163,10 @@ def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
     run_dir.mkdir(parents=True)
     pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
     splits = data.load_splits(cfg)
-    central_set = pipeline.stage_central(cfg, run_dir, pl, splits.train)
-    ckpt = pipeline.stage_warmup(cfg, run_dir, central_set)
-    assert (ckpt / "meta.json").is_file() and (ckpt / "ema.pt").is_file()
-    synthetic = pipeline.stage_sample(cfg, run_dir, ckpt)
+    central_set = pipeline.stage_central(cfg, Workspace(run_dir), pl, splits.train)
+    ckpt = pipeline.stage_warmup(cfg, Workspace(run_dir), central_set)
+    assert (ckpt.local_path / "meta.json").is_file() and (ckpt.local_path / "ema.pt").is_file()
+    synthetic = pipeline.stage_sample(cfg, Workspace(run_dir), ckpt)
     assert len(synthetic) == 20 and (run_dir / "samples" / "grid.png").is_file()
     result = cluster.run_on_gpu(cfg, pipeline._evaluate_task, cfg, synthetic, splits)
     assert result["num_synthetic"] == 20 and result["fid_kind"] == "offline-cnn"

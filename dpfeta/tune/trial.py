@@ -180,10 +180,12 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     reach Tune through TuneReportCallback) -> sampling -> the count of correct predictions on the
     validation split by the reference CNN trained on the synthetic set (scored as M3 by the caller).
     """
-    from dpfeta import data, evaluate, pipeline, release
+    from dpfeta import data, evaluate, pipeline
 
-    cfg, run_dir = ctx.cfg, ctx.out_dir
-    pl = pipeline.open_ledger(run_dir, ctx.plan)  # resume: the stored sigma is kept
+    from dpfeta.storage import Workspace
+
+    cfg, ws = ctx.cfg, Workspace(ctx.out_dir)
+    pl = pipeline.open_ledger(ws, ctx.plan)  # resume: the stored sigma is kept
     ctx.plan = pl
     splits = data.load_splits(cfg)  # validates before any privacy spend
     if len(splits.train) != ctx.n:
@@ -192,11 +194,11 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     if len(splits.val) == 0 and ctx.mode != "public":
         raise ValueError("the DP selection score needs a validation split: set data.val_fraction > 0 "
                          "(or give the source a val part)")
-    central_set = pipeline.stage_central(cfg, run_dir, pl, splits.train)
-    init_dir = pipeline.stage_warmup(cfg, run_dir, central_set)
-    weights = pipeline.stage_finetune(cfg, run_dir, pl, splits.train, init_dir, callbacks=ctx.train_callbacks())
-    synthetic = pipeline.stage_sample(cfg, run_dir, weights)
-    release.put_model(run_dir, weights)  # the trial's release/ (central, samples, model) if selected
+    central_set = pipeline.stage_central(cfg, ws, pl, splits.train)
+    init = pipeline.stage_warmup(cfg, ws, central_set)
+    weights = pipeline.stage_finetune(cfg, ws, pl, splits.train, init, callbacks=ctx.train_callbacks())
+    synthetic = pipeline.stage_sample(cfg, ws, weights)
+    pipeline.put_model(ws, weights)  # the trial's release/ (central, samples, model) if selected
     e = cfg.eval
     model = evaluate.train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
                                       lr=e.classifier_lr, label="selection CNN (synthetic)")
