@@ -142,6 +142,9 @@ def _block_sums(batch: dict, *, rounds: int, sample_rate: float, num_classes: in
     else:
         rng = np.random.default_rng([seed, int(batch["index"][0]), len(batch["index"])])
     images, labels = np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):  # before any noise: nothing spent
+        raise ValueError(f"labels out of range: expected 0..{num_classes - 1} (data.num_classes), found "
+                         f"{int(labels.min())}..{int(labels.max())} in a block of the training data")
     masks = poisson_masks(len(labels), rounds, sample_rate, rng)
     sums = class_sums(images, labels, masks, num_classes=num_classes, downsample=downsample)
     return {"sums": sums[None]}

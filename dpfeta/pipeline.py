@@ -343,14 +343,16 @@ def stage_sample(cfg: Config, ws: Workspace, weights: Path | Storage) -> data.Im
     return evaluate.load_synthetic(ws.path("samples"), cfg)
 
 
-def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: data.Splits) -> dict:
+def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: Optional[data.Splits]) -> dict:
+    """Where a GPU is (or here). ``splits`` None: a prepared folder, whose validation and test parts
+    the task reads itself (the driver never holds them)."""
     from dpfeta import evaluate
 
-    return evaluate.evaluate(cfg, synthetic, splits)
+    return evaluate.evaluate(cfg, synthetic, splits if splits is not None else data.load_prepared_eval(cfg))
 
 
 def stage_evaluate(cfg: Config, ws: Workspace, pl: privacy.Plan, synthetic: data.ImageSet,
-                   splits: data.Splits) -> dict:
+                   splits: Optional[data.Splits]) -> dict:
     """eval.json (the operator's record: DP and non-DP sections) and release/metrics.json (DP only)."""
     path = ws.path("eval.json")
     if ws.fetch("eval.json"):
@@ -409,14 +411,30 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     return result
 
 
-def training_data(cfg: Config, splits: data.Splits):
-    """What the spending stages read: the prepared Parquet shards of the training split, read by Ray
-    Data where the workers are (``data.source: parquet`` on a ``dpfeta prepare`` folder), else the
-    ImageSet the driver holds."""
-    if cfg.data.source == "parquet" and data.is_prepared(cfg.data.path):
+def read_data(cfg: Config, pl: privacy.Plan):
+    """(training data, splits for the evaluation or None), validated before any budget is spent.
+
+    A folder written by ``dpfeta prepare`` (``data.source: parquet``) stays where it is: the driver
+    reads its ``meta.json`` only; the central query and the DP-SGD workers read the training shards
+    with Ray Data on the cluster, and the evaluation task reads the validation and test parts itself.
+    Any other source is read, validated and split here (and its training split shipped to Ray).
+    """
+    meta = data.prepared_meta(cfg.data.path) if cfg.data.source == "parquet" and cfg.data.path else None
+    if meta is not None:
+        data.check_prepared(cfg, meta)
+        n = int(meta["sizes"]["train"])
+        if n != pl.n:
+            raise ValueError(f"data: the plan used N={pl.n} (public size) but '{cfg.data.path}/meta.json' "
+                             f"says the training split has {n} records; set data.n_train to the true size")
         cluster.connect(cfg)
-        return data.read_prepared(cfg.data.path, "train")
-    return splits.train
+        log.info("data: the prepared training split at %s (N=%d) is read on the cluster by Ray Data",
+                 cfg.data.path, n)
+        return data.read_prepared(cfg.data.path, "train"), None
+    splits = data.load_splits(cfg)
+    if len(splits.train) != pl.n:
+        raise ValueError(f"data: the plan used N={pl.n} (public size) but the training split has "
+                         f"{len(splits.train)} records; set data.n_train to the true size")
+    return splits.train, splits
 
 
 def _run(cfg: Config, pl: privacy.Plan, ws: Workspace) -> tuple[dict, Optional[str]]:
@@ -431,13 +449,10 @@ def _run(cfg: Config, pl: privacy.Plan, ws: Workspace) -> tuple[dict, Optional[s
         ws.commit(tracking.RUN_FILE)
     status = "FAILED"
     try:
-        splits = data.load_splits(cfg)  # validates the data before any privacy spend
-        if len(splits.train) != pl.n:
-            raise ValueError(f"data: the plan used N={pl.n} (public size) but the training split has "
-                             f"{len(splits.train)} records; set data.n_train to the true size")
-        central_set = stage_central(cfg, ws, pl, splits.train)
+        train, splits = read_data(cfg, pl)  # validates the data before any privacy spend
+        central_set = stage_central(cfg, ws, pl, train)
         init = stage_warmup(cfg, ws, central_set)
-        weights = stage_finetune(cfg, ws, pl, splits.train, init)
+        weights = stage_finetune(cfg, ws, pl, train, init)
         synthetic = stage_sample(cfg, ws, weights)
         result = stage_evaluate(cfg, ws, pl, synthetic, splits)
         model = put_model(ws, weights)

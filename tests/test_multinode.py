@@ -1,8 +1,9 @@
 """A real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head and two worker
 nodes, each its own raylet and resources) with a local S3 endpoint as the run's only storage.
 
-``dpfeta run`` on digits with 2 DP-SGD workers on different nodes, entirely through ``s3://``: the
-job finishes, epsilon and T are exact, every output is in the bucket, nothing is left on a local disk.
+``dpfeta run`` on digits with 2 DP-SGD workers on different nodes, entirely through ``s3://`` (the
+data prepared into the bucket and read there by Ray Data, the run folder a prefix of it): the job
+finishes, epsilon and T are exact, every output is in the bucket, nothing is left on a local disk.
 Run alone with ``pytest -m multinode``."""
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def test_run_through_s3_with_workers_on_two_nodes(ray_cluster, s3_bucket, tiny_c
     cwd, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("scratch")
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver's scratch folders go
+    data.prepare(tiny_cfg("finetune.batch_size=128"), f"{s3_bucket}/data/digits", rows_per_shard=400)  # the sensitive set, in the bucket
     cfg = tiny_cfg(f"run.dir={s3_bucket}/runs", "run.name=mn", "run.num_workers=2", "run.placement=STRICT_SPREAD",
+                   "data.source=parquet", f"data.path={s3_bucket}/data/digits",
                    f"run.ray_address={ray_cluster.address}", "central.rounds=2", "central.batch_size=600",
                    "central.noise_multiplier=null", "central.epsilon_share=0.3", "warmup.steps=2",
                    "finetune.batch_size=128", "finetune.epochs=0.15", "finetune.checkpoint_every=2")

@@ -179,3 +179,17 @@ def test_a_failed_local_write_keeps_the_previous_file(tmp_path, monkeypatch):
         store.write_text("ledger.json", "half")
     monkeypatch.setattr(storage.os, "replace", real_replace)
     assert store.read_text("ledger.json") == "good" and [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
+
+
+def test_a_run_on_a_missing_bucket_is_refused_before_any_spend(s3_endpoint, tiny_cfg, monkeypatch, tmp_path):
+    from dpfeta import data, pipeline, privacy
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg("run.dir=s3://no-such-bucket-dpfeta/runs", "central.noise_multiplier=null",
+                   "central.epsilon_share=0.3", "finetune.batch_size=128")
+    cfg = privacy.resolve(cfg, data.public_train_size(cfg))
+    lines: list[str] = []
+    with pytest.raises(StorageError, match=r"storage 's3://no-such-bucket-dpfeta/runs/digits/.*Nothing was spent"):
+        pipeline.run(cfg, echo=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("privacy plan")  # the plan, then the refusal
+    assert list(tmp_path.iterdir()) == []  # and nothing written here

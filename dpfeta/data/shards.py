@@ -10,14 +10,15 @@ from typing import Iterable
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta.data.sources import SPLIT_DIRS, _filesystem
-from dpfeta.data.splits import ImageSet, load_splits
+from dpfeta.data.sources import SPLIT_DIRS, _filesystem, _read_parquet_file
+from dpfeta.data.splits import ImageSet, Splits, load_splits
 from dpfeta.images import decode_image, encode_png
 
 def prepare(cfg: config_mod.Config, out_uri: str, *, rows_per_shard: int = 8192) -> str:
     """Write the validated splits as Parquet shards (``image`` PNG bytes, ``label`` int64).
 
-    Layout: ``out_uri/{train,val,test}/part-00000.parquet ...`` plus ``meta.json`` (public facts:
+    Layout: ``out_uri/{train,val,test}/part-00000.parquet ...`` (columns ``image``, ``label`` and
+    ``index``, the row number, which keys a seeded central query) plus ``meta.json`` (public facts:
     sizes, shape, classes). ``data.source: parquet`` with ``data.path: out_uri`` reads it back with
     the same splits; ``read_prepared`` gives the Ray Dataset a cluster reads.
     """
@@ -34,7 +35,8 @@ def prepare(cfg: config_mod.Config, out_uri: str, *, rows_per_shard: int = 8192)
         for shard, start in enumerate(range(0, max(len(split), 1), rows_per_shard)):
             part = split.subset(slice(start, start + rows_per_shard))
             table = pa.table({"image": pa.array([encode_png(x) for x in part.images], pa.binary()),
-                              "label": pa.array(part.labels, pa.int64())})
+                              "label": pa.array(part.labels, pa.int64()),
+                              "index": pa.array(np.arange(start, start + len(part), dtype=np.int64))})
             pq.write_table(table, f"{root}/{name}/part-{shard:05d}.parquet", filesystem=fs)
         meta["sizes"][name] = len(split)
     with fs.open_output_stream(f"{root}/meta.json") as fh:
@@ -44,7 +46,64 @@ def prepare(cfg: config_mod.Config, out_uri: str, *, rows_per_shard: int = 8192)
 
 def _decode_batch(batch: dict) -> dict:
     images = np.stack([decode_image(bytes(b), f"row {i}") for i, b in enumerate(batch["image"])])
-    return {"image": images, "label": np.asarray(batch["label"], np.int64)}
+    out = {"image": images, "label": np.asarray(batch["label"], np.int64)}
+    if "index" in batch:
+        out["index"] = np.asarray(batch["index"], np.int64)
+    return out
+
+
+def prepared_meta(uri: str) -> dict | None:
+    """``meta.json`` of a folder written by ``prepare`` (sizes, shape, classes), else None."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = _filesystem(str(uri))
+        if fs.get_file_info(f"{root}/meta.json").type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(f"{root}/meta.json") as fh:
+            meta = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and {"sizes", "shape", "num_classes"} <= set(meta) else None
+
+
+def check_prepared(cfg: config_mod.Config, meta: dict) -> None:
+    """The prepared folder must hold what the config describes (before any budget is spent)."""
+    d = cfg.data
+    shape = [d.channels, d.resolution, d.resolution]
+    if list(meta["shape"]) != shape or int(meta["num_classes"]) != d.num_classes:
+        raise ValueError(f"data.path '{d.path}' was prepared with images of shape {meta['shape']} and "
+                         f"{meta['num_classes']} classes; the config expects {shape} and data.num_classes="
+                         f"{d.num_classes}: run 'dpfeta prepare' with this config")
+    if d.n_train is not None and int(meta["sizes"]["train"]) != d.n_train:
+        raise ValueError(f"data.n_train: expected N={d.n_train} training records, '{d.path}/meta.json' "
+                         f"says {meta['sizes']['train']}")
+
+
+def load_prepared_eval(cfg: config_mod.Config) -> Splits:
+    """The validation and test splits of a prepared folder (the training split is not read: the
+    evaluation needs none), or of ``data.test_path``."""
+    import pyarrow.fs as pafs
+
+    from dpfeta.data.splits import _read_test_set, test_split_fact
+
+    d = cfg.data
+    fs, root = _filesystem(d.path)
+    parts = {}
+    for name in ("val", "test"):
+        files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(
+            f"{root}/{name}", recursive=True, allow_not_found=True)) if f.path.endswith(".parquet"))
+        pieces = [_read_parquet_file(fs, f) for f in files]
+        if pieces:
+            parts[name] = ImageSet(np.concatenate([p.images for p in pieces]),
+                                   np.concatenate([p.labels for p in pieces]).astype(np.int64), d.num_classes)
+        else:
+            parts[name] = ImageSet(np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8),
+                                   np.zeros(0, np.int64), d.num_classes)
+    test = _read_test_set(cfg) if d.test_path is not None else parts["test"]
+    empty = ImageSet(np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8), np.zeros(0, np.int64),
+                     d.num_classes)
+    return Splits(train=empty, val=parts["val"], test=test, test_public=test_split_fact(cfg)[0])
 
 
 def read_prepared(uri: str, split: str = "train"):
