@@ -193,6 +193,8 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI or sqlite:///<run dir root>/mlflow.db
     experiment: str = "dpfeta"
+    artifact_location: Optional[str] = None  # a new experiment's artifact root, e.g. s3://bucket/mlflow (None: the
+    # server's --artifacts-destination, or <run.dir>/mlartifacts for the default sqlite store)
     nondp: bool = True  # False (release mode): no non-DP metrics at all
 
 

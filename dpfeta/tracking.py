@@ -83,12 +83,12 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client, uri: str, name: str) -> str:
+def _experiment_id(client, uri: str, name: str, artifact_location: Optional[str] = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     path = _sqlite_path(uri)
-    location = (path.parent / "mlartifacts").as_uri() if path is not None else None
+    location = artifact_location or ((path.parent / "mlartifacts").as_uri() if path is not None else None)
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another driver
@@ -108,7 +108,7 @@ def setup(cfg: Config) -> Optional[str]:
                     "names an MLflow server; set one to log this run", cfg.run.dir)
         return None
     try:
-        _experiment_id(_client(uri), uri, cfg.tracking.experiment)
+        _experiment_id(_client(uri), uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     except Exception as exc:  # noqa: BLE001 - tracking is best effort
         log.warning("tracking disabled: cannot set up MLflow at %s (%s)", uri, exc)
         return None
@@ -272,7 +272,7 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
                 except Exception:  # noqa: BLE001 - deleted or another store: start a new run
                     run_id = None
         if run_id is None:
-            exp_id = _experiment_id(client, uri, cfg.tracking.experiment)
+            exp_id = _experiment_id(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
             run_id = client.create_run(exp_id, run_name=cfg.run.name, tags=dict(tags or {})).info.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"uri": uri, "run_id": run_id, "experiment": cfg.tracking.experiment},

@@ -77,3 +77,62 @@ def s3_bucket(s3_endpoint):
     name = f"dpfeta-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+class FaultyFilesystem:
+    """A pyarrow filesystem wrapper: the next ``times`` output streams whose path contains ``match``
+    (``rules``: [[match, times], ...]) write half their bytes and fail on close, as an upload whose
+    last part is refused or a disk that fills. Every other call goes to the real filesystem."""
+
+    def __init__(self, inner, rules: list):
+        self.inner, self.rules = inner, rules
+
+    def open_output_stream(self, path, *args, **kwargs):
+        stream = self.inner.open_output_stream(path, *args, **kwargs)
+        for rule in self.rules:
+            if rule[0] in path and rule[1] > 0:
+                rule[1] -= 1
+                return _FailingStream(stream)
+        return stream
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class _FailingStream:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def write(self, data):
+        return self.inner.write(data[: max(1, len(data) // 2)])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.close()
+        raise OSError(28, "No space left on device")
+
+
+@pytest.fixture
+def faulty_storage(monkeypatch):
+    """``faulty_storage(match, times=1)``: the next ``times`` writes to an object store whose path
+    contains ``match`` fail (every ``Storage`` made from now on in this test)."""
+    from dpfeta.storage import Storage
+
+    rules: list = []
+    real_open = Storage._open
+
+    def _open(self):
+        fs = real_open(self)
+        if self.is_local or isinstance(fs, FaultyFilesystem):
+            return fs
+        self._fs = FaultyFilesystem(fs, rules)
+        return self._fs
+
+    monkeypatch.setattr(Storage, "_open", _open)
+
+    def add(match: str, times: int = 1) -> None:
+        rules.append([match, times])
+
+    return add

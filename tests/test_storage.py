@@ -11,6 +11,8 @@ import pytest
 from dpfeta import storage
 from dpfeta.storage import Storage, StorageError, Workspace
 
+from conftest import FaultyFilesystem
+
 
 def _roundtrip(store: Storage, tmp_path):
     store.write_json("a/ledger.json", {"eps": 1.0})
@@ -121,44 +123,11 @@ def test_no_write_permission_is_a_clear_error(s3_endpoint, monkeypatch):
         server.stop()
 
 
-class FaultyFilesystem:
-    """A pyarrow filesystem wrapper whose n-th output stream fails on close (an upload whose last part
-    is refused, a disk that fills); every other call goes to the real filesystem."""
-
-    def __init__(self, inner, fail_at: int = 1):
-        self.inner, self.fail_at, self.opened = inner, fail_at, 0
-
-    def open_output_stream(self, path, *args, **kwargs):
-        self.opened += 1
-        stream = self.inner.open_output_stream(path, *args, **kwargs)
-        if self.opened != self.fail_at:
-            return stream
-        return _FailingStream(stream)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class _FailingStream:
-    def __init__(self, inner):
-        self.inner = inner
-
-    def write(self, data):
-        return self.inner.write(data[: max(1, len(data) // 2)])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.inner.close()
-        raise OSError(28, "No space left on device")
-
-
 def test_a_failed_write_keeps_the_previous_object(s3_bucket):
     store = Storage(f"{s3_bucket}/runs/f")
     store.write_json("ledger.json", {"taken": 3})
     real = store.filesystem
-    store._fs = FaultyFilesystem(real, fail_at=1)
+    store._fs = FaultyFilesystem(real, [["ledger.json", 1]])
     with pytest.raises(StorageError, match=r"s3://.*/runs/f/ledger.json': writing failed.*No space left"):
         store.write_json("ledger.json", {"taken": 4})
     store._fs = real
