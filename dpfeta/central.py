@@ -287,7 +287,10 @@ def release(cfg: config_mod.Config, train, out_dir: Path | str, *,
     out = check_fresh_out(out_dir)
     result = central_images(cfg, train, generator=generator)
     n = _dataset_facts(train)[0]
-    ledger = privacy.Ledger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta, n=n, seeded=generator is not None)
+    accountant = cfg.privacy.accountant
+    if accountant == "auto":  # the accountant the whole run's plan picks, so fine-tuning composes onto it
+        accountant = privacy.plan(cfg, n).accountant
+    ledger = privacy.Ledger(accountant=accountant, delta=cfg.privacy.delta, n=n, seeded=generator is not None)
     if result.rounds:
         ledger.add("central", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                    count=result.rounds, taken=result.rounds)

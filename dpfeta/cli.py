@@ -78,7 +78,7 @@ def _cmd_central(args, cfg: config_mod.Config) -> int:
     print(f"wrote {len(result.images)} central images ({c.rounds} rounds x {cfg.data.num_classes} classes) "
           f"to {args.out}/images, grid {args.out}/grid.png, ledger {args.out}/ledger.json")
     print(f"epsilon spent: {ledger.epsilon():.4f} (delta={cfg.privacy.delta:g}, accountant="
-          f"{cfg.privacy.accountant}; central query sigma_c={c.noise_multiplier:.4g}, "
+          f"{ledger.accountant}; central query sigma_c={c.noise_multiplier:.4g}, "
           f"q_c={result.sample_rate:.4g}, rounds={c.rounds}, N={len(splits.train)})")
     return 0
 

@@ -60,20 +60,27 @@ def sample_batch(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels:
     raise ValueError(f"config key 'sample.sampler': expected edm or ddim, got {s.sampler!r}")
 
 
+def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., C-1, 0, 1, ...: every class num // C times, the first num % C classes once more."""
+    if num < 0 or num_classes < 1:
+        raise ValueError(f"expected num >= 0 and num_classes >= 1, got {num} and {num_classes}")
+    return torch.arange(num, dtype=torch.int64) % num_classes
+
+
 @torch.no_grad()
 def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Generator | None,
              progress: bool = True, labels: torch.Tensor | None = None,
              out_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``num`` images in batches of ``cfg.sample.batch_size`` -> (uint8 [N,C,H,W], int64 [N]).
 
-    Labels default to uniform random classes (as the official code); the null class is never drawn.
+    Labels default to ``balanced_labels``: the same count per class (as benchmark protocols do; the
+    official code draws them uniformly at random); the null class is never drawn.
     With ``out_dir``, writes ``out_dir/images/<label>/<i>.png`` and ``out_dir/grid.png``.
     """
     d = cfg.data
     device = next(denoiser.parameters()).device
     if labels is None:
-        labels = torch.randint(d.num_classes, (num,), generator=generator,
-                               device=generator.device if generator is not None else "cpu")
+        labels = balanced_labels(num, d.num_classes)
     labels = labels.to(torch.int64).cpu()
     if len(labels) != num:
         raise ValueError(f"expected {num} labels, got {len(labels)}")

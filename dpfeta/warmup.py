@@ -2,7 +2,8 @@
 
 The central images are already differentially private, so this stage is post-processing: its
 losses and samples may be logged freely. As in DP-FETA's ``pretrain_dpp_base.py`` (docs/method.md §3):
-RandAugment with ``warmup.randaug_ops`` ops and a magnitude drawn uniformly from {1..M} per image,
+RandAugment with ``warmup.randaug_ops`` ops and a magnitude drawn uniformly from {1..M} per image
+(without the ops in ``warmup.randaug_exclude``: Equalize by default),
 Adam, EMA with warm-up, classifier-free-guidance label dropout, the EDM loss with K noise draws.
 
 Resume = rerun: the latest checkpoint under ``out_dir/checkpoint`` (raw weights, EMA, Adam state,
@@ -59,9 +60,22 @@ def central_arrays(central: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int,
-            generator: torch.Generator) -> torch.Tensor:
-    """RandAugment(num_ops, m) per uint8 image with m ~ U{1..max_magnitude}; M = 0 disables it.
+class _RandAugment(RandAugment):
+    """torchvision's RandAugment without the ops named in ``exclude``."""
+
+    def __init__(self, *, num_ops: int, magnitude: int, exclude: tuple[str, ...] = ()):
+        super().__init__(num_ops=num_ops, magnitude=magnitude)
+        self.exclude = frozenset(exclude)
+
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
+        space = super()._augmentation_space(num_bins, image_size)
+        return {name: op for name, op in space.items() if name not in self.exclude}
+
+
+def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int, generator: torch.Generator,
+            exclude: tuple[str, ...] = ()) -> torch.Tensor:
+    """RandAugment(num_ops, m) per uint8 image with m ~ U{1..max_magnitude}, without the ops in
+    ``exclude``; M = 0 disables it.
 
     torchvision draws the ops from torch's global RNG, so it runs in a forked RNG seeded from
     ``generator``: the result depends on ``generator`` only and the global RNG is left untouched.
@@ -70,7 +84,7 @@ def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int,
         return images
     magnitudes = torch.randint(1, max_magnitude + 1, (len(images),), generator=generator).tolist()
     seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-    transforms = {m: RandAugment(num_ops=num_ops, magnitude=m) for m in set(magnitudes)}
+    transforms = {m: _RandAugment(num_ops=num_ops, magnitude=m, exclude=exclude) for m in set(magnitudes)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.stack([transforms[m](image) for image, m in zip(images, magnitudes)])
@@ -107,7 +121,7 @@ def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: 
     # Draw a batch and augment it.
     idx = _batch_indices(len(images), w.batch_size, generator)
     x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
-                         generator=generator)).to(device)
+                         generator=generator, exclude=w.randaug_exclude)).to(device)
     # Loss (K noise draws per image, CFG label drop; the network in run.precision) and optimiser step.
     with precision.autocast(cfg.run.precision, device):
         loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,

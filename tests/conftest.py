@@ -13,6 +13,7 @@ TINY = ("data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "mode
         "warmup.log_every=1", "finetune.noise_multiplicity=1", "finetune.checkpoint_every=1",
         "finetune.log_every=1", "sample.steps=2", "sample.num_samples=40", "sample.batch_size=40",
         "eval.classifier_epochs=1", "eval.classifier_batch_size=32", "eval.logreg=false", "eval.fid.num_samples=40",
+        "eval.fid.inception_weights=null",  # the offline FID: Inception at 299 px costs minutes on a CPU
         "tracking.enabled=false")
 
 

@@ -178,7 +178,9 @@ def test_release_writes_images_grid_ledger_only(tmp_path):
     saved = json.loads((tmp_path / "ledger.json").read_text())
     assert saved["mechanisms"] == [{"name": "central", "kind": "poisson_gaussian", "noise_multiplier": 2.0,
                                     "sample_rate": 0.2, "planned": 3, "taken": 3}]
-    eps = privacy.epsilon_of(result.event(), delta=1e-5, accountant="rdp")
+    # privacy.accountant auto: the central ledger uses the accountant the whole run's plan picks (PLD)
+    eps = privacy.epsilon_of(result.event(), delta=1e-5, accountant="pld")
+    assert saved["accountant"] == "pld" and eps < privacy.epsilon_of(result.event(), delta=1e-5, accountant="rdp")
     assert saved["epsilon_spent"] == pytest.approx(eps) and ledger.epsilon() == pytest.approx(eps)
     back = central.load_central(tmp_path)
     order = np.lexsort((np.arange(30) // 10, result.labels))  # class-major, then round

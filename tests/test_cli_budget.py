@@ -35,7 +35,8 @@ def test_budget_table_for_digits_reads_no_data(capsys, monkeypatch):
     monkeypatch.setattr(data, "load_splits", no_pixels)
     assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "composed epsilon" in out and "accountant rdp" in out and "no data was read" in out
+    assert "composed epsilon" in out and "accountant pld" in out and "no data was read" in out
+    assert "pld is the tighter" in out and "rdp_sigma=" in out  # privacy.accountant: auto
     for word in ("central", "dpsgd", "sigma", "T="):
         assert word in out
 
@@ -60,7 +61,9 @@ def test_budget_sweep_plan_shows_the_sigma_penalty(capsys):
     assert cli.main(["budget", "--config", str(ROOT / "configs/digits.yaml"), "--json"]) == 0
     single = json.loads(capsys.readouterr().out)
     assert sweep["mode"] == "private" and sweep["accountant"] == "rdp"
-    assert sweep["single_sigma"] == pytest.approx(single["noise_multiplier"], rel=1e-6)
+    # the sweep compares in RDP; the single run (accountant auto) reports its RDP sigma beside its PLD one
+    assert single["accountant"] == "pld" and single["noise_multiplier"] < single["accountant_compared"]["rdp_sigma"]
+    assert sweep["single_sigma"] == pytest.approx(single["accountant_compared"]["rdp_sigma"], rel=1e-6)
     assert sweep["trial_sigma"] > sweep["single_sigma"]  # tuning privately costs noise
     assert sweep["penalty"] == pytest.approx(sweep["trial_sigma"] / sweep["single_sigma"], rel=1e-9)
     assert sweep["epsilon"] <= 10.0 and sweep["epsilon_per_trial"] < sweep["epsilon"]

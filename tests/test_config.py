@@ -62,7 +62,7 @@ def test_overrides_are_parsed_to_the_field_type():
     ("privacy.epsilon=[1]", r"'privacy\.epsilon': expected a number"),
     ("tracking.nondp=maybe", r"'tracking\.nondp': expected true or false"),
     ("run.num_workers=[1,2,3]", r"'run\.num_workers'"),
-    ("privacy.accountant=prv", r"'privacy\.accountant': expected one of rdp, pld"),
+    ("privacy.accountant=prv", r"'privacy\.accountant': expected one of auto, rdp, pld"),
     ("finetune.noise_multiplicity=0", r"'finetune\.noise_multiplicity': expected K >= 1"),
     ("privacy.delta=1", r"'privacy\.delta'"),
     ("data.source=hdf5", r"'data\.source'"),

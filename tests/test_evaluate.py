@@ -28,7 +28,7 @@ def squares(n_per_class: int, classes: int = 4, resolution: int = 16, seed: int 
 def tiny_cfg(tmp_path, *extra: str) -> config.Config:
     return config.load(None, [f"run.dir={tmp_path}", "data.num_classes=4", "eval.classifier_epochs=6",
                               "eval.classifier_batch_size=32", "eval.classifier_lr=0.003",
-                              "eval.fid.num_samples=200", *extra])
+                              "eval.fid.num_samples=200", "eval.fid.inception_weights=null", *extra])
 
 
 @pytest.mark.parametrize("resolution,flat", [(16, 2048), (28, 1152), (32, 2048)])

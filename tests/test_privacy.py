@@ -82,8 +82,11 @@ def test_calibrated_central_noise_spends_its_share():
     assert eps_c <= 0.5 and eps_c == pytest.approx(0.5, rel=1e-3)
     resolved = privacy.resolve(cfg, n)
     assert resolved.central.noise_multiplier == pytest.approx(sigma_c)
-    pl = privacy.plan(resolved, n)
+    pl = privacy.plan(config.replace(resolved, {"privacy.accountant": "rdp"}), n)
     assert pl.ledger.per_mechanism()["central"] == pytest.approx(eps_c)
+    # accountant auto: sigma_c is calibrated with RDP, so under the PLD ledger it spends at most its share
+    auto = privacy.plan(resolved, n)
+    assert auto.accountant == "pld" and 0.4 < auto.ledger.per_mechanism()["central"] <= 0.5
 
 
 def test_ledger_records_steps_and_round_trips(tmp_path):
@@ -196,7 +199,7 @@ def test_a_planned_run_never_overshoots_its_target(eps, rounds, sigma_c, central
     cfg = config.load("configs/digits.yaml", [
         f"privacy.epsilon={eps}", f"central.rounds={rounds}", f"central.noise_multiplier={sigma_c}",
         f"central.batch_size={central_batch}", f"finetune.batch_size={batch}", f"finetune.epochs={epochs}",
-        "finetune.init=scratch"])
+        "finetune.init=scratch", "privacy.accountant=rdp"])  # checked with RDP below (PLD: test_accountant_pld)
     n = 10_000
     try:
         pl = privacy.plan(cfg, n)

@@ -21,7 +21,8 @@ TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null"
         "warmup.checkpoint_every=3", "finetune.batch_size=128", "finetune.epochs=0.15",
         "finetune.noise_multiplicity=1", "finetune.physical_batch_size=64", "finetune.checkpoint_every=2",
         "finetune.log_every=1", "privacy.epsilon=10", "sample.steps=2", "sample.num_samples=30",
-        "sample.batch_size=30", "eval.classifier_epochs=1", "eval.fid.num_samples=30", "run.cpus_per_worker=1"]
+        "sample.batch_size=30", "eval.classifier_epochs=1", "eval.fid.num_samples=30", "run.cpus_per_worker=1",
+        "eval.fid.inception_weights=null"]
 
 
 @pytest.fixture(scope="module", autouse=True)

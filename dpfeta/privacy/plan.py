@@ -3,8 +3,10 @@ and DP-SGD together meet the target epsilon; refuses, before any data is read, w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import dp_accounting
 
@@ -26,6 +28,8 @@ class Plan:
     accountant: str
     n: int
     expected_batch: float
+    # privacy.accountant=auto: the DP-SGD sigma (or, with a fixed sigma, the epsilon) each accountant gave
+    compared: Optional[dict] = None
 
 
 def dpsgd_steps(*, epochs: float, sample_rate: float) -> int:
@@ -40,27 +44,33 @@ def central_noise(cfg, n: int, *, target_epsilon: float | None = None) -> float:
         return float(c.noise_multiplier)
     q_c = min(1.0, c.batch_size / n)
     share = c.epsilon_share * (p.epsilon if target_epsilon is None else target_epsilon)
+    # auto: RDP, whose epsilon is the larger here, so the query spends at most its share under either
     return calibrate_noise(make_events=lambda s: central_event(noise_multiplier=s, sample_rate=q_c,
                                                                 rounds=max(c.rounds, 1)),
-                           epsilon=share, delta=p.delta, accountant=p.accountant,
+                           epsilon=share, delta=p.delta, accountant="rdp" if p.accountant == "auto" else p.accountant,
                            rtol=p.calibration_rtol)
 
 
-def resolve(cfg, n: int):
+def resolve(cfg, n: int, *, target_epsilon: float | None = None):
     """The config with every privacy-derived value fixed (today: central.noise_multiplier).
 
     Call once, before any data is read; the result is what config.json records.
     """
     if cfg.central.noise_multiplier is not None or cfg.central.rounds == 0:
         return cfg
-    return config_mod.replace(cfg, {"central.noise_multiplier": central_noise(cfg, n)})
+    return config_mod.replace(cfg, {"central.noise_multiplier": central_noise(cfg, n, target_epsilon=target_epsilon)})
 
 
 def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
     """Plan the ledger of one run (central query + DP-SGD) and calibrate sigma once.
 
     Raises ValueError, before any data is read, when the central query alone reaches the target.
+    ``privacy.accountant: auto`` plans with RDP and with PLD and keeps the tighter (the smaller
+    sigma, or with a fixed sigma the smaller epsilon): PLD in practice. Sweeps never come here with
+    auto (they are accounted with RDP, which covers repeat-and-select).
     """
+    if cfg.privacy.accountant == "auto":
+        return _plan_tighter(cfg, n, target_epsilon=target_epsilon)
     p, c, f = cfg.privacy, cfg.central, cfg.finetune
     target = p.epsilon if target_epsilon is None else target_epsilon
     if n < 1:
@@ -102,6 +112,22 @@ def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
                 expected_batch=f.batch_size)
 
 
+def _plan_tighter(cfg, n: int, *, target_epsilon: float | None) -> Plan:
+    cfg = resolve(cfg, n, target_epsilon=target_epsilon)  # one central sigma for both
+    plans, refused = {}, None
+    for name in ("pld", "rdp"):  # a fixed sigma may meet the target under PLD only
+        try:
+            plans[name] = plan(config_mod.replace(cfg, {"privacy.accountant": name}), n, target_epsilon=target_epsilon)
+        except ValueError as exc:
+            refused = refused or exc
+    if not plans:
+        raise refused
+    fixed = cfg.privacy.noise_multiplier is not None
+    key, attr = ("epsilon", "epsilon") if fixed else ("sigma", "noise_multiplier")
+    best = min(plans.values(), key=lambda pl: (getattr(pl, attr), pl.accountant != "pld"))
+    return dataclasses.replace(best, compared={f"{name}_{key}": getattr(pl, attr) for name, pl in plans.items()})
+
+
 def plan_json(pl: Plan) -> dict:
     alone = pl.ledger.per_mechanism(planned=True)
     return {
@@ -109,6 +135,7 @@ def plan_json(pl: Plan) -> dict:
         "target_epsilon": pl.target_epsilon,
         "delta": pl.delta,
         "accountant": pl.accountant,
+        **({"accountant_compared": pl.compared} if pl.compared else {}),
         "noise_multiplier": pl.noise_multiplier,
         "sample_rate": pl.sample_rate,
         "steps": pl.steps,
@@ -133,6 +160,8 @@ def plan_table(pl: Plan) -> str:
         "",
         f"composed epsilon   {pl.epsilon:.4f}  (target {pl.target_epsilon:g}, delta {pl.delta:g}, "
         f"accountant {pl.accountant})",
+        *([f"accountant auto     " + ", ".join(f"{k}={v:.4f}" for k, v in pl.compared.items())
+           + f": {pl.accountant} is the tighter"] if pl.compared else []),
         f"DP-SGD             sigma={pl.noise_multiplier:.4f}  q={pl.sample_rate:.5f}  T={pl.steps}  "
         f"expected batch={pl.expected_batch:g}  N={pl.n}",
         f"neighbouring       {NEIGHBOURING_RELATION}",

@@ -195,7 +195,7 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
         "neighbouring_relation": NEIGHBOURING_RELATION,
     }
     if t.privacy_mode == "public":
-        out.update(accountant=p.accountant, epsilon=single.epsilon, trial_sigma=None, penalty=1.0,
+        out.update(accountant=single.accountant, epsilon=single.epsilon, trial_sigma=None, penalty=1.0,
                    trials={"count": t.num_trials}, tuning_cost=0.0,
                    final=plan_json(single),
                    note="trials run on the public proxy tune.proxy_data; the final run on the "

