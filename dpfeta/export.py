@@ -34,6 +34,11 @@ FORMATS = ("imagefolder", "parquet", "hf")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PARQUET_FILE = {"parquet": "data/train-00000.parquet", "hf": "data/train-00000-of-00001.parquet"}
 METADATA_FILE = "export.json"
+# metrics.json keys that are privacy parameters (stated in the card's privacy section), and facts about
+# the evaluation rather than results of it
+PRIVACY_KEYS = frozenset({"epsilon", "delta", "accountant", "seeded", "noise_multiplier", "sample_rate", "steps"})
+CONTEXT_KEYS = frozenset({"num_synthetic", "num_test", "test_split_public", "fid_kind", "fid_reference",
+                          "fid_samples", "fid_weights"})
 
 
 @dataclass(frozen=True)
@@ -307,15 +312,16 @@ def _card_lines(rel: Release, meta: dict) -> list[str]:
         "## Evaluation",
         "",
     ]
-    shown = {k: v for k, v in sorted(rel.metrics.items())
-             if k not in ("epsilon", "delta", "accountant", "seeded")}
-    if shown:
-        lines += ["From the release's metrics.json (DP metrics only: computed from the whole released synthetic "
-                  "set against a public test set, or privacy parameters):", ""]
+    shown = {k: v for k, v in sorted(rel.metrics.items()) if k not in PRIVACY_KEYS}
+    if set(shown) - CONTEXT_KEYS:
+        lines += ["From the release's metrics.json (DP metrics only), computed on the whole released synthetic set "
+                  f"({rel.metrics.get('num_synthetic', 'all')} images), not on this export's selection:", ""]
         lines += [f"- {k}: {v}" for k, v in shown.items()]
     else:
-        lines += ["The release holds no evaluation metric (none was DP: an accuracy or FID against a sensitive "
-                  "test split is not released)."]
+        lines += ["The release holds no evaluation metric: only metrics against a public test set are DP and "
+                  "released; an accuracy or FID against a sensitive test split is not"
+                  + (" (release/metrics.json: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")."
+                     if shown else ".")]
     return lines + ["", "## Loading", "", "```", _loading_hint(meta["format"]), "```"]
 
 

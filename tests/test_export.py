@@ -115,7 +115,8 @@ def test_export_is_balanced_and_its_card_states_the_ledgers_epsilon(tmp_path, fm
     assert "accountant: rdp" in card and privacy.NEIGHBOURING_RELATION in card and "N (training-split size, public): 1000" in card
     assert "DP-FETA" in card and f"dpfeta {dpfeta.__version__}" in card
     assert "| 0 | 3 | 5 |" in card and "| 1 | 3 | 3 |" in card and "| 2 | 3 | 4 |" in card  # exported / released
-    assert "accuracy: 0.8123" in card and "0.99" not in card  # DP metrics.json only, never eval.json
+    assert "- accuracy: 0.8123" in card and "0.99" not in card  # DP metrics.json only, never eval.json
+    assert "not on this export's selection" in card
     meta = json.loads((out / export.METADATA_FILE).read_text())
     assert meta["counts"] == {"0": 3, "1": 3, "2": 3} and meta["balanced"] is True
     assert privacy.Ledger.from_state_dict(meta["ledger"]).epsilon() == pytest.approx(eps)
@@ -151,6 +152,16 @@ def test_label_names_sort_as_labels_past_ten_classes(tmp_path):
     export.export(run, tmp_path / "out", fmt="imagefolder")
     names = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
     assert names == [f"{i:02d}" for i in range(12)] == export.class_names(12)
+
+
+def test_a_release_without_dp_metrics_says_so(tmp_path):
+    run = tmp_path / "run"
+    make_release(run, metrics={"epsilon": 1.0, "noise_multiplier": 2.0, "num_synthetic": 12, "num_test": 359,
+                               "test_split_public": False})
+    export.export(run, tmp_path / "out")
+    evaluation = (tmp_path / "out" / "README.md").read_text().split("## Evaluation")[1].split("## Loading")[0]
+    assert "no evaluation metric" in evaluation and "num_test 359, test_split_public False" in evaluation
+    assert "noise_multiplier" not in evaluation
 
 
 def test_a_release_folder_itself_can_be_exported(tmp_path):
