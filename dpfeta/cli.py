@@ -6,13 +6,38 @@ import argparse
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
 
+import dpfeta
 from dpfeta import config as config_mod
 
 log = logging.getLogger("dpfeta")
+
+DESCRIPTION = """\
+Differentially private image synthesis with the DP-FETA method. dpfeta trains a class-conditional
+diffusion model on sensitive images under one total privacy budget (epsilon, delta) and publishes
+synthetic images instead of the data: central images (a noisy per-class mean), a warm-up on them,
+DP-SGD fine-tuning on Ray Train, sampling and evaluation.
+
+Every command but 'export' reads a YAML config (--config FILE, see configs/) and any number of
+--set section.key=value overrides. 'dpfeta COMMAND --help' lists a command's options."""
+
+EPILOG = """\
+examples:
+  dpfeta budget --config configs/digits.yaml         the privacy plan; reads no data
+  dpfeta run --config configs/digits.yaml            the whole pipeline; rerun to resume
+  dpfeta run --config configs/digits.yaml --set privacy.epsilon=1 --set run.name=digits-eps1
+  dpfeta export --run runs/digits --out digits-synthetic --format hf
+
+A run publishes one folder, <run.dir>/<run.name>/release/: what the reported epsilon covers.
+Exit status: 0 done; 2 a refused input, a config or file error (one line on stderr, -v shows the
+traceback); 130 interrupted (rerun the same command to resume)."""
+
+# commands that read no config: they work on what another command wrote
+NO_CONFIG = ("export",)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -215,6 +240,21 @@ def _cmd_tune(args, cfg: config_mod.Config) -> int:
     return 0
 
 
+def _cmd_export(args, cfg: None) -> int:
+    from dpfeta import export
+
+    if args.no_balance and args.per_class is not None:
+        raise ValueError(f"--per-class {args.per_class} and --no-balance: expected one of them (a balanced set of "
+                         "N per class, or every image)")
+    per_class = None if args.no_balance else ("min" if args.per_class is None else args.per_class)
+    summary = export.export(args.run, args.out, fmt=args.format, per_class=per_class)
+    counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
+    print(f"exported {summary['num_images']} synthetic images ({counts}) as {args.format} to {summary['out']}; "
+          f"card {summary['out']}/README.md states epsilon {summary['epsilon']:.4f} (delta {summary['delta']:g}, "
+          f"{summary['accountant']})")
+    return 0
+
+
 _OUT = {"required": True, "help": "output folder"}
 # name, handler, help, extra options (every command also takes --config and --set)
 COMMANDS = [
@@ -239,21 +279,58 @@ COMMANDS = [
       ("--out", {"default": None, "help": "eval.json path (default: <samples>/eval.json)"})]),
     ("run", _cmd_run, "the whole pipeline: central, warm-up, DP-SGD, sample, evaluate", []),
     ("tune", _cmd_tune, "Ray Tune sweep under the fixed total budget", []),
+    ("export", _cmd_export, "write a run's released synthetic images as a dataset with a card (no config)",
+     [("--run", {"required": True, "help": "run (or sweep) directory, or its release/ folder; only release/ is read"}),
+      ("--out", {"required": True, "help": "new local output folder (refused if it exists and is not empty)"}),
+      ("--format", {"choices": ("imagefolder", "parquet", "hf"), "default": "hf",
+                    "help": "imagefolder: train/<label>/*.png; parquet: data/train-00000.parquet; hf: parquet "
+                            "with a Hugging Face dataset card (default)"}),
+      ("--per-class", {"type": int, "default": None, "metavar": "N",
+                       "help": "images per class (default: the smallest class count, a balanced set)"}),
+      ("--no-balance", {"action": "store_true", "help": "keep every released image, unbalanced"})]),
 ]
 
 
+def version_text() -> str:
+    """dpfeta's version and those of the libraries a result depends on (read without importing them)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "opacus", "ray"))
+    return f"dpfeta {dpfeta.__version__} ({libraries}; python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpfeta", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="dpfeta", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
+    verbose = {"action": "store_true", "help": "debug logging, and the traceback of an error"}
+    parser.add_argument("-v", "--verbose", **verbose)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     for name, func, help_text, options in COMMANDS:
-        p = sub.add_parser(name, help=help_text)
-        _add_config_args(p)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name not in NO_CONFIG:
+            _add_config_args(p)
         for flag, kwargs in options:
             p.add_argument(flag, **kwargs)
+        p.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)  # also after the command
         p.set_defaults(func=func)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: an OSError as its reason and file, anything else its message joined."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        message = f"{exc.strerror}: '{exc.filename}'" + (f" -> '{exc.filename2}'" if exc.filename2 else "")
+    else:
+        message = str(exc) or type(exc).__name__
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _stop_cleanly() -> dict:
@@ -277,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order convergence chatter
     try:
-        return int(args.func(args, _load(args)) or 0)  # every command takes the resolved config
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        cfg = None if args.command in NO_CONFIG else _load(args)  # the resolved config, before any work
+        return int(args.func(args, cfg) or 0)
+    except (ValueError, TypeError, OSError) as exc:  # OSError: unreadable files, permissions, storage
         if args.verbose:
             raise
-        print(f"dpfeta {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dpfeta {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"dpfeta {args.command}: interrupted ({exc or 'SIGINT'}); stopped cleanly: what was released is "

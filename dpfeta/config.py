@@ -294,8 +294,7 @@ def load(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file not found: expected a YAML file at '{p}'")
-        text = p.read_text()
-        raw = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+        raw = _read_mapping_file(p)
         if not isinstance(raw, dict):
             raise TypeError(f"config '{p}': expected a mapping at top level, got {type(raw).__name__}")
     for item in overrides:
@@ -316,14 +315,65 @@ def replace(cfg: Config, updates: dict[str, Any]) -> Config:
     return new
 
 
+def _read_mapping_file(p: Path) -> Any:
+    """The parsed YAML (or JSON) of a config file; an unreadable file or a syntax error is a
+    ``ValueError`` naming the file (and the line), not a parser traceback."""
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"config file '{p}': cannot read it ({reason})") from None
+    try:
+        return (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file '{p}': invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file '{p}': invalid YAML{_yaml_where(exc)}: {_yaml_problem(exc)}") from None
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{problem} ({context})" if context else problem
+
+
 def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, value); the value is YAML (``[2, 8]``, ``null``, ``1e-5``), except
+    that a key declared a string keeps its text as given (``run.name=2024`` is the name "2024")."""
     if "=" not in item:
         raise ValueError(f"override '{item}': expected the form section.key=value")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or key.startswith("-"):
         raise ValueError(f"override '{item}': expected a dotted key such as privacy.epsilon=1")
-    return key, yaml.safe_load(text) if text.strip() else ""
+    if not text.strip():
+        return key, ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override '{item}': the value of '{key}' is not valid YAML: {_yaml_problem(exc)} "
+                         "(quote the whole --set argument in the shell, and strings with ':' or '#' in YAML)") from None
+    if isinstance(value, (bool, int, float)) and _declares_str(key):
+        return key, text.strip()
+    return key, value
+
+
+def _declares_str(key: str) -> bool:
+    """Whether the dotted key is declared a string (or an optional string) in the schema."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+    if not dataclasses.is_dataclass(cls):
+        return False
+    tp = typing.get_type_hints(cls).get(name)
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -402,6 +452,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise TypeError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML read a name such as `true` as a boolean
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):  # YAML read a name such as 2024 as a number
+            return str(value)
         if not isinstance(value, str):
             raise TypeError(f"config key '{key}': expected a string, got {value!r}")
         return value
