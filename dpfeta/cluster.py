@@ -130,7 +130,11 @@ def device(cfg: Config):
 
 
 def needs_remote(cfg: Config) -> bool:
-    """A GPU is asked for and this process has none (a CPU head node): stages go to GPU tasks."""
+    """Stages (warm-up, sampling, evaluation) go to Ray tasks: ``run.stage_placement: cluster``, or
+    ``auto`` with a GPU asked for and none in this process (a CPU head node)."""
+    placement = cfg.run.stage_placement
+    if placement != "auto":
+        return placement == "cluster"
     if not cfg.run.use_gpu:
         return False
     import torch
@@ -138,15 +142,35 @@ def needs_remote(cfg: Config) -> bool:
     return not torch.cuda.is_available()
 
 
+STAGE_RETRIES = 3  # a stage task whose node is lost is retried elsewhere (it resumes from the storage)
+
+
+def _task(cfg: Config, fn: Callable):
+    import ray
+
+    connect(cfg)
+    return ray.remote(num_gpus=1 if cfg.run.use_gpu else 0, num_cpus=cfg.run.cpus_per_worker,
+                      resources=dict(cfg.run.stage_resources) or None, max_retries=STAGE_RETRIES)(fn)
+
+
 def run_on_gpu(cfg: Config, fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` here, or as a one-GPU Ray task when a GPU is asked for and the driver has none."""
+    """``fn(*args)`` here, or as a Ray task (one GPU when ``run.use_gpu``) per ``needs_remote``."""
     if not needs_remote(cfg):
         return fn(*args)
     import ray
 
-    connect(cfg)
-    task = ray.remote(num_gpus=1, num_cpus=cfg.run.cpus_per_worker)(fn)
-    return ray.get(task.remote(*args))
+    return ray.get(_task(cfg, fn).remote(*args))
+
+
+def map_on_gpu(cfg: Config, fn: Callable, calls: list[tuple]) -> list[Any]:
+    """``[fn(*args) for args in calls]``: here one after the other, or as concurrent Ray tasks over every
+    GPU (or CPU slot) the cluster has. A task whose node is lost is retried alone."""
+    if not needs_remote(cfg):
+        return [fn(*args) for args in calls]
+    import ray
+
+    task = _task(cfg, fn)
+    return ray.get([task.remote(*args) for args in calls])
 
 
 def pack(directory: Path) -> dict[str, bytes]:

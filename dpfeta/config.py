@@ -31,6 +31,7 @@ RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurati
                              "and the score noise now come from OS entropy, or from run.seed in tests"}
 PRECISIONS = ("auto", "fp32", "bf16")  # dpfeta.precision
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")  # Ray Train's worker placement strategies
+STAGE_PLACEMENTS = ("auto", "driver", "cluster")
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class SampleConfig:
     guidance: float = 0.0  # CFG scale w: D = (1+w) D(x,y) - w D(x, null)
     num_samples: int = 1000
     batch_size: int = 250
+    shard_size: int = 5000  # images per sampling task: shards run in parallel on every GPU, each is
+    # committed when done, and a lost node costs one shard
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ class RunConfig:
     precision: str = "auto"  # network fwd/bwd: fp32, bf16 (autocast), auto (bf16 where native and measured faster)
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a private local cluster
     placement: str = "PACK"  # DP-SGD workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one per node)
+    worker_resources: dict = field(default_factory=dict)  # extra Ray resources per DP-SGD worker, e.g. {dpsgd: 1}
+    resize_interval_s: float = 60.0  # elastic num_workers: how often Ray Train reconsiders the group size
+    stage_placement: str = "auto"  # warm-up, sampling, evaluation: auto (Ray tasks when a GPU is asked for
+    # and the driver has none), driver (in this process), cluster (always Ray tasks)
+    stage_resources: dict = field(default_factory=dict)  # extra Ray resources per stage task
 
 
 def is_uri(location: str) -> bool:
@@ -547,6 +555,7 @@ def validate(cfg: Config) -> None:
     _check(s.steps >= 2, "sample.steps", "an integer >= 2", s.steps)
     _check(0 < s.sigma_min < s.sigma_max, "sample.sigma_min", f"0 < sigma_min < sigma_max={s.sigma_max}", s.sigma_min)
     _check(s.num_samples >= 1, "sample.num_samples", "an integer >= 1", s.num_samples)
+    _check(s.shard_size >= 1, "sample.shard_size", "an integer >= 1", s.shard_size)
 
     t = cfg.tune
     _check(t.privacy_mode in TUNE_MODES, "tune.privacy_mode", "one of " + ", ".join(TUNE_MODES), t.privacy_mode)
@@ -575,6 +584,14 @@ def validate(cfg: Config) -> None:
     _check(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
     _check(r.precision in PRECISIONS, "run.precision", "one of " + ", ".join(PRECISIONS), r.precision)
     _check(r.placement in PLACEMENTS, "run.placement", "one of " + ", ".join(PLACEMENTS), r.placement)
+    _check(r.stage_placement in STAGE_PLACEMENTS, "run.stage_placement", "one of " + ", ".join(STAGE_PLACEMENTS),
+           r.stage_placement)
+    _check(r.resize_interval_s > 0, "run.resize_interval_s", "a number of seconds > 0", r.resize_interval_s)
+    for key in ("worker_resources", "stage_resources"):
+        res = getattr(r, key)
+        _check(all(isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
+                   for k, v in res.items()), f"run.{key}", "a map of custom resource name -> amount > 0 "
+               "(CPU and GPU come from run.cpus_per_worker and run.use_gpu)", res)
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "a number > 0", r.cpus_per_worker)
 
 

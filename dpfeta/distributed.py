@@ -184,8 +184,9 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callba
         _worker_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker},
-                                     placement_strategy=r.placement),
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources},
+                                     placement_strategy=r.placement,
+                                     elastic_resize_monitor_interval_s=r.resize_interval_s),
         run_config=RunConfig(name=f"{r.name}-finetune",
                              storage_path=storage.fs_path("ray") if storage is not None else str(out_dir / "ray"),
                              storage_filesystem=storage.filesystem if storage is not None else None,
@@ -260,7 +261,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "noise_multiplier": plan.noise_multiplier,
                     "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
                     "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
-                    "world_size": meta["world_size"], "nodes": meta.get("nodes", 1)})
+                    "world_size": meta["world_size"], "nodes": meta.get("nodes", 1), "groups": ledger.groups})
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -209,6 +209,7 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
         ledger = start_ledger(plan)
         start = f"warm-up weights {init_dir}" if init_dir is not None else "scratch"
     _broadcast(net, worker)
+    ledger.groups.append({"step": step, "world_size": worker.world_size, "nodes": worker.nodes})
     if ema is None:  # fresh EMA of the start weights
         ema = copy.deepcopy(net).eval().requires_grad_(False)
 

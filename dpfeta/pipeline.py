@@ -211,20 +211,39 @@ def _publish_central(cfg: Config, ws: Workspace, pl: privacy.Plan, out: Path) ->
     return central.load_central(out)
 
 
-WARMUP_CKPT = "checkpoints/warmup/checkpoint"
+WARMUP_DIR = "checkpoints/warmup"
+WARMUP_CKPT = f"{WARMUP_DIR}/checkpoint"
+LATEST = "latest.json"
 
 
-def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage) -> dict:
-    """Warm-up where a GPU is (a Ray task) or here; its checkpoint is committed to ``out`` (the run's
-    storage), from which a rerun resumes and the DP-SGD workers start."""
+def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage, report: bool = False) -> dict:
+    """The warm-up, where a GPU is (a Ray task) or here. On an object store every periodic checkpoint
+    (``warmup.checkpoint_every``) is committed as ``step-<n>/`` and named by ``latest.json``, and a
+    task restarted on another node (a lost node: Ray retries it) resumes from there, not from step 0;
+    the final checkpoint is committed as ``checkpoint/``, where the DP-SGD workers read it."""
     from dpfeta import warmup
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = out.local_path or Path(tmp)
-        if not out.is_local and out.committed("checkpoint"):
-            out.get_dir("checkpoint", local / "checkpoint")
-        summary = warmup.train_warmup(cfg, central_set, local, generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
-        if not out.is_local:
+    with tempfile.TemporaryDirectory(prefix="dpfeta-warmup-") as tmp:
+        local, on_checkpoint = out.local_path, None
+        if local is None:
+            local = Path(tmp)
+            if out.is_file(LATEST):
+                out.get_dir(out.read_json(LATEST)["dir"], local / "checkpoint")
+
+            def on_checkpoint(ckpt_dir: Path, step: int) -> None:
+                rel = f"step-{step:08d}"
+                previous = out.read_json(LATEST)["dir"] if out.is_file(LATEST) else None
+                out.put_dir(ckpt_dir, rel)
+                out.write_json(LATEST, {"step": step, "dir": rel})  # the switch: one atomic object
+                if previous not in (None, rel):
+                    out.delete(previous)
+
+        reporter = None
+        if report:
+            reporter = lambda m: tracking.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
+        summary = warmup.train_warmup(cfg, central_set, local, reporter=reporter, on_checkpoint=on_checkpoint,
+                                      generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
+        if out.local_path is None:
             out.put_dir(local / "checkpoint", "checkpoint")
         return {k: v for k, v in summary.items() if k != "checkpoint"}
 
@@ -241,17 +260,10 @@ def stage_warmup(cfg: Config, ws: Workspace, central_set: Optional[data.ImageSet
         log.info("warmup: found a finished checkpoint at %s, skipping", where.uri)
         return where
     start = time.perf_counter()
-    out = ws.remote.child("checkpoints/warmup")
-    if cluster.needs_remote(cfg):
-        summary = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, out)
-    else:
-        from dpfeta import warmup
-
-        reporter = lambda m: tracking.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
-        summary = warmup.train_warmup(cfg, central_set, ws.path("checkpoints/warmup"), reporter=reporter,
-                                      generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
-        ws.commit(WARMUP_CKPT)
-    log.info("warmup: done in %.1fs (loss %s)", time.perf_counter() - start, summary.get("loss"))
+    summary = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, ws.remote.child(WARMUP_DIR),
+                                 not cluster.needs_remote(cfg))
+    log.info("warmup: done in %.1fs (steps %d..%d, loss %s)", time.perf_counter() - start,
+             summary.get("resumed_from", 0), summary.get("step", 0), summary.get("loss"))
     return where
 
 
@@ -277,6 +289,7 @@ def stage_finetune(cfg: Config, ws: Workspace, pl: privacy.Plan, train,
     for name in ("plan.json", "checkpoint", "ledger.json", "finetune.json"):  # the summary last: "done"
         ws.commit(f"{rel}/{name}")
     steps = int(result["steps"])
+    pl.ledger.groups = [dict(g) for g in result.get("groups", pl.ledger.groups)]  # public: sizes per attempt
     if steps != pl.ledger.get("dpsgd").taken:
         record(ws, pl, "dpsgd", steps)
         tracking.log_epsilon_curve(pl.ledger)
@@ -287,33 +300,61 @@ def stage_finetune(cfg: Config, ws: Workspace, pl: privacy.Plan, train,
     return out / "checkpoint"
 
 
-def _sample_task(cfg: Config, weights: Storage, out: Storage) -> dict:
-    """Sample where a GPU is (a Ray task) or here: read the weights from the storage, write the
-    synthetic set to ``out`` (a temporary folder renamed into place, or a committed prefix)."""
+SHARDS = "checkpoints/sample"  # one marker per finished sampling shard (operator-internal)
+
+
+def _sample_shard(cfg: Config, weights: Storage, out: Storage, marks: Storage, index: int, start: int,
+                  labels: np.ndarray) -> dict:
+    """One sampling shard, where a GPU is (a Ray task) or here: read the EMA weights from the storage,
+    write ``images/<label>/<start+i>.png`` to ``out`` (each file atomically), then the shard's marker.
+    A shard redone after a lost node rewrites the same names."""
+    import ray
+
     from dpfeta import images, sample
 
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dpfeta-sample-") as tmp:
         src = weights.local_path
         if src is None:
             src = Path(tmp) / "weights"
             weights.get_dir("", src)
         denoiser = sample.load_denoiser(src, cfg, weights="ema").to(cluster.device(cfg))
-        g = rng.make_generator(cfg.run.seed, stream="sample")
-        x, y = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=g)
-        x, y = x.numpy(), y.numpy()
-        staged = (out.local_path.with_name(out.local_path.name + ".tmp") if out.is_local else Path(tmp) / "samples")
-        shutil.rmtree(staged, ignore_errors=True)
-        images.save_class_folders(x, y, staged / "images")
-        images.save_class_grid(x, y, staged / "grid.png")
-        meta = {"num": int(len(y)), "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
-                "guidance": cfg.sample.guidance, "weights": "EMA", "seconds": round(time.perf_counter() - start, 1)}
-        (staged / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.is_local:
-            _replace_dir(staged, out.local_path)
-        else:
-            out.put_dir(staged, "")
+        g = rng.make_generator(cfg.run.seed, stream="sample", rank=index)
+        x, y = sample.generate(denoiser, cfg, len(labels), generator=g, labels=torch_labels(labels))
+        staged = out.local_path if out.is_local else Path(tmp) / "samples"
+        images.save_class_folders(x, y, staged / "images", start=start)
+        if not out.is_local:
+            for path in sorted((staged / "images").rglob("*.png")):
+                out.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
+    meta = {"index": index, "start": start, "num": int(len(labels)), "seconds": round(time.perf_counter() - begin, 1),
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+    marks.write_json(f"{index:05d}.json", meta)
     return meta
+
+
+def torch_labels(labels: np.ndarray):
+    import torch
+
+    return torch.as_tensor(np.asarray(labels, np.int64))
+
+
+def stage_sample_shards(cfg: Config, ws: Workspace, weights: Storage) -> list[dict]:
+    """Sample in shards of ``sample.shard_size`` balanced labels, as concurrent tasks over every GPU
+    the cluster has (or one after the other here); finished shards (their marker) are skipped."""
+    from dpfeta import sample
+
+    s = cfg.sample
+    labels = sample.balanced_labels(s.num_samples, cfg.data.num_classes).numpy()
+    out, marks = ws.remote.child("samples"), ws.remote.child(SHARDS)
+    calls, done = [], []
+    for index, start in enumerate(range(0, s.num_samples, s.shard_size)):
+        if marks.is_file(f"{index:05d}.json"):
+            done.append(marks.read_json(f"{index:05d}.json"))
+        else:
+            calls.append((cfg, weights, out, marks, index, start, labels[start:start + s.shard_size]))
+    if done:
+        log.info("sample: %d of %d shards already done, sampling %d", len(done), len(done) + len(calls), len(calls))
+    return done + cluster.map_on_gpu(cfg, _sample_shard, calls)
 
 
 def _stored(ws: Workspace, path: Path | Storage) -> Storage:
@@ -329,13 +370,28 @@ def _stored(ws: Workspace, path: Path | Storage) -> Storage:
 
 
 def stage_sample(cfg: Config, ws: Workspace, weights: Path | Storage) -> data.ImageSet:
-    """Synthetic set from the EMA weights (post-processing), written to the storage by the stage."""
-    from dpfeta import evaluate
+    """Synthetic set from the EMA weights (post-processing): shards written to the storage by the
+    sampling tasks, then the grid and ``samples.json``, the folder committed last."""
+    from dpfeta import evaluate, images
 
     if not (ws.fetch("samples") and ws.path("samples/samples.json").is_file()):
-        meta = cluster.run_on_gpu(cfg, _sample_task, cfg, _stored(ws, weights), ws.remote.child("samples"))
-        ws.fetch("samples")
-        log.info("sample: %d images in %.1fs -> %s", meta["num"], meta["seconds"], ws.url("samples"))
+        begin = time.perf_counter()
+        shards = stage_sample_shards(cfg, ws, _stored(ws, weights))
+        if ws.is_remote:
+            ws.remote.get_files("samples", ws.path("samples"))
+        x, y = images.load_class_folders(ws.path("samples/images"), channels=cfg.data.channels)
+        images.save_class_grid(x, y, ws.path("samples/grid.png"))
+        s = cfg.sample
+        meta = {"num": int(len(y)), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "weights": "EMA",
+                "shards": len(shards), "seconds": round(time.perf_counter() - begin, 1)}
+        if len(y) != s.num_samples:
+            raise RuntimeError(f"sample: expected {s.num_samples} images from {len(shards)} shards, found {len(y)}")
+        ws.path("samples/samples.json").write_text(json.dumps(meta, indent=2) + "\n")  # locally: "done"
+        if ws.is_remote:
+            for name in ("grid.png", "samples.json"):
+                ws.remote.write_bytes(f"samples/{name}", ws.path(f"samples/{name}").read_bytes())
+            ws.remote.mark_committed("samples")
+        log.info("sample: %d images in %d shards, %.1fs -> %s", len(y), len(shards), meta["seconds"], ws.url("samples"))
     else:
         log.info("sample: found %s, skipping", ws.url("samples"))
     if not ws.fetch(f"{release.RELEASE_DIR}/samples"):  # new, or interrupted before it was published

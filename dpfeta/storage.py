@@ -243,6 +243,23 @@ class Storage:
             self.write_bytes(f"{rel}/{name}", (local / name).read_bytes())
         self.write_json(f"{rel}/{MARKER}", {"files": files})
 
+    def mark_committed(self, rel: str) -> list[str]:
+        """Commit a folder whose files were written one by one (e.g. by several tasks): its marker
+        lists every file under it now."""
+        files = [f for f in self.list_files(rel) if f != MARKER and ".tmp-" not in f]
+        self.write_json(f"{rel}/{MARKER}", {"files": files})
+        return files
+
+    def get_files(self, rel: str, local: Path | str) -> list[str]:
+        """Download every file under ``rel`` (committed or not) into ``local``."""
+        local = Path(local)
+        files = [f for f in self.list_files(rel) if f != MARKER and ".tmp-" not in f]
+        for name in files:
+            dest = local / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(self.read_bytes(f"{rel}/{name}"))
+        return files
+
     def get_dir(self, rel: str, local: Path | str) -> list[str]:
         """Download a committed folder into ``local`` (the files its marker lists)."""
         local = Path(local)

@@ -134,7 +134,8 @@ def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: 
 
 
 def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Reporter | None = None,
-                 generator: torch.Generator | None = None, ledger: dict | None = None) -> dict[str, Any]:
+                 generator: torch.Generator | None = None, ledger: dict | None = None,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
     """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict.
 
     ``reporter(metrics)`` gets {step, nimg, loss, sec_per_step} every ``warmup.log_every`` steps.
@@ -184,6 +185,8 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
                 meta["ledger"] = ledger
             checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
                             extra={"generator": generator.get_state()})
+            if on_checkpoint is not None:  # e.g. commit it to the run's storage (preemption-safe)
+                on_checkpoint(ckpt_dir, step)
 
-    return {"step": step, "steps_run": step - start_step, "loss": loss, "parameters": params,
+    return {"step": step, "steps_run": step - start_step, "resumed_from": start_step, "loss": loss, "parameters": params,
             "seconds": time.perf_counter() - start_time, "checkpoint": str(ckpt_dir)}

@@ -49,6 +49,9 @@ class Ledger:
     mechanisms: list[Mechanism] = field(default_factory=list)
     repeat: Optional[dict] = None
     seeded: bool = False  # a fixed seed was used for sampling/noise (tests/reproduction only)
+    groups: list = field(default_factory=list)  # DP-SGD worker groups (public facts): one entry per
+    # attempt, {"step": first step, "world_size": W, "nodes": distinct nodes}; an elastic resize or a
+    # restart after a failure adds one. q, sigma and T never change with them.
 
     def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
             kind: str = "poisson_gaussian", taken: int = 0) -> Mechanism:
@@ -111,12 +114,14 @@ class Ledger:
             "seeded": self.seeded,
             "repeat": self.repeat,
             "mechanisms": [vars(m).copy() for m in self.mechanisms],
+            "groups": [dict(g) for g in self.groups],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Ledger":
         ledger = cls(accountant=state["accountant"], delta=float(state["delta"]), n=int(state["n"]),
-                     repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)))
+                     repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)),
+                     groups=[dict(g) for g in state.get("groups", [])])
         for m in state["mechanisms"]:
             ledger.mechanisms.append(Mechanism(**m))
         return ledger
