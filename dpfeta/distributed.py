@@ -21,7 +21,7 @@ import math
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from ray.train import DataConfig
@@ -95,6 +95,20 @@ def _fault(fail_at_step: Optional[int], marker: Path, rank: int, world_size: int
     return before_step
 
 
+def _hooks(fault, hook, rank: int, world_size: int):
+    """The fault hook and a test's ``before_step(step, rank, world_size)``, as one ``before_step(step)``."""
+    if fault is None and hook is None:
+        return None
+
+    def before_step(step: int) -> None:
+        if hook is not None:
+            hook(step, rank, world_size)
+        if fault is not None:
+            fault(step)
+
+    return before_step
+
+
 def _check_cover(shard_size: int, n: int, device: torch.device) -> None:
     """The shards must hold N records in total, the N the accountant was given."""
     import torch.distributed as dist
@@ -152,7 +166,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
             cfg, shard, plan=plan, init_dir=init_dir, resume_dir=resume_dir,
             reporter=_ray_reporter(rank), worker=finetune.Worker(rank, world_size, str(device), _count_nodes(world_size)),
             task=config["task"],
-            before_step=_fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size))
+            before_step=_hooks(_fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size),
+                               config.get("before_step"), rank, world_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +216,8 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callba
 def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path | str | None,
                  out_dir: Path | str, fail_at_step: Optional[int] = None,
                  task: finetune.Task = finetune.EDM, callbacks: Optional[list] = None,
-                 storage: Optional[Storage] = None) -> dict[str, Any]:
+                 storage: Optional[Storage] = None,
+                 before_step: Optional[Callable[[int, int, int], None]] = None) -> dict[str, Any]:
     """Run DP-SGD fine-tuning on Ray Train; returns the final metrics (``epsilon``, ``steps``, ...).
 
     ``train``: the training split as an ``ImageSet`` or a Ray Dataset (columns image, label).
@@ -210,6 +226,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     Writes ``out_dir/checkpoint`` (raw and EMA weights, optimiser, meta with the ledger),
     ``out_dir/ledger.json``, ``out_dir/plan.json`` and ``out_dir/finetune.json``.
     ``fail_at_step`` (tests): the last rank raises once at that step. ``task``: tests swap the model.
+    ``before_step(step, rank, world_size)`` (tests): called on every rank before every step.
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` inside a trial.
     ``init_dir`` may be a ``Storage`` location (the workers read it from there). ``storage``: an
     object-store location for Ray Train's checkpoints (``out_dir`` is then the driver's scratch copy
@@ -243,7 +260,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     cluster.connect(cfg)
     dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
     config = {"cfg": cfg, "plan": plan, "init": init_dir, "task": task,
-              "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER)}
+              "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER), "before_step": before_step}
     result = _trainer(cfg, config, dataset, out_dir, callbacks, storage).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")

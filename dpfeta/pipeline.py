@@ -216,6 +216,12 @@ WARMUP_CKPT = f"{WARMUP_DIR}/checkpoint"
 LATEST = "latest.json"
 
 
+def _node_id() -> Optional[str]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage, report: bool = False) -> dict:
     """The warm-up, where a GPU is (a Ray task) or here. On an object store every periodic checkpoint
     (``warmup.checkpoint_every``) is committed as ``step-<n>/`` and named by ``latest.json``, and a
@@ -234,7 +240,7 @@ def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage, report: 
                 rel = f"step-{step:08d}"
                 previous = out.read_json(LATEST)["dir"] if out.is_file(LATEST) else None
                 out.put_dir(ckpt_dir, rel)
-                out.write_json(LATEST, {"step": step, "dir": rel})  # the switch: one atomic object
+                out.write_json(LATEST, {"step": step, "dir": rel, "node": _node_id()})  # the switch: one atomic object
                 if previous not in (None, rel):
                     out.delete(previous)
 
@@ -308,8 +314,6 @@ def _sample_shard(cfg: Config, weights: Storage, out: Storage, marks: Storage, i
     """One sampling shard, where a GPU is (a Ray task) or here: read the EMA weights from the storage,
     write ``images/<label>/<start+i>.png`` to ``out`` (each file atomically), then the shard's marker.
     A shard redone after a lost node rewrites the same names."""
-    import ray
-
     from dpfeta import images, sample
 
     begin = time.perf_counter()
@@ -327,7 +331,7 @@ def _sample_shard(cfg: Config, weights: Storage, out: Storage, marks: Storage, i
             for path in sorted((staged / "images").rglob("*.png")):
                 out.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
     meta = {"index": index, "start": start, "num": int(len(labels)), "seconds": round(time.perf_counter() - begin, 1),
-            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+            "node": _node_id()}
     marks.write_json(f"{index:05d}.json", meta)
     return meta
 
