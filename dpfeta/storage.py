@@ -165,8 +165,9 @@ class Storage:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_text(rel))
 
-    def list_files(self, rel: str = "") -> list[str]:
-        """Every file under ``rel`` (recursive), relative to ``rel``; [] when there is none."""
+    def list_files(self, rel: str = "", *, temporaries: bool = False) -> list[str]:
+        """Every file under ``rel`` (recursive), relative to ``rel``; [] when there is none. Objects
+        being written (``<name>.tmp-<id>``, moved into place when whole) only with ``temporaries``."""
         from pyarrow import fs as pafs
 
         base = self.fs_path(rel)
@@ -174,7 +175,8 @@ class Storage:
             infos = self._open().get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except _ERRORS as exc:
             raise self._fail("listing", rel, exc) from exc
-        return sorted(i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+        names = sorted(i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+        return names if temporaries else [n for n in names if ".tmp-" not in n.rsplit("/", 1)[-1]]
 
     # -- writing -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, blob: bytes) -> None:
@@ -246,14 +248,14 @@ class Storage:
     def mark_committed(self, rel: str) -> list[str]:
         """Commit a folder whose files were written one by one (e.g. by several tasks): its marker
         lists every file under it now."""
-        files = [f for f in self.list_files(rel) if f != MARKER and ".tmp-" not in f]
+        files = [f for f in self.list_files(rel) if f != MARKER]
         self.write_json(f"{rel}/{MARKER}", {"files": files})
         return files
 
     def get_files(self, rel: str, local: Path | str) -> list[str]:
         """Download every file under ``rel`` (committed or not) into ``local``."""
         local = Path(local)
-        files = [f for f in self.list_files(rel) if f != MARKER and ".tmp-" not in f]
+        files = [f for f in self.list_files(rel) if f != MARKER]
         for name in files:
             dest = local / name
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def test_run_through_s3_with_workers_on_two_nodes(ray_cluster, s3_bucket, tiny_c
         assert store.committed(folder), folder
     assert any(f.startswith("checkpoints/finetune/ray/") for f in files)  # Ray Train's own checkpoints
     assert sum(f.startswith("samples/images/") for f in files) == cfg.sample.num_samples
-    assert not any(".tmp" in f for f in files) and "run.lock" not in files
+    assert not any(".tmp" in f for f in store.list_files(temporaries=True)) and "run.lock" not in files
     assert json.loads(store.read_text("release/release.json"))["epsilon"] == pytest.approx(pl.epsilon, rel=1e-9)
 
     # nothing on a local disk: no run folder under the working directory, no scratch left behind

@@ -34,7 +34,7 @@ def _roundtrip(store: Storage, tmp_path):
     assert clone.child("a").read_json("ledger.json") == {"eps": 1.0}
     store.delete("samples")
     assert not store.committed("samples") and store.list_files("samples") == []
-    assert not any(".tmp-" in name for name in store.list_files())  # no temporary object left behind
+    assert not any(".tmp-" in name for name in store.list_files(temporaries=True))  # no temporary object left behind
 
 
 def test_local_folder(tmp_path):
@@ -132,7 +132,7 @@ def test_a_failed_write_keeps_the_previous_object(s3_bucket):
         store.write_json("ledger.json", {"taken": 4})
     store._fs = real
     assert store.read_json("ledger.json") == {"taken": 3}  # the good one, whole
-    assert store.list_files() == ["ledger.json"]  # and no temporary object left
+    assert store.list_files(temporaries=True) == ["ledger.json"]  # and no temporary object left
 
 
 def test_a_failed_local_write_keeps_the_previous_file(tmp_path, monkeypatch):

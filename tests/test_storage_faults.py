@@ -31,7 +31,7 @@ def test_a_failed_ledger_commit_stops_before_the_central_images_are_written(
     stored = privacy.Ledger.from_state_dict(store.read_json("ledger.json"))
     assert stored.get("central").taken == 0  # the good (planned) ledger, whole
     assert not store.committed("central") and not store.exists("central")  # and nothing released
-    assert not any(".tmp-" in f for f in store.list_files())
+    assert not any(".tmp-" in f for f in store.list_files(temporaries=True))
 
     # the fault is gone: a new process resumes; the query is counted once
     ws = Workspace(cfg.run_location())
