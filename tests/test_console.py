@@ -94,9 +94,14 @@ def test_quiet_drops_the_bars_and_the_start_lines(first):
     run_dir = root / "console"
 
     def redo_sampling() -> None:
-        for rel in ("samples", "release/samples", "eval.json"):
+        from dpfeta import pipeline
+
+        for rel in ("samples", pipeline.SHARDS, "release/samples", "eval.json"):
             path = run_dir / rel
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     redo_sampling()
     quiet = dpfeta_run(root, "--quiet")
