@@ -247,15 +247,11 @@ def save_central(result: CentralResult, out_dir: Path | str) -> Path:
 
 def grid(images: np.ndarray, *, columns: int, pad: int = 2, min_cell: int = 32) -> np.ndarray:
     """uint8 [M, C, H, W] -> one uint8 [C, H', W'] image, ``columns`` per row, scaled to >= min_cell."""
-    m, c, h, w = images.shape
-    scale = max(1, math.ceil(min_cell / h))
+    from dpfeta.images import make_grid
+
+    scale = max(1, math.ceil(min_cell / images.shape[2]))
     images = images.repeat(scale, axis=2).repeat(scale, axis=3)
-    rows, (h, w) = math.ceil(m / columns), images.shape[2:]
-    canvas = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return canvas
+    return make_grid(images, nrow=columns, pad=pad, pad_value=255)
 
 
 def load_central(directory: Path | str) -> ImageSet:

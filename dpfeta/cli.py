@@ -13,6 +13,7 @@ import threading
 
 import dpfeta
 from dpfeta import config as config_mod
+from dpfeta import console
 
 log = logging.getLogger("dpfeta")
 
@@ -170,12 +171,13 @@ def _cmd_warmup(args, cfg: config_mod.Config) -> int:
 def _cmd_sample(args, cfg: config_mod.Config) -> int:
     from pathlib import Path
 
-    from dpfeta import cluster, rng, sample
+    from dpfeta import cluster, progress, rng, sample
 
     denoiser = sample.load_denoiser(args.checkpoint, cfg).to(cluster.device(cfg))  # EMA weights
     generator = rng.make_generator(cfg.run.seed, stream="sample")
     num = args.num or cfg.sample.num_samples
-    images, _ = sample.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
+    with progress.stage("sample", total=num, unit="img", desc="sampling"):
+        images, _ = sample.generate(denoiser, cfg, num, generator=generator, out_dir=args.out)
     try:  # sampling is post-processing: the samples carry the checkpoint's ledger on
         _stage_ledger(args.checkpoint, what="--checkpoint").save(Path(args.out) / "ledger.json")
     except ValueError:
@@ -309,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpfeta", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_text())
-    verbose = {"action": "store_true", "help": "debug logging, and the traceback of an error"}
+    verbose = {"action": "store_true", "help": "everything on the console: debug logging, Ray's worker output, "
+               "library warnings, and the traceback of an error (otherwise in <run dir>/logs/dpfeta.log)"}
+    quiet = {"action": "store_true", "help": "for jobs: no progress bars; only the budget table, warnings, errors "
+             "and the summary"}
     parser.add_argument("-v", "--verbose", **verbose)
+    parser.add_argument("-q", "--quiet", **quiet)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     for name, func, help_text, options in COMMANDS:
@@ -320,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kwargs in options:
             p.add_argument(flag, **kwargs)
         p.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)  # also after the command
+        p.add_argument("-q", "--quiet", **quiet, default=argparse.SUPPRESS)
         p.set_defaults(func=func)
     return parser
 
@@ -349,10 +356,11 @@ def _stop_cleanly() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose and args.quiet:
+        print(f"dpfeta {args.command}: error: --quiet and --verbose: expected at most one of them", file=sys.stderr)
+        return 2
     previous = _stop_cleanly()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order convergence chatter
+    console.configure("verbose" if args.verbose else "quiet" if args.quiet else "normal")
     try:
         cfg = None if args.command in NO_CONFIG else _load(args)  # the resolved config, before any work
         return int(args.func(args, cfg) or 0)

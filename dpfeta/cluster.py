@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dpfeta import tracking
+from dpfeta import console, tracking
 from dpfeta.config import Config
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,16 @@ def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
     if where:
         check_reachable(cfg)
         log.info("ray: connecting to %s", where)
-        ray.init(address=where, runtime_env=runtime_env())
+        ray.init(address=where, runtime_env=runtime_env(), **console.ray_init_kwargs())
+        console.after_ray_init()  # worker output and Ray's logs to the run's log file
         return
     if num_cpus is None:
         workers = cfg.run.num_workers[1] if isinstance(cfg.run.num_workers, tuple) else cfg.run.num_workers
         num_cpus = math.ceil(workers * cfg.run.cpus_per_worker) + RAY_DATA_HEADROOM_CPUS
     log.info("ray: starting a local cluster with %d logical CPUs", num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env())
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(),
+             **console.ray_init_kwargs())
+    console.after_ray_init()
     _started = True
 
 

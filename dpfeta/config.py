@@ -213,6 +213,7 @@ class TrackingConfig:
     artifact_location: Optional[str] = None  # a new experiment's artifact root, e.g. s3://bucket/mlflow (None: the
     # server's --artifacts-destination, or <run.dir>/mlartifacts for the default sqlite store)
     nondp: bool = True  # False (release mode): no non-DP metrics at all
+    register_as: Optional[str] = None  # register the released model in the MLflow Model Registry under this name
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,7 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
 
 
 def mlflow_callbacks() -> list:
-    """A Ray Train callback logging rank 0's reports (``finetune/*`` and ``nondp/*``) to this run.
+    """A Ray Train callback logging rank 0's reports (``epsilon``, ``finetune/*``, ``nondp/*``) to this run.
 
     It runs in the Train controller; a local sqlite store is only used when the cluster is one node
     (on several nodes the controller may sit on another machine: use an http tracking server).
@@ -304,6 +304,8 @@ def mlflow_callbacks() -> list:
             sink = tracking.Tracker(uri, run_id, nondp=nondp)
             sink.log_dp_metrics({f"finetune/{k}": report[k] for k in ("nimg", "sec_per_step") if k in report},
                                 step=step)
+            if "epsilon" in report:  # the composed total after this step: public (the plan's alone)
+                sink.log_dp_metrics({"epsilon": report["epsilon"]}, step=step)
             sink.log_nondp_metrics({k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)},
                                    step=step)
 

@@ -79,17 +79,19 @@ def _numpy_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return images
 
 
-def make_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile N images into one [C, rows*(H+pad)+pad, nrow*(W+pad)+pad] uint8 array (grey padding)."""
+def make_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1,
+              pad_value: int = 128) -> np.ndarray:
+    """Tile N images, ``nrow`` per row (default ceil(sqrt(N))), into one uint8 array
+    [C, rows*(H+pad)+pad, min(nrow, N)*(W+pad)+pad] with ``pad_value`` padding: torchvision's
+    ``make_grid`` (which turns one channel into three: the first is kept for greyscale)."""
+    import torch
+    from torchvision.utils import make_grid as tv_make_grid
+
     images = _numpy_uint8(images)
-    n, c, h, w = images.shape
+    n, c = images.shape[:2]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = np.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 128, dtype=np.uint8)
-    for i, image in enumerate(images):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[:, top:top + h, left:left + w] = image
-    return grid
+    grid = tv_make_grid(torch.from_numpy(np.ascontiguousarray(images)), nrow=nrow, padding=pad, pad_value=pad_value)
+    return np.ascontiguousarray(grid[:c].numpy())
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int | None = None,

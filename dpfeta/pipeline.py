@@ -28,6 +28,7 @@ Where each stage runs (the Ray session, GPU tasks from a CPU head) is ``cluster`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta import cluster, data, privacy, release, rng, runlock, storage, tracking
+from dpfeta import cluster, console, data, privacy, progress, release, rng, runlock, storage, tracking
 from dpfeta.config import Config
 from dpfeta.storage import Storage, Workspace
 
@@ -190,10 +191,12 @@ def stage_central(cfg: Config, ws: Workspace, pl: privacy.Plan, train) -> Option
         return _publish_central(cfg, ws, pl, out)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    result = central.central_images(cfg, train, generator=rng.seeded_generator(cfg.run.seed, stream="central"))
-    if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
-        raise RuntimeError("internal: the central noise differs from the ledger's; nothing was recorded")
-    eps = record(ws, pl, "central", result.rounds)  # counted (and committed) before the output is written
+    with progress.stage("central", total=cfg.central.rounds, unit="round", desc="central query"):
+        result = central.central_images(cfg, train, generator=rng.seeded_generator(cfg.run.seed, stream="central"))
+        if not math.isclose(result.noise_multiplier, pl.ledger.get("central").noise_multiplier, rel_tol=1e-9):
+            raise RuntimeError("internal: the central noise differs from the ledger's; nothing was recorded")
+        eps = record(ws, pl, "central", result.rounds)  # counted (and committed) before the output is written
+        progress.position("central", result.rounds, eps=eps)
     central.save_central(result, tmp)
     _replace_dir(tmp, out)
     ws.commit("central")
@@ -286,19 +289,22 @@ def stage_finetune(cfg: Config, ws: Workspace, pl: privacy.Plan, train,
         ws.fetch(f"{rel}/{name}")
     out = ws.path(rel)
     summary = out / "finetune.json"
-    callbacks = list(callbacks or [])
-    if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
-        cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
-        callbacks += distributed.mlflow_callbacks()
-    result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init, out_dir=out,
-                                      callbacks=callbacks, storage=ws.remote.child(rel) if ws.is_remote else None)
+    callbacks, live = list(callbacks or []), []
+    with contextlib.ExitStack() as relay:
+        if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == pl.steps):
+            cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
+            live = distributed.mlflow_callbacks()  # rank 0's reports, epsilon included, live to MLflow
+            callbacks += live + relay.enter_context(progress.train_relay("dpsgd"))
+        result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init, out_dir=out, callbacks=callbacks,
+                                          storage=ws.remote.child(rel) if ws.is_remote else None)
     for name in ("plan.json", "checkpoint", "ledger.json", "finetune.json"):  # the summary last: "done"
         ws.commit(f"{rel}/{name}")
     steps = int(result["steps"])
     pl.ledger.groups = [dict(g) for g in result.get("groups", pl.ledger.groups)]  # public: sizes per attempt
     if steps != pl.ledger.get("dpsgd").taken:
         record(ws, pl, "dpsgd", steps)
-        tracking.log_epsilon_curve(pl.ledger)
+        if not live:  # no live curve from the workers' reports: the curve from the ledger
+            tracking.log_epsilon_curve(pl.ledger)
         publish(cfg, ws, pl)
     eps = pl.ledger.epsilon()
     log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
@@ -461,9 +467,10 @@ def run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     try:
         if ws.is_remote:
             ws.remote.check_writable()  # a missing bucket, no permission, no endpoint: an error now
-        echo(f"run '{cfg.run.name}': writing to {ws.url()}")
-        with runlock.hold(ws.remote):  # one process per run directory (and so per ledger)
-            result, uri = _run(cfg, pl, ws)
+        say = (lambda text: None) if console.quiet() else echo
+        say(f"run '{cfg.run.name}': writing to {ws.url()}")
+        with runlock.hold(ws.remote), _log_file(ws):  # one process per run directory (and so per ledger)
+            result, uri = _run(cfg, pl, ws, say)
     finally:
         ws.close()
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -497,7 +504,22 @@ def read_data(cfg: Config, pl: privacy.Plan):
     return splits.train, splits
 
 
-def _run(cfg: Config, pl: privacy.Plan, ws: Workspace) -> tuple[dict, Optional[str]]:
+@contextlib.contextmanager
+def _log_file(ws: Workspace):
+    """``<run dir>/logs/dpfeta.log`` (appended on resume), committed at the end of the run."""
+    ws.fetch(console.LOG_FILE)
+    try:
+        with console.log_file(ws.path(console.LOG_FILE)):
+            yield
+    finally:
+        try:
+            ws.commit(console.LOG_FILE)
+        except storage.StorageError as exc:
+            log.warning("could not commit the run's log %s (%s)", ws.url(console.LOG_FILE), exc)
+
+
+def _run(cfg: Config, pl: privacy.Plan, ws: Workspace,
+         say: Callable[[str], None] = lambda text: None) -> tuple[dict, Optional[str]]:
     _check_resume(cfg, ws)
     cfg.dump(ws.path("config.json"))  # noise seed redacted
     ws.commit("config.json")
@@ -507,20 +529,30 @@ def _run(cfg: Config, pl: privacy.Plan, ws: Workspace) -> tuple[dict, Optional[s
                                  tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
     if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
         ws.commit(tracking.RUN_FILE)
+    if tracker is not None:
+        tracker.set_tags(tracking.code_version_tags())
+        say(f"MLflow: {tracking.run_link(tracker)}")
+    say(f"log: {ws.url(console.LOG_FILE)} (Ray's and the libraries' output; --verbose shows it here)")
     status = "FAILED"
     try:
         train, splits = read_data(cfg, pl)  # validates the data before any privacy spend
         central_set = stage_central(cfg, ws, pl, train)
-        init = stage_warmup(cfg, ws, central_set)
-        weights = stage_finetune(cfg, ws, pl, train, init)
-        synthetic = stage_sample(cfg, ws, weights)
+        with progress.stage("warmup", total=cfg.warmup.steps, unit="step", desc="warm-up", lazy=True):
+            init = stage_warmup(cfg, ws, central_set)
+        with progress.stage("dpsgd", total=pl.steps, unit="step", desc="DP-SGD", lazy=True):
+            weights = stage_finetune(cfg, ws, pl, train, init)
+        with progress.stage("sample", total=cfg.sample.num_samples, unit="img", desc="sampling", lazy=True):
+            synthetic = stage_sample(cfg, ws, weights)
         result = stage_evaluate(cfg, ws, pl, synthetic, splits)
         model = put_model(ws, weights)
         publish(cfg, ws, pl, metrics=release_metrics(result))
         for name in ("ema.pt", "meta.json"):
             tracking.log_artifact(model / name)
+        tracking.log_release_model(cfg.tracking.register_as)  # the release weights as an MLflow model
+        tracking.describe_run(result)
         status = "FINISHED"
     finally:
+        tracking.log_artifact(ws.path(console.LOG_FILE), "logs")  # operator view: nondp/logs (none in release mode)
         tracking.end_run(status)
         cluster.shutdown()
     return result, tracker.uri if tracker else None

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dpfeta import checkpoint, images, precision
+from dpfeta import progress as progress_bars
 from dpfeta.config import Config
 from dpfeta.diffusion import Denoiser, EDMPrecond, randn, ddim_sampler, edm_sampler
 from dpfeta.nn.unet import UNet
@@ -96,6 +97,7 @@ def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Ge
                              generator=generator)
         out.append(images.to_uint8(x))  # functional, outside inference mode: an ordinary tensor
         done += len(batch_labels)
+        progress_bars.advance("sample", len(batch_labels))
         if progress:
             rate = done / (time.perf_counter() - start)
             logger.info("sample %d/%d images (%.1f img/s, %s %d steps)", done, num, rate,

@@ -77,6 +77,9 @@ def ui_command(uri: str) -> str:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    from dpfeta import console
+
+    console.route_libraries()  # MLflow's own console handler (e.g. "Creating initial MLflow database tables")
     path = _sqlite_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +240,51 @@ class Tracker:
 
         self._call("set_tags", run)
 
+    def log_release_model(self, register_as: Optional[str] = None) -> Optional[str]:
+        """The released EMA weights as an MLflow pyfunc model (``dpfeta.mlflow_model``), with its card
+        from release/release.json; registered as ``register_as`` if given. Only files of release/ go in,
+        whatever the mode (anything else is refused). Returns the model URI, or None on failure."""
+        from dpfeta import mlflow_model
+
+        if self.release_root is None:
+            raise ValueError("expected a run with a release/ folder to log its model, got none")
+        root = Path(self.release_root)
+        files = {key: root / rel for key, rel in mlflow_model.ARTIFACTS.items()}
+        for path in files.values():
+            where = self.artifact_path_for(path) if path.is_file() else None
+            if where is None or where.split("/")[0] != release_mod.RELEASE_DIR:
+                raise ValueError(f"expected the model's files in '{root}' (release/), got '{path}'")
+        record = json.loads(files["release"].read_text())
+        cfg = config_mod.from_dict({**json.loads(files["config"].read_text()), "run": {}})
+        tags, description = mlflow_model.card(record)
+        logged: list = []
+
+        def run():
+            import mlflow
+
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.uri)
+            try:
+                with mlflow.start_run(run_id=self.run_id):
+                    info = mlflow.pyfunc.log_model(
+                        name=mlflow_model.MODEL_NAME, python_model=mlflow_model.Sampler(),
+                        artifacts={k: str(v) for k, v in files.items()}, code_paths=[mlflow_model.package_dir()],
+                        signature=mlflow_model.signature(cfg), input_example=mlflow_model.input_example(cfg),
+                        pip_requirements=mlflow_model.pip_requirements(), metadata={"dpfeta": record},
+                        tags={**tags, "mlflow.note.content": description}, registered_model_name=register_as)
+                    mlflow.set_tag("dpfeta.model_uri", info.model_uri)
+            finally:
+                mlflow.set_tracking_uri(previous)
+            if register_as and info.registered_model_version is not None:
+                version = str(info.registered_model_version)
+                self.client.update_model_version(register_as, version, description=description)
+                for key, value in tags.items():
+                    self.client.set_model_version_tag(register_as, version, key, value)
+            logged.append(info.model_uri)
+
+        self._call("log_release_model", run)
+        return logged[0] if logged else None
+
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
 
@@ -348,3 +396,71 @@ def log_eval(result: dict) -> None:
     """An eval.json's metrics: the dp section by name, the nondp section under nondp/."""
     log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
     log_nondp_metrics(result.get("nondp", {}))
+
+
+def code_version_tags() -> dict[str, str]:
+    """The code a run used: git commit of the dpfeta checkout (if it is one), dpfeta and library versions.
+    ``mlflow.source.*`` are the tags the MLflow UI shows as the run's source."""
+    import subprocess
+    from importlib import metadata
+
+    import dpfeta
+
+    tags = {"dpfeta.version": dpfeta.__version__, "mlflow.source.name": "dpfeta", "mlflow.source.type": "LOCAL"}
+    for dist in ("torch", "opacus", "ray", "mlflow", "dp-accounting"):
+        try:
+            tags[f"dpfeta.{dist}_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    where = str(Path(dpfeta.__file__).parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    if len(commit) == 40:
+        tags.update({"mlflow.source.git.commit": commit, "dpfeta.git_commit": commit,
+                     "dpfeta.git_dirty": "true" if dirty else "false"})
+    return tags
+
+
+def run_link(tracker: Tracker) -> str:
+    """Where to look at the run: its page on a tracking server, or how to open the local store."""
+    try:
+        exp = tracker.client.get_run(tracker.run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - best effort
+        return ui_command(tracker.uri)
+    page = f"#/experiments/{exp}/runs/{tracker.run_id}"
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"{tracker.uri.rstrip('/')}/{page}"
+    return f"{ui_command(tracker.uri)}, then http://127.0.0.1:5000/{page}"
+
+
+def run_description(result: dict) -> str:
+    """The run's description (markdown): epsilon and the DP accuracy, or why it is absent. Non-DP
+    numbers are never written here (only pointed at under nondp/)."""
+    text = (f"dpfeta run: epsilon = {result['epsilon']:.4f} spent of {result.get('epsilon_target', result['epsilon']):g} "
+            f"(delta {result['delta']:g}, {result['accountant']} accountant, composed over every mechanism).")
+    dp = result.get("dp", {})
+    if "accuracy" in dp:
+        text += f" Downstream accuracy (DP: public test set) = {dp['accuracy']:.4f}."
+    elif "accuracy" in result.get("nondp", {}):
+        text += " Downstream accuracy: not a DP release (measured on a sensitive test split); see nondp/accuracy."
+    else:
+        text += " Downstream accuracy: withheld (release mode, the test split is sensitive)."
+    if "fid" in dp:
+        text += f" FID (DP) = {dp['fid']:.2f}."
+    return text + " Published artifacts are under release/ (README.md is the card); the model is the released EMA weights."
+
+
+def describe_run(result: dict) -> None:
+    tracker = current()
+    if tracker is not None:
+        tracker.set_tags({"mlflow.note.content": run_description(result)})
+
+
+def log_release_model(register_as: Optional[str] = None) -> Optional[str]:
+    tracker = current()
+    return tracker.log_release_model(register_as) if tracker is not None else None

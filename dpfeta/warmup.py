@@ -24,6 +24,7 @@ import torch
 from torchvision.transforms import RandAugment
 
 from dpfeta import checkpoint, cluster, precision, rng
+from dpfeta import progress
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
@@ -170,6 +171,7 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
         # Update EMA.
         update_ema(ema, net, num_updates=step, decay=w.ema_decay)
         window.append(batch_loss)
+        progress.position("warmup", step, loss=batch_loss)  # central images only: public
         # Report and checkpoint.
         if step == w.steps or (w.log_every > 0 and step % w.log_every == 0):
             loss, sec_per_step = float(np.mean(window)), (time.perf_counter() - window_start) / len(window)

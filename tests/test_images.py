@@ -41,3 +41,23 @@ def test_grids(tmp_path):
     save_class_grid(images, np.array([0, 0, 1, 1, 1]), tmp_path / "c.png", per_class=2, scale=1)
     read = np.asarray(Image.open(tmp_path / "c.png"))
     assert read.shape == (2 * 5 + 1, 2 * 5 + 1)
+
+
+def test_grids_are_torchvision_make_grid_with_the_same_layout():
+    """images.make_grid is torchvision's (greyscale kept as one channel); central.grid scales first."""
+    from torchvision.utils import make_grid as tv_make_grid
+
+    from dpfeta import central
+
+    rng = np.random.default_rng(1)
+    for channels in (1, 3):
+        images = rng.integers(0, 256, (7, channels, 4, 5), dtype=np.uint8)
+        grid = make_grid(images, nrow=3, pad=2, pad_value=7)
+        expected = tv_make_grid(torch.from_numpy(images), nrow=3, padding=2, pad_value=7).numpy()[:channels]
+        assert grid.shape == (channels, 3 * 6 + 2, 3 * 7 + 2) and np.array_equal(grid, expected)
+        # image i sits at row i // nrow, column i % nrow
+        assert np.array_equal(grid[:, 2 + 6:2 + 6 + 4, 2 + 7 * 2:2 + 7 * 2 + 5], images[5])
+    digits = rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    c_grid = central.grid(digits, columns=2)  # each image scaled x4 to >= 32 px, white padding 2
+    assert c_grid.shape == (1, 2 * 34 + 2, 2 * 34 + 2) and c_grid[0, 0, 0] == 255
+    assert np.array_equal(c_grid[0, 2 + 34:2 + 34 + 32:4, 2:2 + 32:4], digits[2, 0])

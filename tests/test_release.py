@@ -28,7 +28,7 @@ TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null"
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # never a neighbour's cluster
     yield
     ray.shutdown()
 
@@ -37,7 +37,8 @@ def local_ray():
 def unseeded(tmp_path_factory):
     """``dpfeta run`` in release mode (tracking.nondp: false), no run.seed: OS entropy throughout."""
     root = tmp_path_factory.mktemp("release")
-    cfg = config.load(None, [*TINY, f"run.dir={root}", "run.name=unseeded", "tracking.nondp=false"])
+    cfg = config.load(None, [*TINY, f"run.dir={root}", "run.name=unseeded", "tracking.nondp=false",
+                             "tracking.register_as=dpfeta-unseeded"])
     assert cfg.run.seed is None
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     lines: list[str] = []
@@ -98,6 +99,78 @@ def test_release_mode_mlflow_receives_only_files_of_release(unseeded):
     run = client.get_run(record["run_id"])
     assert not [k for k in run.data.metrics if k.startswith("nondp/")]
     assert "accuracy" not in run.data.metrics  # measured on sensitive records: withheld
+
+
+def _mlflow_run(cfg):
+    import mlflow
+    from mlflow import MlflowClient
+
+    record = json.loads((cfg.run_dir() / "mlflow_run.json").read_text())
+    mlflow.set_tracking_uri(record["uri"])
+    client = MlflowClient(record["uri"])
+    return client, client.get_run(record["run_id"])
+
+
+def test_the_logged_mlflow_model_loads_and_samples_the_requested_labels(unseeded):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    cfg, _, _ = unseeded
+    _, run = _mlflow_run(cfg)
+    model = mlflow.pyfunc.load_model(run.data.tags["dpfeta.model_uri"])
+    labels = [0, 3, 3, 9, 5]
+    images = model.predict(pd.DataFrame({"label": labels}), params={"seed": 7, "steps": 2})
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8, type(images)
+    assert images.shape == (len(labels), 1, 8, 8), f"expected ({len(labels)}, 1, 8, 8), got {images.shape}"
+    again = model.predict(pd.DataFrame({"label": labels}), params={"seed": 7, "steps": 2})
+    assert np.array_equal(images, again)  # a sampling seed reproduces (sampling is post-processing)
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["label"] and model.metadata.saved_input_example_info is not None
+    with pytest.raises(Exception, match="class ids in 0..9"):
+        model.predict(pd.DataFrame({"label": [10]}))
+    # registered under tracking.register_as, the same model
+    registered = mlflow.pyfunc.load_model("models:/dpfeta-unseeded/1")
+    assert registered.predict(pd.DataFrame({"label": [1, 2]}), params={"steps": 2}).shape == (2, 1, 8, 8)
+
+
+def test_the_model_card_states_the_ledgers_epsilon(unseeded):
+    import mlflow
+
+    cfg, result, _ = unseeded
+    client, run = _mlflow_run(cfg)
+    ledger = privacy.Ledger.load(release.release_dir(cfg.run_dir()) / "ledger.json")
+    record = json.loads((release.release_dir(cfg.run_dir()) / "release.json").read_text())
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                          filter_string=f"source_run_id = '{run.info.run_id}'")
+    tags = model.tags
+    assert float(tags["dp.epsilon"]) == pytest.approx(ledger.epsilon(), rel=1e-12), (tags["dp.epsilon"], ledger.epsilon())
+    assert tags["dp.delta"] == f"{ledger.delta:g}" and tags["dp.accountant"] == ledger.accountant
+    assert tags["dp.n"] == str(ledger.n) and tags["dp.config_sha256"] == record["config_sha256"]
+    assert tags["dp.neighbouring_relation"] == privacy.NEIGHBOURING_RELATION
+    version = client.get_model_version("dpfeta-unseeded", "1")
+    assert f"epsilon = {ledger.epsilon():.4f}" in version.description and version.run_id == run.info.run_id
+    assert float(version.tags["dp.epsilon"]) == pytest.approx(ledger.epsilon(), rel=1e-12)
+    # the run: description, code version, the epsilon curve logged live by the workers' reports
+    note = run.data.tags["mlflow.note.content"]
+    assert f"epsilon = {result['epsilon']:.4f}" in note and "withheld" in note
+    assert run.data.tags["dpfeta.torch_version"] and run.data.tags["dpfeta.ray_version"] == ray.__version__
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epsilon")}
+    assert curve[result["steps"]] == pytest.approx(ledger.epsilon(), rel=1e-9) and 1 in curve
+
+
+def test_release_mode_the_model_holds_only_release_files(unseeded):
+    import mlflow
+
+    cfg, _, _ = unseeded
+    _, run = _mlflow_run(cfg)
+    root = release.release_dir(cfg.run_dir())
+    local = Path(mlflow.artifacts.download_artifacts(run.data.tags["dpfeta.model_uri"]))
+    data_files = {p.name: p for p in (local / "artifacts").rglob("*") if p.is_file()}
+    assert set(data_files) == {"ema.pt", "meta.json", "config.json", "release.json"}, sorted(data_files)
+    for rel in ("model/ema.pt", "model/meta.json", "config.json", "release.json"):
+        assert data_files[Path(rel).name].read_bytes() == (root / rel).read_bytes(), rel
+    assert not [p for p in local.rglob("*") if p.name in ("optimizer.pt", "extra.pt", "eval.json", "dpfeta.log")]
 
 
 def _cli(tmp_path: Path, *argv: str, extra: tuple[str, ...] = ()) -> int:

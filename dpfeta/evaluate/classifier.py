@@ -14,6 +14,7 @@ from torch import nn
 
 from dpfeta import cluster
 from dpfeta import images as images_mod
+from dpfeta import progress
 from dpfeta.config import Config
 from dpfeta.data import ImageSet
 from dpfeta.nn import update_ema
@@ -50,19 +51,28 @@ def _train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: floa
     x_all = images_mod.to_float(train.images)
     y_all = torch.from_numpy(train.labels)
     step, start = 0, time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(y_all)).split(batch_size):
-            loss = F.cross_entropy(model(x_all[idx].to(device)), y_all[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            update_ema(ema, model, num_updates=step, decay=CLASSIFIER_EMA)
-        if epoch + 1 == epochs or (epoch + 1) % 10 == 0:
-            log.info("%s epoch %d/%d (%d steps, %.1fs)", label, epoch + 1, epochs, step,
-                     time.perf_counter() - start)
+    with progress.stage(f"evaluate/{label}", total=epochs, unit="epoch", desc=f"evaluation: {label}"):
+        for epoch in range(epochs):
+            step = _epoch(model, ema, optimizer, x_all, y_all, batch_size=batch_size, device=device, step=step)
+            progress.advance(f"evaluate/{label}")
+            if epoch + 1 == epochs or (epoch + 1) % 10 == 0:
+                log.info("%s epoch %d/%d (%d steps, %.1fs)", label, epoch + 1, epochs, step,
+                         time.perf_counter() - start)
     return ema
+
+
+def _epoch(model: CNN, ema: CNN, optimizer: torch.optim.Optimizer, x_all: torch.Tensor, y_all: torch.Tensor, *,
+           batch_size: int, device: torch.device | str, step: int) -> int:
+    """One epoch over a fresh permutation, the EMA updated every step; returns the step count after it."""
+    model.train()
+    for idx in torch.randperm(len(y_all)).split(batch_size):
+        loss = F.cross_entropy(model(x_all[idx].to(device)), y_all[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        update_ema(ema, model, num_updates=step, decay=CLASSIFIER_EMA)
+    return step
 
 
 @torch.no_grad()
