@@ -28,7 +28,7 @@ from typing import Union
 import yaml
 
 import dpfeta
-from dpfeta import privacy, release
+from dpfeta import privacy, release, storage
 
 FORMATS = ("imagefolder", "parquet", "hf")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -145,9 +145,13 @@ def export(run: Path | str, out: Path | str, *, fmt: str = "hf",
     """Write the release's synthetic images to ``out`` in format ``fmt``; return the export's metadata.
 
     ``per_class``: ``"min"`` (balanced at the smallest class count, the default), an integer, or
-    ``None`` (every image, unbalanced)."""
+    ``None`` (every image, unbalanced). ``run`` and ``out`` may be object-store URIs (``s3://...``):
+    the run's ``release/`` is read from there (nothing else), the export is written to a scratch
+    folder and committed to ``out`` (its files, then a ``_COMMITTED`` marker)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if storage.is_uri(run) or storage.is_uri(out):
+        return _export_via_storage(run, out, fmt=fmt, per_class=per_class)
     out = _check_out(out)
     rel = read_release(run)
     if out.resolve().is_relative_to(rel.root.resolve()):
@@ -173,9 +177,28 @@ def export(run: Path | str, out: Path | str, *, fmt: str = "hf",
     return {**meta, "out": str(out)}
 
 
+def _export_via_storage(run: Path | str, out: Path | str, *, fmt: str, per_class) -> dict:
+    import tempfile
+
+    target = storage.Storage(out) if storage.is_uri(out) else None
+    if target is not None and target.list_files():
+        raise ValueError(f"--out '{out}': expected a new or empty location, it holds files")
+    with tempfile.TemporaryDirectory(prefix="dpfeta-export-") as tmp:
+        local_run = run
+        if storage.is_uri(run):
+            source = storage.Storage(run)
+            if not source.list_files(release.RELEASE_DIR):
+                raise ValueError(f"--run '{run}': expected a run with a release/ folder, found none there")
+            local_run = Path(tmp) / "run"
+            source.get_files(release.RELEASE_DIR, local_run / release.RELEASE_DIR)  # release/ only
+        local_out = Path(tmp) / "out" if target is not None else Path(out)
+        meta = export(local_run, local_out, fmt=fmt, per_class=per_class)
+        if target is not None:
+            target.put_dir(local_out, "")
+    return {**meta, "out": str(out)}
+
+
 def _check_out(out: Path | str) -> Path:
-    if "://" in str(out):
-        raise ValueError(f"--out '{out}': expected a local folder (export there, then copy it)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out '{out}': expected a new or empty folder, it exists and is not empty")

@@ -182,8 +182,6 @@ def test_refusals_name_what_is_wrong(tmp_path):
     assert (busy / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="outside the release folder"):
         export.export(run, release.release_dir(run) / "export")
-    with pytest.raises(ValueError, match="expected a local folder"):
-        export.export(run, "s3://bucket/export")
     with pytest.raises(ValueError, match=r"--format: expected one of imagefolder, parquet, hf, got 'csv'"):
         export.export(run, tmp_path / "x", fmt="csv")
     with pytest.raises(ValueError, match="expected a run or sweep directory holding release/"):
@@ -248,3 +246,27 @@ def test_the_export_loads_with_datasets_offline(tmp_path, monkeypatch, fmt, load
     assert np.asarray(first).tobytes() in pixels
     card = (out / "README.md").read_text()
     assert f"epsilon = {ledger.epsilon():.4f}" in card
+
+
+def test_an_export_from_and_to_object_storage(tmp_path, s3_bucket):
+    """``--run s3://...`` reads only the run's release/ from the store; ``--out s3://...`` is committed."""
+    from dpfeta.storage import Storage
+
+    run = tmp_path / "runs" / "fake"
+    ledger = make_release(run)
+    (run / "eval.json").write_text('{"nondp": {"accuracy": 0.99}}')  # operator-internal: never read
+    store = Storage(f"{s3_bucket}/runs/fake")
+    for path in sorted(run.rglob("*")):
+        if path.is_file():
+            store.write_bytes(path.relative_to(run).as_posix(), path.read_bytes())
+    summary = export.export(store.uri, f"{s3_bucket}/exports/fake", fmt="imagefolder")
+    out = Storage(f"{s3_bucket}/exports/fake")
+    assert out.committed("") and summary["out"] == out.uri
+    pngs = [f for f in out.list_files("train") if f.endswith(".png")]
+    assert len(pngs) == 9 and Counter(f.split("/")[0] for f in pngs) == {"0": 3, "1": 3, "2": 3}
+    card = out.read_text("README.md")
+    assert f"epsilon = {ledger.epsilon():.4f}" in card and "0.99" not in card
+    with pytest.raises(ValueError, match=r"--out 's3://.*/exports/fake': expected a new or empty location"):
+        export.export(store.uri, out.uri)
+    with pytest.raises(ValueError, match=r"--run 's3://.*/runs/none': expected a run with a release/ folder"):
+        export.export(f"{s3_bucket}/runs/none", tmp_path / "x")

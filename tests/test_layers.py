@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": BASE | {"cluster", "data", "privacy", "release", "tracking", "central", "warmup", "diffusion",
                         "distributed", "sample", "evaluate"},
     "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate"},
-    "export": {"config", "privacy", "release"},  # reads release/ only
+    "export": {"config", "privacy", "release", "storage"},  # reads release/ only
     "cli": None,  # the entry point may import anything
     "__main__": {"cli"},
 }
