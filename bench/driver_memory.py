@@ -32,7 +32,7 @@ TINY = ["data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "mode
         "finetune.noise_multiplicity=1", "sample.steps=2", "sample.num_samples=40", "sample.batch_size=40",
         "eval.classifier_epochs=1", "eval.logreg=false", "eval.fid.num_samples=40", "eval.fid.inception_weights=null",
         "tracking.enabled=false", "central.rounds=1", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-        "privacy.accountant=rdp"]
+        "privacy.accountant=rdp", "privacy.delta=1e-6"]
 
 CHILD = r"""
 import json, resource, sys
@@ -84,6 +84,7 @@ def main() -> None:
             r_pre = run([*common, *source, f"run.name=pre{n}", "data.source=parquet", f"data.path={prepared}"])
             rows.append(("npz", n_train, "driver memory", r_mem))
             rows.append(("prepared", n_train, "Ray Data on the cluster", r_pre))
+            print(f"N={n_train}: in memory {r_mem['peak_mb']:.0f} MB, prepared {r_pre['peak_mb']:.0f} MB", flush=True)
     print("| data | N (train) | read by | driver peak RSS (MB) | DP-SGD steps | epsilon |")
     print("|---|---|---|---|---|---|")
     for name, n, how, r in rows:
