@@ -37,7 +37,7 @@ SETTINGS = {  # q = 1/20 over N = 20: expected batch 1, i.e. 0.5 per worker; T =
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a cluster found on disk
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the zero-signal Task below
     yield

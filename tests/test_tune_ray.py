@@ -49,7 +49,7 @@ DELTA = 1e-5
 def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found on disk
     # Trial functions defined here travel by value (the tests folder is not importable on workers).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
