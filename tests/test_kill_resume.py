@@ -79,7 +79,7 @@ def test_sigkill_in_each_stage_then_rerun_resumes_with_the_same_epsilon(tmp_path
     # 2. killed during DP-SGD, after its step-2 checkpoint; the warm-up resumed, not from 0
     proc = _start(root, logs[1])
     _kill_when(proc, lambda: _ray_steps(run) >= 2, "a DP-SGD checkpoint at step >= 2")
-    text = logs[1].read_text()
+    text = logs[1].read_text() + (run / "logs" / "dpfeta.log").read_text()  # INFO lines go to the run's log
     resumed = [int(line.split("(steps ")[1].split("..")[0]) for line in text.splitlines() if "warmup: done" in line]
     assert resumed and resumed[0] >= 40, text[-3000:]
 
