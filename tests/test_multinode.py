@@ -122,7 +122,8 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
     submission = f"dpfeta-{tmp_path.name[-20:]}"
     argv = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
             "--submission-id", submission, "--working-dir", str(repo), "--runtime-env",
-            str(repo / "ray_jobs" / "runtime_env.yaml"), "--", "python", "ray_jobs/pipeline.py", *sets]
+            str(repo / "ray_jobs" / "runtime_env.yaml"), "--", "python", "ray_jobs/pipeline.py", "--config",
+            "configs/digits.yaml", *sets]
     deadline = time.time() + 120
     while True:  # right after the head starts the job agent may not be up yet
         sub = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -131,7 +132,7 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
         time.sleep(3)
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     assert JobSubmissionClient(ray_cluster.dashboard).get_job_status(submission) == JobStatus.SUCCEEDED
-    cfg = config.load(None, overrides)
+    cfg = config.load(repo / "configs" / "digits.yaml", overrides)
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     pl = pipeline.plan_run(cfg)
     store = Storage(f"{s3_bucket}/runs/job")
