@@ -6,7 +6,7 @@ FID_HELPER_VERSION = 0.1.3
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench bench-all clean
+.PHONY: install run test test-long ci bench bench-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,8 +24,13 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/dpfeta run --config $(CONFIG)
 
-test: install
-	$(BIN)/python -m pytest -q tests
+test: install  # the everyday suite (about 15 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -m "not long" --durations=15 tests
+
+test-long: install  # multi-node clusters, elastic resizes, driver kills (about 25 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -m long --durations=15 tests
+
+ci: test test-long
 
 bench: install  # the roofline table: every stage as a fraction of this machine's matmul rate (minutes)
 	$(BIN)/python bench/roofline.py

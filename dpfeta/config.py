@@ -246,7 +246,7 @@ class Config:
         local folder say so instead of writing to a folder named ``s3:``)."""
         if is_uri(self.run.dir):
             raise ValueError(f"config key 'run.dir': this command needs a local folder, got the URI "
-                             f"{self.run.dir!r} (object-store run folders are supported by 'dpfeta run')")
+                             f"{self.run.dir!r} (object-store run folders are supported by 'dpfeta run' and 'dpfeta tune')")
         return Path(self.run.dir).expanduser().resolve() / self.run.name
 
     def to_dict(self) -> dict:

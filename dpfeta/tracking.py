@@ -26,6 +26,7 @@ MLFLOW_RUN_ID, DPFETA_TRACKING_NONDP), passed in a runtime_env.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -84,6 +85,26 @@ def _client(uri: str):
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's fluent API (``log_model``) for one block, then the process exactly as it was: MLflow's
+    ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which would redirect every later run of this
+    process (a sweep after a run, the next test) to this run's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as uri_state
+
+    before_global, before_env = uri_state._tracking_uri, os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_global)  # None: MLflow unsets the variable
+        if before_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = before_env
 
 
 def _experiment_id(client, uri: str, name: str, artifact_location: Optional[str] = None) -> str:
@@ -262,9 +283,7 @@ class Tracker:
         def run():
             import mlflow
 
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(self.uri)
-            try:
+            with _global_tracking_uri(self.uri):
                 with mlflow.start_run(run_id=self.run_id):
                     info = mlflow.pyfunc.log_model(
                         name=mlflow_model.MODEL_NAME, python_model=mlflow_model.Sampler(),
@@ -273,8 +292,6 @@ class Tracker:
                         pip_requirements=mlflow_model.pip_requirements(), metadata={"dpfeta": record},
                         tags={**tags, "mlflow.note.content": description}, registered_model_name=register_as)
                     mlflow.set_tag("dpfeta.model_uri", info.model_uri)
-            finally:
-                mlflow.set_tracking_uri(previous)
             if register_as and info.registered_model_version is not None:
                 version = str(info.registered_model_version)
                 self.client.update_model_version(register_as, version, description=description)

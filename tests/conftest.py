@@ -26,6 +26,23 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored():
+    """A test that points MLflow's fluent API at its store (``mlflow.set_tracking_uri`` also exports
+    MLFLOW_TRACKING_URI) must not redirect the tests after it."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils as uri_state
+
+    before_global, before_env = uri_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    uri_state._tracking_uri = before_global
+    if before_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared 2-core machine OpenMP spinning makes 2 threads ~50x slower."""

@@ -21,7 +21,7 @@ import pytest
 from dpfeta import data, distributed, pipeline, privacy
 from dpfeta.storage import Storage, Workspace
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.long]
 
 DEADLINE_S = 240  # no test waits longer than this for an event of the cluster
 # A dead node is noticed in ~2 s instead of Ray's default ~30 s (health checks of the GCS).

@@ -20,7 +20,7 @@ from dpfeta import pipeline, privacy
 
 from conftest import TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [*TINY, "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
              "central.epsilon_share=0.3", "warmup.steps=100", "warmup.checkpoint_every=20", "warmup.log_every=20",

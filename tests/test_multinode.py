@@ -22,7 +22,7 @@ from dpfeta.storage import Storage
 
 from conftest import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.long]
 
 
 def _free_port() -> int:
@@ -46,7 +46,10 @@ def ray_cluster(s3_endpoint):
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
     cluster.dashboard = f"http://127.0.0.1:{port}"
     for i in (1, 2):
-        cluster.add_node(num_cpus=1, resources={f"node_w{i}": 1})
+        # Nodes on one machine share the head's session folder; each gets its own runtime-env folder,
+        # as on separate machines: with a shared one, a worker node's agent deleted the job's
+        # working_dir (its reference count there reached zero) while the job's driver ran in it.
+        cluster.add_node(num_cpus=1, resources={f"node_w{i}": 1}, runtime_env_dir_name=f"runtime_resources_w{i}")
     cluster.wait_for_nodes()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's request log
     yield cluster
@@ -122,7 +125,7 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
     submission = f"dpfeta-{tmp_path.name[-20:]}"
     argv = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
             "--submission-id", submission, "--working-dir", str(repo), "--runtime-env",
-            str(repo / "ray_jobs" / "runtime_env.yaml"), "--", "python", "ray_jobs/pipeline.py", "--config",
+            str(repo / "ray_jobs" / "runtime_env.yaml"), "--", sys.executable, "ray_jobs/pipeline.py", "--config",
             "configs/digits.yaml", *sets]
     deadline = time.time() + 120
     while True:  # right after the head starts the job agent may not be up yet
@@ -139,8 +142,134 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
     ledger = store.read_json("ledger.json")
     assert {m["name"]: m["taken"] for m in ledger["mechanisms"]} == {"central": 2, "dpsgd": pl.steps}
     assert math.isclose(ledger["epsilon_spent"], pl.epsilon, rel_tol=1e-9)
-    assert f"writing to {s3_bucket}/runs/job" in sub.stdout and "composed epsilon" in sub.stdout
+    assert f"writing to {s3_bucket}/runs/job" in sub.stdout and "composed over every mechanism" in sub.stdout
     assert store.read_json("checkpoints/finetune/finetune.json")["nodes"] == 2
     for folder in ("central", "samples", "release/model", "release/samples"):
         assert store.committed(folder), folder
     assert store.is_file("eval.json") and store.is_file("release/README.md")
+
+
+# -- sweeps: Ray Tune's experiment, every trial's folder and the release in the bucket --------------
+SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 3}, "warmup.steps": {"type": "choice", "values": [1, 2]}}
+SWEEP = [*TINY, "run.cpus_per_worker=0.5", "central.noise_multiplier=2.0", "central.batch_size=100",
+         "finetune.batch_size=64", "finetune.epochs=0.1", "run.max_failures=0", "tune.privacy_mode=private",
+         f"tune.search_space={json.dumps(SPACE)}"]
+
+
+def test_a_sweep_through_s3_keeps_nothing_on_the_driver(ray_cluster, s3_bucket, tiny_cfg, tmp_path_factory,
+                                                         monkeypatch):
+    """``dpfeta tune`` with run.dir an s3:// prefix: the real trial (central -> warm-up -> DP-SGD ->
+    samples -> DP score) runs in a Tune trial on the cluster and writes its folder to the bucket;
+    Tune's experiment state, the summary and the release are there too; a rerun answers from it."""
+    from dpfeta import tune
+
+    cwd, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("scratch")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    cfg = tiny_cfg(*SWEEP, f"run.dir={s3_bucket}/sweeps", "run.name=sw", "run.seed=0",  # seed 0: K = 1 trial
+                   f"run.ray_address={ray_cluster.address}")
+    summary = tune.run_sweep(cfg)
+
+    store = Storage(f"{s3_bucket}/sweeps/sw")
+    assert summary["dir"] == store.uri and summary["num_trials"] == 1
+    (row,) = summary["trials"]
+    assert row["status"] == "done" and summary["best"]["dir"] == store.url(f"trials/{row['trial_id']}")
+    assert summary["epsilon"] <= cfg.privacy.epsilon * (1 + 1e-9)
+    files = set(store.list_files())
+    for name in ("sweep.json", "summary.json", "trials.csv", "release/selection.json", "release/release.json",
+                 "release/README.md", "release/ledger.json", "release/model/ema.pt", "release/samples/grid.png",
+                 "release/central/grid.png"):
+        assert name in files, name
+    assert any(f.startswith("tune/experiment_state") for f in files), sorted(files)[:20]  # Tune's own state
+    trial = store.child(f"trials/{row['trial_id']}")
+    for name in ("config.json", "ledger.json", "trial_ledger.json", "trial_result.json", "samples/samples.json"):
+        assert trial.is_file(name), name
+    taken = {m["name"]: m["taken"] for m in trial.read_json("ledger.json")["mechanisms"]}
+    trial_cfg = trial.read_json("config.json")
+    q = trial_cfg["finetune"]["batch_size"] / data.public_train_size(cfg)
+    assert taken == {"central": trial_cfg["central"]["rounds"], "dpsgd": math.ceil(0.1 / q - 1e-9), "selection": 1}
+    assert store.read_json("release/selection.json")["selected"]["id"] == row["trial_id"]
+    assert json.loads(store.read_text("release/release.json"))["epsilon"] == pytest.approx(summary["epsilon"])
+    assert not any(".tmp" in f for f in store.list_files(temporaries=True)) and "run.lock" not in files
+
+    # nothing on the driver's disk
+    assert list(cwd.iterdir()) == [] and [p for p in scratch.iterdir() if p.name.startswith("dpfeta")] == []
+    # a finished sweep answers from the bucket
+    assert tune.run_sweep(cfg) == summary
+
+
+def stand_in_trial(ctx):
+    """A trial in seconds: a fixed accuracy per hyperparameter; each call leaves a marker in the bucket
+    (to count how often a trial ran) and a stand-in release part; slow while ``<sweep>/SLOW`` exists."""
+    import time
+    import uuid
+
+    sweep = ctx.ws.remote.uri.rsplit("/trials/", 1)[0]
+    ctx.ws.remote.write_text(f"runs/{uuid.uuid4().hex}", "run\n")
+    (ctx.out_dir / "release" / "model").mkdir(parents=True, exist_ok=True)
+    (ctx.out_dir / "release" / "model" / "stand-in.txt").write_text(f"output of trial {ctx.trial_id}\n")
+    if Storage(sweep).is_file("SLOW"):
+        time.sleep(6)
+    return {"correct": 60 + 30 * ctx.cfg.central.rounds + 5 * ctx.cfg.warmup.steps, "val_size": 180}
+
+
+SWEEP_DRIVER = """
+import json, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import ray, test_multinode
+ray.cloudpickle.register_pickle_by_value(test_multinode)
+from dpfeta import config, tune
+tune.run_sweep(config.load(None, json.loads(sys.argv[1])), trial_fn=test_multinode.stand_in_trial)
+"""
+
+
+def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster, s3_bucket, tmp_path):
+    """The sweep's driver is SIGKILLed after a trial scored; the same command (another process, no
+    local state) resumes from the bucket: K and sigma kept, a scored trial never runs again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dpfeta import tune
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [*SWEEP, "tracking.enabled=false", f"run.dir={s3_bucket}/sweeps", "run.name=resume",
+                 "run.seed=1", f"run.ray_address={ray_cluster.address}"]  # seed 1: K = 3 trials
+    store = Storage(f"{s3_bucket}/sweeps/resume")
+    store.write_text("SLOW", "")
+    script = tmp_path / "driver.py"
+    script.write_text(SWEEP_DRIVER.format(repo=str(repo), tests=str(repo / "tests")))
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(overrides)], cwd=tmp_path,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def scored():
+        return {f.split("/")[0] for f in store.list_files("trials") if f.endswith("/" + tune.RESULT_FILE)}
+
+    try:
+        deadline = time.time() + 240
+        while not scored():
+            assert proc.poll() is None, "the sweep's driver ended before any trial scored"
+            assert time.time() < deadline, "no trial scored in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait()
+    finished = scored()
+    state = store.read_json(tune.SWEEP_FILE)
+    assert 1 <= len(finished) < state["num_trials"] == 3 and not store.is_file(tune.SUMMARY_FILE)
+    runs_before = len(store.list_files("runs"))
+
+    store.delete("SLOW")
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial function travels by value
+    summary = tune.run_sweep(config.load(None, overrides), trial_fn=stand_in_trial)
+    assert summary["num_trials"] == 3 and all(r["status"] == "done" for r in summary["trials"])
+    assert store.read_json(tune.SWEEP_FILE) == state  # K and sigma kept
+    for trial_id in finished:  # a scored trial is never run or scored again
+        stored = store.read_json(f"trials/{trial_id}/{tune.RESULT_FILE}")
+        assert next(r for r in summary["trials"] if r["trial_id"] == trial_id)["score"] == stored["score"]
+    # the resumed driver ran at most the trials that had not scored (one may have started twice)
+    assert len(store.list_files("runs")) - runs_before <= 3 - len(finished)
+    assert store.is_file("release/model/stand-in.txt") and store.is_file(tune.SUMMARY_FILE)

@@ -42,7 +42,10 @@ def unseeded(tmp_path_factory):
     assert cfg.run.seed is None
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     lines: list[str] = []
+    uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     result = pipeline.run(cfg, echo=lines.append)
+    # logging the model through MLflow's fluent API leaves the process's MLflow target as it was
+    assert os.environ.get("MLFLOW_TRACKING_URI") == uri_before, "the run left MLFLOW_TRACKING_URI set"
     return cfg, result, lines
 
 

@@ -307,3 +307,21 @@ def test_search_seed_is_public_and_the_old_key_is_refused():
     assert cfg.tune.search_seed == 7 and cfg.public_flat()["tune.search_seed"] == 7
     with pytest.raises(ValueError, match="tune.search_seed"):
         _cfg("tune.seed=1")
+
+
+def test_the_trials_are_drawn_once_every_grid_combination_equally_often():
+    """sweep.json's trial list: K entries, each grid combination K / grid times, random keys within
+    their bounds, the same list for the same public search_seed (a resume runs exactly these)."""
+    from dpfeta.tune.space import draw_trials
+
+    space = {"warmup.steps": {"type": "grid", "values": [100, 200]},
+             "central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+             "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2}}
+    trials = draw_trials(space, 6, seed=7)
+    assert [t["index"] for t in trials] == list(range(6))
+    assert sorted(t["params"]["warmup.steps"] for t in trials) == [100, 100, 100, 200, 200, 200]
+    assert all(1 <= t["params"]["central.rounds"] < 4 and 1e-4 <= t["params"]["finetune.lr"] <= 1e-2 for t in trials)
+    assert len({t["params"]["finetune.lr"] for t in trials}) == 6  # fresh draws per trial
+    assert draw_trials(space, 6, seed=7) == trials and draw_trials(space, 6, seed=8) != trials
+    assert json.loads(json.dumps(trials)) == trials  # plain JSON values (stored in sweep.json)
+    assert draw_trials({}, 3, seed=None) == [{"index": i, "params": {}} for i in range(3)]

@@ -103,6 +103,28 @@ def search_space(space: dict) -> dict[str, Any]:
     return out
 
 
+def draw_trials(space: dict, num_trials: int, seed) -> list[dict]:
+    """The sweep's ``num_trials`` hyperparameter sets, drawn once before any trial runs and stored in
+    ``sweep.json`` (so a resumed sweep runs exactly these, whatever Ray Tune's own state says): every
+    grid combination ``num_trials / grid size`` times, each with fresh draws of the random keys.
+    Data-independent; ``seed`` (``tune.search_seed``, public) only orders the draws; None: OS entropy."""
+    import itertools
+
+    import numpy as np
+
+    domains = search_space(space)
+    grid_keys = [k for k, spec in space.items() if spec["type"] == "grid"]
+    combos = list(itertools.product(*(space[k]["values"] for k in grid_keys)))
+    rng = np.random.default_rng(seed)
+    trials = []
+    for _ in range(num_trials // len(combos)):
+        for combo in combos:
+            fixed = dict(zip(grid_keys, combo))
+            params = {k: fixed[k] if k in fixed else domains[k].sample(random_state=rng) for k in space}
+            trials.append({"index": len(trials), "params": params})
+    return trials
+
+
 def _metric_mode(metric: str) -> str:
     return "min" if any(word in metric for word in ("fid", "loss", "error")) else "max"
 

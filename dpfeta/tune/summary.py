@@ -13,6 +13,7 @@ from typing import Optional
 from dpfeta import config as config_mod
 from dpfeta import privacy
 from dpfeta.privacy.sweep import sweep_plan_json
+from dpfeta.storage import Storage, Workspace
 from dpfeta.tune.space import _metric_mode
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,29 @@ log = logging.getLogger(__name__)
 SWEEP_FILE, SUMMARY_FILE, TRIALS_FILE = "sweep.json", "summary.json", "trials.csv"
 
 
-def _rows(grid, metric: str) -> list[dict]:
+def _rows(ws: Workspace, spec, trials: list[dict], grid, metric: str) -> list[dict]:
+    """One row per trial of sweep.json: a scored trial from its stored result (whichever Tune run
+    scored it), any other from this Tune run's outcome (an error, or stopped by the scheduler)."""
+    from dpfeta.tune.trial import RESULT_FILE, trial_id
+
+    outcome = {}
+    for result in grid or []:
+        index = ((result.config or {}).get("trial") or {}).get("index")
+        if index is not None:
+            outcome[int(index)] = result
     rows = []
-    for result in grid:
-        m = result.metrics or {}
+    for trial in trials:
+        tid = trial_id(spec, trial)
+        where = f"trials/{tid}/{RESULT_FILE}"
+        result = outcome.get(int(trial["index"]))
+        if ws.remote.is_file(where):
+            m, error = ws.remote.read_json(where), False
+        else:
+            m, error = (result.metrics or {}) if result is not None else {}, result is None or bool(result.error)
         rows.append({
-            "trial_id": m.get("id") or Path(result.path).name,
-            "params": dict((result.config or {}).get("params", {})),
+            "trial_id": tid, "params": dict(trial["params"]),
             "score": m.get(metric), "sigma": m.get("sigma"), "epsilon_trial": m.get("epsilon_trial"),
-            "status": "error" if result.error else ("done" if m.get("trial_done") else "stopped"),
+            "status": "done" if m.get("trial_done") else ("error" if error else "stopped"),
         })
     return sorted(rows, key=lambda r: r["trial_id"])
 
@@ -62,13 +77,13 @@ def _plan_params(plan: dict) -> dict:
     return out
 
 
-def _summarize(cfg: config_mod.Config, state: dict, rows: list[dict]) -> dict:
+def _summarize(cfg: config_mod.Config, state: dict, rows: list[dict], ws: Workspace) -> dict:
     plan = state["plan"]
     best = _best(rows, cfg.tune.metric)
     if best is not None:
-        best = {**best, "dir": str(cfg.run_dir() / "trials" / best["trial_id"])}
+        best = {**best, "dir": ws.url(f"trials/{best['trial_id']}")}
     return {
-        "name": cfg.run.name, "dir": str(cfg.run_dir()), "mode": plan["mode"], "epsilon": plan["epsilon"],
+        "name": cfg.run.name, "dir": ws.url(), "mode": plan["mode"], "epsilon": plan["epsilon"],
         "delta": plan["delta"],
         "accountant": plan["accountant"], "target_epsilon": plan["target_epsilon"],
         "metric": cfg.tune.metric, "num_trials": state["num_trials"], "seeded": state["seeded"],
@@ -113,33 +128,44 @@ def summary_text(summary: dict) -> str:
                      f"{best['sigma']:.4f}, {json.dumps(best['params'], sort_keys=True)}")
     if "final" in summary:
         lines.append(f"  final     {summary['final']['dir']} (sigma {summary['final']['sigma']:.4f})")
-    lines.append(f"  release   {Path(summary.get('dir', '.')) / 'release'} (what may be published; README.md is "
+    lines.append(f"  release   {Storage(summary.get('dir', '.')).url('release')} (what may be published; README.md is "
                  f"its card); {SUMMARY_FILE}, {TRIALS_FILE}: operator-internal")
     return "\n".join(lines)
 
 
+def _source(summary: dict) -> Optional[Storage]:
+    """Where the released outputs come from: the final run (public mode), else the selected trial."""
+    where = summary["final"]["dir"] if "final" in summary else (
+        summary["best"]["dir"] if summary["best"] is not None else None)
+    return None if where is None else Storage(where)
+
+
 def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config) -> privacy.Ledger:
     """The ledger the sweep's release states: the selected trial's (public mode: the final run's)."""
-    where = Path(summary["final"]["dir"]) if "final" in summary else (
-        Path(summary["best"]["dir"]) if summary["best"] is not None else None)
-    if where is not None and (where / "ledger.json").is_file():
-        return privacy.Ledger.load(where / "ledger.json")
-    if where is not None and (where / "trial_ledger.json").is_file():
-        return privacy.Ledger.from_state_dict(json.loads((where / "trial_ledger.json").read_text()))
+    where = _source(summary)
+    for name in ("ledger.json", "trial_ledger.json"):
+        if where is not None and where.is_file(name):
+            return privacy.Ledger.from_state_dict(where.read_json(name))
     return privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0,
                           seeded=cfg.run.seed is not None)
 
 
-def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict) -> Path:
-    """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card."""
+def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws: Workspace) -> Path:
+    """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card,
+    each part committed to the sweep's storage."""
     from dpfeta import release
 
-    sweep_dir, best = cfg.run_dir(), summary["best"]
-    source = Path(summary["final"]["dir"]) if "final" in summary else (Path(best["dir"]) if best else None)
+    source, best = _source(summary), summary["best"]
     if source is not None:
-        for part in ("central", "model", "samples"):
-            if (release.release_dir(source) / part).is_dir():
-                release.put_dir(sweep_dir, release.release_dir(source) / part, part)
+        src = Workspace(source)
+        try:
+            for part in ("central", "model", "samples"):
+                rel = f"{release.RELEASE_DIR}/{part}"
+                if src.fetch(rel) and src.path(rel).is_dir():
+                    release.put_dir(ws.local, src.path(rel), part)
+                    ws.commit(rel)
+        finally:
+            src.close()
     ledger = _release_ledger(summary, state_plan, cfg)
     view = release_view(summary)
     metrics = {"epsilon": summary["epsilon"], "delta": summary["delta"], "accountant": summary["accountant"]}
@@ -151,22 +177,26 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict) ->
                           "(declared public: tune.proxy_is_public)")
     else:
         facts["test split"] = "not used by the sweep (the selection score is on the validation split)"
-    release.record(sweep_dir, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
+    release.record(ws.local, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
                    extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]])
-    release.write_json(sweep_dir, release.SELECTION_FILE, view)
-    return release.release_dir(sweep_dir)
+    release.write_json(ws.local, release.SELECTION_FILE, view)
+    root = release.release_dir(ws.local)
+    for path in sorted(p for p in root.iterdir() if p.is_file()):  # the card and its records
+        ws.commit(f"{release.RELEASE_DIR}/{path.name}")
+    return root
 
 
-def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker) -> None:
+def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws: Workspace) -> None:
     from dpfeta import tracking
 
-    sweep_dir = cfg.run_dir()
-    _write_trials_csv(rows, sweep_dir / TRIALS_FILE)
-    state_plan = json.loads((sweep_dir / SWEEP_FILE).read_text())["plan"]
-    root = _publish_release(cfg, summary, state_plan)
-    tmp = sweep_dir / (SUMMARY_FILE + ".tmp")
+    _write_trials_csv(rows, ws.path(TRIALS_FILE))
+    ws.commit(TRIALS_FILE)
+    state_plan = json.loads(ws.path(SWEEP_FILE).read_text())["plan"]
+    root = _publish_release(cfg, summary, state_plan, ws)
+    tmp = ws.path(SUMMARY_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, sweep_dir / SUMMARY_FILE)
+    os.replace(tmp, ws.path(SUMMARY_FILE))
+    ws.commit(SUMMARY_FILE)  # last: the sweep is complete
     best = summary["best"]
     log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s", summary["name"],
              summary["mode"], summary["epsilon"], summary["delta"], summary["accountant"],
@@ -176,17 +206,17 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker) ->
     tracker.log_dp_metrics({"epsilon": summary["epsilon"],
                             **({"selected/score": best["score"], "selected/noise_multiplier": best["sigma"]} if best else {})})
     tracker.log_artifact(root)  # release/... (the only artifacts in release mode)
-    tracker.log_artifact(sweep_dir / SUMMARY_FILE)  # nondp/... (operator view), dropped in release mode
-    tracker.log_artifact(sweep_dir / TRIALS_FILE)
+    tracker.log_artifact(ws.path(SUMMARY_FILE))  # nondp/... (operator view), dropped in release mode
+    tracker.log_artifact(ws.path(TRIALS_FILE))
     if best is not None:
         tracker.set_tags({"dpfeta.selected": best["trial_id"]})
-        record = Path(best["dir"]) / tracking.RUN_FILE
-        if summary["mode"] != "private" and record.is_file():
-            best_run = tracking.Tracker(tracker.uri, json.loads(record.read_text())["run_id"], nondp=False)
+        where = Storage(best["dir"])
+        if summary["mode"] != "private" and where.is_file(tracking.RUN_FILE):
+            best_run = tracking.Tracker(tracker.uri, where.read_json(tracking.RUN_FILE)["run_id"], nondp=False)
             best_run.set_tags({"dpfeta.selected": "true"})
-    final_record = Path(summary["final"]["dir"]) / tracking.RUN_FILE if "final" in summary else None
-    if final_record is not None and final_record.is_file():  # public mode: nest the final run too
-        final_run = tracking.Tracker(tracker.uri, json.loads(final_record.read_text())["run_id"], nondp=False)
+    final = Storage(summary["final"]["dir"]) if "final" in summary else None
+    if final is not None and final.is_file(tracking.RUN_FILE):  # public mode: nest the final run too
+        final_run = tracking.Tracker(tracker.uri, final.read_json(tracking.RUN_FILE)["run_id"], nondp=False)
         final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
     tracker.end("FINISHED")  # the handle: pipeline.run (public final run) replaces tracking's current run
 

@@ -1,5 +1,6 @@
 """The sweep: its fixed decisions (plan, trial count K, the id key) made once and stored in
-``sweep.json``; the Ray Tune wiring (plain random search, resume with ``Tuner.restore``); ``run_sweep``."""
+``sweep.json`` (the K hyperparameter sets among them); the Ray Tune wiring (one Tune run over the
+trials not scored yet, so resuming is running it again); ``run_sweep``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import logging
 import math
 import os
 import secrets
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -17,9 +17,10 @@ from dpfeta import config as config_mod
 from dpfeta import cluster, privacy, runlock
 from dpfeta.privacy.accounting import quiet_accountant
 from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
-from dpfeta.tune.space import _metric_mode, check_search_space, search_space
+from dpfeta.storage import Storage, Workspace
+from dpfeta.tune.space import _metric_mode, check_search_space, draw_trials
 from dpfeta.tune.summary import SUMMARY_FILE, SWEEP_FILE, _finish, _plan_params, _rows, _summarize, summary_text
-from dpfeta.tune.trial import FinalFn, TrialFn, TrialSpec, _trainable, pipeline_trial
+from dpfeta.tune.trial import RESULT_FILE, FinalFn, TrialFn, TrialSpec, _trainable, pipeline_trial, trial_id
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,22 @@ def _grid_size(space: dict) -> int:
     return math.prod(len(s["values"]) for s in space.values() if s["type"] == "grid")
 
 
-def load_state(cfg: config_mod.Config, n: int) -> dict:
-    """The sweep's fixed decisions (plan, trial count), made once and stored in ``sweep.json``.
+def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -> dict:
+    """The sweep's fixed decisions (plan, trial count), made once and stored in ``sweep.json``
+    (committed to the sweep's storage before any trial starts).
 
     A resumed sweep reuses them: sigma is never recalibrated and K is never redrawn.
     """
-    sweep_dir = cfg.run_dir()
-    path = sweep_dir / SWEEP_FILE
-    if path.is_file():
+    ws = ws if ws is not None else Workspace(cfg.run_location())
+    path = ws.path(SWEEP_FILE)
+    if ws.fetch(SWEEP_FILE):
         state = json.loads(path.read_text())
         if state["config"] != json.loads(json.dumps(_fingerprint(cfg))):
-            raise ValueError(f"a sweep named '{cfg.run.name}' exists in {sweep_dir} with a different config; "
+            raise ValueError(f"a sweep named '{cfg.run.name}' exists in {ws.url()} with a different config; "
                              "rerun it unchanged to resume, or choose another run.name")
+        if "trials" not in state:  # written by an older version: the draws are made (once) now
+            state["trials"] = draw_trials(cfg.tune.search_space, state["num_trials"], cfg.tune.search_seed)
+            _save_state(ws, state)
         return state
     plan = plan_sweep(cfg, n)
     t = cfg.tune
@@ -109,12 +114,19 @@ def load_state(cfg: config_mod.Config, n: int) -> dict:
                              f"got {t.num_trials}")
         k = t.num_trials
     state = {"config": _fingerprint(cfg), "plan": plan, "num_trials": k, "seeded": cfg.run.seed is not None,
-             "id_key": secrets.token_hex(16)}  # secret key of the opaque trial ids
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+             "id_key": secrets.token_hex(16),  # secret key of the opaque trial ids
+             "trials": draw_trials(t.search_space, k, t.search_seed)}  # the K hyperparameter sets
+    _save_state(ws, state)
+    return json.loads(path.read_text())
+
+
+def _save_state(ws: Workspace, state: dict) -> None:
+    path = ws.path(SWEEP_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, path)
-    return json.loads(path.read_text())
+    ws.commit(SWEEP_FILE)
 
 
 def _scheduler(cfg: config_mod.Config):
@@ -126,29 +138,32 @@ def _scheduler(cfg: config_mod.Config):
                          time_attr="training_iteration", grace_period=1)
 
 
-def _fit(cfg: config_mod.Config, spec: TrialSpec, num_trials: int):
+def _fit(cfg: config_mod.Config, spec: TrialSpec, todo: list[dict]):
+    """One Tune run over the trials not scored yet (``todo``: entries of sweep.json's ``trials``).
+
+    The list of trials is the sweep's own (drawn once, in sweep.json), not Tune's search state: a
+    resumed sweep starts a new Tune run over what is left instead of ``Tuner.restore``. Tune's state
+    on an object store is uploaded as several objects, at most every ``SyncConfig.sync_period``; in
+    a test, a restore after the driver was killed hung with the remaining trials never started
+    (its searcher still counted a trial as live). A trial that was running resumes its stages from
+    its folder; a scored one is not in ``todo``.
+    """
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec=spec), {"cpu": TRIAL_CPUS})
-    path = Path(spec.sweep_dir) / EXPERIMENT
-    if tune.Tuner.can_restore(str(path)):
-        log.info("resuming the sweep from %s (finished trials are kept, unfinished ones continue)", path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        t = cfg.tune
-        grid = _grid_size(t.search_space)
-        tuner = tune.Tuner(
-            trainable, param_space={"params": search_space(t.search_space)},
-            tune_config=tune.TuneConfig(
-                num_samples=num_trials // grid, scheduler=_scheduler(cfg),
-                # plain random search; the hyperparameter draws are data-independent
-                search_alg=BasicVariantGenerator(random_state=t.search_seed, max_concurrent=t.max_concurrent_trials),
-                reuse_actors=True),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=spec.sweep_dir,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-                                      # private: Tune's trial table (every trial's score, K) stays off stdout
-                                      verbose=0 if t.privacy_mode == "private" else None))
+    store = Storage(spec.sweep_dir)  # Tune's experiment folder in the sweep's storage (local or object store)
+    t = cfg.tune
+    tuner = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(num_samples=1, scheduler=_scheduler(cfg),
+                                    search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent_trials),
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=store.fs_path(),
+                                  storage_filesystem=None if store.is_local else store.filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+                                  # private: Tune's trial table (every trial's score, K) stays off stdout
+                                  verbose=0 if t.privacy_mode == "private" else None))
     return tuner.fit()
 
 
@@ -168,46 +183,58 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
     for line in config_mod.validate_against_n(cfg, n):
         log.warning(line)
     cfg = privacy.resolve(cfg, n)
-    sweep_dir = cfg.run_dir()
     trials_cfg, trials_n = trials_config(cfg)  # refuses a bad proxy before anything is stored
     cluster.check_reachable(cfg)  # a dead or wrong address: an error now
-    with runlock.hold(sweep_dir):  # one process per sweep directory
-        return _sweep(cfg, n, trials_cfg, trials_n, trial_fn=trial_fn, final_fn=final_fn, num_cpus=num_cpus,
-                      echo=echo)
+    ws = Workspace(cfg.run_location())  # the sweep's folder: a local path or an object-store prefix
+    try:
+        if ws.is_remote:
+            ws.remote.check_writable()  # a missing bucket, no permission, no endpoint: an error now
+        with runlock.hold(ws.remote):  # one process per sweep directory
+            return _sweep(cfg, n, ws, trials_cfg, trials_n, trial_fn=trial_fn, final_fn=final_fn,
+                          num_cpus=num_cpus, echo=echo)
+    finally:
+        ws.close()
 
 
-def _sweep(cfg: config_mod.Config, n: int, trials_cfg: config_mod.Config, trials_n: int, *,
+def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod.Config, trials_n: int, *,
            trial_fn: Optional[TrialFn], final_fn: Optional[FinalFn], num_cpus: Optional[int],
            echo: Callable[[str], None]) -> dict:
     from dpfeta import tracking
 
-    sweep_dir = cfg.run_dir()
-    state = load_state(cfg, n)
+    state = load_state(cfg, n, ws)
     echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
-    if (sweep_dir / SUMMARY_FILE).is_file():
-        log.info("sweep '%s' is complete; its summary is %s", cfg.run.name, sweep_dir / SUMMARY_FILE)
-        summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
+    if ws.fetch(SUMMARY_FILE):
+        log.info("sweep '%s' is complete; its summary is %s", cfg.run.name, ws.url(SUMMARY_FILE))
+        summary = json.loads(ws.path(SUMMARY_FILE).read_text())
         echo(summary_text(summary))
         return summary
     plan, mode = state["plan"], cfg.tune.privacy_mode
     # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
     # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one).
     log_trials = mode != "private"
-    tracker = tracking.start_run(cfg, sweep_dir, params={**cfg.public_flat(), **_plan_params(plan)},
+    ws.fetch(tracking.RUN_FILE)
+    tracker = tracking.start_run(cfg, ws.local, params={**cfg.public_flat(), **_plan_params(plan)},
                                  tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": mode})
-    spec = TrialSpec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=str(sweep_dir),
+    if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
+        ws.commit(tracking.RUN_FILE)
+    spec = TrialSpec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=ws.url(),
                  trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
                  parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,
                  seed=cfg.run.seed, id_key=state["id_key"])
-    rows: list[dict] = []
     try:
-        if state["num_trials"] > 0:
+        todo = [t for t in state["trials"] if not ws.remote.is_file(f"trials/{trial_id(spec, t)}/{RESULT_FILE}")]
+        if len(todo) < len(state["trials"]):
+            log.info("sweep '%s': %d of %d trials already scored (kept), running %d", cfg.run.name,
+                     len(state["trials"]) - len(todo), len(state["trials"]), len(todo))
+        grid = None
+        if todo:
             with cluster.session(cfg, num_cpus=num_cpus):
-                rows = _rows(_fit(cfg, spec, state["num_trials"]), cfg.tune.metric)
-        summary = _summarize(cfg, state, rows)
+                grid = _fit(cfg, spec, todo)
+        rows = _rows(ws, spec, state["trials"], grid, cfg.tune.metric)
+        summary = _summarize(cfg, state, rows, ws)
         if mode == "public" and summary["best"] is not None:
-            summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn))
-        _finish(cfg, summary, rows, tracker)
+            summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn, ws))
+        _finish(cfg, summary, rows, tracker, ws)
         echo(summary_text(summary))
     except BaseException:
         if tracker is not None:
@@ -216,9 +243,10 @@ def _sweep(cfg: config_mod.Config, n: int, trials_cfg: config_mod.Config, trials
     return summary
 
 
-def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[FinalFn]) -> dict:
-    """Public mode: the best hyperparameters, one run on the sensitive data with the whole budget."""
-    final_cfg = config_mod.replace(cfg, {**params, "run.dir": str(cfg.run_dir()), "run.name": "final"})
+def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[FinalFn], ws: Workspace) -> dict:
+    """Public mode: the best hyperparameters, one run on the sensitive data with the whole budget,
+    in ``<sweep>/final`` (the same storage as the sweep)."""
+    final_cfg = config_mod.replace(cfg, {**params, "run.dir": ws.url(), "run.name": "final"})
     with quiet_accountant():
         final_plan = privacy.plan(privacy.resolve(final_cfg, n), n)
     if final_fn is None:
@@ -226,6 +254,6 @@ def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[
 
         final_fn = pipeline.run
     result = final_fn(final_cfg)
-    return {"epsilon": final_plan.epsilon, "final": {"dir": str(final_cfg.run_dir()),
+    return {"epsilon": final_plan.epsilon, "final": {"dir": Storage(final_cfg.run_location()).uri,
                                                     "sigma": final_plan.noise_multiplier, "result": result}}
 

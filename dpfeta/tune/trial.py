@@ -19,6 +19,7 @@ from dpfeta import config as config_mod
 from dpfeta import privacy
 from dpfeta.privacy.accounting import quiet_accountant
 from dpfeta.privacy.sweep import dp_score, trial_plan, trial_sigma
+from dpfeta.storage import Storage, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ class TrialContext:
     cfg: config_mod.Config  # search-space values applied, privacy.noise_multiplier = this trial's sigma
     params: dict[str, Any]
     plan: privacy.Plan  # sigma, q, T; its ledger holds M1, M2 (+ M3 and the repeat wrapper when tuned)
-    out_dir: Path
+    out_dir: Path  # the trial's files on this machine (== ws.local): its folder, or a scratch copy
     mode: str
     n: int
     trial_id: str
+    ws: Optional[Workspace] = None  # the trial's folder in the sweep's storage (a local path or a URI)
 
     @property
     def ledger(self) -> privacy.Ledger:
@@ -64,7 +66,7 @@ class TrialSpec:
     base: dict  # the resolved base config (proxy data in public mode)
     plan: dict  # sweep_plan(...)
     n: int  # N of the training split the trials use
-    sweep_dir: str
+    sweep_dir: str  # the sweep's folder: a local path or an object-store URI
     trial_fn: TrialFn
     tracking_uri: Optional[str] = None
     parent_run_id: Optional[str] = None
@@ -73,14 +75,19 @@ class TrialSpec:
     id_key: str = ""  # secret key of the opaque trial ids (sweep.json)
 
 
-def opaque_id(key: str, ray_trial_id: str) -> str:
-    """A trial's public id: a keyed hash of Ray's trial id (whose counter tells the trial's position)."""
-    return hashlib.blake2b(ray_trial_id.encode(), key=bytes.fromhex(key), digest_size=8).hexdigest()
+def opaque_id(key: str, name: str) -> str:
+    """A trial's public id: a keyed hash of its name in the sweep (whose counter tells its position)."""
+    return hashlib.blake2b(name.encode(), key=bytes.fromhex(key), digest_size=8).hexdigest()
+
+
+def trial_id(spec: TrialSpec, trial: dict) -> str:
+    """The opaque id of an entry of sweep.json's ``trials`` (the same on every resume)."""
+    return opaque_id(spec.id_key, f"trial-{int(trial['index'])}")
 
 
 def _trial_config(spec: TrialSpec, params: dict, trial_id: str) -> config_mod.Config:
     updates = dict(params)
-    updates.update({"run.dir": str(Path(spec.sweep_dir) / "trials"), "run.name": trial_id})
+    updates.update({"run.dir": Storage(spec.sweep_dir).child("trials").uri, "run.name": trial_id})
     if spec.tracking_uri:
         updates["tracking.uri"] = spec.tracking_uri
     if not spec.log_trials:
@@ -91,34 +98,50 @@ def _trial_config(spec: TrialSpec, params: dict, trial_id: str) -> config_mod.Co
 
 
 RESULT_FILE = "trial_result.json"
+RELEASE_PARTS = ("central", "model", "samples")  # what a sweep's release copies from the selected trial
 
 
 def run_trial(spec: TrialSpec, params: dict, trial_id: str) -> dict:
     """One trial: calibrate its sigma, run the trial function, add the DP score. Returns the result.
 
     Idempotent: a trial that already scored returns its stored result (a rerun after a driver crash
-    must not draw a second noisy score); the pipeline stages resume from the trial directory.
+    must not draw a second noisy score); the pipeline stages resume from the trial directory. The
+    trial's folder lives in the sweep's storage (``<sweep>/trials/<id>``); on an object store this
+    process works in a scratch copy and commits each file (the result last), whatever node it is on.
     """
+    cfg = _trial_config(spec, params, trial_id)
+    ws = Workspace(cfg.run_location())
+    try:
+        return _run_trial(spec, cfg, ws, params, trial_id)
+    finally:
+        ws.close()
+
+
+def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: dict, trial_id: str) -> dict:
     from dpfeta import tracking
 
-    cfg = _trial_config(spec, params, trial_id)
-    out_dir = cfg.run_dir()
-    if (out_dir / RESULT_FILE).is_file():
-        log.info("trial %s: already scored, returning %s", trial_id, out_dir / RESULT_FILE)
-        return json.loads((out_dir / RESULT_FILE).read_text())
+    out_dir = ws.local
+    if ws.fetch(RESULT_FILE):
+        log.info("trial %s: already scored, returning %s", trial_id, ws.url(RESULT_FILE))
+        return json.loads(ws.path(RESULT_FILE).read_text())
     sigma = trial_sigma(spec.plan, cfg, spec.n)
     plan = trial_plan(spec.plan, cfg, spec.n, sigma)
     cfg = config_mod.replace(cfg, {"privacy.noise_multiplier": sigma})
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.dump(out_dir / "config.json")  # the trial's resolved config, its sigma included
+    ws.commit("config.json")
     tracker = None
     if spec.log_trials and spec.parent_run_id:
         tags = {"mlflow.parentRunId": spec.parent_run_id, "dpfeta.trial_id": trial_id,
-                "dpfeta.sweep": Path(spec.sweep_dir).name, "dpfeta.tune_mode": spec.plan["mode"]}
+                "dpfeta.sweep": Storage(spec.sweep_dir).uri.rstrip("/").rsplit("/", 1)[-1],
+                "dpfeta.tune_mode": spec.plan["mode"]}
         trial_params = {**tracking.run_params(cfg, plan), **{f"trial/{k}": v for k, v in params.items()}}
+        ws.fetch(tracking.RUN_FILE)
         tracker = tracking.start_run(cfg, out_dir, params=trial_params, tags=tags)
+        if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
+            ws.commit(tracking.RUN_FILE)
     ctx = TrialContext(cfg=cfg, params=dict(params), plan=plan, out_dir=out_dir,
-                       mode=spec.plan["mode"], n=spec.n, trial_id=trial_id)
+                       mode=spec.plan["mode"], n=spec.n, trial_id=trial_id, ws=ws)
     try:
         out = dict(spec.trial_fn(ctx) or {})
         plan = ctx.plan  # the trial function may have reopened it (resume)
@@ -127,12 +150,19 @@ def run_trial(spec: TrialSpec, params: dict, trial_id: str) -> dict:
         record = {**plan.ledger.state_dict(), "epsilon_trial": result.get("epsilon_trial"),
                   "epsilon_if_all_trials_were_this_one": plan.epsilon, "epsilon_total": spec.plan["epsilon"]}
         (out_dir / "trial_ledger.json").write_text(json.dumps(record, indent=2) + "\n")
+        ws.commit("trial_ledger.json")
         if (out_dir / "ledger.json").is_file():  # the pipeline's ledger, now with the score recorded
             with quiet_accountant():
                 plan.ledger.save(out_dir / "ledger.json")
+            ws.commit("ledger.json")
+        for part in RELEASE_PARTS:  # what the trial function left for the release and did not commit
+            rel = f"release/{part}"
+            if ws.is_remote and ws.path(rel).is_dir() and not ws.remote.committed(rel):
+                ws.commit(rel)
         tmp = out_dir / (RESULT_FILE + ".tmp")
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         os.replace(tmp, out_dir / RESULT_FILE)
+        ws.commit(RESULT_FILE)  # last: "scored"
     except BaseException:
         if tracker is not None:
             tracking.end_run("FAILED")
@@ -182,9 +212,7 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     """
     from dpfeta import data, evaluate, pipeline
 
-    from dpfeta.storage import Workspace
-
-    cfg, ws = ctx.cfg, Workspace(ctx.out_dir)
+    cfg, ws = ctx.cfg, ctx.ws if ctx.ws is not None else Workspace(ctx.out_dir)
     pl = pipeline.open_ledger(ws, ctx.plan)  # resume: the stored sigma is kept
     ctx.plan = pl
     splits = data.load_splits(cfg)  # validates before any privacy spend
@@ -208,9 +236,9 @@ def pipeline_trial(ctx: TrialContext) -> dict:
 
 
 def _trainable(config: dict, spec: TrialSpec) -> None:
-    """The Tune function trainable: one trial, its final result reported to Tune."""
+    """The Tune function trainable: one trial of sweep.json's list, its final result reported to Tune."""
     from ray import tune
 
-    trial_id = tune.get_context().get_trial_id()
-    tune.report(run_trial(spec, config["params"], opaque_id(spec.id_key, trial_id)))
+    trial = config["trial"]
+    tune.report(run_trial(spec, trial["params"], trial_id(spec, trial)))
 
