@@ -24,10 +24,10 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/dpfeta run --config $(CONFIG)
 
-test: install  # the everyday suite (about 15 minutes on 2 cores)
+test: install  # the everyday suite (about 20 minutes on 2 idle cores)
 	$(BIN)/python -m pytest -q -m "not long" --durations=15 tests
 
-test-long: install  # multi-node clusters, elastic resizes, driver kills (about 25 minutes on 2 cores)
+test-long: install  # multi-node clusters, elastic resizes, driver kills, ray job submit, whole-run console and sweep checks (about 35 minutes)
 	$(BIN)/python -m pytest -q -m long --durations=15 tests
 
 ci: test test-long

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null", "central.epsilon_share=0.3",
         "central.batch_size=600", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",

@@ -25,7 +25,7 @@ from dpfeta import config, data, pipeline, privacy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 TINY = """
 data: {source: digits, resolution: 8, channels: 1, num_classes: 10}

@@ -252,6 +252,7 @@ def test_public_sweep_refuses_the_sensitive_data_as_proxy(tmp_path):
     assert not (tmp_path / "public" / "trials").exists()
 
 
+@pytest.mark.long  # the real pipeline in a sweep: minutes
 def test_public_sweep_spends_only_the_final_run(tmp_path):
     finals = []
 
@@ -356,6 +357,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert tune.run_sweep(cfg, trial_fn=fake_trial) == summary
 
 
+@pytest.mark.long  # the real pipeline in a sweep: minutes
 def test_private_sweep_through_the_pipeline(tmp_path):
     """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score."""
     cfg = _cfg(tmp_path, "private", *TINY, "run.seed=0")  # seed 0: K = 1 trial (the stages, once)

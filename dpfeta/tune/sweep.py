@@ -97,6 +97,9 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
             raise ValueError(f"a sweep named '{cfg.run.name}' exists in {ws.url()} with a different config; "
                              "rerun it unchanged to resume, or choose another run.name")
         if "trials" not in state:  # written by an older version: the draws are made (once) now
+            log.warning("sweep '%s' was started by an older dpfeta whose trial folders are named otherwise: "
+                        "its %d trials run again under new ids (K and sigma are kept; only the new trials "
+                        "are scored and selected from)", cfg.run.name, state["num_trials"])
             state["trials"] = draw_trials(cfg.tune.search_space, state["num_trials"], cfg.tune.search_seed)
             _save_state(ws, state)
         return state
