@@ -154,12 +154,13 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws
     """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card,
     each part committed to the sweep's storage."""
     from dpfeta import release
+    from dpfeta.tune.trial import RELEASE_PARTS
 
     source, best = _source(summary), summary["best"]
     if source is not None:
         src = Workspace(source)
         try:
-            for part in ("central", "model", "samples"):
+            for part in RELEASE_PARTS:
                 rel = f"{release.RELEASE_DIR}/{part}"
                 if src.fetch(rel) and src.path(rel).is_dir():
                     release.put_dir(ws.local, src.path(rel), part)
