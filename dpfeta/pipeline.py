@@ -384,12 +384,14 @@ def stage_sample(cfg: Config, ws: Workspace, weights: Path | Storage) -> data.Im
     sampling tasks, then the grid and ``samples.json``, the folder committed last."""
     from dpfeta import evaluate, images
 
+    synthetic = None
     if not (ws.fetch("samples") and ws.path("samples/samples.json").is_file()):
         begin = time.perf_counter()
         shards = stage_sample_shards(cfg, ws, _stored(ws, weights))
         if ws.is_remote:
             ws.remote.get_files("samples", ws.path("samples"))
-        x, y = images.load_class_folders(ws.path("samples/images"), channels=cfg.data.channels)
+        synthetic = evaluate.load_synthetic(ws.path("samples"), cfg)  # read once: the grid and the evaluation
+        x, y = synthetic.images, synthetic.labels
         images.save_class_grid(x, y, ws.path("samples/grid.png"))
         s = cfg.sample
         meta = {"num": int(len(y)), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "weights": "EMA",
@@ -406,7 +408,7 @@ def stage_sample(cfg: Config, ws: Workspace, weights: Path | Storage) -> data.Im
         log.info("sample: found %s, skipping", ws.url("samples"))
     if not ws.fetch(f"{release.RELEASE_DIR}/samples"):  # new, or interrupted before it was published
         tracking.log_artifact(_put_release_dir(ws, ws.path("samples"), "samples") / "grid.png")
-    return evaluate.load_synthetic(ws.path("samples"), cfg)
+    return synthetic if synthetic is not None else evaluate.load_synthetic(ws.path("samples"), cfg)
 
 
 def _evaluate_task(cfg: Config, synthetic: data.ImageSet, splits: Optional[data.Splits]) -> dict:

@@ -254,23 +254,18 @@ class Storage:
 
     def get_files(self, rel: str, local: Path | str) -> list[str]:
         """Download every file under ``rel`` (committed or not) into ``local``."""
-        local = Path(local)
-        files = [f for f in self.list_files(rel) if f != MARKER]
-        for name in files:
-            dest = local / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(self.read_bytes(f"{rel}/{name}"))
-        return files
+        return self._download(rel, [f for f in self.list_files(rel) if f != MARKER], Path(local))
 
     def get_dir(self, rel: str, local: Path | str) -> list[str]:
         """Download a committed folder into ``local`` (the files its marker lists)."""
-        local = Path(local)
-        marker = self.read_json(f"{rel}/{MARKER}")
-        for name in marker["files"]:
+        return self._download(rel, list(self.read_json(f"{rel}/{MARKER}")["files"]), Path(local))
+
+    def _download(self, rel: str, names: list[str], local: Path) -> list[str]:
+        for name in names:
             dest = local / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(self.read_bytes(f"{rel}/{name}"))
-        return list(marker["files"])
+        return names
 
     # -- checks ------------------------------------------------------------------------------
     def check_writable(self) -> None:
