@@ -2,9 +2,9 @@
 
     python bench/driver_memory.py [--sizes 20000 200000] [--resolution 28]
 
-For each N a synthetic ten-class set of ``--resolution`` px (default 28, so that the data's weight
-shows: 200,000 images are 157 MB as uint8 and 627 MB as float32) (random pixels: this measures memory, not quality) is
-written as an npz file and as a prepared Parquet folder (``dpfeta prepare``); ``dpfeta run`` then runs
+For each N a synthetic ten-class set of random ``--resolution`` px images (this measures memory, not
+quality; default 28 px, so that the data's weight shows: 200,000 images are 157 MB as uint8 and
+627 MB as float32) is written as an npz file and as a prepared Parquet folder (``dpfeta prepare``); ``dpfeta run`` then runs
 in a fresh process on each, with a tiny model and a few DP-SGD steps, and reports that process's
 peak resident memory (``ru_maxrss``). The Ray processes are not counted: the question is what the
 driver (a cluster's head node) holds. Digits (N=1,258, read in memory) is the first row.
