@@ -1,6 +1,7 @@
 """Every stage against this machine's own limit: achieved FLOP/s / matmul FLOP/s, one process.
 
     python bench/roofline.py [--threads 1] [--bf16 auto|on|off] [--reps 3] [--models digits mnist]
+    python bench/roofline.py --device cuda --mnist-batch 64 --digits-batch 256 --sample-images 2048
 
 The limit is the best rate of a square fp32 matrix multiply (and bf16, where measured) timed in this
 process right before and right after every timed repetition of a stage (same threads, allocator and
@@ -22,6 +23,9 @@ Digits is configs/digits.yaml (16 px, 218,769 parameters); MNIST is the configs/
 (28 px, 1,485,217 parameters) with a small batch so that it runs on a CPU. ``--bf16 auto`` measures
 bf16 only where the device multiplies bf16 natively (``dpfeta.precision.bf16_native``); ``on``
 forces it (emulated bf16 on a CPU without AVX512-BF16/AMX is ~100x slower: minutes).
+``--device cuda`` runs every stage on the GPU (``run.use_gpu``), against the GPU's own matmul rates
+(fp32 without TF32, bf16); cuDNN may use TF32 for fp32 convolutions (PyTorch's default), so an fp32
+stage can exceed 1.0 of the fp32 matmul rate there.
 """
 
 from __future__ import annotations
@@ -84,23 +88,32 @@ def timed(fn, reps: int, *, warm: bool = True) -> float:
 
 class Bench:
     def __init__(self, name: str, path: Path, *, precisions: list[str], reps: int, mnist_batch: int,
-                 sample_steps: int, sample_images: int):
-        self.name, self.reps, self.precisions = name, reps, precisions
-        self.cfg = config.load(path, ["run.seed=0"])
+                 sample_steps: int, sample_images: int, device: torch.device = torch.device("cpu"),
+                 digits_batch: int | None = None):
+        self.name, self.reps, self.precisions, self.device = name, reps, precisions, device
+        self.cfg = config.load(path, ["run.seed=0", f"run.use_gpu={'true' if device.type == 'cuda' else 'false'}"])
         self.mnist_batch, self.sample_steps, self.sample_images = mnist_batch, sample_steps, sample_images
+        self.digits_batch = digits_batch
         self.rows: list[Row] = []
 
     def measure(self, fn, prec: str, reps: int, *, warm: bool = True) -> float:
         """Seconds of ``fn``, each rep bracketed by matmul-rate measurements (shared machines: the
         load moves within seconds); keeps the rep with the median fraction and its roofline."""
-        if warm:
+        device = self.device
+
+        def synced():
             fn()
-        bf16 = precision.matmul_rate(torch.bfloat16, seconds=0.3) if prec == "bf16" else None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        if warm:
+            synced()
+        bf16 = precision.matmul_rate(torch.bfloat16, device, seconds=0.3) if prec == "bf16" else None
         runs = []
         for _ in range(reps):
-            before = precision.matmul_rate(torch.float32, seconds=0.15)
-            seconds = timed(fn, 1, warm=False)
-            peak = (before * precision.matmul_rate(torch.float32, seconds=0.15)) ** 0.5
+            before = precision.matmul_rate(torch.float32, device, seconds=0.15)
+            seconds = timed(synced, 1, warm=False)
+            peak = (before * precision.matmul_rate(torch.float32, device, seconds=0.15)) ** 0.5
             runs.append((1.0 / (seconds * peak), seconds, peak))
         _, seconds, peak = sorted(runs)[len(runs) // 2]
         self.last_peaks = (peak, bf16)
@@ -121,7 +134,7 @@ class Bench:
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (256, d.channels, d.resolution, d.resolution), dtype=torch.uint8, generator=gen)
         labels = torch.randint(d.num_classes, (256,), generator=gen)
-        denoiser = sample.build_denoiser(cfg)
+        denoiser = sample.build_denoiser(cfg).to(self.device)
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=w.lr)
 
         def step():
@@ -136,17 +149,18 @@ class Bench:
     def dpsgd_step(self, prec: str) -> None:
         cfg = self.with_precision(prec)
         f, d = cfg.finetune, cfg.data
-        batch = f.physical_batch_size // f.noise_multiplicity if self.name == "digits" else self.mnist_batch
+        batch = ((self.digits_batch or f.physical_batch_size // f.noise_multiplicity) if self.name == "digits"
+                 else self.mnist_batch)
         rows = batch * f.noise_multiplicity
-        gen = torch.Generator().manual_seed(0)
-        images = torch.rand(batch, d.channels, d.resolution, d.resolution, generator=gen) * 2 - 1
-        labels = torch.randint(d.num_classes, (batch,), generator=gen)
-        net = finetune.build_network(cfg, finetune.EDM, finetune.Worker())
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        images = torch.rand(batch, d.channels, d.resolution, d.resolution, generator=gen, device=self.device) * 2 - 1
+        labels = torch.randint(d.num_classes, (batch,), generator=gen, device=self.device)
+        net = finetune.build_network(cfg, finetune.EDM, finetune.Worker(device=str(self.device)))
         model_flops = self._model_flops(cfg, net, images, labels)
         optimizer = torch.optim.Adam(net.parameters(), lr=f.lr)
         private = dpsgd.DPSGD(net, noise_multiplier=1.0, max_grad_norm=f.max_grad_norm, expected_batch_size=batch,
                               noise_multiplicity=f.noise_multiplicity, physical_batch_size=rows,
-                              noise_generator=torch.Generator().manual_seed(1), precision=prec)
+                              noise_generator=torch.Generator(device=self.device).manual_seed(1), precision=prec)
 
         def rows_fn(module, x, y, draws):
             return finetune.EDM.loss_rows(module, x, y, cfg, gen, draws)
@@ -161,7 +175,7 @@ class Bench:
     @staticmethod
     def _model_flops(cfg: config.Config, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
         """FLOPs of a plain forward + backward of the step's B*K rows (no per-example machinery)."""
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=images.device).manual_seed(0)
         K = cfg.finetune.noise_multiplicity
 
         def fwd_bwd():
@@ -175,11 +189,13 @@ class Bench:
         cfg = config.replace(self.with_precision(prec), {"sample.sampler": "edm", "sample.steps": self.sample_steps,
                                                          "sample.guidance": 0.0})
         d, s = cfg.data, cfg.sample
-        denoiser = sample.build_denoiser(cfg).eval()
+        dev = self.device
+        denoiser = sample.build_denoiser(cfg).to(dev).eval()
         num = self.sample_images or (128 if d.resolution <= 16 else 32)
-        x = torch.randn(64, d.channels, d.resolution, d.resolution)
+        x = torch.randn(64, d.channels, d.resolution, d.resolution, device=dev)
         with torch.no_grad():  # counts one evaluation, and warms the allocator and oneDNN up
-            per_eval = count_flops(lambda: denoiser(x, torch.ones(64), torch.zeros(64, dtype=torch.long))) / 64
+            per_eval = count_flops(lambda: denoiser(x, torch.ones(64, device=dev),
+                                                    torch.zeros(64, dtype=torch.long, device=dev))) / 64
         per_image = per_eval * (2 * s.steps - 1)
 
         def new():
@@ -190,8 +206,8 @@ class Bench:
             labels = torch.randint(d.num_classes, (num,), generator=gen)
             with torch.no_grad():
                 for y in labels.split(s.batch_size):
-                    latents = torch.randn(len(y), d.channels, d.resolution, d.resolution, generator=gen)
-                    sample.sample_batch(denoiser, cfg, latents, y, null_label=d.num_classes, generator=gen)
+                    latents = torch.randn(len(y), d.channels, d.resolution, d.resolution, generator=gen).to(dev)
+                    sample.sample_batch(denoiser, cfg, latents, y.to(dev), null_label=d.num_classes, generator=gen)
 
         runs = [("sampling (EDM Heun)", new, f"generate(), {num} images, {s.steps} steps")]
         if prec == "fp32":
@@ -204,13 +220,14 @@ class Bench:
         if prec != "fp32":  # the downstream CNN and the FID features are fp32 (evaluate.py)
             return
         cfg, d = self.cfg, self.cfg.data
-        cnn = CNN(in_channels=d.channels, num_classes=d.num_classes, resolution=d.resolution)
+        dev = self.device
+        cnn = CNN(in_channels=d.channels, num_classes=d.num_classes, resolution=d.resolution).to(dev)
         optimizer = torch.optim.Adam(cnn.parameters(), lr=cfg.eval.classifier_lr)
         gen = torch.Generator().manual_seed(0)
         batch = cfg.eval.classifier_batch_size
-        x = torch.rand(batch, d.channels, d.resolution, d.resolution, generator=gen) * 2 - 1
-        y = torch.randint(d.num_classes, (batch,), generator=gen)
-        features_in = torch.rand(500, d.channels, d.resolution, d.resolution, generator=gen) * 2 - 1
+        x = (torch.rand(batch, d.channels, d.resolution, d.resolution, generator=gen) * 2 - 1).to(dev)
+        y = torch.randint(d.num_classes, (batch,), generator=gen).to(dev)
+        features_in = (torch.rand(500, d.channels, d.resolution, d.resolution, generator=gen) * 2 - 1).to(dev)
 
         def train_step():
             optimizer.zero_grad(set_to_none=True)
@@ -252,20 +269,27 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--stages", nargs="+", default=["warmup_step", "dpsgd_step", "sampling", "evaluation"],
                         choices=["warmup_step", "dpsgd_step", "sampling", "evaluation"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every stage and the matmul rates there)")
     parser.add_argument("--mnist-batch", type=int, default=4, help="MNIST DP-SGD examples (x K=32 rows)")
+    parser.add_argument("--digits-batch", type=int, default=None, help="digits DP-SGD examples (x K=4 rows; "
+                        "default: the config's physical batch)")
     parser.add_argument("--sample-steps", type=int, default=8, help="sampler steps N (rates scale as 1/N)")
     parser.add_argument("--sample-images", type=int, default=None, help="default: 128 (16 px), 32 (28 px)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    native = precision.bf16_native("cpu")
+    device = torch.device(args.device)
+    native = precision.bf16_native(device)
     precisions = ["fp32"] + (["bf16"] if args.bf16 == "on" or (args.bf16 == "auto" and native) else [])
-    print(f"bench/roofline.py: torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"bench/roofline.py: torch {torch.__version__}, {where}, "
           f"native bf16 {native}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}, "
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(glibc malloc)'}")
     rows = []
     for name in args.models:
         bench = Bench(name, MODELS[name], precisions=precisions, reps=args.reps, mnist_batch=args.mnist_batch,
-                      sample_steps=args.sample_steps, sample_images=args.sample_images)
+                      sample_steps=args.sample_steps, sample_images=args.sample_images, device=device,
+                      digits_batch=args.digits_batch)
         print(f"{name}: U-Net {count_parameters(sample.build_denoiser(bench.cfg)):,} parameters", flush=True)
         rows += bench.run(args.stages)
     print("\n" + table(rows))
