@@ -116,11 +116,17 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_saved(config: str, overrides: list[str], path: Path) -> None:
+def evaluate_saved(config: str, overrides: list[str], paths: list[Path]) -> None:
     """Evaluate the runs saved by ``--samples-out`` here (e.g. with the Inception FID)."""
-    saved = np.load(path, allow_pickle=False)
-    meta = json.loads(str(saved["meta"]))
     rows = []
+    for path in paths:
+        saved = np.load(path, allow_pickle=False)
+        rows += _evaluate_file(config, overrides, saved)
+    print(summary(rows))
+
+
+def _evaluate_file(config: str, overrides: list[str], saved) -> list[dict]:
+    meta, rows = json.loads(str(saved["meta"])), []
     for i, r in enumerate(meta):
         cfg = pipeline.resolve_config(config, ["tracking.enabled=false", "tracking.nondp=true",
                                                f"run.seed={r['seed']}", *overrides])
@@ -133,7 +139,7 @@ def evaluate_saved(config: str, overrides: list[str], path: Path) -> None:
         print(f"seed {r['seed']} {r['precision']}: accuracy {r['accuracy']:.3f}, FID {r['fid']:.1f} ({r['fid_kind']})",
               flush=True)
         rows.append(r)
-    print(summary(rows))
+    return rows
 
 
 def save(rows: list[dict], json_out: Path | None, samples_out: Path | None) -> None:
@@ -151,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/digits.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--samples-out", type=Path, default=None, help="save every run's images to this .npz")
     parser.add_argument("--json-out", type=Path, default=None, help="save every run's numbers to this .json")
-    parser.add_argument("--evaluate", type=Path, default=None, help="evaluate a saved .npz here, train nothing")
+    parser.add_argument("--evaluate", type=Path, nargs="+", default=None,
+                        help="evaluate saved .npz files here, train nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench/precision_quality.py: {args.config}, epsilon {args.epsilon:g}, {args.seeds} seed(s), "
           f"{name}, torch {torch.__version__}", flush=True)
     rows, start = [], time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for prec in args.precisions:
             with tempfile.TemporaryDirectory(prefix="dpfeta-precq-") as tmp:
                 r = one_run(args.config, args.overrides, seed=seed, prec=prec, epsilon=args.epsilon,

@@ -190,7 +190,9 @@ class RunConfig:
     max_failures: int = 3
     seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
     # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
-    precision: str = "auto"  # network fwd/bwd: fp32, bf16 (autocast), auto (bf16 where native and measured faster)
+    # network fwd/bwd: fp32 (default: measured faster or equal on every device tried, README "bf16"),
+    # bf16 (autocast), auto (bf16 where the device's bf16 matmul is >= 1.5x its fp32 matmul)
+    precision: str = "fp32"
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a private local cluster
     placement: str = "PACK"  # DP-SGD workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one per node)
     worker_resources: dict = field(default_factory=dict)  # extra Ray resources per DP-SGD worker, e.g. {dpsgd: 1}

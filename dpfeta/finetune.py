@@ -272,9 +272,10 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
 def _metrics(cfg: Config, plan: privacy.Plan, ledger: privacy.Ledger, step: int,
              window: _Window) -> dict[str, Any]:
     """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
+    # sec_per_step first: the window times the steps, not the accountant's epsilon below
+    sec_per_step = (time.perf_counter() - window.start) / max(window.steps, 1)
     out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
-           "epsilon": ledger.epsilon(), "noise_multiplier": plan.noise_multiplier,
-           "sec_per_step": (time.perf_counter() - window.start) / max(window.steps, 1)}
+           "epsilon": ledger.epsilon(), "noise_multiplier": plan.noise_multiplier, "sec_per_step": sec_per_step}
     if cfg.tracking.nondp:
         examples = max(window.examples, 1)
         out.update({"nondp/loss": window.loss_sum / examples, "nondp/clip_fraction": window.clipped / examples,

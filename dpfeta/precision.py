@@ -1,6 +1,6 @@
 """Compute precision of the network: fp32, or bf16 autocast, chosen per device by measurement.
 
-``run.precision`` is ``fp32``, ``bf16`` or ``auto`` (the default). Only the network's forward and
+``run.precision`` is ``fp32`` (the default), ``bf16`` or ``auto``. Only the network's forward and
 backward run under ``torch.autocast(dtype=bfloat16)``; parameters, optimiser state, losses, the
 sampler's state and every piece of privacy arithmetic (per-example gradients once computed,
 clipping, sums, noise) stay fp32 (privacy.md §5; ``dpsgd.py`` enforces its part).
@@ -10,6 +10,12 @@ a CPU whose oneDNN has a bf16 path, i.e. AVX512-BF16 or AMX) **and** a bf16 matr
 in this process is at least ``AUTO_MIN_SPEEDUP`` times the fp32 one; otherwise fp32. Without a
 native path bf16 is emulated and far slower (measured on a 2-core AVX2 VM: matmul 0.8 vs 70 GFLOP/s,
 a digits U-Net training step 10x slower), so it is not even timed there.
+
+The matmul ratio is a ceiling, not a measurement of the model: on an H200 (bf16 matmul ~15x fp32)
+the digits and MNIST U-Nets ran their warm-up step at 0.55-0.87x, DP-SGD step at 0.79-1.00x and
+sampling at 0.99-1.15x of fp32 under bf16 (README, "bf16"): small convolutions at 16-28 px are
+bound by kernel launches, layout conversions and normalisation, not by matrix arithmetic. Hence
+fp32 is the default, and bf16 is for models where ``bench/roofline.py --device cuda`` shows a gain.
 """
 
 from __future__ import annotations

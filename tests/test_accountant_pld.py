@@ -136,3 +136,25 @@ def test_auto_with_a_sigma_only_pld_accepts_plans_with_pld():
     assert pl.accountant == "pld" and pl.epsilon <= 10.0 and set(pl.compared) == {"pld_epsilon"}
     with pytest.raises(ValueError, match="above the target"):  # too little noise for either: refused
         privacy.plan(config.replace(cfg, {"privacy.noise_multiplier": 1.0}), MNIST_N)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 40])
+def test_cached_pld_epsilon_equals_the_pld_accountant(steps):
+    """The ledger's PLD epsilon reuses one cached step PLD per (q, sigma, interval); it must equal
+    dp_accounting's PLDAccountant exactly, for a composition, a repeated call, and an event it does
+    not cache (a plain Gaussian: the accountant itself)."""
+    import dp_accounting
+
+    def accountant_epsilon(event, interval=privacy.PLD_INTERVAL):
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
+        acc.compose(event)
+        return float(acc.get_epsilon(DELTA))
+
+    composed = _events(1.1, 0.2, steps, central=(2.1, 0.95, 2))
+    first = privacy.epsilon_of(composed, delta=DELTA, accountant="pld")
+    assert first == accountant_epsilon(composed)
+    assert privacy.epsilon_of(composed, delta=DELTA, accountant="pld") == first  # from the cache
+    coarse = privacy.epsilon_of(composed, delta=DELTA, accountant="pld", pld_interval=1e-3)
+    assert coarse == accountant_epsilon(composed, 1e-3) and coarse >= first  # the interval is in the key
+    gaussian = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(3.0), _events(1.1, 0.2, steps)])
+    assert privacy.epsilon_of(gaussian, delta=DELTA, accountant="pld") == accountant_epsilon(gaussian)
