@@ -13,7 +13,10 @@
    counts rows; at 16 rows a K=32 example is split in two parts), and stock Opacus (per-row
    gradients, folded afterwards) at K=32 on digits.
 3. Ray Train throughput of the digits fine-tune, 2 workers / 1 worker (1 CPU each, local Ray),
-   timed over the second half of the steps.
+   timed over the second half of the steps; beside it what two workers must lose: the all-reduce of
+   the step's buffer (gloo, 2 processes on this machine; digits and MNIST parameter counts) and the
+   Poisson imbalance (a lock-step group waits for the larger of the workers' batches: E[max] / mean,
+   simulated with the fine-tune's sample rate).
 
 Ratios only: absolute times on a shared 2-core VM move with its load (printed) and allocator
 (LD_PRELOAD printed: jemalloc changes small-tensor timings).
@@ -204,7 +207,57 @@ def bench_memory(threads: int, models: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_ray(steps: int) -> None:
+def _allreduce_child(rank: int, sizes: list[int], reps: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for size in sizes:
+        buffer = torch.zeros(size)
+        dist.all_reduce(buffer)
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(buffer)
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            out.put((size, statistics.median(times)))
+    dist.destroy_process_group()
+
+
+def bench_allreduce(sizes: dict[str, int], reps: int = 20) -> None:
+    """Median seconds of one all-reduce of DPSGD's fp32 buffer (parameters + 4 statistics), 2 ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_allreduce_child, args=(rank, [n + 4 for n in sizes.values()], reps, port, out))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    for name, n in sizes.items():
+        size, seconds = out.get()
+        print(f"  all-reduce of the DP-SGD buffer, {name} ({size:,} fp32): {seconds * 1e3:.1f} ms (gloo, 2 ranks, median of {reps})")
+
+
+def poisson_imbalance(n: int, batch: float, workers: int = 2, draws: int = 20000) -> float:
+    """E[max over workers of the Poisson batch] / its mean: what a lock-step group waits for."""
+    shard, q = n // workers, batch / n
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        counts = torch.distributions.Binomial(shard, torch.full((draws, workers), q)).sample()
+    return float(counts.max(1).values.mean() / (shard * q))
+
+
+def bench_ray(steps: int, batch: float = 64.0) -> None:
     import ray
 
     from dpfeta import data, distributed, privacy
@@ -214,7 +267,6 @@ def bench_ray(steps: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     base = config.load(DIGITS)
     train = data.load_splits(base).train
-    batch = 64.0
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
@@ -232,6 +284,9 @@ def bench_ray(steps: int) -> None:
                   f"{rates[workers]:.1f} examples/s")
     ray.shutdown()
     print(f"  throughput 2 workers / 1 worker = {rates[2] / rates[1]:.2f}  (2 cores, 1 thread per worker)")
+    imbalance = poisson_imbalance(len(train), batch)
+    print(f"  Poisson imbalance at this batch: E[max of 2 workers' batches] / mean = {imbalance:.3f}, so at "
+          f"most {2 / imbalance:.2f} with free communication and nothing else on the cores")
 
 
 def main() -> None:
@@ -240,6 +295,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mnist-batch", type=int, default=8, help="examples per MNIST step (x K=32 rows)")
     parser.add_argument("--ray-steps", type=int, default=6, help="T of the Ray runs (the last half is timed)")
+    parser.add_argument("--ray-batch", type=float, default=64.0, help="expected logical batch of the Ray runs")
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
@@ -260,8 +316,12 @@ def main() -> None:
     if not args.skip_memory:
         bench_memory(args.threads, args.memory_models)
     if not args.skip_ray:
-        print("\nRay Train, digits fine-tune (batch 64, K=4), local Ray with 2 CPUs:")
-        bench_ray(args.ray_steps)
+        print(f"\nRay Train, digits fine-tune (batch {args.ray_batch:g}, K=4), local Ray with 2 CPUs:")
+        bench_ray(args.ray_steps, args.ray_batch)
+        bench_allreduce({"digits": count_parameters(finetune.build_network(config.load(DIGITS), finetune.EDM,
+                                                                           finetune.Worker())),
+                         "MNIST": count_parameters(finetune.build_network(config.load(MNIST), finetune.EDM,
+                                                                          finetune.Worker()))})
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
