@@ -190,8 +190,9 @@ class RunConfig:
     max_failures: int = 3
     seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
     # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
-    # network fwd/bwd: fp32 (default: measured faster or equal on every device tried, README "bf16"),
-    # bf16 (autocast), auto (bf16 where the device's bf16 matmul is >= 1.5x its fp32 matmul)
+    # network fwd/bwd: fp32 (default: bf16 was no faster on the CPU and H200 measured, except
+    # digits sampling 1.15x on the H200; README "bf16 on an H200"), bf16 (autocast), auto (bf16
+    # where the device's bf16 matmul is >= 1.5x its fp32 matmul: a ceiling, not the model's speed-up)
     precision: str = "fp32"
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a private local cluster
     placement: str = "PACK"  # DP-SGD workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one per node)
