@@ -32,14 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpfeta import central, data, evaluate, finetune, pipeline, rng, sample, warmup  # noqa: E402
+from dpfeta import central, data, evaluate, finetune, pipeline, precision, rng, sample, warmup  # noqa: E402
+from quality import mean_sd  # noqa: E402  (bench/quality.py, beside this file)
 
-log = logging.getLogger("bench.precision_quality")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _metrics(ev: dict) -> dict:
+    """accuracy, logreg accuracy, FID and its kind of an ``evaluate.evaluate`` result (dp and nondp)."""
+    flat = {**ev.get("nondp", {}), **ev.get("dp", {})}
+    return {"accuracy": flat.get("accuracy"), "logreg_accuracy": flat.get("logreg_accuracy"),
+            "fid": flat.get("fid"), "fid_kind": ev.get("fid_kind")}
 
 
 def one_run(config: str, overrides: list[str], *, seed: int, prec: str, epsilon: float, device: torch.device,
@@ -53,10 +54,10 @@ def one_run(config: str, overrides: list[str], *, seed: int, prec: str, epsilon:
     seconds: dict[str, float] = {}
 
     def stage(name, fn):
-        _sync(device)
+        precision._sync(device)
         start = time.perf_counter()
         out = fn()
-        _sync(device)
+        precision._sync(device)
         seconds[name] = round(time.perf_counter() - start, 2)
         return out
 
@@ -75,22 +76,10 @@ def one_run(config: str, overrides: list[str], *, seed: int, prec: str, epsilon:
                                                    generator=rng.make_generator(seed, stream="sample")))
     synthetic = data.ImageSet(x.numpy(), y.numpy().astype(np.int64), cfg.data.num_classes)
     ev = stage("evaluate", lambda: evaluate.evaluate(cfg, synthetic, splits))
-    metrics = {**ev.get("nondp", {}), **ev.get("dp", {})}
     return {"seed": seed, "precision": prec, "epsilon_target": epsilon, "epsilon": final.get("epsilon"),
-            "noise_multiplier": plan.noise_multiplier, "steps": plan.steps, "accuracy": metrics.get("accuracy"),
-            "logreg_accuracy": metrics.get("logreg_accuracy"), "fid": metrics.get("fid"),
-            "fid_kind": ev.get("fid_kind"), "warmup_loss": warm_curve,
+            "noise_multiplier": plan.noise_multiplier, "steps": plan.steps, **_metrics(ev), "warmup_loss": warm_curve,
             "finetune_loss": [(h["step"], h.get("nondp/loss")) for h in reporter.history if "nondp/loss" in h],
             "seconds": seconds, "images": x.numpy(), "labels": y.numpy()}
-
-
-def mean_sd(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def summary(rows: list[dict]) -> str:
@@ -118,28 +107,21 @@ def summary(rows: list[dict]) -> str:
 
 def evaluate_saved(config: str, overrides: list[str], paths: list[Path]) -> None:
     """Evaluate the runs saved by ``--samples-out`` here (e.g. with the Inception FID)."""
-    rows = []
+    rows, splits = [], None
     for path in paths:
         saved = np.load(path, allow_pickle=False)
-        rows += _evaluate_file(config, overrides, saved)
+        for i, r in enumerate(json.loads(str(saved["meta"]))):
+            cfg = pipeline.resolve_config(config, ["tracking.enabled=false", "tracking.nondp=true",
+                                                   f"run.seed={r['seed']}", *overrides])
+            if splits is None:  # split by data.split_seed, not run.seed: read once
+                splits = data.load_splits(cfg)
+            synthetic = data.ImageSet(saved[f"images_{i}"], saved[f"labels_{i}"].astype(np.int64),
+                                      cfg.data.num_classes)
+            r = {**r, **_metrics(evaluate.evaluate(cfg, synthetic, splits))}
+            print(f"seed {r['seed']} {r['precision']}: accuracy {r['accuracy']:.3f}, FID {r['fid']:.1f} ({r['fid_kind']})",
+                  flush=True)
+            rows.append(r)
     print(summary(rows))
-
-
-def _evaluate_file(config: str, overrides: list[str], saved) -> list[dict]:
-    meta, rows = json.loads(str(saved["meta"])), []
-    for i, r in enumerate(meta):
-        cfg = pipeline.resolve_config(config, ["tracking.enabled=false", "tracking.nondp=true",
-                                               f"run.seed={r['seed']}", *overrides])
-        splits = data.load_splits(cfg)
-        synthetic = data.ImageSet(saved[f"images_{i}"], saved[f"labels_{i}"].astype(np.int64), cfg.data.num_classes)
-        ev = evaluate.evaluate(cfg, synthetic, splits)
-        metrics = {**ev.get("nondp", {}), **ev.get("dp", {})}
-        r = {**r, "accuracy": metrics.get("accuracy"), "logreg_accuracy": metrics.get("logreg_accuracy"),
-             "fid": metrics.get("fid"), "fid_kind": ev.get("fid_kind")}
-        print(f"seed {r['seed']} {r['precision']}: accuracy {r['accuracy']:.3f}, FID {r['fid']:.1f} ({r['fid_kind']})",
-              flush=True)
-        rows.append(r)
-    return rows
 
 
 def save(rows: list[dict], json_out: Path | None, samples_out: Path | None) -> None:

@@ -103,8 +103,7 @@ class Bench:
 
         def synced():
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            precision._sync(device)
 
         if warm:
             synced()
