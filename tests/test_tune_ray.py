@@ -202,7 +202,8 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp):
             assert rid not in text, where
         for row in others:
             assert row["trial_id"] not in text, where  # nor another trial's id, output or score
-            assert f"{row['score']}" not in text, where
+            # the score as a number, not as a substring of another (a score of 0.5 = 90.00 / 180 is in 0.577...)
+            assert not re.search(rf"(?<![\d.]){re.escape(str(row['score']))}(?!\d)", text), where
         assert "num_trials\": " + str(k) not in text and "trials.csv" not in text, where
     # names: the public config, the sweep plan, the released total and the selected trial only
     assert set(parent.data.params) <= set(cfg.public_flat()) | {f"sweep.{k}" for k in (
