@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,9 @@ class TuneConfig:
     trial_distribution: str = "truncated_negative_binomial"  # private: "poisson" or this
     tnb_eta: float = 1.0  # shape of the truncated negative binomial (Papernot & Steinke)
     score_noise: float = 10.0  # sigma_v: std of the Gaussian on the correct-count score (M3)
+    # central images of the trials: shared (one query by the sweep, before the trials, outside the
+    # repeat-and-select), per_trial (each trial its own), auto (shared unless central.* is searched)
+    central: str = "auto"
     scheduler: str = "fifo"  # "fifo" or "asha" (naive/public only)
     metric: str = "score"
     max_concurrent_trials: int = 1
@@ -327,6 +331,19 @@ def replace(cfg: Config, updates: dict[str, Any]) -> Config:
     return new
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; read it as the number it is
+    (YAML 1.2), also inside mappings such as tune.search_space."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader
+
+
 def _read_mapping_file(p: Path) -> Any:
     """The parsed YAML (or JSON) of a config file; an unreadable file or a syntax error is a
     ``ValueError`` naming the file (and the line), not a parser traceback."""
@@ -336,7 +353,7 @@ def _read_mapping_file(p: Path) -> Any:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ValueError(f"config file '{p}': cannot read it ({reason})") from None
     try:
-        return (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+        return (json.loads(text) if p.suffix == ".json" else _yaml(text)) or {}
     except json.JSONDecodeError as exc:
         raise ValueError(f"config file '{p}': invalid JSON at line {exc.lineno}, column {exc.colno}: "
                          f"{exc.msg}") from None
@@ -367,7 +384,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not text.strip():
         return key, ""
     try:
-        value = yaml.safe_load(text)
+        value = _yaml(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"override '{item}': the value of '{key}' is not valid YAML: {_yaml_problem(exc)} "
                          "(quote the whole --set argument in the shell, and strings with ':' or '#' in YAML)") from None
@@ -568,6 +585,7 @@ def validate(cfg: Config) -> None:
     _check(t.trial_distribution in ("truncated_negative_binomial", "poisson"), "tune.trial_distribution",
            "truncated_negative_binomial or poisson", t.trial_distribution)
     _check(t.score_noise > 0, "tune.score_noise", "a number > 0", t.score_noise)
+    _check(t.central in ("auto", "shared", "per_trial"), "tune.central", "auto, shared or per_trial", t.central)
     if t.privacy_mode == "private":
         _check(t.scheduler == "fifo", "tune.scheduler",
                "fifo in tune.privacy_mode=private (adaptive schedulers and searchers -- ASHA, HyperBand, PBT, "

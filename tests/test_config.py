@@ -53,6 +53,21 @@ def test_overrides_are_parsed_to_the_field_type():
     assert cfg.eval.fid.inception_weights == "/w/pt_inception.pth"
 
 
+def test_exponents_without_a_dot_are_numbers_also_inside_mappings(tmp_path):
+    """YAML 1.1 reads 1e-4 as the string '1e-4'; a search space bound written so must be a number."""
+    space = '{"finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1E-3}}'
+    cfg = config.load(ROOT / "configs/digits.yaml", [f"tune.search_space={space}", "run.name=1e5"])
+    assert cfg.tune.search_space["finetune.lr"] == {"type": "loguniform", "lower": 1e-4, "upper": 1e-3}
+    assert cfg.run.name == "1e5"  # a string key keeps its text
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy:\n  delta: 1e-6\ntune:\n  search_space:\n    finetune.lr: {type: loguniform, "
+                    "lower: 3e-5, upper: 3.0e-4}\n    warmup.steps: {type: choice, values: ['1e3', 2e3]}\n")
+    cfg = config.load(path)
+    assert cfg.privacy.delta == 1e-6
+    assert cfg.tune.search_space["finetune.lr"]["lower"] == 3e-5
+    assert cfg.tune.search_space["warmup.steps"]["values"] == ["1e3", 2000.0]  # quoted stays a string
+
+
 @pytest.mark.parametrize("override,pattern", [
     ("privacy.epsilom=1", r"unknown config key 'privacy\.epsilom'"),
     ("privcy.epsilon=1", r"unknown config key 'privcy'"),

@@ -203,14 +203,82 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
 
 
 def test_naive_sweep_epsilon_is_k_composed_trials():
-    cfg = privacy.resolve(_cfg("tune.privacy_mode=naive", "tune.num_trials=3"), DIGITS_N)
+    cfg = privacy.resolve(_cfg("tune.privacy_mode=naive", "tune.num_trials=3", "tune.central=per_trial"), DIGITS_N)
     sp = tune.plan_sweep(cfg, DIGITS_N)
+    assert sp["central"] == "per_trial" and "shared_central" not in sp
     ref = sp["reference"]
     trial = _trial_event(2, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 10.0)
     eps = _rdp_epsilon(dp_event.SelfComposedDpEvent(trial, 3))
     assert eps <= cfg.privacy.epsilon and eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)
     assert sp["trials"] == {"count": 3}
     assert sp["trial_sigma"] > sp["single_sigma"]
+
+
+# Shared central images: M1 once, then the repeat-and-select (or k-fold composition) of M2 + M3.
+LOW = ["privacy.epsilon=1", "central.noise_multiplier=null", "central.epsilon_share=0.5", "tune.num_trials=2",
+       "tune.score_noise=30"]
+NO_CENTRAL_KEYS = {"warmup.steps": {"type": "choice", "values": [2, 4]},
+                   "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-3}}
+
+
+def _shared_event(sc, sigma, steps, sigma_v, *, mean=None, shape=None, k=None):
+    inner = dp_event.ComposedDpEvent([_poisson_gaussian(64 / DIGITS_N, sigma, steps), dp_event.GaussianDpEvent(sigma_v)])
+    trials = (dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if k is None
+              else dp_event.SelfComposedDpEvent(inner, k))
+    return dp_event.ComposedDpEvent([_poisson_gaussian(sc["q_c"], sc["sigma_c"], sc["rounds"]), trials])
+
+
+def test_shared_central_is_composed_once_outside_the_repeat():
+    cfg = privacy.resolve(_cfg(*LOW, space=NO_CENTRAL_KEYS), DIGITS_N)  # tune.central: auto
+    sp = tune.plan_sweep(cfg, DIGITS_N)
+    sc, ref, t = sp["shared_central"], sp["reference"], cfg.tune
+    assert sp["central"] == "shared" and sc["rounds"] == 2 and sc["q_c"] == pytest.approx(100 / DIGITS_N)
+    assert sc["sigma_c"] == pytest.approx(cfg.central.noise_multiplier)
+    # the central query alone spends its share (calibrated as in a single run)
+    assert _rdp_epsilon(_poisson_gaussian(sc["q_c"], sc["sigma_c"], 2)) == pytest.approx(0.5, rel=2e-3)
+    eps = _rdp_epsilon(_shared_event(sc, sp["trial_sigma"], ref["steps"], 30.0, mean=2.0, shape=t.tnb_eta))
+    assert eps <= sp["epsilon"] * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
+    # the per-trial plan of the same sweep puts the query inside the repeat: more noise for DP-SGD
+    per_trial = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N)
+    assert per_trial["central"] == "per_trial" and sp["trial_sigma"] < per_trial["trial_sigma"]
+    worse = dp_event.RepeatAndSelectDpEvent(_trial_event(2, sc["sigma_c"], sc["q_c"], sp["trial_sigma"], 64 / DIGITS_N,
+                                                         ref["steps"], 30.0), 2.0, t.tnb_eta)
+    assert _rdp_epsilon(worse) > 1.0  # shared sigma inside the repeat would overshoot
+    # a trial's ledger: the query shared (taken before the trial), its epsilon the same total
+    sigma = psweep.trial_sigma(sp, config.replace(cfg, {"warmup.steps": 4, "finetune.lr": 5e-4}), DIGITS_N)
+    assert sigma == pytest.approx(sp["trial_sigma"], rel=1e-9)
+    trial = psweep.trial_plan(sp, cfg, DIGITS_N, sigma)
+    central = trial.ledger.get("central")
+    assert central.shared and central.taken == 2 and not trial.ledger.get("dpsgd").shared
+    assert trial.epsilon == pytest.approx(sp["epsilon"], rel=1e-9)
+    assert trial.ledger.epsilon(planned=True) == pytest.approx(eps, rel=1e-9)
+    # before the trial ran, the ledger's spend is the query alone
+    assert trial.ledger.epsilon() == pytest.approx(_rdp_epsilon(_poisson_gaussian(sc["q_c"], sc["sigma_c"], 2)))
+    restored = privacy.Ledger.from_state_dict(json.loads(json.dumps(trial.ledger.to_json())))
+    assert restored.epsilon(planned=True) == pytest.approx(eps, rel=1e-9)
+    assert "shared: one query before the trials" in psweep.sweep_plan_table(sp)
+
+
+def test_shared_central_in_a_naive_sweep_and_the_refusals():
+    cfg = privacy.resolve(_cfg(*LOW, "tune.privacy_mode=naive", "tune.num_trials=3", "tune.central=shared",
+                               space={"warmup.steps": {"type": "grid", "values": [2, 4, 8]}}), DIGITS_N)
+    sp = tune.plan_sweep(cfg, DIGITS_N)
+    eps = _rdp_epsilon(_shared_event(sp["shared_central"], sp["trial_sigma"], sp["reference"]["steps"], 30.0, k=3))
+    assert eps <= sp["epsilon"] * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
+    # a searched central key: auto gives each trial its own query; shared is refused
+    auto = tune.plan_sweep(privacy.resolve(_cfg(space=SPACE), DIGITS_N), DIGITS_N)
+    assert auto["central"] == "per_trial"
+    with pytest.raises(ValueError, match=r"tune.central.*central.noise_multiplier, central.rounds"):
+        tune.plan_sweep(privacy.resolve(_cfg("tune.central=shared", space=SPACE), DIGITS_N), DIGITS_N)
+    with pytest.raises(ValueError, match=r"'tune.central': expected auto, shared or per_trial"):
+        _cfg("tune.central=once")
+    # no central query: nothing to share; public mode: the trials' query is on the proxy
+    assert tune.plan_sweep(_cfg("central.rounds=0", space=NO_CENTRAL_KEYS), DIGITS_N)["central"] == "none"
+    assert "central" not in tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N), DIGITS_N)
+    # the query alone over budget: refused before anything runs, saying where it runs
+    with pytest.raises(ValueError, match="once, before the trials"):
+        tune.plan_sweep(privacy.resolve(_cfg(*LOW, "central.epsilon_share=0.99", "tune.score_noise=5",
+                                             space=NO_CENTRAL_KEYS), DIGITS_N), DIGITS_N)
 
 
 def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():

@@ -158,13 +158,18 @@ def test_private_sweep_accounts_the_whole_search(tmp_path):
 
 
 @pytest.mark.parametrize("nondp", [False, True])
-def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp):
+def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp, capfd):
     """K >= 5 trials drawn (a large mean); nothing published -- release/, MLflow params, tags, metric
     names and artifacts outside nondp/ -- tells a trial's position, another trial's score, K, or
-    holds a non-selected trial's output."""
+    holds a non-selected trial's output; nor does the console (Ray job logs): no Tune trial table."""
     cfg = _cfg(tmp_path, "private", "tracking.enabled=true", f"tracking.nondp={str(nondp).lower()}",
                "tune.num_trials=12", "run.seed=3")
-    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    capfd.readouterr()
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial, echo=print)
+    console = capfd.readouterr()
+    assert "sweep plan for" in console.out and "selected" in console.out  # what dpfeta prints: no K
+    for stream in (console.out, console.err):
+        assert "Number of trials" not in stream and "num_trials" not in stream
     k = summary["num_trials"]
     assert k >= 5
     _check_trials(summary, k)
@@ -214,6 +219,60 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp):
     assert parent.data.params["run.seed"] == config.SEED_REDACTED
     assert (root / "model" / "stand-in.txt").read_text() == f"output of trial {selected}\n"
     assert "seeded" in json.loads((root / release.RECORD_FILE).read_text())
+
+
+def test_shared_central_images_are_queried_once_for_the_whole_sweep(tmp_path):
+    """No central key searched: the sweep queries the central images once, before the trials; every
+    trial reads those; the release counts the query once, outside the repeat; a rerun never queries
+    again, and a counted query whose images are lost is refused, not repeated."""
+    space = {"warmup.steps": {"type": "choice", "values": [1, 2]}}
+    cfg = _cfg(tmp_path, "private", "tune.num_trials=3", "run.seed=3", f"tune.search_space={json.dumps(space)}")
+    summary = tune.run_sweep(cfg, trial_fn=fake_trial)
+    k = summary["num_trials"]
+    _check_trials(summary, k)
+    root, sweep = release.release_dir(cfg.run_dir()), cfg.run_dir()
+    assert summary["plan"]["central"] == "shared"
+    (own,) = json.loads((sweep / "ledger.json").read_text())["mechanisms"]  # the sweep's: the query alone
+    assert (own["name"], own["taken"], own["shared"]) == ("central", 2, True)
+    central_files = sorted(p.relative_to(sweep / "central") for p in (sweep / "central").rglob("*") if p.is_file())
+    assert "central.json" in {str(p) for p in central_files}
+    for row in summary["trials"]:  # every trial holds the sweep's images, byte for byte
+        trial = sweep / "trials" / row["trial_id"]
+        for rel in central_files:
+            assert (trial / "central" / rel).read_bytes() == (sweep / "central" / rel).read_bytes()
+        assert json.loads((trial / "trial_ledger.json").read_text())["mechanisms"][0]["shared"] is True
+    # the released ledger: the query once (shared), then the selected trial's DP-SGD + score, repeated
+    ledger = json.loads((root / release.LEDGER_FILE).read_text())
+    assert [(m["name"], m["shared"], m["taken"]) for m in ledger["mechanisms"]] == [
+        ("central", True, 2), ("dpsgd", False, ledger["mechanisms"][1]["planned"]), ("selection", False, 1)]
+    n, t = data.public_train_size(cfg), cfg.tune
+    q, steps = 64 / n, ledger["mechanisms"][1]["planned"]
+    independent = _rdp_epsilon(dp_event.ComposedDpEvent([
+        _poisson_gaussian(100 / n, 2.0, 2),
+        dp_event.RepeatAndSelectDpEvent(dp_event.ComposedDpEvent([
+            _poisson_gaussian(q, summary["best"]["sigma"], steps), dp_event.GaussianDpEvent(t.score_noise)]),
+            t.num_trials, t.tnb_eta)]))
+    assert independent == pytest.approx(summary["epsilon"], rel=1e-9) and summary["epsilon"] <= cfg.privacy.epsilon
+    record = json.loads((root / release.RECORD_FILE).read_text())
+    assert record["epsilon"] == pytest.approx(independent, rel=1e-9)
+    assert "shared" in json.loads((root / release.SELECTION_FILE).read_text())["note"]
+    # a rerun (a trial to score again) reuses the query: the sweep's images and ledger are untouched
+    stamp = {p: p.stat().st_mtime_ns for p in (sweep / "central").rglob("*") if p.is_file()}
+    stored_ledger = (sweep / "ledger.json").read_text()
+    (sweep / tune.SUMMARY_FILE).unlink()
+    (sweep / "trials" / summary["trials"][0]["trial_id"] / tune.RESULT_FILE).unlink()
+    again = tune.run_sweep(cfg, trial_fn=fake_trial)
+    _check_trials(again, k)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp and (sweep / "ledger.json").read_text() == stored_ledger
+    # the counted query's images lost: refused (a second query would spend again), the ledger kept
+    import shutil
+
+    shutil.rmtree(sweep / "central")
+    shutil.rmtree(root / "central")
+    (sweep / tune.SUMMARY_FILE).unlink()
+    with pytest.raises(RuntimeError, match="second query"):
+        tune.run_sweep(cfg, trial_fn=fake_trial)
+    assert (sweep / "ledger.json").read_text() == stored_ledger
 
 
 def test_naive_sweep_composes_k_trials(tmp_path):
@@ -359,14 +418,25 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 
 @pytest.mark.long  # the real pipeline in a sweep: minutes
-def test_private_sweep_through_the_pipeline(tmp_path):
-    """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score."""
-    cfg = _cfg(tmp_path, "private", *TINY, "run.seed=0")  # seed 0: K = 1 trial (the stages, once)
+@pytest.mark.parametrize("central", ["per_trial", "shared"])
+def test_private_sweep_through_the_pipeline(tmp_path, central):
+    """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score.
+    Shared: the sweep's own query, whose images the trial's central stage finds and does not redo."""
+    space = SPACE if central == "per_trial" else {"warmup.steps": {"type": "choice", "values": [1, 2]}}
+    cfg = _cfg(tmp_path, "private", *TINY, "run.seed=0",  # seed 0: K = 1 trial (the stages, once)
+               f"tune.search_space={json.dumps(space)}", f"tune.central={central}")
     summary = tune.run_sweep(cfg)
     (row,) = summary["trials"]
     trial_dir = Path(summary["best"]["dir"])
     assert row["status"] == "done" and -0.5 < row["score"] < 1.5  # a noisy accuracy (sigma_v / 180 ~ 0.06)
     ledger = json.loads((trial_dir / "ledger.json").read_text())
+    assert [m["shared"] for m in ledger["mechanisms"]] == [central == "shared", False, False]
+    if central == "shared":
+        sweep = cfg.run_dir()
+        assert json.loads((sweep / "ledger.json").read_text())["mechanisms"][0]["taken"] == 2
+        for name in ("central.json", "grid.png"):
+            assert (trial_dir / "central" / name).read_bytes() == (sweep / "central" / name).read_bytes()
+        assert json.loads((release.release_dir(sweep) / release.LEDGER_FILE).read_text()) == ledger
     taken = {m["name"]: m["taken"] for m in ledger["mechanisms"]}
     trial_cfg = json.loads((trial_dir / "config.json").read_text())
     q = trial_cfg["finetune"]["batch_size"] / data.public_train_size(cfg)

@@ -27,6 +27,7 @@ class Mechanism:
     sample_rate: float = 1.0
     planned: int = 1  # compositions planned
     taken: int = 0  # compositions actually run
+    shared: bool = False  # a sweep's mechanism run once before its trials, outside the repeat-and-select
 
     def event(self, count: int) -> dp_accounting.DpEvent:
         if self.kind == "gaussian":
@@ -38,9 +39,11 @@ class Mechanism:
 class Ledger:
     """Every mechanism's parameters, planned and taken counts, and the composed epsilon.
 
-    ``repeat`` (tuning, docs/privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of all
-    mechanisms (one trial) in a ``RepeatAndSelectDpEvent``: a random number of trials, the best
-    one released (Papernot & Steinke 2022; eta = inf is the Poisson distribution).
+    ``repeat`` (tuning, docs/privacy.md §6): ``{"mean": mu, "shape": eta}`` wraps the composition of the
+    trial's mechanisms in a ``RepeatAndSelectDpEvent``: a random number of trials, the best one
+    released (Papernot & Steinke 2022; eta = inf is the Poisson distribution). A ``shared`` mechanism
+    (the central query a sweep runs once, before its trials, and whose output every trial reads) is
+    composed with that event, outside it: it ran once, whatever the number of trials.
     """
 
     accountant: str
@@ -54,13 +57,13 @@ class Ledger:
     # restart after a failure adds one. q, sigma and T never change with them.
 
     def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
-            kind: str = "poisson_gaussian", taken: int = 0) -> Mechanism:
+            kind: str = "poisson_gaussian", taken: int = 0, shared: bool = False) -> Mechanism:
         if kind not in KINDS:
             raise ValueError(f"expected kind in {KINDS}, got {kind!r}")
         if any(m.name == name for m in self.mechanisms):
             raise ValueError(f"mechanism '{name}' is already in the ledger")
         mech = Mechanism(name=name, kind=kind, noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
-                         planned=int(count), taken=int(taken))
+                         planned=int(count), taken=int(taken), shared=bool(shared))
         mech.event(1)  # validates the parameters
         self.mechanisms.append(mech)
         return mech
@@ -81,13 +84,17 @@ class Ledger:
     def event(self, planned: bool = False) -> dp_accounting.DpEvent:
         """The composition of every mechanism's compositions taken (or planned). A mechanism with a
         count of 0 is left out (it costs nothing; composing it 0 times would put 0 * inf = NaN into
-        the RDP curve at orders where its per-step curve is infinite)."""
+        the RDP curve at orders where its per-step curve is infinite). With ``repeat``, the shared
+        mechanisms compose with the repeat-and-select of the others (none run yet: nothing to repeat)."""
         counts = [(m, m.planned if planned else m.taken) for m in self.mechanisms]
-        event = dp_accounting.ComposedDpEvent([m.event(c) for m, c in counts if c > 0])
-        if self.repeat is not None:
-            event = dp_event.RepeatAndSelectDpEvent(event, float(self.repeat["mean"]),
-                                                         float(self.repeat["shape"]))
-        return event
+        trial = [m.event(c) for m, c in counts if c > 0 and not (self.repeat is not None and m.shared)]
+        if self.repeat is None:
+            return dp_accounting.ComposedDpEvent(trial)
+        once = [m.event(c) for m, c in counts if c > 0 and m.shared]
+        if trial:
+            once.append(dp_event.RepeatAndSelectDpEvent(dp_accounting.ComposedDpEvent(trial),
+                                                        float(self.repeat["mean"]), float(self.repeat["shape"])))
+        return dp_accounting.ComposedDpEvent(once)
 
     def epsilon(self, planned: bool = False) -> float:
         """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran."""
@@ -146,7 +153,7 @@ class Ledger:
         (q, counts, N, delta, accountant); sigma may differ only for a mechanism not yet run."""
         def key(ledger):
             return (ledger.n, ledger.delta, ledger.accountant,
-                    [(m.name, m.kind, m.sample_rate, m.planned) for m in ledger.mechanisms])
+                    [(m.name, m.kind, m.sample_rate, m.planned, m.shared) for m in ledger.mechanisms])
 
         if key(self) != key(other):
             raise ValueError(f"{where} records a different privacy plan {key(other)} than the config's "

@@ -11,7 +11,15 @@ plus M3 -- and calibrates sigma* so the reference meets the total. Each trial th
 sigma whose RDP curve (central + DP-SGD + selection, at every order) lies under the reference curve.
 By joint quasi-convexity of the Renyi divergence a trial that draws its hyperparameters at random is
 then dominated by the reference at every order, so the Papernot-Steinke bound computed on the
-reference covers the sweep. RDP is required (dp_accounting's PLD accountant supports neither
+reference covers the sweep.
+
+Shared central images (``tune.central``: ``shared``, or ``auto`` when no central key is searched):
+the sweep runs M1 once, before any trial, and every trial warms up on those images. The sweep is
+then M1 composed with the repeat-and-select (or k-fold composition) of M2 + M3 alone: adaptive
+composition of RDP, since every trial's (M2 + M3) has the same curve whatever M1 released. The
+central query no longer sits inside the repeat, where the Papernot-Steinke bound charges it again
+(it never costs more than the per-trial plan, and at a small epsilon it is what makes a sweep fit).
+RDP is required (dp_accounting's PLD accountant supports neither
 RepeatAndSelectDpEvent nor curve dominance). The search space arrives validated (``tune.space``);
 this module imports nothing of Ray or of the sweep machinery.
 """
@@ -169,6 +177,32 @@ def _privacy_keys_searched(cfg: config_mod.Config) -> list[str]:
     return sorted(k for k in cfg.tune.search_space if k in PRIVACY_KEYS)
 
 
+CENTRAL_MODES = ("auto", "shared", "per_trial")
+
+
+def central_sharing(cfg: config_mod.Config, space: dict) -> str:
+    """How a sweep's trials get their central images: ``shared`` (one query by the sweep, before the
+    trials), ``per_trial`` (each trial its own, inside the repeat), or ``none`` (no central query, or
+    public mode, whose trials run on the proxy). ``tune.central: auto`` shares unless a central.* key
+    is searched; ``shared`` with a central.* key searched is refused (one query cannot have several
+    parameters)."""
+    mode = cfg.tune.central
+    if mode not in CENTRAL_MODES:
+        raise ValueError(f"config key 'tune.central': expected one of {', '.join(CENTRAL_MODES)}, got {mode!r}")
+    if cfg.tune.privacy_mode == "public":
+        return "none"
+    searched = sorted(k for k in space if k.startswith("central."))
+    if mode == "shared" and searched:
+        raise ValueError(f"config key 'tune.central': shared central images (one query before the trials) "
+                         f"cannot follow a searched {', '.join(searched)}; set tune.central=per_trial or leave "
+                         "central.* out of tune.search_space")
+    if cfg.central.rounds == 0 and not any(k == "central.rounds" for k in searched):
+        return "none"
+    if mode == "per_trial" or searched:
+        return "per_trial"
+    return "shared"
+
+
 def sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
     """The privacy plan of a sweep, from public facts only (N, the config). JSON-able.
 
@@ -207,7 +241,11 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
         log.warning("sweep accounted with RDP, not PLD: %s", note)
     ref = _worst_central(cfg, space, n)
     selection = selection_event(noise_multiplier=t.score_noise)
-    fixed = [e for e in (ref.central(), selection) if e is not None]
+    sharing = central_sharing(cfg, space)
+    # once: what runs once for the whole sweep (the shared central query); fixed: each trial's own
+    once = [ref.central()] if sharing == "shared" else []
+    fixed = [e for e in ((ref.central() if sharing == "per_trial" else None), selection) if e is not None]
+    once_curve = lambda orders: sum((rdp_curve(e, orders) for e in once), np.zeros(len(orders)))  # noqa: E731
     private = t.privacy_mode == "private"
     if private:
         mean, shape = trial_distribution(cfg)
@@ -221,20 +259,23 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
 
     def total_event(sigma: float):
         inner = dp_event.ComposedDpEvent(fixed + [ref.dpsgd(sigma)])
-        return (dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if private
-                else dp_event.SelfComposedDpEvent(inner, k))
+        trials_event = (dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if private
+                        else dp_event.SelfComposedDpEvent(inner, k))
+        return dp_event.ComposedDpEvent(once + [trials_event]) if once else trials_event
 
     def totalrdp_curve(sigma: float, orders: tuple) -> np.ndarray:
         base = sum(rdp_curve(e, orders) for e in fixed) + rdp_curve(ref.dpsgd(sigma), orders)
-        return repeat_curve(base, mean, shape, orders) if private else k * base
+        return once_curve(orders) + (repeat_curve(base, mean, shape, orders) if private else k * base)
 
     def eps_on(orders: tuple) -> Callable[[float], float]:
         return lambda sigma: curve_epsilon(totalrdp_curve(sigma, orders), p.delta, orders)
 
     floor = eps_on(DEFAULT_RDP_ORDERS)(1e6)
     if floor >= p.epsilon:
+        where = {"shared": "once, before the trials", "per_trial": "in every trial"}.get(sharing, "")
         raise ValueError(
-            f"the central query (rounds={ref.rounds}, sigma_c={ref.sigma_c}, q_c={ref.q_c:.4g}) and the "
+            f"the central query (rounds={ref.rounds}, sigma_c={ref.sigma_c}, q_c={ref.q_c:.4g}"
+            f"{'; ' + where if where else ''}) and the "
             f"selection score (tune.score_noise={t.score_noise:g}) alone spend epsilon={floor:.4g} over "
             f"the sweep ({t.privacy_mode}, {trials}), not below privacy.epsilon={p.epsilon:g}: raise "
             "tune.score_noise or central noise, use fewer rounds or trials, or tune on public data")
@@ -247,14 +288,18 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
     while epsilon > p.epsilon:  # the accountant itself has the last word: never above the target
         sigma *= 1.0 + p.calibration_rtol
         epsilon = epsilon_of(total_event(sigma), delta=p.delta, accountant=accountant, orders=orders)
-    reference = dp_event.ComposedDpEvent(fixed + [ref.dpsgd(sigma)])
+    reference = dp_event.ComposedDpEvent(fixed + [ref.dpsgd(sigma)])  # one trial's own mechanisms
     out.update(
         accountant=accountant, epsilon=epsilon, trials=trials, trial_sigma=sigma,
-        penalty=sigma / single.noise_multiplier, score_noise=t.score_noise,
-        epsilon_per_trial=epsilon_of(reference, delta=p.delta, accountant=accountant),
+        penalty=sigma / single.noise_multiplier, score_noise=t.score_noise, central=sharing,
+        epsilon_per_trial=epsilon_of(dp_event.ComposedDpEvent(once + [reference]), delta=p.delta,
+                                     accountant=accountant),
         reference={**dataclasses.asdict(ref), "sigma": sigma, "orders": list(orders),
                    "rdp": [float(x) for x in rdp_curve(reference, orders)]},
         privacy_keys_searched=_privacy_keys_searched(cfg))
+    if once:
+        out["shared_central"] = {"rounds": ref.rounds, "sigma_c": ref.sigma_c, "q_c": ref.q_c,
+                                 "epsilon": epsilon_of(once[0], delta=p.delta, accountant=accountant)}
     if note:
         out["accountant_note"] = note
     return out
@@ -277,7 +322,7 @@ def trial_sigma(sp: dict, cfg: config_mod.Config, n: int) -> float:
     with quiet_accountant():
         bound = np.asarray(ref["rdp"], dtype=np.float64)
         fixed = rdp_curve(selection_event(noise_multiplier=sp["score_noise"]), orders)
-        if mine.rounds:
+        if mine.rounds and sp.get("central", "per_trial") == "per_trial":  # shared: outside the curve
             # By monotonicity in (rounds, 1/sigma_c, q_c) the worst central curve bounds ours too;
             # the minimum keeps orders where the accountant gave up on our parameters usable.
             own = rdp_curve(mine.central(), orders)
@@ -309,8 +354,10 @@ def trial_plan(sp: dict, cfg: config_mod.Config, n: int, sigma: float) -> Plan:
             return plan(fixed_cfg, n)
     tp = trial_privacy(cfg, n)
     ledger = Ledger(accountant=sp["accountant"], delta=cfg.privacy.delta, n=n, seeded=cfg.run.seed is not None)
-    if tp.rounds:
-        ledger.add("central", noise_multiplier=tp.sigma_c, sample_rate=tp.q_c, count=tp.rounds)
+    shared = sp.get("central") == "shared"
+    if tp.rounds:  # shared: the sweep's query, run (and taken) before any trial started
+        ledger.add("central", noise_multiplier=tp.sigma_c, sample_rate=tp.q_c, count=tp.rounds, shared=shared,
+                   taken=tp.rounds if shared else 0)
     ledger.add("dpsgd", noise_multiplier=sigma, sample_rate=tp.q, count=tp.steps)
     ledger.add("selection", noise_multiplier=sp["score_noise"], kind="gaussian", count=1)
     trials = sp["trials"]
@@ -319,9 +366,11 @@ def trial_plan(sp: dict, cfg: config_mod.Config, n: int, sigma: float) -> Plan:
                          "shape": math.inf if trials["shape"] == "inf" else float(trials["shape"])}
     orders = tuple(float(o) for o in sp["reference"]["orders"])
     with quiet_accountant():  # the sweep's grid and cached curves (the ledger's own epsilon is slower)
-        base = sum(rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms)
-        total = (repeat_curve(base, trials["mean"], ledger.repeat["shape"], orders)
-                 if sp["mode"] == "private" else trials["count"] * base)
+        base = sum(rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms if not m.shared)
+        once = sum((rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms if m.shared),
+                   np.zeros(len(orders)))
+        total = once + (repeat_curve(base, trials["mean"], ledger.repeat["shape"], orders)
+                        if sp["mode"] == "private" else trials["count"] * base)
         epsilon = curve_epsilon(total, cfg.privacy.delta, orders)
     return Plan(noise_multiplier=sigma, sample_rate=tp.q, steps=tp.steps, central_rate=tp.q_c, ledger=ledger,
                         epsilon=epsilon, target_epsilon=sp["target_epsilon"], delta=cfg.privacy.delta,
@@ -346,6 +395,12 @@ def sweep_plan_table(sp: dict) -> str:
         f"reference trial    central rounds={ref['rounds']} sigma_c={ref['sigma_c']} q_c={ref['q_c']:.4g}; "
         f"DP-SGD q={ref['q']:.4g} T={ref['steps']}; score noise sigma_v={sp['score_noise']:g}",
     ]
+    if sp.get("shared_central"):
+        sc = sp["shared_central"]
+        rows.append(f"central images     shared: one query before the trials (epsilon {sc['epsilon']:.4f} alone), "
+                    "read by every trial, outside the repeat")
+    elif sp.get("central") == "per_trial":
+        rows.append("central images     per trial: each trial runs its own query, inside the repeat")
     if sp.get("privacy_keys_searched"):
         rows.append(f"searched privacy   {', '.join(sp['privacy_keys_searched'])}: each trial takes the "
                     "smallest sigma whose RDP curve stays under the reference trial's")

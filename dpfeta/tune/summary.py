@@ -100,15 +100,22 @@ NOTES = {
 }
 
 
+SHARED_NOTE = ("the central images are shared by every trial: one query, run by the sweep before its trials "
+               "and released with them; epsilon counts it once, composed with the trials'")
+
+
 def release_view(summary: dict) -> dict:
     """The selection facts a sweep releases: the selected trial's opaque id, hyperparameters, score
     and sigma (private: nothing about the other trials, nor K, nor the position)."""
     best = summary["best"]
+    shared = summary.get("plan", {}).get("central") == "shared"
+    nothing = "" if best is not None or summary["mode"] == "public" else (
+        "; no trial finished: only the shared central images are released" if shared
+        else "; no trial finished, nothing is released")
     out = {"mode": summary["mode"], "metric": summary["metric"], "target_epsilon": summary["target_epsilon"],
            "selected": None if best is None else {"id": best["trial_id"], "params": best["params"],
                                                   "score": best["score"], "noise_multiplier": best["sigma"]},
-           "note": NOTES[summary["mode"]] + ("" if best is not None or summary["mode"] == "public"
-                                             else "; no trial finished, nothing is released")}
+           "note": NOTES[summary["mode"]] + nothing + (f"; {SHARED_NOTE}" if shared else "")}
     if "final" in summary:
         out["final"] = {"noise_multiplier": summary["final"]["sigma"]}
     return out
@@ -140,12 +147,16 @@ def _source(summary: dict) -> Optional[Storage]:
     return None if where is None else Storage(where)
 
 
-def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config) -> privacy.Ledger:
-    """The ledger the sweep's release states: the selected trial's (public mode: the final run's)."""
+def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config, ws: Workspace) -> privacy.Ledger:
+    """The ledger the sweep's release states: the selected trial's (public mode: the final run's; its
+    shared central query, if any, included once); with no trial selected, the sweep's own (the shared
+    central query, when one ran)."""
     where = _source(summary)
     for name in ("ledger.json", "trial_ledger.json"):
         if where is not None and where.is_file(name):
             return privacy.Ledger.from_state_dict(where.read_json(name))
+    if ws.path("ledger.json").is_file():
+        return privacy.Ledger.load(ws.path("ledger.json"))
     return privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0,
                           seeded=cfg.run.seed is not None)
 
@@ -167,7 +178,7 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws
                     ws.commit(rel)
         finally:
             src.close()
-    ledger = _release_ledger(summary, state_plan, cfg)
+    ledger = _release_ledger(summary, state_plan, cfg, ws)
     view = release_view(summary)
     metrics = {"epsilon": summary["epsilon"], "delta": summary["delta"], "accountant": summary["accountant"]}
     if best is not None:

@@ -167,7 +167,20 @@ def _fit(cfg: config_mod.Config, spec: TrialSpec, todo: list[dict]):
                                   failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
                                   # private: Tune's trial table (every trial's score, K) stays off stdout
                                   verbose=0 if t.privacy_mode == "private" else None))
-    return tuner.fit()
+    if t.privacy_mode != "private":
+        return tuner.fit()
+    # Tune's console table ("Number of trials") prints even at verbose=0 with the new output engine; in
+    # private mode that number is K (or the trials left), which stays off stdout (Ray job logs).
+    # The legacy reporter prints nothing at verbose=0.
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
 def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
@@ -212,6 +225,8 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
         echo(summary_text(summary))
         return summary
     plan, mode = state["plan"], cfg.tune.privacy_mode
+    if plan.get("central") == "shared":
+        shared_central(cfg, n, ws, plan)  # before any trial (and before the MLflow run: no artifacts yet)
     # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
     # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one).
     log_trials = mode != "private"
@@ -244,6 +259,45 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
             tracker.end("FAILED")
         raise
     return summary
+
+
+CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), read by every trial
+
+
+def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) -> None:
+    """M1 once for the whole sweep (``tune.central`` shared): the pipeline's central stage in the
+    sweep's folder, under the sweep's own ``ledger.json`` (the query alone, marked shared). Its
+    crash rules are the stage's: counted and committed before the images are written, never run
+    twice (a rerun finds ``central/`` or finishes the counted query). It also puts the images in
+    the sweep's ``release/central`` (they are released whatever trial is selected)."""
+    from dpfeta import data, pipeline
+
+    sc = plan["shared_central"]
+    ledger = privacy.Ledger(accountant=plan["accountant"], delta=cfg.privacy.delta, n=n,
+                            seeded=cfg.run.seed is not None)
+    ledger.add("central", noise_multiplier=sc["sigma_c"], sample_rate=sc["q_c"], count=sc["rounds"], shared=True)
+    if ws.fetch("ledger.json"):
+        stored = privacy.Ledger.load(ws.path("ledger.json"))
+        ledger.check_same_plan(stored, where=f"the sweep's '{ws.url('ledger.json')}'")
+        ledger = stored
+    else:
+        ledger.save(ws.path("ledger.json"))
+        ws.commit("ledger.json")
+    if ledger.get("central").taken == sc["rounds"] and ws.fetch(CENTRAL_DIR):
+        if ws.fetch(f"release/{CENTRAL_DIR}"):
+            return  # done (resume): the query is never run again
+    with quiet_accountant():
+        pl = privacy.Plan(noise_multiplier=math.nan, sample_rate=0.0, steps=0, central_rate=sc["q_c"],
+                          ledger=ledger, epsilon=sc["epsilon"], target_epsilon=plan["target_epsilon"],
+                          delta=cfg.privacy.delta, accountant=plan["accountant"], n=n, expected_batch=0.0)
+    splits = data.load_splits(cfg)  # validates the data before any spend
+    if len(splits.train) != n:
+        raise ValueError(f"data: the sweep plan used N={n} but the training split has {len(splits.train)} "
+                         "records; set data.n_train to the true size")
+    with quiet_accountant():
+        pipeline.stage_central(cfg, ws, pl, splits.train)
+    log.info("sweep '%s': shared central images in %s (epsilon %.4f alone; every trial reads them)",
+             cfg.run.name, ws.url(CENTRAL_DIR), sc["epsilon"])
 
 
 def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[FinalFn], ws: Workspace) -> dict:

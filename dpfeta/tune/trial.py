@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,8 @@ def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: d
         return json.loads(ws.path(RESULT_FILE).read_text())
     sigma = trial_sigma(spec.plan, cfg, spec.n)
     plan = trial_plan(spec.plan, cfg, spec.n, sigma)
+    if spec.plan.get("central") == "shared":
+        _shared_central(spec, ws)
     cfg = config_mod.replace(cfg, {"privacy.noise_multiplier": sigma})
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.dump(out_dir / "config.json")  # the trial's resolved config, its sigma included
@@ -175,6 +178,22 @@ def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: d
         tracker.log_artifact(out_dir / "trial_ledger.json")
         tracking.end_run()
     return result
+
+
+def _shared_central(spec: TrialSpec, ws: Workspace) -> None:
+    """Copy the sweep's central images (run once, before the trials) into this trial's ``central/``,
+    where the central stage finds them and skips its query."""
+    if ws.fetch("central"):
+        return
+    src = Workspace(Storage(spec.sweep_dir))
+    try:
+        if not src.fetch("central"):
+            raise RuntimeError(f"internal: the sweep's shared central images are missing from "
+                               f"{src.url('central')}; a trial never runs its own query in tune.central=shared")
+        shutil.copytree(src.path("central"), ws.path("central"), dirs_exist_ok=True)
+    finally:
+        src.close()
+    ws.commit("central")
 
 
 def _score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict:
