@@ -393,3 +393,31 @@ def test_the_trials_are_drawn_once_every_grid_combination_equally_often():
     assert draw_trials(space, 6, seed=7) == trials and draw_trials(space, 6, seed=8) != trials
     assert json.loads(json.dumps(trials)) == trials  # plain JSON values (stored in sweep.json)
     assert draw_trials({}, 3, seed=None) == [{"index": i, "params": {}} for i in range(3)]
+
+
+def test_a_sweep_stored_before_tune_central_resumes_with_its_query_per_trial(tmp_path):
+    """sweep.json written by a version without tune.central: the same command resumes it (the key is
+    at its default now) under the stored plan, whose trials keep their own query; a changed key is refused."""
+    from dpfeta.storage import Workspace
+    from dpfeta.tune import sweep as tsweep
+
+    cfg = privacy.resolve(_cfg(f"run.dir={tmp_path}", "run.name=old", space={"warmup.steps": {
+        "type": "choice", "values": [2, 4]}}), DIGITS_N)
+    ws = Workspace(cfg.run_location())
+    state = tsweep.load_state(cfg, DIGITS_N, ws)
+    assert state["plan"]["central"] == "shared"
+    path = ws.path(tune.SWEEP_FILE)
+    old = json.loads(path.read_text())
+    del old["config"]["tune"]["central"]
+    old["plan"] = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N)
+    del old["plan"]["central"]
+    path.write_text(json.dumps(old))
+    resumed = tsweep.load_state(cfg, DIGITS_N, ws)
+    assert resumed["plan"] == old["plan"] and "central" not in resumed["plan"]
+    sigma = psweep.trial_sigma(resumed["plan"], cfg, DIGITS_N)
+    ledger = psweep.trial_plan(resumed["plan"], cfg, DIGITS_N, sigma).ledger
+    assert not ledger.get("central").shared and ledger.get("central").taken == 0
+    with pytest.raises(ValueError, match="different config"):
+        tsweep.load_state(config.replace(cfg, {"tune.central": "shared"}), DIGITS_N, ws)
+    with pytest.raises(ValueError, match="different config"):
+        tsweep.load_state(config.replace(cfg, {"tune.score_noise": 11.0}), DIGITS_N, ws)

@@ -45,6 +45,20 @@ def _fingerprint(cfg: config_mod.Config) -> dict:
     return {k: v for k, v in d.items() if k not in ("run", "tracking")}
 
 
+def _same_fingerprint(stored: dict, cfg: config_mod.Config) -> bool:
+    """Is ``cfg`` the config a stored sweep was started with? A key the storing version did not have
+    (added since) matches when it is at its default now: the stored plan keeps the old behaviour
+    (e.g. a sweep.json without tune.central resumes with its central query per trial)."""
+    now = json.loads(json.dumps(_fingerprint(cfg)))
+    default = json.loads(json.dumps(_fingerprint(config_mod.Config())))
+    for section, keys in now.items():
+        if isinstance(keys, dict) and isinstance(stored.get(section), dict):
+            for key in set(keys) - set(stored[section]):
+                if keys[key] == default.get(section, {}).get(key, object()):
+                    del keys[key]
+    return stored == now
+
+
 def trials_config(cfg: config_mod.Config) -> tuple[config_mod.Config, int]:
     """The resolved config the trials run on, and its N: the proxy in public mode, else ``cfg``."""
     from dpfeta import data
@@ -93,7 +107,7 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
     path = ws.path(SWEEP_FILE)
     if ws.fetch(SWEEP_FILE):
         state = json.loads(path.read_text())
-        if state["config"] != json.loads(json.dumps(_fingerprint(cfg))):
+        if not _same_fingerprint(state["config"], cfg):
             raise ValueError(f"a sweep named '{cfg.run.name}' exists in {ws.url()} with a different config; "
                              "rerun it unchanged to resume, or choose another run.name")
         if "trials" not in state:  # written by an older version: the draws are made (once) now
