@@ -225,7 +225,9 @@ tune.run_sweep(config.load(None, json.loads(sys.argv[1])), trial_fn=test_multino
 
 def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster, s3_bucket, tmp_path):
     """The sweep's driver is SIGKILLed after a trial scored; the same command (another process, no
-    local state) resumes from the bucket: K and sigma kept, a scored trial never runs again."""
+    local state) resumes from the bucket: K and sigma kept, a scored trial never runs again. The
+    central query is the sweep's, shared (no central key searched): in the bucket, run once, every
+    trial's copy equal to it, not run again on resume."""
     import signal
     import subprocess
     import sys
@@ -234,8 +236,10 @@ def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster,
     from dpfeta import tune
 
     repo = Path(__file__).resolve().parents[1]
+    shared = {"warmup.steps": {"type": "choice", "values": [1, 2]}}
     overrides = [*SWEEP, "tracking.enabled=false", f"run.dir={s3_bucket}/sweeps", "run.name=resume",
-                 "run.seed=1", f"run.ray_address={ray_cluster.address}"]  # seed 1: K = 3 trials
+                 "run.seed=1", f"run.ray_address={ray_cluster.address}",  # seed 1: K = 3 trials
+                 f"tune.search_space={json.dumps(shared)}"]
     store = Storage(f"{s3_bucket}/sweeps/resume")
     store.write_text("SLOW", "")
     script = tmp_path / "driver.py"
@@ -259,6 +263,10 @@ def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster,
     state = store.read_json(tune.SWEEP_FILE)
     assert 1 <= len(finished) < state["num_trials"] == 3 and not store.is_file(tune.SUMMARY_FILE)
     runs_before = len(store.list_files("runs"))
+    assert state["plan"]["central"] == "shared" and store.committed("central")
+    central_json = store.read_bytes("central/central.json")
+    rounds = state["plan"]["shared_central"]["rounds"]
+    assert rounds >= 1 and store.read_json("ledger.json")["mechanisms"][0]["taken"] == rounds
 
     store.delete("SLOW")
     import ray
@@ -273,3 +281,9 @@ def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster,
     # the resumed driver ran at most the trials that had not scored (one may have started twice)
     assert len(store.list_files("runs")) - runs_before <= 3 - len(finished)
     assert store.is_file("release/model/stand-in.txt") and store.is_file(tune.SUMMARY_FILE)
+    assert store.read_bytes("central/central.json") == central_json  # the query was not run again
+    for row in summary["trials"]:
+        assert store.read_bytes(f"trials/{row['trial_id']}/central/central.json") == central_json
+    released = store.read_json("release/ledger.json")["mechanisms"]
+    assert [(m["name"], m["shared"], m["taken"]) for m in released][0] == ("central", True, rounds)
+    assert [m["name"] for m in released] == ["central", "dpsgd", "selection"]  # the query once
