@@ -121,7 +121,7 @@ def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_con
         "seeded": ledger.seeded,
         "config_sha256": config_hash(public_config),
         "mechanisms": [{"name": m.name, "noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate,
-                        "taken": m.taken, "planned": m.planned} for m in ledger.mechanisms],
+                        "taken": m.taken, "planned": m.planned, "shared": m.shared} for m in ledger.mechanisms],
         "repeat_and_select": ledger.repeat,
         "notes": list(notes),
     }
@@ -135,6 +135,28 @@ def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_con
 def _ensure(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _where(mech: dict, repeated: bool) -> str:
+    """Where a mechanism sits in a sweep's composition (nothing for a single run)."""
+    if not repeated:
+        return ""
+    return " (once, before the trials: shared)" if mech.get("shared") else " (the selected trial's)"
+
+
+def files_summary(files: list[str], most: int = 12) -> list[str]:
+    """The card's file list: a folder holding more than ``most`` files (the images) is one entry with
+    its count; release.json keeps every name."""
+    groups: dict[str, list[str]] = {}
+    for name in files:
+        groups.setdefault(name.rsplit("/", 2)[0] if name.count("/") >= 2 else name, []).append(name)
+    out = []
+    for key, names in groups.items():
+        if len(names) > most:
+            out.append(f"{key}/... ({len(names):,} files)")
+        else:
+            out.extend(names)
+    return out
 
 
 def card_text(rec: dict, metrics: dict) -> str:
@@ -157,15 +179,16 @@ def card_text(rec: dict, metrics: dict) -> str:
         "| mechanism | noise multiplier | sample rate | taken / planned |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {m['name']} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5g} | {m['taken']} / {m['planned']} |"
-              for m in rec["mechanisms"]]
+    repeated = bool(rec.get("repeat_and_select"))
+    lines += [f"| {m['name']}{_where(m, repeated)} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5g} | "
+              f"{m['taken']} / {m['planned']} |" for m in rec["mechanisms"]]
     if rec.get("repeat_and_select"):
         lines += ["", f"Selection: one trial out of a random number of trials (repeat-and-select, "
                       f"{json.dumps(rec['repeat_and_select'], sort_keys=True)}); only the selected trial's "
                       "outputs are here, under an opaque id."]
     if metrics:
         lines += ["", "DP metrics (metrics.json):", ""] + [f"- {k}: {v}" for k, v in sorted(metrics.items())]
-    lines += ["", "Files: " + ", ".join(rec["files"])]
+    lines += ["", "Files: " + ", ".join(files_summary(rec["files"]))]
     if rec["notes"]:
         lines += [""] + [f"- {n}" for n in rec["notes"]]
     lines += ["", "Anything not in this folder (checkpoints with optimiser state, non-DP metrics, other trials) "

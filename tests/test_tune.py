@@ -421,3 +421,47 @@ def test_a_sweep_stored_before_tune_central_resumes_with_its_query_per_trial(tmp
         tsweep.load_state(config.replace(cfg, {"tune.central": "shared"}), DIGITS_N, ws)
     with pytest.raises(ValueError, match="different config"):
         tsweep.load_state(config.replace(cfg, {"tune.score_noise": 11.0}), DIGITS_N, ws)
+
+
+def test_a_sweep_card_says_the_shared_query_ran_once_and_counts_image_folders(tmp_path):
+    from dpfeta import release
+
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=DIGITS_N, repeat={"mean": 2.0, "shape": 1.0})
+    ledger.add("central", noise_multiplier=4.8, sample_rate=0.95, count=1, taken=1, shared=True)
+    ledger.add("dpsgd", noise_multiplier=30.0, sample_rate=0.2, count=50, taken=50)
+    ledger.add("selection", noise_multiplier=30.0, kind="gaussian", count=1, taken=1)
+    for i in range(30):
+        path = release.release_dir(tmp_path) / "samples" / "images" / f"{i % 3:06d}" / f"{i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+    rec = release.record(tmp_path, kind="sweep", ledger=ledger, public_config={"a": 1})
+    assert [m["shared"] for m in rec["mechanisms"]] == [True, False, False]
+    assert len([f for f in rec["files"] if f.startswith("samples/images/")]) == 30  # the record keeps every name
+    card = (release.release_dir(tmp_path) / release.CARD_FILE).read_text()
+    assert "| central (once, before the trials: shared) | 4.8000 |" in card
+    assert "| dpsgd (the selected trial's) |" in card
+    assert "samples/images/... (30 files)" in card and "000007.png" not in card
+    # the stated total is the ledger's: the query once, then the repeat of the trial's mechanisms
+    alone = _rdp_epsilon(dp_event.ComposedDpEvent([_poisson_gaussian(0.95, 4.8, 1), dp_event.RepeatAndSelectDpEvent(
+        dp_event.ComposedDpEvent([_poisson_gaussian(0.2, 30.0, 50), dp_event.GaussianDpEvent(30.0)]), 2.0, 1.0)]))
+    assert ledger.epsilon() == pytest.approx(alone, rel=1e-9)
+
+
+def test_evaluate_states_a_sweep_release_total_not_the_selected_trial_ledger(tmp_path):
+    """A sweep's release/: its ledger is the selected trial's (whose own curve may be below the
+    sweep's reference), the total it states is the sweep's; dpfeta evaluate reports the latter."""
+    from dpfeta import evaluate, release
+
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=DIGITS_N, repeat={"mean": 2.0, "shape": 1.0})
+    ledger.add("dpsgd", noise_multiplier=30.0, sample_rate=0.2, count=10, taken=10)
+    own = ledger.epsilon()
+    release.record(tmp_path, kind="sweep", ledger=ledger, public_config={}, epsilon=own + 0.25)
+    samples = release.release_dir(tmp_path) / "samples"
+    samples.mkdir()
+    stated = evaluate.stated_privacy(config.Config(), samples)
+    assert stated["epsilon"] == pytest.approx(own + 0.25) and stated["epsilon_source"].endswith("release.json")
+    run_dir = tmp_path / "run"  # a run directory: its ledger's epsilon
+    (run_dir / "samples").mkdir(parents=True)
+    ledger.save(run_dir / "ledger.json")
+    assert evaluate.stated_privacy(config.Config(), run_dir / "samples")["epsilon"] == pytest.approx(own)
+    assert evaluate.stated_privacy(config.Config(), tmp_path)["epsilon"] is None

@@ -123,21 +123,32 @@ def fid_label(result: dict) -> str:
     return kind
 
 
+def stated_privacy(cfg: Config, samples_dir: Path) -> dict:
+    """epsilon, delta, accountant of the synthetic images in ``samples_dir``: a release's stated total
+    (``release.json`` beside them: for a sweep, the bound over the whole search, not the selected
+    trial's own ledger), else the ledger beside them (a run directory), else unknown."""
+    for folder in (samples_dir, samples_dir.parent):
+        record = folder / "release.json"
+        if record.is_file() and (folder / "ledger.json").is_file():
+            rec = json.loads(record.read_text())
+            return {"epsilon": float(rec["epsilon"]), "delta": rec["delta"], "accountant": rec["accountant"],
+                    "ledger": str(folder / "ledger.json"), "epsilon_source": str(record)}
+    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
+    if ledger_path is not None:
+        ledger = Ledger.load(ledger_path)
+        return {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
+                "ledger": str(ledger_path)}
+    return {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+            "ledger": "none found beside the samples: epsilon unknown"}
+
+
 def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
     """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon from a ledger.json
     found beside it (a run directory), else reported as unknown."""
     samples_dir = Path(samples_dir)
     synthetic = load_synthetic(samples_dir, cfg)
     splits = load_splits(cfg)
-    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
-    if ledger_path is not None:
-        ledger = Ledger.load(ledger_path)
-        head = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
-                "ledger": str(ledger_path)}
-    else:
-        head = {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
-                "ledger": "none found beside the samples: epsilon unknown"}
-    result = {**head, **evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
+    result = {**stated_privacy(cfg, samples_dir), **evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
     out = Path(out_path) if out_path else samples_dir / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
