@@ -143,8 +143,8 @@ def stated_privacy(cfg: Config, samples_dir: Path) -> dict:
 
 
 def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
-    """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon from a ledger.json
-    found beside it (a run directory), else reported as unknown."""
+    """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon as ``stated_privacy``
+    finds it (a release's release.json, a run directory's ledger.json), else reported as unknown."""
     samples_dir = Path(samples_dir)
     synthetic = load_synthetic(samples_dir, cfg)
     splits = load_splits(cfg)
