@@ -177,7 +177,7 @@ def test_release_writes_images_grid_ledger_only(tmp_path):
     assert files == sorted(expected)
     saved = json.loads((tmp_path / "ledger.json").read_text())
     assert saved["mechanisms"] == [{"name": "central", "kind": "poisson_gaussian", "noise_multiplier": 2.0,
-                                    "sample_rate": 0.2, "planned": 3, "taken": 3}]
+                                    "sample_rate": 0.2, "planned": 3, "taken": 3, "shared": False}]
     # privacy.accountant auto: the central ledger uses the accountant the whole run's plan picks (PLD)
     eps = privacy.epsilon_of(result.event(), delta=1e-5, accountant="pld")
     assert saved["accountant"] == "pld" and eps < privacy.epsilon_of(result.event(), delta=1e-5, accountant="rdp")
