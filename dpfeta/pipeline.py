@@ -182,12 +182,13 @@ def stage_central(cfg: Config, ws: Workspace, pl: privacy.Plan, train) -> Option
             return _publish_central(cfg, ws, pl, out)
         return central.load_central(out)
     mech = pl.ledger.get("central")
-    if mech.shared and mech.taken == cfg.central.rounds and not (tmp / "central.json").is_file():
-        raise RuntimeError(f"'{ws.url()}': the central images are a sweep's shared query (run once and counted "
-                           "in its ledger), but neither central/ nor the counted query's output is there; a "
-                           "second query under the same ledger would spend again: start a new run.name")
-    if pl.ledger.get("central").taken == cfg.central.rounds:  # counted, then interrupted before the commit
+    if mech.taken == cfg.central.rounds:  # counted, then interrupted before the commit
         if not (tmp / "central.json").is_file():
+            if mech.shared:
+                raise RuntimeError(f"'{ws.url()}': the central images are a sweep's shared query (run once and "
+                                   "counted in its ledger), but neither central/ nor the counted query's output "
+                                   "is there; a second query under the same ledger would spend again: start a "
+                                   "new run.name")
             raise ValueError(f"run directory '{ws.url()}': the central query was counted in ledger.json "
                              "(its budget is spent) but its output was lost before it was written; a new "
                              "query would spend again under the same ledger: start a new run.name")

@@ -128,13 +128,13 @@ def stated_privacy(cfg: Config, samples_dir: Path) -> dict:
     (``release.json`` beside them: for a sweep, the bound over the whole search, not the selected
     trial's own ledger), else the ledger beside them (a run directory), else unknown."""
     for folder in (samples_dir, samples_dir.parent):
-        record = folder / "release.json"
-        if record.is_file() and (folder / "ledger.json").is_file():
+        ledger_path, record = folder / "ledger.json", folder / "release.json"
+        if not ledger_path.is_file():
+            continue
+        if record.is_file():
             rec = json.loads(record.read_text())
             return {"epsilon": float(rec["epsilon"]), "delta": rec["delta"], "accountant": rec["accountant"],
-                    "ledger": str(folder / "ledger.json"), "epsilon_source": str(record)}
-    ledger_path = next((p for p in (samples_dir / "ledger.json", samples_dir.parent / "ledger.json") if p.is_file()), None)
-    if ledger_path is not None:
+                    "ledger": str(ledger_path), "epsilon_source": str(record)}
         ledger = Ledger.load(ledger_path)
         return {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
                 "ledger": str(ledger_path)}

@@ -196,7 +196,7 @@ def central_sharing(cfg: config_mod.Config, space: dict) -> str:
         raise ValueError(f"config key 'tune.central': shared central images (one query before the trials) "
                          f"cannot follow a searched {', '.join(searched)}; set tune.central=per_trial or leave "
                          "central.* out of tune.search_space")
-    if cfg.central.rounds == 0 and not any(k == "central.rounds" for k in searched):
+    if cfg.central.rounds == 0 and "central.rounds" not in searched:
         return "none"
     if mode == "per_trial" or searched:
         return "per_trial"
@@ -245,7 +245,6 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
     # once: what runs once for the whole sweep (the shared central query); fixed: each trial's own
     once = [ref.central()] if sharing == "shared" else []
     fixed = [e for e in ((ref.central() if sharing == "per_trial" else None), selection) if e is not None]
-    once_curve = lambda orders: sum((rdp_curve(e, orders) for e in once), np.zeros(len(orders)))  # noqa: E731
     private = t.privacy_mode == "private"
     if private:
         mean, shape = trial_distribution(cfg)
@@ -265,7 +264,8 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
 
     def totalrdp_curve(sigma: float, orders: tuple) -> np.ndarray:
         base = sum(rdp_curve(e, orders) for e in fixed) + rdp_curve(ref.dpsgd(sigma), orders)
-        return once_curve(orders) + (repeat_curve(base, mean, shape, orders) if private else k * base)
+        once_curve = sum((rdp_curve(e, orders) for e in once), np.zeros(len(orders)))
+        return once_curve + (repeat_curve(base, mean, shape, orders) if private else k * base)
 
     def eps_on(orders: tuple) -> Callable[[float], float]:
         return lambda sigma: curve_epsilon(totalrdp_curve(sigma, orders), p.delta, orders)

@@ -297,13 +297,11 @@ def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) ->
     else:
         ledger.save(ws.path("ledger.json"))
         ws.commit("ledger.json")
-    if ledger.get("central").taken == sc["rounds"] and ws.fetch(CENTRAL_DIR):
-        if ws.fetch(f"release/{CENTRAL_DIR}"):
-            return  # done (resume): the query is never run again
-    with quiet_accountant():
-        pl = privacy.Plan(noise_multiplier=math.nan, sample_rate=0.0, steps=0, central_rate=sc["q_c"],
-                          ledger=ledger, epsilon=sc["epsilon"], target_epsilon=plan["target_epsilon"],
-                          delta=cfg.privacy.delta, accountant=plan["accountant"], n=n, expected_batch=0.0)
+    if ws.fetch(CENTRAL_DIR) and ws.fetch(f"release/{CENTRAL_DIR}"):
+        return  # done (resume): no data read, and the query is never run again
+    pl = privacy.Plan(noise_multiplier=math.nan, sample_rate=0.0, steps=0, central_rate=sc["q_c"],
+                      ledger=ledger, epsilon=sc["epsilon"], target_epsilon=plan["target_epsilon"],
+                      delta=cfg.privacy.delta, accountant=plan["accountant"], n=n, expected_batch=0.0)
     splits = data.load_splits(cfg)  # validates the data before any spend
     if len(splits.train) != n:
         raise ValueError(f"data: the sweep plan used N={n} but the training split has {len(splits.train)} "
