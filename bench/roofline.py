@@ -15,8 +15,9 @@ Each stage's FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``
   FLOPs of a plain forward and backward of the same rows (the arithmetic the step must do; the
   per-example weight gradients are the same products, grouped per example). The executed FLOPs are
   not shown: the counter charges a grouped convolution's weight gradient ``groups`` times over;
-* **sampling**: ``sample.generate`` with the EDM Heun sampler, and the eager fp32 ``no_grad`` path
-  it replaced (the "before"), FLOPs = images x (2N - 1) x one denoiser evaluation;
+* **sampling**: ``sample.generate`` with the EDM Heun sampler, eager and ``torch.compile``d
+  (``sample.compile=true``, timed after an untimed call that compiles), and the eager fp32
+  ``no_grad`` path it replaced (the "before"), FLOPs = images x (2N - 1) x one denoiser evaluation;
 * **evaluation**: a training step of the downstream CNN and its feature extraction (the FID features).
 
 Digits is configs/digits.yaml (16 px, 218,769 parameters); MNIST is the configs/mnist_28 U-Net
@@ -185,12 +186,14 @@ class Bench:
         return flops
 
     def sampling(self, prec: str) -> None:
+        d = self.cfg.data
+        num = self.sample_images or (128 if d.resolution <= 16 else 32)
         cfg = config.replace(self.with_precision(prec), {"sample.sampler": "edm", "sample.steps": self.sample_steps,
-                                                         "sample.guidance": 0.0})
-        d, s = cfg.data, cfg.sample
+                                                         "sample.guidance": 0.0, "sample.batch_size": num,
+                                                         "sample.compile": "false"})
+        s = cfg.sample
         dev = self.device
         denoiser = sample.build_denoiser(cfg).to(dev).eval()
-        num = self.sample_images or (128 if d.resolution <= 16 else 32)
         x = torch.randn(64, d.channels, d.resolution, d.resolution, device=dev)
         with torch.no_grad():  # counts one evaluation, and warms the allocator and oneDNN up
             per_eval = count_flops(lambda: denoiser(x, torch.ones(64, device=dev),
@@ -200,6 +203,11 @@ class Bench:
         def new():
             sample.generate(denoiser, cfg, num, generator=torch.Generator().manual_seed(0), progress=False)
 
+        compiled_cfg = config.replace(cfg, {"sample.compile": "true"})
+
+        def compiled():  # sample.compile=true; the untimed first call compiles
+            sample.generate(denoiser, compiled_cfg, num, generator=torch.Generator().manual_seed(0), progress=False)
+
         def before():  # the path generate() took before the speed work: fp32, no_grad, config batch
             gen = torch.Generator().manual_seed(0)
             labels = torch.randint(d.num_classes, (num,), generator=gen)
@@ -208,11 +216,12 @@ class Bench:
                     latents = torch.randn(len(y), d.channels, d.resolution, d.resolution, generator=gen).to(dev)
                     sample.sample_batch(denoiser, cfg, latents, y.to(dev), null_label=d.num_classes, generator=gen)
 
-        runs = [("sampling (EDM Heun)", new, f"generate(), {num} images, {s.steps} steps")]
+        runs = [("sampling (EDM Heun)", new, False, f"generate(), eager, {num} images, {s.steps} steps"),
+                ("sampling, compiled", compiled, True, f"generate(), sample.compile=true, {num} images")]
         if prec == "fp32":
-            runs.append(("sampling, before", before, f"eager no_grad, batch {s.batch_size}"))
-        for stage, fn, note in runs:
-            seconds = self.measure(fn, prec, max(1, self.reps // 2), warm=False)
+            runs.append(("sampling, before", before, False, f"eager no_grad, batch {s.batch_size}"))
+        for stage, fn, warm, note in runs:
+            seconds = self.measure(fn, prec, max(1, self.reps // 2), warm=warm)
             self.add(stage, prec, "images/s", num / seconds, per_image, note + f"; {num / seconds * s.steps / 32:.1f} img/s at 32 steps")
 
     def evaluation(self, prec: str) -> None:
@@ -297,7 +306,7 @@ def main() -> None:
           f"load average at the end {os.getloadavg()[0]:.1f}")
     if "bf16" in precisions:
         for name in args.models:
-            for stage in ("warm-up step", "DP-SGD step", "sampling (EDM Heun)"):
+            for stage in ("warm-up step", "DP-SGD step", "sampling (EDM Heun)", "sampling, compiled"):
                 pair = {r.precision: r for r in rows if r.model == name and r.stage == stage}
                 if len(pair) == 2:
                     print(f"{name} {stage}: bf16 / fp32 throughput = {pair['bf16'].per_second / pair['fp32'].per_second:.2f}")

@@ -196,3 +196,128 @@ def test_generate_batches_labels_and_files(tmp_path, sampler):
     read, read_labels = load_class_folders(tmp_path / "images")
     assert len(read) == 10 and sorted(read_labels.tolist()) == sorted(labels.tolist())
     assert (tmp_path / "grid.png").is_file()
+
+
+# sample.compile ---------------------------------------------------------------------------------
+
+def _sample(cfg, num=8, seed=0):
+    return generate(build_denoiser(cfg).requires_grad_(False), cfg, num,
+                    generator=torch.Generator().manual_seed(seed), progress=False)[0]
+
+
+@pytest.mark.long  # ~45 s each: Inductor compiles the U-Net's C++ kernels
+@pytest.mark.parametrize("sampler,guidance", [("edm", 0.5), ("ddim", 0.0)])
+def test_compiled_sampling_matches_eager(sampler, guidance):
+    from torch._dynamo.utils import counters
+
+    common = [f"sample.sampler={sampler}", f"sample.guidance={guidance}", "sample.steps=4", "sample.churn=10",
+              "sample.batch_size=4", "run.seed=0"]
+    torch.manual_seed(0)
+    eager = _sample(tiny_cfg(*common, "sample.compile=false"), num=10)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    compiled = _sample(tiny_cfg(*common, "sample.compile=true"), num=10)
+    assert counters["stats"]["unique_graphs"] >= 1  # the denoiser really ran compiled
+    # Same generator draws, same network function: the images agree up to one uint8 level of rounding.
+    diff = (compiled.int() - eager.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+
+
+def test_auto_compiles_only_when_the_rest_of_the_job_pays_for_it(monkeypatch):
+    from dpfeta import sample
+
+    denoiser = build_denoiser(tiny_cfg())
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # no compilation: the decisions only
+
+    def batch(net, size, seconds):
+        net.for_batch(size)
+        current = net.current
+        net.done(size, seconds)
+        return current
+
+    # 40 full batches at 10 s: 390 s left >= COMPILE_PAYBACK_S -> compiled from the second batch on.
+    net = sample.Network(denoiser, "auto", 4, 40)
+    assert batch(net, 4, 10.0) == "eager"
+    assert batch(net, 4, 30.0) == "compiled"  # pays the compilation: not judged
+    assert batch(net, 4, 9.9) == "compiled"  # not faster than 0.97 x eager -> back to eager
+    assert batch(net, 4, 10.0) == "eager"
+    # A short job: 5 batches at 10 s (40 s left) never compiles.
+    short = sample.Network(denoiser, "auto", 4, 5)
+    assert [batch(short, 4, 10.0) for _ in range(5)] == ["eager"] * 5
+    # A faster compiled batch is kept; a shorter last batch runs eager.
+    kept = sample.Network(denoiser, "auto", 4, 60)
+    assert [batch(kept, 4, t) for t in (10.0, 40.0, 7.0, 7.0)] == ["eager", "compiled", "compiled", "compiled"]
+    assert batch(kept, 3, 5.0) == "eager"
+    # false never compiles; true compiles from the first full batch.
+    assert batch(sample.Network(denoiser, "false", 4, 1000), 4, 1000.0) == "eager"
+    assert batch(sample.Network(denoiser, "true", 4, 1), 4, 0.1) == "compiled"
+    with pytest.raises(ValueError, match="sample.compile"):
+        sample.Network(denoiser, "yes", 4, 1)
+
+
+def test_network_calls_split_and_padded_equal_one_call():
+    """Calls of at most ``rows`` images, the compiled shape padded: the same outputs as one eager call."""
+    from dpfeta import sample
+
+    torch.manual_seed(0)
+    denoiser = build_denoiser(tiny_cfg("model.dropout=0.0")).eval()
+    shapes = []
+
+    def fixed_shape(module, **kw):  # stands in for the compiled network: records the shapes it is given
+        def call(x, sigma, labels):
+            shapes.append(x.shape[0])
+            return module(x, sigma, labels)
+        return call
+
+    x, sigma, labels = torch.randn(11, 1, 8, 8), torch.rand(11) + 0.1, torch.arange(11) % 3
+    with torch.inference_mode():
+        whole = denoiser(x, sigma, labels)
+        split = sample.Network(denoiser, "false", 11, 1, rows=4)
+        split.for_batch(11)
+        assert torch.allclose(split._call(x, sigma, labels), whole, atol=1e-5)
+        torch_compile = torch.compile
+        try:
+            torch.compile = fixed_shape
+            net = sample.Network(denoiser, "true", 11, 2, rows=4)
+            net.for_batch(11)
+            out = net._call(x, sigma, labels)  # parts of 4, 4, 3 (padded to 4)
+            net.done(11, 1.0)
+            net.for_batch(11)
+            short = net._call(x[:5], sigma[:5], labels[:5])  # 4 compiled, then 1 (< half of 4) eager
+        finally:
+            torch.compile = torch_compile
+    assert torch.allclose(out, whole, atol=1e-5) and torch.allclose(short, whole[:5], atol=1e-5)
+    assert shapes == [4, 4, 4, 4]
+    assert sample.cache_rows(denoiser, (1, 8, 8), torch.device("cpu")) in (None, *[1 << k for k in range(40)])
+
+
+def test_compile_failure_falls_back_to_eager_under_auto_and_raises_under_true(monkeypatch, caplog):
+    from dpfeta import sample
+
+    def broken(module, **kw):
+        def call(*args):
+            raise RuntimeError("InductorError: no C++ compiler")
+        return call
+
+    common = ["sample.steps=3", "sample.batch_size=4", "sample.guidance=0.5"]
+    cfg = tiny_cfg(*common, "sample.compile=false")
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg).requires_grad_(False)
+    eager = generate(denoiser, cfg, 8, generator=torch.Generator().manual_seed(0), progress=False)[0]
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(sample, "COMPILE_PAYBACK_S", 0.0)  # auto compiles from the second batch
+    auto = config.replace(cfg, {"sample.compile": "auto"})
+    with caplog.at_level("WARNING", logger="dpfeta.sample"):
+        again = generate(denoiser, auto, 8, generator=torch.Generator().manual_seed(0), progress=False)[0]
+    assert torch.equal(again, eager)  # the failed call was recomputed eager with the same inputs
+    assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
+    forced = config.replace(cfg, {"sample.compile": "true"})
+    with pytest.raises(RuntimeError, match="sample.compile=true: torch.compile failed"):
+        generate(denoiser, forced, 8, generator=torch.Generator().manual_seed(0), progress=False)
+
+
+def test_sample_compile_key_is_validated():
+    with pytest.raises(ValueError, match="config key 'sample.compile': expected one of auto, true, false, got 'fast'"):
+        tiny_cfg("sample.compile=fast")
+    assert tiny_cfg("sample.compile=true").sample.compile == "true"  # YAML's boolean read as the name
