@@ -39,7 +39,7 @@ from dpfeta import config, data, pipeline, privacy  # noqa: E402
 METHODS = {
     "dp-feta": ["finetune.init=warmup"],
     "dpdm": ["finetune.init=scratch", "central.rounds=0"],
-    # not in the default set: the low-epsilon variant (README, "Quality on digits"): most of the budget
+    # not in the default set: the low-epsilon variant (bench/README.md, "Quality on digits"): most of the budget
     # to one round of central images, so that a class mean over ~120 records is recognisable at eps = 1
     "dp-feta-central": ["finetune.init=warmup", "central.epsilon_share=0.8", "central.rounds=1"],
 }

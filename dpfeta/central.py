@@ -1,4 +1,4 @@
-"""M1: the DP central-image query (docs/privacy.md §2, docs/method.md §1, with its caveat (a) fixed).
+"""M1: the DP central-image query (docs/privacy.md §2; docs/reference-implementation.md §1, its caveat (a) fixed).
 
 For each of ``central.rounds`` rounds, every record of the training split is included independently
 with probability q_c = central.batch_size / N (fresh randomness each round). Per round and class the

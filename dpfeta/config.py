@@ -97,7 +97,7 @@ class WarmupConfig:
     randaug_magnitude: int = 3  # magnitude ~ U{1..M}
     # RandAugment ops left out. Equalize spreads the noisy background of a central image over the whole
     # intensity range (a mean of ~0.46 instead of ~0.17 on 28 px digits): trained on, it is sampled back
-    # as blown-out noise images (README, "Sampling robustness"). [] restores torchvision's full op set.
+    # as blown-out noise images (docs/guide.md, "Sampling robustness"). [] restores torchvision's full op set.
     randaug_exclude: tuple[str, ...] = ("Equalize",)
     noise_multiplicity: int = 1
     checkpoint_every: int = 500
@@ -198,7 +198,7 @@ class RunConfig:
     seed: Optional[int] = None  # None: OS entropy for sampling and noise (production); set: tests only,
     # never stored or logged (config.json, meta.json and MLflow params say "set (redacted)")
     # network fwd/bwd: fp32 (default: bf16 was no faster on the CPU and H200 measured, except
-    # digits sampling 1.15x on the H200; README "bf16 on an H200"), bf16 (autocast), auto (bf16
+    # digits sampling 1.15x on the H200; bench/README.md "bf16 on an H200"), bf16 (autocast), auto (bf16
     # where the device's bf16 matmul is >= 1.5x its fp32 matmul: a ceiling, not the model's speed-up)
     precision: str = "fp32"
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a private local cluster

@@ -1,6 +1,6 @@
 """EDM diffusion math: preconditioning, the per-example loss, samplers (imports torch only).
 
-Karras et al. 2022 ("EDM") as used by DPDM / DP-FETA (docs/method.md §4.2, §5). Randomness always
+Karras et al. 2022 ("EDM") as used by DPDM / DP-FETA (docs/reference-implementation.md §4.2, §5). Randomness always
 comes from an injected ``torch.Generator``; draws happen on the generator's device and are moved
 to the data's device, so a CPU generator works for a GPU model.
 """

@@ -75,7 +75,7 @@ def _edm_loss_rows(module: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def _drop_labels(labels: torch.Tensor, cfg: Config, generator: torch.Generator) -> torch.Tensor:
     """CFG label dropout: each example's label becomes the null class with ``label_drop_prob``, once
-    for all its K draws (method.md §4.2)."""
+    for all its K draws (reference-implementation.md §4.2)."""
     drop = torch.rand(len(labels), generator=generator, device=generator.device).to(labels.device)
     null = torch.full_like(labels, cfg.data.num_classes)
     return torch.where(drop < cfg.diffusion.label_drop_prob, null, labels)

@@ -13,7 +13,7 @@ a digits U-Net training step 10x slower), so it is not even timed there.
 
 The matmul ratio is a ceiling, not a measurement of the model: on an H200 (bf16 matmul ~15x fp32)
 the digits and MNIST U-Nets ran their warm-up step at 0.55-0.87x, DP-SGD step at 0.79-1.00x and
-sampling at 0.99-1.15x of fp32 under bf16 (README, "bf16"): small convolutions at 16-28 px are
+sampling at 0.99-1.15x of fp32 under bf16 (bench/README.md, "bf16 on an H200"): small convolutions at 16-28 px are
 bound by kernel launches, layout conversions and normalisation, not by matrix arithmetic. Hence
 fp32 is the default, and bf16 is for models where ``bench/roofline.py --device cuda`` shows a gain.
 """

@@ -71,7 +71,7 @@ def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
 
 # ``sample.compile: auto`` compiles only when the rest of the job, timed on its first batch, would take
 # at least this long eager: compiling the U-Net costs ~1 min on a 2-core CPU (less from Inductor's cache)
-# and saved 7-33 % of each batch there (README, "Roofline"), so shorter jobs would pay more than they save.
+# and saved 7-33 % of each batch there (bench/README.md, "Roofline"), so shorter jobs would pay more than they save.
 COMPILE_PAYBACK_S = 300.0
 COMPILE_MIN_GAIN = 0.97  # a compiled batch must take < 0.97 x the eager one, else auto goes back to eager
 

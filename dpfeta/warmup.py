@@ -1,7 +1,8 @@
 """Warm-up ("easy" stage): non-private training of the denoiser on the DP central images.
 
 The central images are already differentially private, so this stage is post-processing: its
-losses and samples may be logged freely. As in DP-FETA's ``pretrain_dpp_base.py`` (docs/method.md §3):
+losses and samples may be logged freely. As in DP-FETA's ``pretrain_dpp_base.py``
+(docs/reference-implementation.md §3):
 RandAugment with ``warmup.randaug_ops`` ops and a magnitude drawn uniformly from {1..M} per image
 (without the ops in ``warmup.randaug_exclude``: Equalize by default),
 Adam, EMA with warm-up, classifier-free-guidance label dropout, the EDM loss with K noise draws.

@@ -38,7 +38,7 @@ def constant_set(n: int, value: int, k: int = 10, size: int = 8) -> ImageSet:
 
 
 def test_sensitivity_is_sqrt_d_over_4():
-    assert central.sensitivity((1, 28, 28), 2) == pytest.approx(14.0)  # MNIST, docs/method.md §1.1
+    assert central.sensitivity((1, 28, 28), 2) == pytest.approx(14.0)  # MNIST, docs/reference-implementation.md §1.1
     assert central.sensitivity((3, 32, 32), 2) == pytest.approx(math.sqrt(3072 / 4))
     assert central.sensitivity((1, 16, 16), 2) == 8.0
 

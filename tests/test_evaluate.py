@@ -34,7 +34,7 @@ def tiny_cfg(tmp_path, *extra: str) -> config.Config:
 @pytest.mark.parametrize("resolution,flat", [(16, 2048), (28, 1152), (32, 2048)])
 def test_cnn_shapes_follow_the_reference(resolution, flat):
     net = CNN(in_channels=1, num_classes=10, resolution=resolution)
-    assert net.head[0].in_features == flat  # 1152 at 28 px, 2048 at 32 px (docs/method.md §6.2)
+    assert net.head[0].in_features == flat  # 1152 at 28 px, 2048 at 32 px (docs/reference-implementation.md §6.2)
     x = torch.zeros(3, 1, resolution, resolution)
     assert net(x).shape == (3, 10) and net.features(x).shape == (3, 128)
 

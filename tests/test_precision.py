@@ -31,7 +31,7 @@ def tiny_denoiser(seed: int = 0) -> sample.EDMPrecond:
 
 
 def test_precision_key_is_typed_and_resolved():
-    assert config.Config().run.precision == "fp32"  # measured: bf16 did not pay on CPU or H200 (README)
+    assert config.Config().run.precision == "fp32"  # measured: bf16 did not pay on CPU or H200 (bench/README.md)
     with pytest.raises(ValueError, match="run.precision"):
         tiny_cfg(run__precision="fp16")
     assert precision.resolve("fp32", "cpu") == "fp32" and precision.resolve("bf16", "cpu") == "bf16"

@@ -1,7 +1,7 @@
 """Evaluation of a synthetic set: downstream accuracy on the real test split, and FID.
 
-* **Accuracy** (docs/method.md §6.2): the reference CNN (``dpfeta.nn.cnn.CNN``) trained on the synthetic
-  set (Adam, ``eval.classifier_lr``, batch ``eval.classifier_batch_size``, ``eval.classifier_epochs``
+* **Accuracy** (docs/reference-implementation.md §6.2): the reference CNN (``dpfeta.nn.cnn.CNN``) trained on the
+  synthetic set (Adam, ``eval.classifier_lr``, batch ``eval.classifier_batch_size``, ``eval.classifier_epochs``
   epochs, EMA 0.9999 with warm-up), its EMA weights tested on the **real test split** after the last
   epoch; plus a logistic-regression baseline on the raw pixels.
 * **FID** on the synthetic images against the **real test split** (``fid_reference: "test"``):

@@ -1,4 +1,4 @@
-"""The downstream classifiers of the evaluation (docs/method.md §6.2): the reference CNN trained on a
+"""The downstream classifiers of the evaluation (docs/reference-implementation.md §6.2): the reference CNN trained on a
 synthetic set (Adam, EMA weights tested), predictions, accuracy, and a logistic-regression baseline."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dpfeta.nn.cnn import CNN
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_EMA = 0.9999  # docs/method.md §6.2
+CLASSIFIER_EMA = 0.9999  # docs/reference-implementation.md §6.2
 
 
 def _device(cfg: Config) -> torch.device:

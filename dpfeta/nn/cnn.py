@@ -1,4 +1,4 @@
-"""The reference downstream CNN of DP-FETA / DPDM (docs/method.md §6.2, ``evaluation/resnet9.py::CNN``).
+"""The reference downstream CNN of DP-FETA / DPDM, ``evaluation/resnet9.py::CNN`` (reference-implementation.md §6.2).
 
 Conv(c->32, 3x3) -> MaxPool2 -> ReLU -> Dropout 0.5 -> Conv(32->64, 3x3) -> MaxPool2 -> ReLU ->
 Dropout 0.5 -> Conv(64->128, 3x3) -> ReLU -> Flatten -> FC 128 -> ReLU -> FC classes.
