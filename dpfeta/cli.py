@@ -235,6 +235,14 @@ def _cmd_run(args, cfg: config_mod.Config) -> int:
     return 0
 
 
+def _cmd_audit(args, cfg: config_mod.Config) -> int:
+    from dpfeta import audit
+
+    audit.check_request(canaries=args.canaries, mode=args.mode)  # before any work
+    audit.run_audit(cfg, canaries=args.canaries, mode=args.mode, seed=args.seed)
+    return 0
+
+
 def _cmd_tune(args, cfg: config_mod.Config) -> int:
     from dpfeta import tune
 
@@ -281,6 +289,10 @@ COMMANDS = [
       ("--out", {"default": None, "help": "eval.json path (default: <samples>/eval.json)"})]),
     ("run", _cmd_run, "the whole pipeline: central, warm-up, DP-SGD, sample, evaluate", []),
     ("tune", _cmd_tune, "Ray Tune sweep under the fixed total budget", []),
+    ("audit", _cmd_audit, "empirical lower bound on epsilon from one DP-SGD run with canaries (never a release)",
+     [("--canaries", {"type": int, "default": 1000, "metavar": "M", "help": "number of canaries (default 1000)"}),
+      ("--mode", {"default": "gradient", "help": "gradient: white-box gradient canaries (default)"}),
+      ("--seed", {"type": int, "default": None, "help": "seed of the inclusion bits (tests; default OS entropy)"})]),
     ("export", _cmd_export, "write a run's released synthetic images as a dataset with a card (no config)",
      [("--run", {"required": True, "help": "run (or sweep) directory, or its release/ folder; only release/ is read"}),
       ("--out", {"required": True, "help": "new local output folder (refused if it exists and is not empty)"}),

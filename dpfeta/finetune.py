@@ -62,6 +62,10 @@ class Task:
     loss_rows: Callable[[nn.Module, torch.Tensor, torch.Tensor, Config, torch.Generator, range], torch.Tensor]
     optimizer: Callable[[list[nn.Parameter], Config], torch.optim.Optimizer]
     prepare_labels: Optional[Callable[[torch.Tensor, Config, torch.Generator], torch.Tensor]] = None
+    # The DP step and the sampler (``dpsgd.DPSGD``/``dpsgd.PoissonSampler`` or a subclass): the seam through
+    # which ``dpfeta audit`` adds its gradient canaries (and its mutation tests their broken builds).
+    dp_step: Callable[..., dpsgd.DPSGD] = dpsgd.DPSGD
+    sampler: Callable[..., dpsgd.PoissonSampler] = dpsgd.PoissonSampler
 
 
 def _edm_loss_rows(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
@@ -215,16 +219,16 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
 
     # Generators: OS entropy per attempt unless run.seed (then distinct per stream, rank and start).
     seed = cfg.run.seed
-    sampler = dpsgd.PoissonSampler(len(shard), sample_rate=plan.sample_rate, generator=rng.make_generator(
+    sampler = task.sampler(len(shard), sample_rate=plan.sample_rate, generator=rng.make_generator(
         seed, stream="sample", rank=worker.rank, step=step))
     loss_generator = rng.make_generator(seed, stream="loss", rank=worker.rank, step=step, device=device)
     noise_generator = (rng.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
                        if worker.rank == 0 else None)
-    private = dpsgd.DPSGD(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
-                          expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
-                          physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
-                          grad_sample_mode=f.grad_sample_mode,
-                          precision=precision.resolve(cfg.run.precision, device))
+    private = task.dp_step(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
+                           expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
+                           physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
+                           grad_sample_mode=f.grad_sample_mode,
+                           precision=precision.resolve(cfg.run.precision, device))
     images = torch.as_tensor(shard.images).to(device)
     labels = torch.as_tensor(shard.labels).to(device)
 
