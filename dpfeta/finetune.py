@@ -244,42 +244,65 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
         logger.info("finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
                     "T=%d, from step %d, %s compute", start, count_parameters(net), len(images), plan.n,
                     worker.world_size, plan.noise_multiplier, plan.sample_rate, plan.steps, step, private.precision)
+    # epsilon at a report depends on the plan only: rank 0 composes the curve on a thread from here on.
+    curve = (privacy.EpsilonCurve(ledger, "dpsgd", [t for t in range(step + 1, plan.steps + 1)
+                                                    if _reports_at(t, cfg, plan)[0]])
+             if worker.rank == 0 else None)
     window, metrics, first_step = _Window(start=time.perf_counter()), {}, step
     net.train()
-    while step < plan.steps:
-        if before_step is not None:
-            before_step(step)
-        # Sample this worker's Poisson batch and privatise its gradient.
-        index = sampler.sample().to(device)
-        stats = private.privatise(to_float(images[index]), batch_labels(index), loss_rows)
-        if stats.workers != worker.world_size:
-            raise RuntimeError(f"lock-step broken: {stats.workers} of {worker.world_size} ranks at step {step}")
-        # Optimiser step on the logical batch.
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        ledger.record_steps("dpsgd", step)
-        # Update EMA.
-        update_ema(ema, net, num_updates=step, decay=f.ema_decay)
-        window.add(stats)
+    try:
+        while step < plan.steps:
+            if before_step is not None:
+                before_step(step)
+            # Sample this worker's Poisson batch and privatise its gradient.
+            index = sampler.sample().to(device)
+            stats = private.privatise(to_float(images[index]), batch_labels(index), loss_rows)
+            if stats.workers != worker.world_size:
+                raise RuntimeError(f"lock-step broken: {stats.workers} of {worker.world_size} ranks at step {step}")
+            # Optimiser step on the logical batch.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            ledger.record_steps("dpsgd", step)
+            # Update EMA.
+            update_ema(ema, net, num_updates=step, decay=f.ema_decay)
+            window.add(stats)
 
-        # Report and checkpoint.
-        save = step == plan.steps or (f.checkpoint_every > 0 and step % f.checkpoint_every == 0)
-        if save or (f.log_every > 0 and step % f.log_every == 0):
-            metrics = _metrics(cfg, plan, ledger, step, window) if worker.rank == 0 else {"step": step}
-            _report(reporter, metrics, save and worker.rank == 0, cfg=cfg, plan=plan, ledger=ledger,
-                    net=net, ema=ema, optimizer=optimizer, step=step, worker=worker, first_step=first_step)
-            window = _Window(start=time.perf_counter())
+            # Report and checkpoint.
+            report, save = _reports_at(step, cfg, plan)
+            if report:
+                metrics = _metrics(cfg, plan, curve, ledger, step, window) if worker.rank == 0 else {"step": step}
+                _report(reporter, metrics, save and worker.rank == 0, cfg=cfg, plan=plan, ledger=ledger,
+                        net=net, ema=ema, optimizer=optimizer, step=step, worker=worker, first_step=first_step)
+                window = _Window(start=time.perf_counter())
+    finally:
+        if curve is not None:
+            curve.close()
     return metrics or {"step": step, "epsilon": ledger.epsilon(), "steps": plan.steps}
 
 
-def _metrics(cfg: Config, plan: privacy.Plan, ledger: privacy.Ledger, step: int,
+def _reports_at(step: int, cfg: Config, plan: privacy.Plan) -> tuple[bool, bool]:
+    """(report, checkpoint) after logical step ``step``: every log_every/checkpoint_every steps and at T."""
+    f = cfg.finetune
+    save = step == plan.steps or (f.checkpoint_every > 0 and step % f.checkpoint_every == 0)
+    return save or (f.log_every > 0 and step % f.log_every == 0), save
+
+
+def _spent(curve: privacy.EpsilonCurve, ledger: privacy.Ledger, step: int) -> float:
+    """The composed epsilon after ``step``: the curve's point, which is the ledger's own composition at
+    that step (checked: the curve was built from this ledger's mechanisms and counts)."""
+    if not curve.matches(ledger, step):
+        raise RuntimeError(f"internal: the epsilon curve was not composed from this ledger at step {step}")
+    return curve.at(step)
+
+
+def _metrics(cfg: Config, plan: privacy.Plan, curve: privacy.EpsilonCurve, ledger: privacy.Ledger, step: int,
              window: _Window) -> dict[str, Any]:
     """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
-    # sec_per_step first: the window times the steps, not the accountant's epsilon below
+    # sec_per_step first: the window times the steps, not a wait for the curve's epsilon below
     sec_per_step = (time.perf_counter() - window.start) / max(window.steps, 1)
     out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
-           "epsilon": ledger.epsilon(), "noise_multiplier": plan.noise_multiplier, "sec_per_step": sec_per_step}
+           "epsilon": _spent(curve, ledger, step), "noise_multiplier": plan.noise_multiplier, "sec_per_step": sec_per_step}
     if cfg.tracking.nondp:
         examples = max(window.examples, 1)
         out.update({"nondp/loss": window.loss_sum / examples, "nondp/clip_fraction": window.clipped / examples,

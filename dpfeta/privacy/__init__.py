@@ -3,6 +3,7 @@
 * ``events``     -- the mechanisms M1 (central query), M2 (DP-SGD), M3 (selection score) as DpEvents;
 * ``accounting`` -- RDP order grids, the cached RDP curve, epsilon(delta), the sigma searches;
 * ``ledger``     -- ``Mechanism``/``Ledger``: planned and taken counts, the composed epsilon;
+* ``curve``      -- the composed epsilon at each report step, computed off the step path;
 * ``plan``       -- one run's plan: sigma calibrated once so that M1 + M2 meet the target;
 * ``sweep``      -- a sweep's plan: trial count, reference trial, per-trial sigma, the DP score.
 
@@ -15,14 +16,15 @@ from dpfeta.privacy.accounting import (DEFAULT_RDP_ORDERS, INTEGER_RDP_ORDERS, P
                                        tnb_gamma)
 from dpfeta.privacy.events import (KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, central_event, dpsgd_event,
                                    poisson_gaussian, selection_event)
+from dpfeta.privacy.curve import EpsilonCurve, epsilon_curve
 from dpfeta.privacy.ledger import Ledger, Mechanism
 from dpfeta.privacy.plan import (Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary,
                                  resolve)
 
 __all__ = [
-    "DEFAULT_RDP_ORDERS", "INTEGER_RDP_ORDERS", "KINDS", "PLD_COARSE_INTERVAL", "PLD_INTERVAL", "Ledger", "Mechanism", "NEIGHBOURING_RELATION",
+    "DEFAULT_RDP_ORDERS", "EpsilonCurve", "INTEGER_RDP_ORDERS", "KINDS", "PLD_COARSE_INTERVAL", "PLD_INTERVAL", "Ledger", "Mechanism", "NEIGHBOURING_RELATION",
     "PUBLIC_FACTS", "Plan", "calibrate_noise", "central_event", "central_noise", "curve_epsilon",
-    "dpsgd_event", "dpsgd_steps", "epsilon_of", "make_accountant", "plan", "plan_json", "plan_table",
+    "dpsgd_event", "dpsgd_steps", "epsilon_curve", "epsilon_of", "make_accountant", "plan", "plan_json", "plan_table",
     "poisson_gaussian", "privacy_summary", "quiet_accountant", "rdp_curve", "repeat_curve", "resolve",
     "search_sigma", "selection_event", "smallest_sigma", "tnb_gamma",
 ]
