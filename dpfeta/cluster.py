@@ -1,4 +1,4 @@
-"""Where code runs: the one Ray session, the job-level runtime_env, the device, stages as GPU tasks.
+"""Where code runs: the one Ray session, the device, stages as GPU tasks.
 
 One rule for every command (``run``, ``tune``, ``central``, ``finetune``, ``prepare``, ``ray_jobs/``):
 ``run.ray_address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it) -> connect there; otherwise start
@@ -8,6 +8,9 @@ or foreign cluster left on disk. Only a cluster started here is shut down by ``s
 When ``run.use_gpu`` is set and the driver has no GPU (a CPU head node), ``run_on_gpu`` runs a stage
 as a one-GPU Ray task; files travel through the object store (``pack``/``unpack``), so no shared
 filesystem is needed for them.
+
+No runtime_env is set here: Ray hands a job's env to every task and actor (a sweep's trials too), so it
+must not carry the MLflow run (docs/privacy.md §7); what a worker needs travels as an argument.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dpfeta import console, tracking
+from dpfeta import console
 from dpfeta.config import Config
 
 log = logging.getLogger(__name__)
@@ -76,15 +79,14 @@ def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
     if where:
         check_reachable(cfg)
         log.info("ray: connecting to %s", where)
-        ray.init(address=where, runtime_env=runtime_env(), **console.ray_init_kwargs())
+        ray.init(address=where, **console.ray_init_kwargs())
         console.after_ray_init()  # worker output and Ray's logs to the run's log file
         return
     if num_cpus is None:
         workers = cfg.run.num_workers[1] if isinstance(cfg.run.num_workers, tuple) else cfg.run.num_workers
         num_cpus = math.ceil(workers * cfg.run.cpus_per_worker) + RAY_DATA_HEADROOM_CPUS
     log.info("ray: starting a local cluster with %d logical CPUs", num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(),
-             **console.ray_init_kwargs())
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **console.ray_init_kwargs())
     console.after_ray_init()
     _started = True
 
@@ -112,17 +114,6 @@ def session(cfg: Config, *, num_cpus: Optional[int] = None):
         yield
     finally:
         shutdown()
-
-
-def runtime_env() -> dict:
-    """Job-level env for Ray workers: the MLflow run (rank 0 may log to it).
-
-    Variables the driver already has (e.g. from a job's runtime_env.yaml) are left out: Ray refuses
-    to merge a job's runtime_env with a ray.init one that sets the same variable.
-    """
-    tracker = tracking.current()
-    env = {k: v for k, v in (tracker.env() if tracker else {}).items() if k not in os.environ}
-    return {"env_vars": env} if env else {}
 
 
 def device(cfg: Config):

@@ -26,10 +26,14 @@ TUNE_MODES = ("private", "public", "naive")
 INIT_MODES = ("warmup", "scratch")
 RANDAUG_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
                "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # torchvision's
-SECRET_KEYS = ("run.seed",)  # seeds of sampling and noise: never stored or logged (docs/privacy.md §5, §7)
+# Seeds of sampling, noise and the hyperparameter draws (whose order would name a sweep's selected trial):
+# never stored or logged (docs/privacy.md §5, §7); a sweep's sweep.json keeps tune.search_seed, internally.
+SECRET_KEYS = ("run.seed", "tune.search_seed")
 SEED_REDACTED = "set (redacted)"
-RENAMED_KEYS = {"tune.seed": "tune.search_seed (public: the order of configurations only); the trial count "
-                             "and the score noise now come from OS entropy, or from run.seed in tests"}
+# Where the operator's infrastructure is (paths, hosts, credentials in a URI): not in anything published.
+INFRA_KEYS = ("run.dir", "run.ray_address", "tracking.uri", "tracking.artifact_location")
+RENAMED_KEYS = {"tune.seed": "tune.search_seed (a secret like run.seed: the order of configurations); the "
+                             "trial count and the score noise now come from OS entropy, or from run.seed in tests"}
 PRECISIONS = ("auto", "fp32", "bf16")  # dpfeta.precision
 COMPILE_MODES = ("auto", "true", "false")  # sample.compile: dpfeta.sample.Network
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")  # Ray Train's worker placement strategies
@@ -182,8 +186,9 @@ class TuneConfig:
     max_concurrent_trials: int = 1
     proxy_data: dict = field(default_factory=dict)  # public mode: data.* overrides of the proxy
     proxy_is_public: bool = False  # public mode: the operator attests that the proxy is public data
-    # Seeds only the order in which configurations are drawn (public: it is part of the config). The
-    # trial count K and the score noise are secret: OS entropy, unless run.seed is set (tests).
+    # Seeds the order in which configurations are drawn: a secret like run.seed (redacted in everything
+    # published; replaying the draws would name the selected trial's index, a lower bound on K). None: OS
+    # entropy. The trial count K and the score noise: OS entropy, unless run.seed is set (tests).
     search_seed: Optional[int] = None
 
 
@@ -280,18 +285,19 @@ class Config:
         return out
 
     def public_dict(self) -> dict:
-        """``to_dict()`` with every secret key (noise seeds) redacted: what may be stored or logged."""
+        """``to_dict()`` with every secret key (seeds) and infrastructure key (paths, hosts) redacted:
+        what may be stored or logged."""
         out = self.to_dict()
-        for key in SECRET_KEYS:
+        for key in (*SECRET_KEYS, *INFRA_KEYS):
             section, name = key.split(".")
             if out[section].get(name) is not None:
                 out[section][name] = SEED_REDACTED
         return out
 
     def public_flat(self) -> dict[str, Any]:
-        """``flat()`` with the secret keys redacted (MLflow params)."""
+        """``flat()`` with the secret and infrastructure keys redacted (MLflow params)."""
         out = self.flat()
-        for key in SECRET_KEYS:
+        for key in (*SECRET_KEYS, *INFRA_KEYS):
             if out.get(key) is not None:
                 out[key] = SEED_REDACTED
         return out
@@ -316,6 +322,7 @@ def load(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] 
         raw = _read_mapping_file(p)
         if not isinstance(raw, dict):
             raise TypeError(f"config '{p}': expected a mapping at top level, got {type(raw).__name__}")
+        raw = _unredacted(raw)  # a stored config.json: its redacted keys at their defaults (or --set)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -417,6 +424,20 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             raise TypeError(f"config key '{key}': '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def from_public_dict(public: dict) -> Config:
+    """A config from ``public_dict()`` (a release's config.json): the redacted keys at their defaults."""
+    return from_dict(_unredacted(public))
+
+
+def _unredacted(raw: dict) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for key in (*SECRET_KEYS, *INFRA_KEYS):
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and raw[section].get(name) == SEED_REDACTED:
+            del raw[section][name]
+    return raw
 
 
 def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:

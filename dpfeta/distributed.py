@@ -295,18 +295,21 @@ def mlflow_callbacks() -> list:
     tracker = tracking.current()
     if tracker is None or (tracker.uri.startswith("sqlite:") and len(ray.nodes()) > 1):
         return []
-    uri, run_id, nondp = tracker.uri, tracker.run_id, tracker.nondp
+    run = {"uri": tracker.uri, "run_id": tracker.run_id, "nondp": tracker.nondp, "epsilon_name": tracker.epsilon_name}
 
     class MLflowReport(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             report = dict(metrics[0]) if metrics else {}
             step = int(report.get("step", 0))
-            sink = tracking.Tracker(uri, run_id, nondp=nondp)
-            sink.log_dp_metrics({f"finetune/{k}": report[k] for k in ("nimg", "sec_per_step") if k in report},
-                                step=step)
+            sink = tracking.Tracker(**run)
+            if "nimg" in report:  # step * q * N: the expected count, public
+                sink.log_dp_metrics({"finetune/nimg": report["nimg"]}, step=step)
             if "epsilon" in report:  # the composed total after this step: public (the plan's alone)
                 sink.log_dp_metrics({"epsilon": report["epsilon"]}, step=step)
-            sink.log_nondp_metrics({k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)},
-                                   step=step)
+            # the step time depends on the realised batch sizes (docs/privacy.md §7): not a DP value
+            nondp = {k: v for k, v in report.items() if k.startswith(tracking.NONDP_PREFIX)}
+            if "sec_per_step" in report:
+                nondp["finetune/sec_per_step"] = report["sec_per_step"]
+            sink.log_nondp_metrics(nondp, step=step)
 
     return [MLflowReport()]

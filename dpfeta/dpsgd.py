@@ -66,8 +66,21 @@ class PoissonSampler:
 
     def sample(self) -> torch.Tensor:
         """Indices (int64, sorted) of this step's local batch; possibly empty."""
-        mask = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
+        # float64 uniforms: an fp32 comparison includes a record with probability ceil(q 2^24) / 2^24 > q
+        mask = torch.rand(self.num_records, generator=self.generator, dtype=torch.float64) < self.sample_rate
         return mask.nonzero().flatten()
+
+
+def gaussian_noise(numel: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """``numel`` draws of N(0, std^2) in float64, on the generator's device (docs/privacy.md §5).
+
+    Not fp32: torch draws an fp32 normal by Box-Muller on 24-bit uniforms, so every draw is bounded by
+    sqrt(2 ln 2^24) = 5.77 std and its radius takes lattice values, which breaks the Gaussian mechanism's
+    (epsilon, delta) argument. In float64 the uniforms have 53 bits (bound 8.57 std, gaps at the 2^-53
+    level). The generator is seeded from OS entropy (``rng.make_generator``) unless ``run.seed`` is set.
+    """
+    return torch.normal(0.0, float(std), (int(numel),), generator=generator, device=generator.device,
+                        dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,9 +323,8 @@ class DPSGD:
 
         # Noise once for the group, then sum over workers.
         if self.rank == self.noise_rank and self.sigma > 0:
-            total += torch.normal(0.0, self.sigma * self.max_grad_norm, (self.numel,),
-                                  generator=self.noise_generator, device=self.noise_generator.device,
-                                  dtype=torch.float32).to(self.device)
+            noise = gaussian_noise(self.numel, self.sigma * self.max_grad_norm, self.noise_generator)
+            total.copy_((total.double() + noise.to(self.device)).float())  # added in float64, then rounded
         if _distributed():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
 

@@ -39,9 +39,8 @@ class Sampler(mlflow.pyfunc.PythonModel):
         from dpfeta import config as config_mod
         from dpfeta import sample
 
-        raw = json.loads(Path(context.artifacts["config"]).read_text())
-        raw["run"]["seed"] = None  # redacted in the release; sampling seeds come with each call
-        self.cfg = config_mod.from_dict(raw)
+        # seeds redacted in the release (sampling seeds come with each call), paths and hosts too
+        self.cfg = config_mod.from_public_dict(json.loads(Path(context.artifacts["config"]).read_text()))
         denoiser = sample.build_denoiser(self.cfg)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         if all(key.startswith("net.") for key in state):  # saved as EDMPrecond, not its U-Net

@@ -148,6 +148,8 @@ def publish(cfg: Config, ws: Workspace, pl: privacy.Plan, metrics: Optional[dict
         if (root / name).is_file():
             ws.commit(f"{release.RELEASE_DIR}/{name}")
             tracking.log_artifact(root / name)
+    if (root / "model" / "meta.json").is_file():  # restated by the record (the release's epsilon and ledger)
+        ws.commit(f"{release.RELEASE_DIR}/model/meta.json")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -20,7 +20,9 @@ through ``tracking``, which maps a file of this folder to ``release/...`` and an
 ``nondp/...`` (dropped in release mode, ``tracking.nondp: false``); see ``tracking.Tracker``.
 
 Every write is atomic (a temporary sibling, then a rename), so a crash never leaves a half-written
-file in place of a good one. This module imports neither torch nor Ray.
+file in place of a good one. Files are copied without their metadata, and ``record`` gives every file
+and folder of release/ one time (the release's): a copied file's time would tell when a sweep's trial
+ran. This module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -63,12 +66,12 @@ def put_dir(run_dir: Path | str, src: Path | str, name: str, *, only: Optional[I
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if only is None:
-        shutil.copytree(src, tmp)
+        shutil.copytree(src, tmp, copy_function=shutil.copyfile)  # contents only: no times, no modes
     else:
         tmp.mkdir(parents=True)
         for file in only:
             if (src / file).is_file():
-                shutil.copy2(src / file, tmp / file)
+                shutil.copyfile(src / file, tmp / file)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -96,16 +99,22 @@ def config_hash(public_config: dict) -> str:
 
 def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_config: dict,
            metrics: Optional[dict] = None, extra_facts: Optional[dict] = None,
-           notes: Iterable[str] = (), epsilon: Optional[float] = None) -> dict:
+           notes: Iterable[str] = (), epsilon: Optional[float] = None,
+           scope: str = "the sensitive training split") -> dict:
     """Write ledger.json, config.json, metrics.json (if any), release.json and README.md.
 
     ``kind`` is "run" or "sweep"; ``extra_facts``: further public facts (test split, proxy, the
     selection ...); ``notes``: sentences for the card. ``epsilon``: the total to state when it is
     not the ledger's own (a sweep: the bound over the whole search, which is >= the selected
-    trial's ledger); by default the ledger's composed epsilon.
+    trial's ledger; the ledger then carries it as ``sweep_epsilon``); by default the ledger's composed
+    epsilon. ``scope``: the records the guarantee is about (a private sweep's selection score also
+    reads the validation split). Every file and folder of release/ is then given one time.
     """
     root = release_dir(run_dir)
+    # the worker groups (restarts, resizes) follow the realised batches (time, memory): not published
+    ledger = privacy.Ledger.from_state_dict({**ledger.state_dict(), "groups": []})
     ledger.save(_ensure(root) / LEDGER_FILE)
+    _restate_model_meta(root, ledger)
     write_json(run_dir, CONFIG_FILE, public_config)
     if metrics is not None:
         write_json(run_dir, METRICS_FILE, metrics)
@@ -117,6 +126,7 @@ def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_con
         "epsilon": eps, "delta": ledger.delta, "accountant": ledger.accountant,
         "epsilon_planned": ledger.epsilon(planned=True),
         "neighbouring_relation": privacy.NEIGHBOURING_RELATION,
+        "protects": scope,
         "n": ledger.n, "public_facts": list(privacy.PUBLIC_FACTS) + sorted(f"{k}: {v}" for k, v in (extra_facts or {}).items()),
         "seeded": ledger.seeded,
         "config_sha256": config_hash(public_config),
@@ -129,7 +139,27 @@ def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_con
                           if p.is_file() and not p.name.endswith(".tmp") and p.name not in (RECORD_FILE, CARD_FILE))
     write_json(run_dir, RECORD_FILE, rec)
     _atomic_write(root / CARD_FILE, card_text(rec, metrics or {}))
+    stamp(root)
     return rec
+
+
+def stamp(root: Path, when: Optional[float] = None) -> None:
+    """Give every file and folder under ``root`` (and ``root``) one modification time (now by default)."""
+    when = time.time() if when is None else when
+    paths = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # files before their folders
+    for path in [*paths, root]:
+        os.utime(path, (when, when), follow_symlinks=False)
+
+
+def _restate_model_meta(root: Path, ledger: privacy.Ledger) -> None:
+    """model/meta.json states the release's epsilon and ledger (a sweep: the bound over the whole search,
+    not the selected trial's own composition, which it copied from the trial)."""
+    path = root / "model" / "meta.json"
+    if not path.is_file():
+        return
+    meta = json.loads(path.read_text())
+    meta.update(epsilon=ledger.epsilon(), ledger=ledger.state_dict())
+    _atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def _ensure(root: Path) -> Path:
@@ -159,16 +189,21 @@ def files_summary(files: list[str], most: int = 12) -> list[str]:
     return out
 
 
+UNIT_OF_PRIVACY = ("one record (one image with its label); several images of one person are protected together "
+                   "only by group privacy (k images: roughly k times epsilon, and a larger delta)")
+
+
 def card_text(rec: dict, metrics: dict) -> str:
     """The model/dataset card of a release (markdown)."""
     lines = [
         f"# dpfeta release ({rec['kind']})",
         "",
         f"This folder is (epsilon = {rec['epsilon']:.4f}, delta = {rec['delta']:g})-differentially private "
-        f"with respect to the sensitive training split, accounted with the {rec['accountant']} accountant "
-        f"(composed over every mechanism that touched the data).",
+        f"with respect to {rec.get('protects', 'the sensitive training split')}, accounted with the "
+        f"{rec['accountant']} accountant (composed over every mechanism that touched the data).",
         "",
         f"- neighbouring relation: {rec['neighbouring_relation']}",
+        f"- unit of privacy: {UNIT_OF_PRIVACY}",
         f"- N (training-split size, public): {rec['n']}",
         f"- seeded: {str(rec['seeded']).lower()}"
         + (" (a fixed seed was used for sampling and noise: tests or reproduction only, not a production release)"

@@ -20,8 +20,10 @@
   (docs/privacy.md §7). The secret config keys (``config.SECRET_KEYS``: ``run.seed``) are redacted by
   ``Tracker.log_params`` itself, whatever the caller passes.
 
-Workers (e.g. Train rank 0) find the run through the environment (``env()``: MLFLOW_TRACKING_URI,
-MLFLOW_RUN_ID, DPFETA_TRACKING_NONDP), passed in a runtime_env.
+No process learns a run it is not meant to write to (docs/privacy.md §7): the run is never exported
+to Ray workers (a runtime_env is inherited by every task and actor, a sweep's trials included). The
+one worker-side logger, Ray Train's callback (``distributed.mlflow_callbacks``), is handed the run's
+uri and id explicitly by the driver; a process without ``start_run`` logs nothing.
 """
 
 from __future__ import annotations
@@ -38,14 +40,16 @@ from typing import Any, Optional
 
 from dpfeta import release as release_mod
 from dpfeta import config as config_mod
-from dpfeta.config import SECRET_KEYS, SEED_REDACTED, Config
+from dpfeta.config import INFRA_KEYS, SECRET_KEYS, SEED_REDACTED, Config
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
 NONDP_PREFIX = "nondp/"
-ENV_URI, ENV_RUN_ID, ENV_NONDP = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DPFETA_TRACKING_NONDP"
-ENV_RELEASE = "DPFETA_RELEASE_DIR"
+ENV_URI, ENV_RUN_ID = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"
+# Variables through which a process could learn a run: cleared in a process that must not log (``off``).
+RUN_ENV = (ENV_URI, ENV_RUN_ID, "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "DPFETA_TRACKING_NONDP",
+           "DPFETA_RELEASE_DIR")
 MAX_PARAM_CHARS = 6000
 MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
 
@@ -155,6 +159,9 @@ class Tracker:
     run_id: str
     nondp: bool
     release_root: Optional[str] = None  # the run's release/ folder: its files go to MLflow as release/...
+    # "epsilon" in a run whose epsilon is the release's total; a naive/public sweep's trial run logs its own
+    # composition as "nondp/epsilon_trial" (not a total: the sweep's run states that)
+    epsilon_name: str = "epsilon"
     enabled: bool = True
     failures: int = 0
     _cached: Any = field(default=None, repr=False, compare=False)
@@ -184,7 +191,7 @@ class Tracker:
             logged = client.get_run(self.run_id).data.params
             new = {}
             for key, value in params.items():
-                if key in SECRET_KEYS and value is not None:
+                if key in (*SECRET_KEYS, *INFRA_KEYS) and value is not None:
                     value = SEED_REDACTED
                 text = str(value)[:MAX_PARAM_CHARS]
                 if key not in logged:
@@ -213,6 +220,9 @@ class Tracker:
         bad = [k for k in metrics if k.startswith(NONDP_PREFIX)]
         if bad:
             raise ValueError(f"expected DP metric names, got non-DP names {bad}; use log_nondp_metrics")
+        if self.epsilon_name != "epsilon" and "epsilon" in metrics:
+            metrics = dict(metrics)
+            self.log_nondp_metrics({self.epsilon_name: metrics.pop("epsilon")}, step=step)
         self._log_metrics(metrics, step)
 
     def log_nondp_metrics(self, metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
@@ -276,7 +286,7 @@ class Tracker:
             if where is None or where.split("/")[0] != release_mod.RELEASE_DIR:
                 raise ValueError(f"expected the model's files in '{root}' (release/), got '{path}'")
         record = json.loads(files["release"].read_text())
-        cfg = config_mod.from_dict({**json.loads(files["config"].read_text()), "run": {}})
+        cfg = config_mod.from_public_dict(json.loads(files["config"].read_text()))
         tags, description = mlflow_model.card(record)
         logged: list = []
 
@@ -305,20 +315,17 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
 
-    def env(self) -> dict[str, str]:
-        """Environment for worker processes (runtime_env env_vars)."""
-        env = {ENV_URI: self.uri, ENV_RUN_ID: self.run_id, ENV_NONDP: "1" if self.nondp else "0"}
-        if self.release_root:
-            env[ENV_RELEASE] = self.release_root
-        return env
-
 
 _current: Optional[Tracker] = None
 
 
 def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optional[dict] = None,
-              tags: Optional[dict] = None) -> Optional[Tracker]:
-    """Start (or resume, via ``<run dir>/mlflow_run.json``) the MLflow run of ``cfg``; None when off."""
+              tags: Optional[dict] = None, fresh: bool = False, trial: bool = False) -> Optional[Tracker]:
+    """Start (or resume, via ``<run dir>/mlflow_run.json``) the MLflow run of ``cfg``; None when off.
+
+    ``fresh``: never resume; a stored run is deleted and a new one created (a private sweep's run is
+    created when its result is known, so its start and end times say nothing of the trials).
+    ``trial``: a naive/public sweep's trial run (its ``epsilon`` is logged as ``nondp/epsilon_trial``)."""
     global _current
     uri = setup(cfg)
     if uri is None:
@@ -333,7 +340,11 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
             if saved.get("uri") == uri:
                 try:
                     run_id = client.get_run(saved["run_id"]).info.run_id
-                    client.update_run(run_id, status="RUNNING")
+                    if fresh:
+                        client.delete_run(run_id)
+                        run_id = None
+                    else:
+                        client.update_run(run_id, status="RUNNING")
                 except Exception:  # noqa: BLE001 - deleted or another store: start a new run
                     run_id = None
         if run_id is None:
@@ -346,20 +357,30 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
         log.warning("tracking disabled: cannot start an MLflow run at %s (%s)", uri, exc)
         return None
     _current = Tracker(uri, run_id, nondp=cfg.tracking.nondp,
-                       release_root=str(release_mod.release_dir(run_dir).resolve()))
+                       release_root=str(release_mod.release_dir(run_dir).resolve()),
+                       epsilon_name="nondp/epsilon_trial" if trial else "epsilon")
     if params:
         _current.log_params(params)
     return _current
 
 
 def current() -> Optional[Tracker]:
-    """The run started in this process, else the one named by the environment (workers), else None."""
-    if _current is not None:
-        return _current
-    if os.environ.get(ENV_URI) and os.environ.get(ENV_RUN_ID):
-        return Tracker(os.environ[ENV_URI], os.environ[ENV_RUN_ID], nondp=os.environ.get(ENV_NONDP, "0") == "1",
-                       release_root=os.environ.get(ENV_RELEASE))
-    return None
+    """The run started in this process by ``start_run``, else None (never one found in the environment)."""
+    return _current
+
+
+@contextlib.contextmanager
+def off():
+    """A block that logs nowhere (a private sweep's trial): no current run, and none of the variables
+    through which MLflow or a library could find one (``RUN_ENV``); both restored after the block."""
+    global _current
+    saved, env = _current, {k: os.environ.pop(k) for k in RUN_ENV if k in os.environ}
+    _current = None
+    try:
+        yield
+    finally:
+        _current = saved
+        os.environ.update(env)
 
 
 def end_run(status: str = "FINISHED") -> None:

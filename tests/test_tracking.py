@@ -11,7 +11,7 @@ from dpfeta import config, tracking
 
 @pytest.fixture(autouse=True)
 def _no_env_uri(monkeypatch):
-    for var in (tracking.ENV_URI, tracking.ENV_RUN_ID, tracking.ENV_NONDP):
+    for var in tracking.RUN_ENV:
         monkeypatch.delenv(var, raising=False)
     yield
     tracking.end_run()
@@ -73,17 +73,28 @@ def test_nondp_metrics_are_prefixed_or_dropped(root, nondp):
         t.log_dp_metrics({"nondp/loss": 1.0})
 
 
-def test_worker_finds_the_run_through_env(root, monkeypatch):
+def test_no_process_learns_a_run_from_the_environment(root, monkeypatch):
+    """A run is never found through MLFLOW_RUN_ID & co. (Ray hands a job's env to every task and actor,
+    a private sweep's trials included): only ``start_run`` in this process gives one."""
     t = tracking.start_run(cfg_for(root, "worker", "tracking.nondp=false"))
-    env = t.env()
     tracking.end_run()
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    worker = tracking.current()
-    assert worker.run_id == t.run_id and worker.nondp is False
-    tracking.log_dp_metrics({"epsilon": 2.0}, step=7)
-    tracking.log_nondp_metrics({"loss": 1.0}, step=7)
-    assert metrics(worker) == {"epsilon": 2.0}
+    monkeypatch.setenv(tracking.ENV_URI, t.uri)
+    monkeypatch.setenv(tracking.ENV_RUN_ID, t.run_id)
+    assert tracking.current() is None
+    tracking.log_dp_metrics({"epsilon": 2.0}, step=7)  # a no-op
+    assert metrics(t) == {}
+
+
+def test_off_hides_the_run_and_its_variables(root, monkeypatch):
+    import os
+
+    t = tracking.start_run(cfg_for(root, "off"))
+    monkeypatch.setenv(tracking.ENV_RUN_ID, t.run_id)
+    with tracking.off():
+        assert tracking.current() is None and tracking.ENV_RUN_ID not in os.environ
+        tracking.log_dp_metrics({"epsilon": 3.0}, step=1)
+    assert tracking.current() is t and os.environ[tracking.ENV_RUN_ID] == t.run_id
+    assert metrics(t) == {}
 
 
 def test_tracking_failures_never_raise(root):

@@ -52,9 +52,12 @@ class Ledger:
     mechanisms: list[Mechanism] = field(default_factory=list)
     repeat: Optional[dict] = None
     seeded: bool = False  # a fixed seed was used for sampling/noise (tests/reproduction only)
-    groups: list = field(default_factory=list)  # DP-SGD worker groups (public facts): one entry per
-    # attempt, {"step": first step, "world_size": W, "nodes": distinct nodes}; an elastic resize or a
-    # restart after a failure adds one. q, sigma and T never change with them.
+    groups: list = field(default_factory=list)  # DP-SGD worker groups (operator-internal; not in a
+    # release): one entry per attempt, {"step": first step, "world_size": W, "nodes": distinct nodes}; an
+    # elastic resize or a restart after a failure adds one. q, sigma and T never change with them.
+    # A sweep's release: the bound over the whole search, stated by epsilon() when above this (selected)
+    # trial's own composition (whose per-trial sigma is dominated order by order, not at the optimum).
+    sweep_epsilon: Optional[float] = None
 
     def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
             kind: str = "poisson_gaussian", taken: int = 0, shared: bool = False) -> Mechanism:
@@ -99,8 +102,10 @@ class Ledger:
     def epsilon(self, planned: bool = False) -> float:
         """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran."""
         if all((m.planned if planned else m.taken) == 0 for m in self.mechanisms):
-            return 0.0
-        return epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
+            own = 0.0
+        else:
+            own = epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
+        return own if self.sweep_epsilon is None else max(own, float(self.sweep_epsilon))
 
     def per_mechanism(self, planned: bool = True) -> dict[str, float]:
         """Stand-alone epsilon of each mechanism (never a total)."""
@@ -122,13 +127,14 @@ class Ledger:
             "repeat": self.repeat,
             "mechanisms": [vars(m).copy() for m in self.mechanisms],
             "groups": [dict(g) for g in self.groups],
+            **({} if self.sweep_epsilon is None else {"sweep_epsilon": float(self.sweep_epsilon)}),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Ledger":
         ledger = cls(accountant=state["accountant"], delta=float(state["delta"]), n=int(state["n"]),
                      repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)),
-                     groups=[dict(g) for g in state.get("groups", [])])
+                     groups=[dict(g) for g in state.get("groups", [])], sweep_epsilon=state.get("sweep_epsilon"))
         for m in state["mechanisms"]:
             ledger.mechanisms.append(Mechanism(**m))
         return ledger

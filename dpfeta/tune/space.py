@@ -107,7 +107,8 @@ def draw_trials(space: dict, num_trials: int, seed) -> list[dict]:
     """The sweep's ``num_trials`` hyperparameter sets, drawn once before any trial runs and stored in
     ``sweep.json`` (so a resumed sweep runs exactly these, whatever Ray Tune's own state says): every
     grid combination ``num_trials / grid size`` times, each with fresh draws of the random keys.
-    Data-independent; ``seed`` (``tune.search_seed``, public) only orders the draws; None: OS entropy."""
+    Data-independent; ``seed`` (``tune.search_seed``, secret: redacted like run.seed) orders the draws;
+    None: OS entropy."""
     import itertools
 
     import numpy as np

@@ -43,6 +43,7 @@ def _rows(ws: Workspace, spec, trials: list[dict], grid, metric: str) -> list[di
         rows.append({
             "trial_id": tid, "params": dict(trial["params"]),
             "score": m.get(metric), "sigma": m.get("sigma"), "epsilon_trial": m.get("epsilon_trial"),
+            "val_size": m.get("val_size"),
             "status": "done" if m.get("trial_done") else ("error" if error else "stopped"),
         })
     return sorted(rows, key=lambda r: r["trial_id"])
@@ -150,15 +151,30 @@ def _source(summary: dict) -> Optional[Storage]:
 def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config, ws: Workspace) -> privacy.Ledger:
     """The ledger the sweep's release states: the selected trial's (public mode: the final run's; its
     shared central query, if any, included once); with no trial selected, the sweep's own (the shared
-    central query, when one ran)."""
-    where = _source(summary)
+    central query, when one ran). Its epsilon is the sweep's bound (``sweep_epsilon``) where that is
+    above the trial's own composition; ``seeded`` also when a private sweep's draws were seeded."""
+    where, ledger = _source(summary), None
     for name in ("ledger.json", "trial_ledger.json"):
-        if where is not None and where.is_file(name):
-            return privacy.Ledger.from_state_dict(where.read_json(name))
-    if ws.path("ledger.json").is_file():
-        return privacy.Ledger.load(ws.path("ledger.json"))
-    return privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0,
-                          seeded=cfg.run.seed is not None)
+        if ledger is None and where is not None and where.is_file(name):
+            ledger = privacy.Ledger.from_state_dict(where.read_json(name))
+    if ledger is None and ws.path("ledger.json").is_file():
+        ledger = privacy.Ledger.load(ws.path("ledger.json"))
+    if ledger is None:
+        ledger = privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0)
+    if summary["mode"] != "public":
+        ledger.sweep_epsilon = float(summary["epsilon"])
+    ledger.seeded = ledger.seeded or cfg.run.seed is not None or (
+        summary["mode"] == "private" and cfg.tune.search_seed is not None)
+    return ledger
+
+
+def _validation_fact(summary: dict) -> str:
+    """The validation split of a private or naive sweep: protected by epsilon (its selection score, M3, is DP),
+    its size public."""
+    sizes = {r["val_size"] for r in summary["trials"] if r.get("val_size") is not None}
+    size = f"{sizes.pop()} records" if len(sizes) == 1 else "its size"
+    return (f"{size} of the sensitive source, disjoint from the training split, read only by the DP selection "
+            "score (M3); protected by epsilon like the training split")
 
 
 def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws: Workspace) -> Path:
@@ -175,7 +191,6 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws
                 rel = f"{release.RELEASE_DIR}/{part}"
                 if src.fetch(rel) and src.path(rel).is_dir():
                     release.put_dir(ws.local, src.path(rel), part)
-                    ws.commit(rel)
         finally:
             src.close()
     ledger = _release_ledger(summary, state_plan, cfg, ws)
@@ -184,21 +199,28 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws
     if best is not None:
         metrics[f"selected/{summary['metric']}"] = best["score"]
     facts = {"tuning mode": summary["mode"], "selection": json.dumps(view, sort_keys=True, default=str)}
+    scope = "the sensitive training split"
     if summary["mode"] == "public":
         facts["proxy"] = (f"tune.proxy_data={json.dumps(cfg.tune.proxy_data, sort_keys=True)} "
                           "(declared public: tune.proxy_is_public)")
     else:
         facts["test split"] = "not used by the sweep (the selection score is on the validation split)"
-    release.record(ws.local, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
-                   extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]])
+        facts["validation split"] = _validation_fact(summary)
+        scope = "the sensitive training and validation splits"
     release.write_json(ws.local, release.SELECTION_FILE, view)
+    release.record(ws.local, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
+                   extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]], scope=scope)
+    # Every part is committed now, also a shared central query's (put there before the trials): on an object
+    # store each object's time is its upload's, and the release's should not span the trials.
     root = release.release_dir(ws.local)
-    for path in sorted(p for p in root.iterdir() if p.is_file()):  # the card and its records
+    for path in sorted(root.iterdir()):
         ws.commit(f"{release.RELEASE_DIR}/{path.name}")
     return root
 
 
 def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws: Workspace) -> None:
+    """Write the operator's files and the release, then log to the sweep's MLflow run: ``tracker`` (or
+    None), or a function that creates it now (private mode: the run is created when the result is known)."""
     from dpfeta import tracking
 
     _write_trials_csv(rows, ws.path(TRIALS_FILE))
@@ -213,6 +235,8 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws
     log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s", summary["name"],
              summary["mode"], summary["epsilon"], summary["delta"], summary["accountant"],
              "none" if best is None else f"{best['trial_id']} score {best['score']:.4f} {best['params']}")
+    if callable(tracker):
+        tracker = tracker()
     if tracker is None:
         return
     tracker.log_dp_metrics({"epsilon": summary["epsilon"],

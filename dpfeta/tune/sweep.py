@@ -112,8 +112,8 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
                              "rerun it unchanged to resume, or choose another run.name")
         if "trials" not in state:  # written by an older version: the draws are made (once) now
             log.warning("sweep '%s' was started by an older dpfeta whose trial folders are named otherwise: "
-                        "its %d trials run again under new ids (K and sigma are kept; only the new trials "
-                        "are scored and selected from)", cfg.run.name, state["num_trials"])
+                        "its trials run again under new ids (K and sigma are kept; only the new trials "
+                        "are scored and selected from)", cfg.run.name)
             state["trials"] = draw_trials(cfg.tune.search_space, state["num_trials"], cfg.tune.search_seed)
             _save_state(ws, state)
         return state
@@ -229,8 +229,6 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
 def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod.Config, trials_n: int, *,
            trial_fn: Optional[TrialFn], final_fn: Optional[FinalFn], num_cpus: Optional[int],
            echo: Callable[[str], None]) -> dict:
-    from dpfeta import tracking
-
     state = load_state(cfg, n, ws)
     echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
     if ws.fetch(SUMMARY_FILE):
@@ -242,20 +240,18 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
     if plan.get("central") == "shared":
         shared_central(cfg, n, ws, plan)  # before any trial (and before the MLflow run: no artifacts yet)
     # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
-    # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one).
+    # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one),
+    # and the sweep's own run is created when the result is known (``_finish``): a run open during the
+    # trials would carry their number in its start and end times.
     log_trials = mode != "private"
-    ws.fetch(tracking.RUN_FILE)
-    tracker = tracking.start_run(cfg, ws.local, params={**cfg.public_flat(), **_plan_params(plan)},
-                                 tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": mode})
-    if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
-        ws.commit(tracking.RUN_FILE)
+    tracker = None if mode == "private" else _start_tracker(cfg, ws, plan)
     spec = TrialSpec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=ws.url(),
                  trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
                  parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,
                  seed=cfg.run.seed, id_key=state["id_key"])
     try:
         todo = [t for t in state["trials"] if not ws.remote.is_file(f"trials/{trial_id(spec, t)}/{RESULT_FILE}")]
-        if len(todo) < len(state["trials"]):
+        if len(todo) < len(state["trials"]) and mode != "private":  # private: K stays out of the logs
             log.info("sweep '%s': %d of %d trials already scored (kept), running %d", cfg.run.name,
                      len(state["trials"]) - len(todo), len(state["trials"]), len(todo))
         grid = None
@@ -266,13 +262,26 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
         summary = _summarize(cfg, state, rows, ws)
         if mode == "public" and summary["best"] is not None:
             summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn, ws))
-        _finish(cfg, summary, rows, tracker, ws)
+        _finish(cfg, summary, rows, (lambda: _start_tracker(cfg, ws, plan, fresh=True)) if mode == "private" else tracker,
+                ws)
         echo(summary_text(summary))
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
         raise
     return summary
+
+
+def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: bool = False):
+    """The sweep's MLflow run (None when tracking is off); ``fresh``: created now (private mode)."""
+    from dpfeta import tracking
+
+    ws.fetch(tracking.RUN_FILE)
+    tracker = tracking.start_run(cfg, ws.local, params={**cfg.public_flat(), **_plan_params(plan)},
+                                 tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]}, fresh=fresh)
+    if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
+        ws.commit(tracking.RUN_FILE)
+    return tracker
 
 
 CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), read by every trial

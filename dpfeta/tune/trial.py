@@ -110,10 +110,15 @@ def run_trial(spec: TrialSpec, params: dict, trial_id: str) -> dict:
     trial's folder lives in the sweep's storage (``<sweep>/trials/<id>``); on an object store this
     process works in a scratch copy and commits each file (the result last), whatever node it is on.
     """
+    from dpfeta import tracking
+
     cfg = _trial_config(spec, params, trial_id)
     ws = Workspace(cfg.run_location())
     try:
-        return _run_trial(spec, cfg, ws, params, trial_id)
+        if spec.log_trials:
+            return _run_trial(spec, cfg, ws, params, trial_id)
+        with tracking.off():  # a private sweep's trial logs nowhere, whatever its process inherited
+            return _run_trial(spec, cfg, ws, params, trial_id)
     finally:
         ws.close()
 
@@ -140,7 +145,7 @@ def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: d
                 "dpfeta.tune_mode": spec.plan["mode"]}
         trial_params = {**tracking.run_params(cfg, plan), **{f"trial/{k}": v for k, v in params.items()}}
         ws.fetch(tracking.RUN_FILE)
-        tracker = tracking.start_run(cfg, out_dir, params=trial_params, tags=tags)
+        tracker = tracking.start_run(cfg, out_dir, params=trial_params, tags=tags, trial=True)
         if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
             ws.commit(tracking.RUN_FILE)
     ctx = TrialContext(cfg=cfg, params=dict(params), plan=plan, out_dir=out_dir,
@@ -212,6 +217,7 @@ def _score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dic
     seed = None if spec.seed is None else [spec.seed, zlib.crc32(trial_id.encode())]
     result["score"] = dp_score(int(out["correct"]), int(out["val_size"]), sigma_v=spec.plan["score_noise"],
                                rng=np.random.default_rng(seed))
+    result["val_size"] = int(out["val_size"])  # public (a data-independent rule on the public N), never "correct"
     plan.ledger.record_steps("selection", 1)
     for mech in plan.ledger.mechanisms:  # a stage that did not record its steps: count the whole plan
         if mech.taken == 0:
