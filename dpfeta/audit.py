@@ -141,7 +141,7 @@ def _log_mlflow(cfg: Config, out: Path, report: dict, png: Path, tracking) -> No
         tracker.log_artifact(png, "audit")
         tracker.log_artifact(out / "nondp" / "audit.json", "audit")
     finally:
-        tracking.end_run()
+        tracker.end()
 
 
 def report_text(r: dict) -> str:

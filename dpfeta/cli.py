@@ -49,16 +49,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> config_mod.Config:
     """Load, validate and resolve the config (privacy-derived values fixed from public facts)."""
-    from dpfeta import pipeline
+    from dpfeta import runplan
 
-    return pipeline.resolve_config(args.config, args.overrides)
+    return runplan.resolve_config(args.config, args.overrides)
 
 
 def _plan(cfg):
     """Plan the ledger from public facts only (the same checks as ``dpfeta run``)."""
-    from dpfeta import pipeline
+    from dpfeta import runplan
 
-    return pipeline.plan_run(cfg)
+    return runplan.plan_run(cfg)
 
 
 def _cmd_budget(args, cfg: config_mod.Config) -> int:

@@ -283,8 +283,9 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     return summary
 
 
-def mlflow_callbacks() -> list:
-    """A Ray Train callback logging rank 0's reports (``epsilon``, ``finetune/*``, ``nondp/*``) to this run.
+def mlflow_callbacks(tracker: Optional[tracking.Tracker]) -> list:
+    """A Ray Train callback logging rank 0's reports (``epsilon``, ``finetune/*``, ``nondp/*``) to the
+    run of ``tracker`` (None: no callback).
 
     It runs in the Train controller; a local sqlite store is only used when the cluster is one node
     (on several nodes the controller may sit on another machine: use an http tracking server).
@@ -292,7 +293,6 @@ def mlflow_callbacks() -> list:
     import ray
     from ray.train import UserCallback
 
-    tracker = tracking.current()
     if tracker is None or (tracker.uri.startswith("sqlite:") and len(ray.nodes()) > 1):
         return []
     run = {"uri": tracker.uri, "run_id": tracker.run_id, "nondp": tracker.nondp, "epsilon_name": tracker.epsilon_name}

@@ -7,7 +7,7 @@ of images costs no privacy.
 
 What goes in is the release only (docs/privacy.md §1, §7): ``release/model/ema.pt``,
 ``release/model/meta.json``, ``release/config.json`` (the public config, noise seeds redacted) and
-``release/release.json``; ``Tracker.log_release_model`` refuses any other file, in either mode. The
+``release/release.json``; ``log_release_model`` refuses any other file, in either mode. The
 model's card (tags, description, the MLmodel ``metadata``) is taken from ``release.json``: epsilon,
 delta, accountant, neighbouring relation, N, the config hash and ``seeded``. The model is logged with
 the dpfeta package itself (``code_paths``), so loading it needs torch and numpy, not a dpfeta install.
@@ -15,15 +15,21 @@ the dpfeta package itself (``code_paths``), so loading it needs torch and numpy,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import mlflow.pyfunc
 
+from dpfeta import config as config_mod
+from dpfeta import release as release_mod
+
 log = logging.getLogger(__name__)
 
+ENV_URI = "MLFLOW_TRACKING_URI"
 MODEL_NAME = "model"  # the logged model's name in the run
 ARTIFACTS = {"weights": "model/ema.pt", "meta": "model/meta.json", "config": "config.json",
              "release": "release.json"}  # relative to release/
@@ -142,3 +148,63 @@ def package_dir() -> str:
     import dpfeta
 
     return str(Path(dpfeta.__file__).parent)
+
+
+def log_release_model(tracker, register_as: Optional[str] = None) -> Optional[str]:
+    """The released EMA weights of ``tracker``'s run (a ``tracking.Tracker``, or None: nothing) as an
+    MLflow pyfunc model, with its card from release/release.json; registered as ``register_as`` if given.
+    Only files of release/ go in, whatever the mode (anything else is refused). Returns the model URI,
+    or None on failure (best effort, like every tracking call)."""
+    if tracker is None:
+        return None
+    if tracker.release_root is None:
+        raise ValueError("expected a run with a release/ folder to log its model, got none")
+    root = Path(tracker.release_root)
+    files = {key: root / rel for key, rel in ARTIFACTS.items()}
+    for path in files.values():
+        where = tracker.artifact_path_for(path) if path.is_file() else None
+        if where is None or where.split("/")[0] != release_mod.RELEASE_DIR:
+            raise ValueError(f"expected the model's files in '{root}' (release/), got '{path}'")
+    record = json.loads(files["release"].read_text())
+    cfg = config_mod.from_public_dict(json.loads(files["config"].read_text()))
+    tags, description = card(record)
+    logged: list = []
+
+    def run():
+        with _global_tracking_uri(tracker.uri):
+            with mlflow.start_run(run_id=tracker.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME, python_model=Sampler(), artifacts={k: str(v) for k, v in files.items()},
+                    code_paths=[package_dir()], signature=signature(cfg), input_example=input_example(cfg),
+                    pip_requirements=pip_requirements(), metadata={"dpfeta": record},
+                    tags={**tags, "mlflow.note.content": description}, registered_model_name=register_as)
+                mlflow.set_tag("dpfeta.model_uri", info.model_uri)
+        if register_as and info.registered_model_version is not None:
+            version = str(info.registered_model_version)
+            tracker.client.update_model_version(register_as, version, description=description)
+            for key, value in tags.items():
+                tracker.client.set_model_version_tag(register_as, version, key, value)
+        logged.append(info.model_uri)
+
+    tracker._call("log_release_model", run)
+    return logged[0] if logged else None
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's fluent API (``log_model``) for one block, then the process exactly as it was: MLflow's
+    ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which would redirect every later run of this
+    process (a sweep after a run, the next test) to this run's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as uri_state
+
+    before_global, before_env = uri_state._tracking_uri, os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_global)  # None: MLflow unsets the variable
+        if before_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = before_env

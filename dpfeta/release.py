@@ -229,3 +229,14 @@ def card_text(rec: dict, metrics: dict) -> str:
     lines += ["", "Anything not in this folder (checkpoints with optimiser state, non-DP metrics, other trials) "
                   "is not covered by this epsilon and must not be published."]
     return "\n".join(lines) + "\n"
+
+
+def public_metrics(result: dict) -> dict:
+    """What release/metrics.json holds: the privacy summary and the DP metrics, nothing non-DP."""
+    keys = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "seeded")
+    out = {k: result[k] for k in keys if k in result}
+    out.update(result.get("dp", {}))
+    out.update({k: result[k] for k in ("num_synthetic", "num_test", "test_split_public") if k in result})
+    if "fid" in result.get("dp", {}):
+        out.update({k: result[k] for k in ("fid_kind", "fid_reference", "fid_samples", "fid_weights")})
+    return out

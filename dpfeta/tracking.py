@@ -21,9 +21,11 @@
   ``Tracker.log_params`` itself, whatever the caller passes.
 
 No process learns a run it is not meant to write to (docs/privacy.md §7): the run is never exported
-to Ray workers (a runtime_env is inherited by every task and actor, a sweep's trials included). The
-one worker-side logger, Ray Train's callback (``distributed.mlflow_callbacks``), is handed the run's
-uri and id explicitly by the driver; a process without ``start_run`` logs nothing.
+to Ray workers (a runtime_env is inherited by every task and actor, a sweep's trials included), and
+there is no process-wide current run: ``start_run`` returns a ``Tracker`` handle that the run's
+``RunDir`` holds and passes on. The one worker-side logger, Ray Train's callback
+(``distributed.mlflow_callbacks``), is handed the run's uri and id explicitly by the driver; a
+process that was not handed a tracker logs nothing. The pyfunc model logger is ``mlflow_model``'s.
 """
 
 from __future__ import annotations
@@ -89,26 +91,6 @@ def _client(uri: str):
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str):
-    """MLflow's fluent API (``log_model``) for one block, then the process exactly as it was: MLflow's
-    ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which would redirect every later run of this
-    process (a sweep after a run, the next test) to this run's store."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as uri_state
-
-    before_global, before_env = uri_state._tracking_uri, os.environ.get(ENV_URI)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before_global)  # None: MLflow unsets the variable
-        if before_env is None:
-            os.environ.pop(ENV_URI, None)
-        else:
-            os.environ[ENV_URI] = before_env
 
 
 def _experiment_id(client, uri: str, name: str, artifact_location: Optional[str] = None) -> str:
@@ -271,52 +253,8 @@ class Tracker:
 
         self._call("set_tags", run)
 
-    def log_release_model(self, register_as: Optional[str] = None) -> Optional[str]:
-        """The released EMA weights as an MLflow pyfunc model (``dpfeta.mlflow_model``), with its card
-        from release/release.json; registered as ``register_as`` if given. Only files of release/ go in,
-        whatever the mode (anything else is refused). Returns the model URI, or None on failure."""
-        from dpfeta import mlflow_model
-
-        if self.release_root is None:
-            raise ValueError("expected a run with a release/ folder to log its model, got none")
-        root = Path(self.release_root)
-        files = {key: root / rel for key, rel in mlflow_model.ARTIFACTS.items()}
-        for path in files.values():
-            where = self.artifact_path_for(path) if path.is_file() else None
-            if where is None or where.split("/")[0] != release_mod.RELEASE_DIR:
-                raise ValueError(f"expected the model's files in '{root}' (release/), got '{path}'")
-        record = json.loads(files["release"].read_text())
-        cfg = config_mod.from_public_dict(json.loads(files["config"].read_text()))
-        tags, description = mlflow_model.card(record)
-        logged: list = []
-
-        def run():
-            import mlflow
-
-            with _global_tracking_uri(self.uri):
-                with mlflow.start_run(run_id=self.run_id):
-                    info = mlflow.pyfunc.log_model(
-                        name=mlflow_model.MODEL_NAME, python_model=mlflow_model.Sampler(),
-                        artifacts={k: str(v) for k, v in files.items()}, code_paths=[mlflow_model.package_dir()],
-                        signature=mlflow_model.signature(cfg), input_example=mlflow_model.input_example(cfg),
-                        pip_requirements=mlflow_model.pip_requirements(), metadata={"dpfeta": record},
-                        tags={**tags, "mlflow.note.content": description}, registered_model_name=register_as)
-                    mlflow.set_tag("dpfeta.model_uri", info.model_uri)
-            if register_as and info.registered_model_version is not None:
-                version = str(info.registered_model_version)
-                self.client.update_model_version(register_as, version, description=description)
-                for key, value in tags.items():
-                    self.client.set_model_version_tag(register_as, version, key, value)
-            logged.append(info.model_uri)
-
-        self._call("log_release_model", run)
-        return logged[0] if logged else None
-
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
-
-
-_current: Optional[Tracker] = None
 
 
 def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optional[dict] = None,
@@ -325,8 +263,8 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
 
     ``fresh``: never resume; a stored run is deleted and a new one created (a private sweep's run is
     created when its result is known, so its start and end times say nothing of the trials).
-    ``trial``: a naive/public sweep's trial run (its ``epsilon`` is logged as ``nondp/epsilon_trial``)."""
-    global _current
+    ``trial``: a naive/public sweep's trial run (its ``epsilon`` is logged as ``nondp/epsilon_trial``).
+    The handle is the caller's to pass on (a ``RunDir`` holds it): no process-wide current run."""
     uri = setup(cfg)
     if uri is None:
         return None
@@ -356,56 +294,24 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
     except Exception as exc:  # noqa: BLE001
         log.warning("tracking disabled: cannot start an MLflow run at %s (%s)", uri, exc)
         return None
-    _current = Tracker(uri, run_id, nondp=cfg.tracking.nondp,
-                       release_root=str(release_mod.release_dir(run_dir).resolve()),
-                       epsilon_name="nondp/epsilon_trial" if trial else "epsilon")
+    tracker = Tracker(uri, run_id, nondp=cfg.tracking.nondp,
+                      release_root=str(release_mod.release_dir(run_dir).resolve()),
+                      epsilon_name="nondp/epsilon_trial" if trial else "epsilon")
     if params:
-        _current.log_params(params)
-    return _current
-
-
-def current() -> Optional[Tracker]:
-    """The run started in this process by ``start_run``, else None (never one found in the environment)."""
-    return _current
+        tracker.log_params(params)
+    return tracker
 
 
 @contextlib.contextmanager
 def off():
-    """A block that logs nowhere (a private sweep's trial): no current run, and none of the variables
-    through which MLflow or a library could find one (``RUN_ENV``); both restored after the block."""
-    global _current
-    saved, env = _current, {k: os.environ.pop(k) for k in RUN_ENV if k in os.environ}
-    _current = None
+    """A block in which no library finds a run through the environment (a private sweep's trial): none
+    of the variables through which MLflow or a library could find one (``RUN_ENV``), restored after.
+    dpfeta's own logging goes through a ``Tracker`` handle only, which such a block is never given."""
+    env = {k: os.environ.pop(k) for k in RUN_ENV if k in os.environ}
     try:
         yield
     finally:
-        _current = saved
         os.environ.update(env)
-
-
-def end_run(status: str = "FINISHED") -> None:
-    global _current
-    if _current is not None:
-        _current.end(status)
-    _current = None
-
-
-def log_dp_metrics(metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
-    tracker = current()
-    if tracker is not None:
-        tracker.log_dp_metrics(metrics, step=step)
-
-
-def log_nondp_metrics(metrics: dict[str, Any], *, step: Optional[int] = None) -> None:
-    tracker = current()
-    if tracker is not None:
-        tracker.log_nondp_metrics(metrics, step=step)
-
-
-def log_artifact(path: Path | str, artifact_path: Optional[str] = None) -> None:
-    tracker = current()
-    if tracker is not None:
-        tracker.log_artifact(path, artifact_path)
 
 
 def run_params(cfg: Config, plan) -> dict[str, Any]:
@@ -417,23 +323,27 @@ def run_params(cfg: Config, plan) -> dict[str, Any]:
     return params
 
 
-def log_epsilon_curve(ledger, points: int = 25) -> None:
+def log_epsilon_curve(tracker: Optional[Tracker], ledger, points: int = 25) -> None:
     """epsilon spent after t DP-SGD steps (central query included), t = 0..T taken.
 
     epsilon depends only on public quantities (sigma, q, counts), so the curve is computed from the
     ledger rather than collected from the workers.
     """
+    if tracker is None:
+        return
     mech = ledger.get("dpsgd")
     ledger = type(ledger).from_state_dict(ledger.state_dict())
     for t in sorted({round(i * mech.taken / points) for i in range(points + 1)}):
         ledger.get("dpsgd").taken = t
-        log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
+        tracker.log_dp_metrics({"epsilon": ledger.epsilon()}, step=t)
 
 
-def log_eval(result: dict) -> None:
+def log_eval(tracker: Optional[Tracker], result: dict) -> None:
     """An eval.json's metrics: the dp section by name, the nondp section under nondp/."""
-    log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
-    log_nondp_metrics(result.get("nondp", {}))
+    if tracker is None:
+        return
+    tracker.log_dp_metrics({"epsilon_final": result["epsilon"], **result.get("dp", {})})
+    tracker.log_nondp_metrics(result.get("nondp", {}))
 
 
 def code_version_tags() -> dict[str, str]:
@@ -492,13 +402,3 @@ def run_description(result: dict) -> str:
         text += f" FID (DP) = {dp['fid']:.2f}."
     return text + " Published artifacts are under release/ (README.md is the card); the model is the released EMA weights."
 
-
-def describe_run(result: dict) -> None:
-    tracker = current()
-    if tracker is not None:
-        tracker.set_tags({"mlflow.note.content": run_description(result)})
-
-
-def log_release_model(register_as: Optional[str] = None) -> Optional[str]:
-    tracker = current()
-    return tracker.log_release_model(register_as) if tracker is not None else None

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from dpfeta import data, distributed, pipeline, privacy
+from dpfeta.rundir import RunDir
 from dpfeta.storage import Storage, Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.long]
@@ -189,8 +190,9 @@ def test_c_a_lost_warmup_node_resumes_from_the_last_checkpoint(make_cluster, s3_
     cfg = _cfg(tiny_cfg, s3_bucket, "warm", cluster.address, *STAGES, "warmup.steps=400", "warmup.batch_size=128",
                "warmup.checkpoint_every=20", "warmup.log_every=20")
     ws = Workspace(cfg.run_location())
-    pl = pipeline.open_ledger(ws, pipeline.plan_run(cfg))
-    central_set = pipeline.stage_central(cfg, ws, pl, data.load_splits(cfg).train)
+    run = RunDir.of(cfg, ws, pipeline.plan_run(cfg))
+    run.open_ledger()
+    central_set = pipeline.stage_central(run, data.load_splits(cfg).train)
     store = ws.remote.child(pipeline.WARMUP_DIR)
     result = _in_thread(lambda: cluster_run_warmup(cfg, ws, central_set))
     latest = _when(lambda: store.is_file(pipeline.LATEST) and store.read_json(pipeline.LATEST)["step"] >= 40 and
@@ -230,7 +232,8 @@ def test_d_a_lost_sampling_shard_is_redone_alone(make_cluster, s3_bucket, tiny_c
         nodes_done = [m["node"] for m in found.values()]
         return found if any(nodes_done.count(n) >= 2 for n in nodes_done) else None
 
-    result = _in_thread(lambda: pipeline.stage_sample_shards(cfg, ws, weights))
+    run = RunDir.of(cfg, ws, pipeline.plan_run(cfg))
+    result = _in_thread(lambda: pipeline.stage_sample_shards(run, weights))
     before = _when(two_on_one_node, "two finished shards on one node")
     done_by = [m["node"] for m in before.values()]
     victim = max(set(done_by), key=done_by.count)

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "storage": set(),
     "progress": set(),  # tqdm bars; the Ray actor that forwards rank 0's DP-SGD progress
     "console": {"progress"},  # where output goes: the console, the run's log file
-    "mlflow_model": {"config", "rng", "sample"},  # the pyfunc sampler logged to MLflow
+    "mlflow_model": {"config", "rng", "sample", "release"},  # the pyfunc sampler and its logger
     "images": set(),
     "checkpoint": set(),
     "dpsgd": set(),
@@ -31,17 +31,22 @@ ALLOWED: dict[str, set[str]] = {
     "diffusion": set(),  # the math: torch only
     "sample": BASE | {"nn", "diffusion", "precision"},
     "release": {"config", "privacy"},
-    "tracking": {"config", "release", "console", "mlflow_model"},
-    "cluster": {"config", "tracking", "console"},
+    "tracking": {"config", "release", "console"},
+    "cluster": {"config", "console"},  # where code runs; knows no MLflow run
     "central": BASE | {"privacy", "data"},
     "warmup": BASE | {"cluster", "diffusion", "nn", "precision"},
     "finetune": BASE | {"privacy", "dpsgd", "diffusion", "nn", "precision"},
     "evaluate": BASE | {"cluster", "data", "nn", "privacy"},
     "distributed": BASE | {"cluster", "data", "finetune", "privacy", "tracking"},
+    "runplan": {"config", "data", "privacy", "release", "tracking", "storage", "evaluate"},  # the one way in
+    "rundir": BASE | {"data", "privacy", "release", "tracking"},  # the run's folder and spending protocol
     "pipeline": BASE | {"cluster", "data", "privacy", "release", "tracking", "central", "warmup", "diffusion",
-                        "distributed", "sample", "evaluate"},
-    "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate"},
+                        "distributed", "sample", "evaluate", "mlflow_model", "rundir", "runplan"},
+    "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate", "rundir", "runplan"},
     "export": {"config", "privacy", "release", "storage"},  # reads release/ only
+    "audit_plot": set(),  # the audit's score histogram (PIL)
+    "canaries": BASE | {"data", "dpsgd", "finetune"},  # gradient canaries through the real DP-SGD step
+    "audit": BASE | {"audit_plot", "canaries", "privacy", "cluster", "data", "distributed", "pipeline", "tracking"},
     "cli": None,  # the entry point may import anything
     "__main__": {"cli"},
 }
@@ -61,6 +66,8 @@ FORBIDDEN_AT_IMPORT = {
     "images": {"torch"},
     "cluster": {"torch", "ray"},
     "tune": {"ray", "torch"},
+    "runplan": {"torch", "ray", "mlflow"},
+    "rundir": {"torch", "ray", "mlflow"},
 }
 
 

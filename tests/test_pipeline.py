@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dpfeta import cli, cluster, config, data, pipeline, privacy, tracking
+from dpfeta.rundir import RunDir
 from dpfeta.storage import Workspace
 
 BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
@@ -53,24 +54,32 @@ def _stored_with_sigma(tmp_path, factor: float):
 def test_resume_refuses_a_stored_plan_above_the_target(tmp_path):
     cfg, _, run_dir = _stored_with_sigma(tmp_path, 0.9)  # e.g. planned by an older, looser accountant
     with pytest.raises(ValueError, match="above the target"):
-        pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+        _open(cfg, run_dir, pipeline.plan_run(cfg))
+
+
+def _open(cfg, run_dir, pl) -> RunDir:
+    """The run folder ``run_dir`` of plan ``pl`` with its ledger opened (stored or written)."""
+    run = RunDir.of(cfg, Workspace(run_dir), pl)
+    run.open_ledger()
+    return run
 
 
 def test_resume_keeps_the_stored_sigma_and_refuses_another_plan(tmp_path):
     cfg, pl, run_dir = _stored_with_sigma(tmp_path, 1.01)  # e.g. calibrated by an older release
-    resumed = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+    resumed = _open(cfg, run_dir, pipeline.plan_run(cfg)).plan
     assert resumed.noise_multiplier == pytest.approx(pl.noise_multiplier * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.noise_multiplier
     with pytest.raises(ValueError, match="different privacy plan"):
-        pipeline.open_ledger(run_dir, pipeline.plan_run(config.replace(cfg, {"finetune.epochs": 2})))
+        _open(cfg, run_dir, pipeline.plan_run(config.replace(cfg, {"finetune.epochs": 2})))
 
 
 def test_a_changed_config_is_refused_but_sampling_settings_may_change(tmp_path):
     cfg = make_cfg(tmp_path)
     cfg.run_dir().mkdir(parents=True)
     cfg.dump(cfg.run_dir() / "config.json")
-    pipeline._check_resume(config.replace(cfg, {"sample.steps": 8, "eval.classifier_epochs": 3}), cfg.run_dir())
+    pl = pipeline.plan_run(cfg)
+    RunDir.of(config.replace(cfg, {"sample.steps": 8, "eval.classifier_epochs": 3}), Workspace(cfg.run_dir()), pl).check_resume()
     with pytest.raises(ValueError, match="privacy.epsilon"):
-        pipeline._check_resume(config.replace(cfg, {"privacy.epsilon": 8}), cfg.run_dir())
+        RunDir.of(config.replace(cfg, {"privacy.epsilon": 8}), Workspace(cfg.run_dir()), pl).check_resume()
 
 
 def test_bad_data_fails_before_any_privacy_spend(tmp_path):
@@ -91,13 +100,13 @@ def test_central_stage_releases_once_and_finishes_an_interrupted_move(tmp_path):
     cfg = make_cfg(tmp_path, "run.seed=0")
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True)
-    pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
-    train = data.load_splits(cfg).train
-    first = pipeline.stage_central(cfg, Workspace(run_dir), pl, train)
+    run = _open(cfg, run_dir, pipeline.plan_run(cfg))
+    pl, train = run.plan, data.load_splits(cfg).train
+    first = pipeline.stage_central(run, train)
     assert len(first) == 2 * 10 and pl.ledger.get("central").taken == 2
     assert json.loads((run_dir / "ledger.json").read_text())["epsilon_spent"] > 0
     (run_dir / "central").rename(run_dir / "central.tmp")  # interrupted after recording, before the move
-    again = pipeline.stage_central(cfg, Workspace(run_dir), pl, train)
+    again = pipeline.stage_central(_open(cfg, run_dir, pl), train)
     assert np.array_equal(np.sort(again.images.reshape(20, -1), 0), np.sort(first.images.reshape(20, -1), 0))
     assert pl.ledger.get("central").taken == 2 and not (run_dir / "central.tmp").exists()
 
@@ -107,8 +116,7 @@ def test_epsilon_curve_rises_from_the_central_query_to_the_total(tmp_path, monke
     pl.ledger.record_steps("central", 2)
     pl.ledger.record_steps("dpsgd", pl.steps)
     recorder = Recorder()
-    monkeypatch.setattr(tracking, "_current", recorder)
-    tracking.log_epsilon_curve(pl.ledger, points=5)
+    tracking.log_epsilon_curve(recorder, pl.ledger, points=5)
     curve = [(step, m["epsilon"]) for m, step in recorder.dp]
     assert curve[0] == (0, pytest.approx(pl.ledger.per_mechanism(planned=False)["central"]))
     assert curve[-1] == (pl.steps, pytest.approx(pl.epsilon))
@@ -162,12 +170,12 @@ def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
     assert cluster.needs_remote(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True)
-    pl = pipeline.open_ledger(run_dir, pipeline.plan_run(cfg))
+    run = _open(cfg, run_dir, pipeline.plan_run(cfg))
     splits = data.load_splits(cfg)
-    central_set = pipeline.stage_central(cfg, Workspace(run_dir), pl, splits.train)
-    ckpt = pipeline.stage_warmup(cfg, Workspace(run_dir), central_set)
+    central_set = pipeline.stage_central(run, splits.train)
+    ckpt = pipeline.stage_warmup(run, central_set)
     assert (ckpt.local_path / "meta.json").is_file() and (ckpt.local_path / "ema.pt").is_file()
-    synthetic = pipeline.stage_sample(cfg, Workspace(run_dir), ckpt)
+    synthetic = pipeline.stage_sample(run, ckpt)
     assert len(synthetic) == 20 and (run_dir / "samples" / "grid.png").is_file()
     result = cluster.run_on_gpu(cfg, pipeline._evaluate_task, cfg, synthetic, splits)
     assert result["num_synthetic"] == 20 and result["fid_kind"] == "offline-cnn"

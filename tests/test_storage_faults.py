@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from dpfeta import data, pipeline, privacy
+from dpfeta.rundir import RunDir
 from dpfeta.storage import Storage, StorageError, Workspace
 
 
@@ -17,15 +18,21 @@ def _cfg(tiny_cfg, bucket, name):
     return privacy.resolve(cfg, data.public_train_size(cfg))
 
 
+def _open(cfg, ws, pl) -> RunDir:
+    run = RunDir.of(cfg, ws, pl)
+    run.open_ledger()
+    return run
+
+
 def test_a_failed_ledger_commit_stops_before_the_central_images_are_written(
         s3_bucket, tiny_cfg, faulty_storage, one_thread):
     cfg = _cfg(tiny_cfg, s3_bucket, "ledgerfault")
     train = data.load_splits(cfg).train
     ws = Workspace(cfg.run_location())
-    pl = pipeline.open_ledger(ws, pipeline.plan_run(cfg))
+    run = _open(cfg, ws, pipeline.plan_run(cfg))
     faulty_storage("ledger.json")  # the next ledger write fails: the one recording the central query
     with pytest.raises(StorageError, match=r"ledger.json': writing failed.*No space left"):
-        pipeline.stage_central(cfg, ws, pl, train)
+        pipeline.stage_central(run, train)
     ws.close()
     store = Storage(cfg.run_location())
     stored = privacy.Ledger.from_state_dict(store.read_json("ledger.json"))
@@ -35,8 +42,7 @@ def test_a_failed_ledger_commit_stops_before_the_central_images_are_written(
 
     # the fault is gone: a new process resumes; the query is counted once
     ws = Workspace(cfg.run_location())
-    pl = pipeline.open_ledger(ws, pipeline.plan_run(cfg))
-    central_set = pipeline.stage_central(cfg, ws, pl, train)
+    central_set = pipeline.stage_central(_open(cfg, ws, pipeline.plan_run(cfg)), train)
     assert len(central_set) == 2 * cfg.data.num_classes and store.committed("central")
     again = privacy.Ledger.from_state_dict(store.read_json("ledger.json"))
     assert again.get("central").taken == 2 and again.get("dpsgd").taken == 0
@@ -47,16 +53,17 @@ def test_a_failed_checkpoint_upload_is_not_taken_as_a_checkpoint(s3_bucket, tiny
     cfg = _cfg(tiny_cfg, s3_bucket, "ckptfault")
     train = data.load_splits(cfg).train
     ws = Workspace(cfg.run_location())
-    pl = pipeline.open_ledger(ws, pipeline.plan_run(cfg))
-    central_set = pipeline.stage_central(cfg, ws, pl, train)
+    run = _open(cfg, ws, pipeline.plan_run(cfg))
+    central_set = pipeline.stage_central(run, train)
     faulty_storage("checkpoint/ema.pt")  # one file of the warm-up checkpoint's upload fails
     with pytest.raises(StorageError, match=r"checkpoints/warmup/checkpoint/ema.pt': writing failed"):
-        pipeline.stage_warmup(cfg, ws, central_set)
+        pipeline.stage_warmup(run, central_set)
     store = Storage(cfg.run_location())
     assert not store.committed("checkpoints/warmup/checkpoint")  # no marker: a reader ignores the folder
     ws.close()
     ws = Workspace(cfg.run_location())  # a new process, the fault gone: warm-up redone, then committed
-    init = pipeline.stage_warmup(cfg, ws, pipeline.stage_central(cfg, ws, pipeline.open_ledger(ws, pl), train))
+    run = _open(cfg, ws, run.plan)
+    init = pipeline.stage_warmup(run, pipeline.stage_central(run, train))
     assert init.uri == f"{cfg.run_location()}/checkpoints/warmup/checkpoint" and store.committed("checkpoints/warmup/checkpoint")
     from dpfeta import checkpoint
 

@@ -13,8 +13,6 @@ from dpfeta import config, tracking
 def _no_env_uri(monkeypatch):
     for var in tracking.RUN_ENV:
         monkeypatch.delenv(var, raising=False)
-    yield
-    tracking.end_run()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def test_run_resumes_params_once_and_artifacts_stay_under_run_dir(root, tmp_path
     t.log_dp_metrics({"epsilon": 0.5}, step=3)
     (tmp_path / "f.json").write_text("{}")
     t.log_artifact(tmp_path / "f.json")
-    tracking.end_run()
+    t.end()
     again = tracking.start_run(cfg, params={"a": 2, "c": 3})  # a changed: kept, no crash
     assert again.run_id == t.run_id
     run = again.client.get_run(again.run_id)
@@ -61,8 +59,8 @@ def test_run_resumes_params_once_and_artifacts_stay_under_run_dir(root, tmp_path
 @pytest.mark.parametrize("nondp", [True, False])
 def test_nondp_metrics_are_prefixed_or_dropped(root, nondp):
     t = tracking.start_run(cfg_for(root, f"nondp-{str(nondp).lower()}", f"tracking.nondp={str(nondp).lower()}"))
-    tracking.log_nondp_metrics({"loss": 0.3, "nondp/grad_norm": 2.0}, step=1)
-    tracking.log_dp_metrics({"epsilon": 1.0}, step=1)
+    t.log_nondp_metrics({"loss": 0.3, "nondp/grad_norm": 2.0}, step=1)
+    t.log_dp_metrics({"epsilon": 1.0}, step=1)
     got = metrics(t)
     assert got["epsilon"] == 1.0
     if nondp:
@@ -75,32 +73,31 @@ def test_nondp_metrics_are_prefixed_or_dropped(root, nondp):
 
 def test_no_process_learns_a_run_from_the_environment(root, monkeypatch):
     """A run is never found through MLFLOW_RUN_ID & co. (Ray hands a job's env to every task and actor,
-    a private sweep's trials included): only ``start_run`` in this process gives one."""
+    a private sweep's trials included), nor through a process-wide current run: dpfeta logs through the
+    ``Tracker`` handle ``start_run`` returns, and nothing else."""
     t = tracking.start_run(cfg_for(root, "worker", "tracking.nondp=false"))
-    tracking.end_run()
+    t.end()
     monkeypatch.setenv(tracking.ENV_URI, t.uri)
     monkeypatch.setenv(tracking.ENV_RUN_ID, t.run_id)
-    assert tracking.current() is None
-    tracking.log_dp_metrics({"epsilon": 2.0}, step=7)  # a no-op
+    assert not hasattr(tracking, "current") and not hasattr(tracking, "_current")
+    assert not hasattr(tracking, "log_dp_metrics")  # no module-level logger to reach a run by
     assert metrics(t) == {}
 
 
-def test_off_hides_the_run_and_its_variables(root, monkeypatch):
+def test_off_hides_the_variables(root, monkeypatch):
     import os
 
     t = tracking.start_run(cfg_for(root, "off"))
     monkeypatch.setenv(tracking.ENV_RUN_ID, t.run_id)
     with tracking.off():
-        assert tracking.current() is None and tracking.ENV_RUN_ID not in os.environ
-        tracking.log_dp_metrics({"epsilon": 3.0}, step=1)
-    assert tracking.current() is t and os.environ[tracking.ENV_RUN_ID] == t.run_id
-    assert metrics(t) == {}
+        assert tracking.ENV_RUN_ID not in os.environ
+    assert os.environ[tracking.ENV_RUN_ID] == t.run_id
+    t.end()
 
 
 def test_tracking_failures_never_raise(root):
     cfg = cfg_for(root, "broken", "tracking.uri=bogus://nowhere")
     assert tracking.setup(cfg) is None and tracking.start_run(cfg) is None
-    tracking.log_dp_metrics({"epsilon": 1.0})  # no run: a no-op
     broken = tracking.Tracker("bogus://nowhere", "0" * 32, nondp=True)
     for _ in range(tracking.MAX_FAILURES + 1):
         broken.log_dp_metrics({"epsilon": 1.0}, step=1)

@@ -23,8 +23,8 @@ def test_artifacts_land_in_the_bucket_and_read_back(s3_endpoint, s3_bucket, tmp_
     card.write_text("# release card\nepsilon 1.0\n")
     tracker = tracking.start_run(cfg, run_dir)
     assert tracker is not None
-    tracking.log_artifact(card)
-    tracking.end_run()
+    tracker.log_artifact(card)
+    tracker.end()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(tracker.run_id)

@@ -24,7 +24,8 @@ SWEEP_FILE, SUMMARY_FILE, TRIALS_FILE = "sweep.json", "summary.json", "trials.cs
 def _rows(ws: Workspace, spec, trials: list[dict], grid, metric: str) -> list[dict]:
     """One row per trial of sweep.json: a scored trial from its stored result (whichever Tune run
     scored it), any other from this Tune run's outcome (an error, or stopped by the scheduler)."""
-    from dpfeta.tune.trial import RESULT_FILE, trial_id
+    from dpfeta.tune.spec import trial_id
+    from dpfeta.tune.trial import RESULT_FILE
 
     outcome = {}
     for result in grid or []:
@@ -254,5 +255,5 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws
     if final is not None and final.is_file(tracking.RUN_FILE):  # public mode: nest the final run too
         final_run = tracking.Tracker(tracker.uri, final.read_json(tracking.RUN_FILE)["run_id"], nondp=False)
         final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
-    tracker.end("FINISHED")  # the handle: pipeline.run (public final run) replaces tracking's current run
+    tracker.end("FINISHED")
 

@@ -20,7 +20,8 @@ from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
 from dpfeta.storage import Storage, Workspace
 from dpfeta.tune.space import _metric_mode, check_search_space, draw_trials
 from dpfeta.tune.summary import SUMMARY_FILE, SWEEP_FILE, _finish, _plan_params, _rows, _summarize, summary_text
-from dpfeta.tune.trial import RESULT_FILE, FinalFn, TrialFn, TrialSpec, _trainable, pipeline_trial, trial_id
+from dpfeta.tune.spec import FinalFn, TrialFn, TrialSpec, trial_id
+from dpfeta.tune.trial import RESULT_FILE, _trainable, pipeline_trial
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +275,10 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
 
 def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: bool = False):
     """The sweep's MLflow run (None when tracking is off); ``fresh``: created now (private mode)."""
-    from dpfeta import tracking
+    from dpfeta.rundir import start_tracker
 
-    ws.fetch(tracking.RUN_FILE)
-    tracker = tracking.start_run(cfg, ws.local, params={**cfg.public_flat(), **_plan_params(plan)},
-                                 tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]}, fresh=fresh)
-    if tracker is not None and ws.path(tracking.RUN_FILE).is_file():
-        ws.commit(tracking.RUN_FILE)
-    return tracker
+    return start_tracker(cfg, ws, params={**cfg.public_flat(), **_plan_params(plan)},
+                         tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]}, fresh=fresh)
 
 
 CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), read by every trial
@@ -289,34 +286,26 @@ CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), 
 
 def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) -> None:
     """M1 once for the whole sweep (``tune.central`` shared): the pipeline's central stage in the
-    sweep's folder, under the sweep's own ``ledger.json`` (the query alone, marked shared). Its
-    crash rules are the stage's: counted and committed before the images are written, never run
-    twice (a rerun finds ``central/`` or finishes the counted query). It also puts the images in
-    the sweep's ``release/central`` (they are released whatever trial is selected)."""
+    sweep's folder, opened as a ``RunDir`` over the sweep's own ``ledger.json`` (the query alone,
+    marked shared). Its crash rules are the stage's: counted and committed before the images are
+    written, never run twice (a rerun finds ``central/`` or finishes the counted query). It also puts
+    the images in the sweep's ``release/central`` (they are released whatever trial is selected)."""
     from dpfeta import data, pipeline
+    from dpfeta.rundir import RunDir
+    from dpfeta.runplan import check_train_size
 
     sc = plan["shared_central"]
     ledger = privacy.Ledger(accountant=plan["accountant"], delta=cfg.privacy.delta, n=n,
                             seeded=cfg.run.seed is not None)
     ledger.add("central", noise_multiplier=sc["sigma_c"], sample_rate=sc["q_c"], count=sc["rounds"], shared=True)
-    if ws.fetch("ledger.json"):
-        stored = privacy.Ledger.load(ws.path("ledger.json"))
-        ledger.check_same_plan(stored, where=f"the sweep's '{ws.url('ledger.json')}'")
-        ledger = stored
-    else:
-        ledger.save(ws.path("ledger.json"))
-        ws.commit("ledger.json")
-    if ws.fetch(CENTRAL_DIR) and ws.fetch(f"release/{CENTRAL_DIR}"):
+    run = RunDir(cfg, ws, ledger)
+    run.open_ledger()  # the stored one, checked to be this query's (a rerun never plans it again)
+    if run.done(CENTRAL_DIR) and run.published(CENTRAL_DIR):
         return  # done (resume): no data read, and the query is never run again
-    pl = privacy.Plan(noise_multiplier=math.nan, sample_rate=0.0, steps=0, central_rate=sc["q_c"],
-                      ledger=ledger, epsilon=sc["epsilon"], target_epsilon=plan["target_epsilon"],
-                      delta=cfg.privacy.delta, accountant=plan["accountant"], n=n, expected_batch=0.0)
     splits = data.load_splits(cfg)  # validates the data before any spend
-    if len(splits.train) != n:
-        raise ValueError(f"data: the sweep plan used N={n} but the training split has {len(splits.train)} "
-                         "records; set data.n_train to the true size")
+    check_train_size(n, len(splits.train))
     with quiet_accountant():
-        pipeline.stage_central(cfg, ws, pl, splits.train)
+        pipeline.stage_central(run, splits.train)
     log.info("sweep '%s': shared central images in %s (epsilon %.4f alone; every trial reads them)",
              cfg.run.name, ws.url(CENTRAL_DIR), sc["epsilon"])
 
