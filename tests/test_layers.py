@@ -42,6 +42,10 @@ ALLOWED: dict[str, set[str]] = {
                         "distributed", "sample", "evaluate"},
     "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate"},
     "export": {"config", "privacy", "release", "storage"},  # reads release/ only
+    "audit_plot": set(),  # the audit's score histogram (Pillow)
+    "canaries": {"config", "data", "dpsgd", "finetune"},  # gradient canaries in the DP-SGD step
+    "audit": {"config", "checkpoint", "privacy", "data", "cluster", "distributed", "pipeline", "tracking",
+              "canaries", "audit_plot"},  # dpfeta audit: plans like a run, never a release
     "cli": None,  # the entry point may import anything
     "__main__": {"cli"},
 }
