@@ -110,6 +110,22 @@ def test_fixed_batch_is_detected_where_it_can_be(digits, one_thread):
     assert eps_lb > pl.epsilon, found
 
 
+def test_the_report_says_when_m_canaries_cannot_show_a_violation():
+    """At delta 1e-5 even a perfect separation of 1,000 canaries certifies at most 8.49 (f-DP): below the
+    DP-SGD epsilon of the digits run at epsilon 10 (9.41); 4,000 reach above it."""
+    top = audit.ceiling(1000, 1e-5)
+    assert top == pytest.approx({"one_run": 4.755, "fdp": 8.491}, abs=2e-3)
+    assert audit.ceiling(4000, 1e-5)["fdp"] > 10.5
+    bound = {"epsilon": 2.4, "guesses": 56, "correct": 54}
+    report = {"mode": "gradient", "build": "correct", "canaries": 1000, "included": 500, "noise_multiplier": 1.05,
+              "sample_rate": 0.2, "steps": 50, "max_grad_norm": 1.0, "workers": 2, "seconds": 60.0,
+              "epsilon_ledger": 10.0, "epsilon_dpsgd": 9.41, "delta": 1e-5, "accountant": "pld", "confidence": 0.95,
+              "bounds": {"one_run": bound, "fdp": bound}, "ideal": None, "auroc": 0.8, "epsilon_lb": 2.4,
+              "violation": False, "ceiling": top}
+    assert "no violation could be seen" in audit.report_text(report)
+    assert "no violation could be seen" not in audit.report_text({**report, "epsilon_dpsgd": 0.95})
+
+
 def test_bad_requests_are_refused_before_any_work():
     for m in (0, 1, -5, 2.5, True):
         with pytest.raises(ValueError, match="--canaries"):
