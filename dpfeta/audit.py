@@ -41,6 +41,9 @@ def check_request(*, canaries, mode: str) -> None:
     """Refuse a bad request before any work."""
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
         raise ValueError(f"--canaries: expected an integer m >= 2 (m/2 included on average), got {canaries!r}")
+    if mode == "input":
+        raise ValueError("--mode input (black-box input canaries: mislabelled images scored by the final model's "
+                         "denoising loss) is not implemented yet; use --mode gradient (white-box gradient canaries)")
     if mode not in MODES:
         raise ValueError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
 

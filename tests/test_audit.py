@@ -132,6 +132,8 @@ def test_bad_requests_are_refused_before_any_work():
             audit.check_request(canaries=m, mode="gradient")
     with pytest.raises(ValueError, match="--mode"):
         audit.check_request(canaries=10, mode="input-space")
+    with pytest.raises(ValueError, match="--mode input .* not implemented yet; use --mode gradient"):
+        audit.check_request(canaries=10, mode="input")
 
 
 @pytest.mark.slow
