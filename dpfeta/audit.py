@@ -41,6 +41,9 @@ def check_request(*, canaries, mode: str) -> None:
     """Refuse a bad request before any work."""
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
         raise ValueError(f"--canaries: expected an integer m >= 2 (m/2 included on average), got {canaries!r}")
+    if mode == "input":
+        raise ValueError("--mode input (black-box input canaries: mislabelled images scored by the final model's "
+                         "denoising loss) is not implemented yet; use --mode gradient (white-box gradient canaries)")
     if mode not in MODES:
         raise ValueError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
 
@@ -62,6 +65,16 @@ def bounds(scores: np.ndarray, included: np.ndarray, *, delta: float,
     ins, outs = scores[included], scores[~included]
     return {"one_run": estimators.epsilon_one_run(ins, outs, significance=significance, delta=delta),
             "fdp": estimators.epsilon_one_run_fdp(ins, outs, significance=significance, delta=delta)}
+
+
+def ceiling(canaries: int, delta: float) -> dict[str, float]:
+    """The largest epsilon_lb m canaries can give at all (every canary's membership guessed right): a
+    violation above it cannot be shown (at delta 1e-5: m = 1,000 -> 4.75 one-run, 8.49 f-DP;
+    m = 4,000 -> 5.99, 10.56)."""
+    return estimators.ideal_bounds(PERFECT_MU, canaries=canaries, delta=delta)
+
+
+PERFECT_MU = 50.0  # a separation at which ideal scores never overlap
 
 
 def run_audit(cfg: Config, *, canaries: int = 1000, mode: str = "gradient", seed: Optional[int] = None,
@@ -115,6 +128,7 @@ def run_audit(cfg: Config, *, canaries: int = 1000, mode: str = "gradient", seed
         "epsilon_lb": max(b.epsilon for b in found.values()),
         "auroc": estimators.auroc(scores[included], scores[~included]),
         "ideal_mu": mu, "ideal": estimators.ideal_bounds(mu, canaries=canaries, delta=pl.delta) if mu < 50 else None,
+        "ceiling": ceiling(canaries, pl.delta),
         "seconds": round(seconds, 1), "build": "correct" if dp_step is None and sampler is None else "mutant",
     }
     report["violation"] = report["epsilon_lb"] > eps_sgd
@@ -160,4 +174,10 @@ def report_text(r: dict) -> str:
                "the implementation does not deliver the epsilon it reports" if r["violation"] else
                f"consistent: epsilon_lb {r['epsilon_lb']:.4f} <= the DP-SGD epsilon {r['epsilon_dpsgd']:.4f} "
                "(a lower bound; far below is expected, see the perfect-audit figure)")
-    return "\n".join(lines + [f"AUROC {r['auroc']:.4f}", verdict])
+    lines += [f"AUROC {r['auroc']:.4f}", verdict]
+    top = r.get("ceiling")
+    if top and not r["violation"] and max(top.values()) <= r["epsilon_dpsgd"]:
+        lines.append(f"note: {r['canaries']} canaries can show at most epsilon_lb {max(top.values()):.2f} (every "
+                     f"guess right), below {r['epsilon_dpsgd']:.4f}: no violation could be seen; audit with more "
+                     "--canaries (the ceiling grows with m)")
+    return "\n".join(lines)

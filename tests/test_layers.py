@@ -44,9 +44,10 @@ ALLOWED: dict[str, set[str]] = {
                         "distributed", "sample", "evaluate", "mlflow_model", "rundir", "runplan"},
     "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate", "rundir", "runplan"},
     "export": {"config", "privacy", "release", "storage"},  # reads release/ only
-    "audit_plot": set(),  # the audit's score histogram (PIL)
-    "canaries": BASE | {"data", "dpsgd", "finetune"},  # gradient canaries through the real DP-SGD step
-    "audit": BASE | {"audit_plot", "canaries", "privacy", "cluster", "data", "distributed", "pipeline", "tracking"},
+    "audit_plot": set(),  # the audit's score histogram (Pillow)
+    "canaries": {"config", "data", "dpsgd", "finetune"},  # gradient canaries in the DP-SGD step
+    "audit": {"config", "checkpoint", "privacy", "data", "cluster", "distributed", "pipeline", "tracking",
+              "canaries", "audit_plot"},  # dpfeta audit: plans like a run, never a release
     "cli": None,  # the entry point may import anything
     "__main__": {"cli"},
 }
