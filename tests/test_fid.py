@@ -47,6 +47,7 @@ def test_feature_stats_match_pytorch_fid():
     np.testing.assert_allclose(sigma, np.cov(a, rowvar=False))  # pytorch-fid's calculate_activation_statistics
 
 
+@pytest.mark.slow  # two Inception-v3 networks at 299 px
 def test_pytorch_fid_port_equals_pytorch_fid_network_with_the_same_weights(tmp_path, monkeypatch):
     """Our state_dict loader (resize to 299, greyscale -> 3 channels, 2x - 1) against pytorch-fid's own
     FID InceptionV3 (resize_input, normalize_input) holding the same (random) weights."""
