@@ -75,6 +75,7 @@ IDENTITY = dataclasses.replace(finetune.EDM, build=Identity.from_config)
 
 def digits_cfg(root: Path, *overrides: str) -> config.Config:
     return config.load(DIGITS, [f"run.dir={root}", "central.noise_multiplier=4.0", "privacy.noise_multiplier=1.05",
+                                "privacy.epsilon=50",
                                 "tracking.enabled=false", *overrides])
 
 
