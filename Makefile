@@ -6,7 +6,7 @@ FID_HELPER_VERSION = 0.1.3
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test test-long ci bench bench-all clean
+.PHONY: install run lint check test test-long ci bench bench-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,13 +24,23 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/dpfeta run --config $(CONFIG)
 
-test: install  # the everyday suite (about 20 minutes on 2 idle cores)
+# The tiers and their budgets on 2 cores (tests/README.md): check <= 3 min, test <= 10 min, ci <= 40 min.
+# `ruff format --check` joins `lint` once the tree has had its one-commit format pass.
+lint: install
+	$(BIN)/ruff check .
+
+check: lint  # the edit loop: no Ray, no subprocess, no S3 server, no training beyond a few steps
+	$(BIN)/python -m pytest -q -m "not slow and not long and not gpu" --durations=10 tests
+
+test: install  # check + the slow tests (Ray, subprocesses, moto S3, whole tiny runs)
 	$(BIN)/python -m pytest -q -m "not long" --durations=15 tests
 
-test-long: install  # multi-node clusters, elastic resizes, driver kills, ray job submit, whole-run console and sweep checks (about 35 minutes)
+test-long: install  # multi-node clusters, elastic resizes, driver kills, ray job submit, whole-run console and sweep checks
 	$(BIN)/python -m pytest -q -m long --durations=15 tests
 
-ci: test test-long
+ci: lint  # everything: what .ci/run runs
+	$(BIN)/python -m pytest -q -m "not long" --durations=15 tests
+	$(BIN)/python -m pytest -q -m long --durations=15 tests
 
 bench: install  # the roofline table: every stage as a fraction of this machine's matmul rate (minutes)
 	$(BIN)/python bench/roofline.py

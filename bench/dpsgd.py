@@ -185,10 +185,10 @@ def bench_memory(threads: int, models: list[str]) -> None:
     """Peak memory of one logical step of 256 rows: K=1 vs K=32 at the same rows per micro-batch."""
     print("\nmemory of one DP step of 256 rows (peak RSS above the pre-step level, fresh process each):")
     for model in models:
-        cases = [(f"K=1,  256 examples, micro-batch 64 rows", 256, 1, 64, "folded"),
-                 (f"K=32,   8 examples, micro-batch 64 rows", 8, 32, 64, "folded"),
-                 (f"K=1,  256 examples, micro-batch 16 rows", 256, 1, 16, "folded"),
-                 (f"K=32,   8 examples, micro-batch 16 rows (split)", 8, 32, 16, "folded")]
+        cases = [("K=1,  256 examples, micro-batch 64 rows", 256, 1, 64, "folded"),
+                 ("K=32,   8 examples, micro-batch 64 rows", 8, 32, 64, "folded"),
+                 ("K=1,  256 examples, micro-batch 16 rows", 256, 1, 16, "folded"),
+                 ("K=32,   8 examples, micro-batch 16 rows (split)", 8, 32, 16, "folded")]
         if model == "digits":
             cases.append(("K=32, 8 examples, stock Opacus per-row, 256 rows", 8, 32, 256, "stock"))
         results = {}
@@ -243,7 +243,7 @@ def bench_allreduce(sizes: dict[str, int], reps: int = 20) -> None:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    for name, n in sizes.items():
+    for name in sizes:
         size, seconds = out.get()
         print(f"  all-reduce of the DP-SGD buffer, {name} ({size:,} fp32): {seconds * 1e3:.1f} ms (gloo, 2 ranks, median of {reps})")
 

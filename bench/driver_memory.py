@@ -49,7 +49,7 @@ def run(overrides: list[str]) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     out = subprocess.run([sys.executable, "-c", CHILD, *overrides], capture_output=True, text=True, env=env,
                          cwd=ROOT)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"run failed:\n{out.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])

@@ -1,11 +1,32 @@
-"""Shared test fixtures: one tiny config factory, one intra-op thread."""
+"""Shared test fixtures: one tiny config factory, one intra-op thread, one local Ray for the session, a
+local S3 endpoint, storage faults; the tier markers (tests/README.md).
+
+Tiers: ``slow`` (starts Ray, a subprocess or a moto S3 server, or trains more than a few steps) is left
+out of ``make check``; ``long`` (minutes each) runs only in ``make ci``; ``gpu`` is skipped without CUDA.
+A test that uses ``local_ray``, ``s3_endpoint`` or ``s3_bucket`` is marked ``slow`` here, by its fixture.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from dpfeta import config
+
+SLOW_FIXTURES = {"local_ray", "s3_endpoint", "s3_bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` for every test that needs Ray or the S3 server; ``gpu`` tests skipped without CUDA."""
+    no_cuda = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(no_cuda)
 
 # A config small enough for every stage to run in seconds on one CPU (8x8 digits, a ~9k-parameter U-Net).
 TINY = ("data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
@@ -15,13 +36,50 @@ TINY = ("data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "mode
         "eval.classifier_epochs=1", "eval.classifier_batch_size=32", "eval.logreg=false", "eval.fid.num_samples=40",
         "eval.fid.inception_weights=null",  # the offline FID: Inception at 299 px costs minutes on a CPU
         "tracking.enabled=false")
+# The smallest U-Net with every code path (two resolutions, attention at 4x4), 3 classes at 8x8: the base of
+# the unit tests of the network, the samplers, warm-up, DP-SGD and bf16.
+TINY_UNET = ("data.resolution=8", "data.num_classes=3", "model.channels=8", "model.channel_mult=[1,2]",
+             "model.num_res_blocks=1", "model.attn_resolutions=[4]", "model.emb_channels=16")
+
+
+def tiny_config(*overrides: str, base: tuple[str, ...] = TINY) -> config.Config:
+    """A config from ``base`` (``TINY``: a whole run in seconds; ``TINY_UNET``) and ``--set``-style overrides."""
+    return config.load(None, [*base, *overrides])
+
+
+LOCAL_RAY_CPUS = 4  # the most any test's placement asks for (two 1-CPU workers + Ray Data, Tune trials)
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Whether this session started Ray (and so must stop it at the end)."""
+    started: list[bool] = []
+    yield started
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_ray_session):
+    """A private local Ray (``LOCAL_RAY_CPUS`` CPUs, no dashboard), started once per session and shared by
+    every module that asks for it; started again only if a test in between stopped it (a multi-node
+    cluster test, a fake-GPU session). Never a cluster found on disk (``address="local"``)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        _ray_session.append(True)
+    return ray
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """``tiny_cfg(*overrides)``: the tiny config in this test's folder, ``--set``-style overrides on top."""
     def make(*overrides: str) -> config.Config:
-        return config.load(None, [*TINY, f"run.dir={tmp_path}", *overrides])
+        return tiny_config(f"run.dir={tmp_path}", *overrides)
 
     return make
 
@@ -43,9 +101,10 @@ def _mlflow_uri_restored():
         os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes 2 threads ~50x slower."""
+    """One intra-op thread for every test (restored after it): on a shared 2-core machine OpenMP spinning
+    makes 2 threads many times slower, and the tests' tensors are too small to gain from a second one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

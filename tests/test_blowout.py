@@ -77,6 +77,7 @@ def test_default_augmentation_leaves_equalize_out_and_blows_nothing_out(central2
     assert images.blown_out(fixed).mean() == 0.0
 
 
+@pytest.mark.slow  # 200 samples through an exact denoiser of 300 images, per sampler
 @pytest.mark.parametrize("sampler", ["edm", "ddim"])
 def test_blown_out_share_of_samples_follows_the_training_set(central28, sampler):
     torch.set_num_threads(2)

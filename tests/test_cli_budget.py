@@ -1,8 +1,6 @@
 """`dpfeta budget`: the plan from public facts, as a table and as JSON; refusals exit non-zero."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +39,12 @@ def test_budget_table_for_digits_reads_no_data(capsys, monkeypatch):
         assert word in out
 
 
-def test_budget_refuses_when_central_query_alone_spends_target():
-    proc = subprocess.run(
-        [sys.executable, "-m", "dpfeta.cli", "budget", "--config", "configs/mnist_28/eps_1.yaml",
-         "--set", "privacy.epsilon=0.1"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "central-image query alone spends epsilon=0.1883" in proc.stderr
-    assert "privacy.epsilon=0.1" in proc.stderr
+def test_budget_refuses_when_central_query_alone_spends_target(capsys):
+    argv = ["budget", "--config", str(ROOT / "configs/mnist_28/eps_1.yaml"), "--set", "privacy.epsilon=0.1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "central-image query alone spends epsilon=0.1883" in err
+    assert "privacy.epsilon=0.1" in err
 
 
 def test_budget_bad_key_exits_nonzero_naming_it(capsys):

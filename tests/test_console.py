@@ -80,7 +80,7 @@ def test_one_bar_per_stage_with_rate_eta_and_epsilon(first):
             if line.startswith(name):
                 final[name] = line
     assert set(final) == set(BARS), err
-    for name, line in final.items():
+    for line in final.values():
         assert "100%|" in line and "/s" in line or "s/" in line, line  # a rate (it/s or s/it)
         assert "<" in line, line  # elapsed<remaining
     assert "eps=10" in final["DP-SGD"] and "2/2" in final["DP-SGD"]

@@ -1,10 +1,9 @@
 """Ray Data: the training split as a Dataset, disjoint worker shards, prepared Parquet, and the
-central query as a distributed aggregation over blocks (one local Ray for the whole module)."""
+central query as a distributed aggregation over blocks (the session's local Ray, conftest.local_ray)."""
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 
 import numpy as np
@@ -15,15 +14,7 @@ from dpfeta import central, cli, config, data
 from dpfeta.data import ImageSet
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found on disk
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def numbered(n: int, k: int = 10, size: int = 8) -> ImageSet:

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import TINY_UNET, tiny_config
+
 from dpfeta import config
 from dpfeta.diffusion import EDMPrecond, ddim_sampler, edm_loss, edm_loss_rows, edm_sampler, guided, time_grid
 from dpfeta.sample import build_denoiser, generate
@@ -28,10 +30,8 @@ class ZeroNet(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def tiny_cfg(*overrides):
-    return config.load(None, ["data.resolution=8", "data.num_classes=3", "model.channels=8",
-                              "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-                              "model.emb_channels=16", *overrides])
+def unet_cfg(*overrides):
+    return tiny_config(*overrides, base=TINY_UNET)
 
 
 # Preconditioning ------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_precond_forward_scales_input_and_output():
 # Loss -----------------------------------------------------------------------------------------
 
 def test_loss_shape_rows_and_k_equals_mean_of_single_draws():
-    denoiser = build_denoiser(tiny_cfg()).eval()
+    denoiser = build_denoiser(unet_cfg()).eval()
     images, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
     K = 4
     loss = edm_loss(denoiser, images, labels, label_drop_prob=0.0, K=K,
@@ -170,7 +170,7 @@ def test_ddim_on_gaussian_data_follows_the_exact_ode():
 
 
 def test_cfg_zero_equals_unguided_and_formula():
-    denoiser = build_denoiser(tiny_cfg()).eval()
+    denoiser = build_denoiser(unet_cfg()).eval()
     x, sigma, y = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         cond, uncond = denoiser(x, sigma, y), denoiser(x, sigma, torch.full_like(y, 3))
@@ -185,7 +185,7 @@ def test_cfg_zero_equals_unguided_and_formula():
 
 @pytest.mark.parametrize("sampler", ["edm", "ddim"])
 def test_generate_batches_labels_and_files(tmp_path, sampler):
-    cfg = tiny_cfg(f"sample.sampler={sampler}", "sample.steps=3", "sample.batch_size=4")
+    cfg = unet_cfg(f"sample.sampler={sampler}", "sample.steps=3", "sample.batch_size=4")
     denoiser = build_denoiser(cfg)
     imgs, labels = generate(denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False,
                             out_dir=tmp_path)
@@ -213,11 +213,11 @@ def test_compiled_sampling_matches_eager(sampler, guidance):
     common = [f"sample.sampler={sampler}", f"sample.guidance={guidance}", "sample.steps=4", "sample.churn=10",
               "sample.batch_size=4", "run.seed=0"]
     torch.manual_seed(0)
-    eager = _sample(tiny_cfg(*common, "sample.compile=false"), num=10)
+    eager = _sample(unet_cfg(*common, "sample.compile=false"), num=10)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    compiled = _sample(tiny_cfg(*common, "sample.compile=true"), num=10)
+    compiled = _sample(unet_cfg(*common, "sample.compile=true"), num=10)
     assert counters["stats"]["unique_graphs"] >= 1  # the denoiser really ran compiled
     # Same generator draws, same network function: the images agree up to one uint8 level of rounding.
     diff = (compiled.int() - eager.int()).abs()
@@ -227,7 +227,7 @@ def test_compiled_sampling_matches_eager(sampler, guidance):
 def test_auto_compiles_only_when_the_rest_of_the_job_pays_for_it(monkeypatch):
     from dpfeta import sample
 
-    denoiser = build_denoiser(tiny_cfg())
+    denoiser = build_denoiser(unet_cfg())
     monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # no compilation: the decisions only
 
     def batch(net, size, seconds):
@@ -261,7 +261,7 @@ def test_network_calls_split_and_padded_equal_one_call():
     from dpfeta import sample
 
     torch.manual_seed(0)
-    denoiser = build_denoiser(tiny_cfg("model.dropout=0.0")).eval()
+    denoiser = build_denoiser(unet_cfg("model.dropout=0.0")).eval()
     shapes = []
 
     def fixed_shape(module, **kw):  # stands in for the compiled network: records the shapes it is given
@@ -301,7 +301,7 @@ def test_compile_failure_falls_back_to_eager_under_auto_and_raises_under_true(mo
         return call
 
     common = ["sample.steps=3", "sample.batch_size=4", "sample.guidance=0.5"]
-    cfg = tiny_cfg(*common, "sample.compile=false")
+    cfg = unet_cfg(*common, "sample.compile=false")
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg).requires_grad_(False)
     eager = generate(denoiser, cfg, 8, generator=torch.Generator().manual_seed(0), progress=False)[0]
@@ -319,5 +319,5 @@ def test_compile_failure_falls_back_to_eager_under_auto_and_raises_under_true(mo
 
 def test_sample_compile_key_is_validated():
     with pytest.raises(ValueError, match="config key 'sample.compile': expected one of auto, true, false, got 'fast'"):
-        tiny_cfg("sample.compile=fast")
-    assert tiny_cfg("sample.compile=true").sample.compile == "true"  # YAML's boolean read as the name
+        unet_cfg("sample.compile=fast")
+    assert unet_cfg("sample.compile=true").sample.compile == "true"  # YAML's boolean read as the name

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from dpfeta import checkpoint, config, data, distributed, finetune, privacy
 from dpfeta.data import ImageSet
@@ -35,13 +33,9 @@ SETTINGS = {  # q = 1/20 over N = 20: expected batch 1, i.e. 0.5 per worker; T =
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a cluster found on disk
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the zero-signal Task below
-    yield
-    ray.shutdown()
+def _ray(local_ray):
+    """The session's local Ray (conftest); the zero-signal Task below travels by value."""
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def numbered(n: int) -> ImageSet:
@@ -83,7 +77,7 @@ ZERO_SIGNAL = finetune.Task(build=finetune.EDM.build, loss_rows=zero_signal_rows
 
 
 @pytest.fixture(scope="module")
-def faulted(tmp_path_factory):
+def faulted(_ray, tmp_path_factory):
     """Two workers, expected local batch 0.5, rank 1 raises once at step 3 (checkpoints every 2)."""
     cfg = config.replace(config.Config(), {**SETTINGS, "run.dir": str(tmp_path_factory.mktemp("runs"))})
     plan = privacy.plan(cfg, N)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_UNET, tiny_config
+
 from dpfeta import checkpoint, config, dpsgd, finetune, privacy, rng
 from dpfeta.data import ImageSet
 from dpfeta.diffusion import EDMPrecond
@@ -22,23 +24,19 @@ def _one_thread(one_thread):
     yield
 
 
-TINY = {"data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],
-        "model.num_res_blocks": 1, "model.attn_resolutions": [4], "model.emb_channels": 16}
-
-
-def tiny_cfg(**updates) -> config.Config:
-    base = dict(TINY)
-    base.update({"central.rounds": 0, "central.batch_size": 4, "finetune.batch_size": 4, "finetune.epochs": 1.0,
-                 "finetune.noise_multiplicity": 2, "finetune.physical_batch_size": 3,
-                 "finetune.checkpoint_every": 2, "finetune.log_every": 1, "privacy.epsilon": 1000.0,
-                 "privacy.noise_multiplier": 1.0, "run.seed": 0})
+def dp_cfg(**updates) -> config.Config:
+    """conftest's TINY_UNET with a DP-SGD plan of a few steps; ``a__b=v`` overrides ``a.b``."""
+    base = {"central.rounds": 0, "central.batch_size": 4, "finetune.batch_size": 4, "finetune.epochs": 1.0,
+            "finetune.noise_multiplicity": 2, "finetune.physical_batch_size": 3,
+            "finetune.checkpoint_every": 2, "finetune.log_every": 1, "privacy.epsilon": 1000.0,
+            "privacy.noise_multiplier": 1.0, "run.seed": 0}
     base.update({k.replace("__", "."): v for k, v in updates.items()})
-    return config.replace(config.Config(), base)
+    return config.replace(tiny_config(base=TINY_UNET), base)
 
 
 def tiny_unet(seed: int = 0) -> UNet:
     torch.manual_seed(seed)
-    net = UNet.from_config(tiny_cfg())
+    net = UNet.from_config(dp_cfg())
     with torch.no_grad():  # zero-initialised output layers would hide most gradients
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -216,7 +214,7 @@ def images(n: int, seed: int = 0) -> ImageSet:
 
 
 def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
-    cfg = tiny_cfg()
+    cfg = dp_cfg()
     train = images(12)
     plan = privacy.plan(cfg, len(train))  # q = 4/12, T = 3... from epochs 1
     assert plan.steps == 3
@@ -243,14 +241,14 @@ def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
     assert {"nondp/loss", "nondp/clip_fraction", "epsilon", "nimg", "sec_per_step"} <= set(final)
     assert final["nimg"] == round(3 * 4)
     # A changed plan cannot resume: sigma is decided once.
-    other = privacy.plan(tiny_cfg(privacy__noise_multiplier=2.0), len(train))
+    other = privacy.plan(dp_cfg(privacy__noise_multiplier=2.0), len(train))
     with pytest.raises(ValueError, match="sigma is decided once"):
         finetune.train_finetune(cfg, train, plan=other, init_dir=None, resume_dir=reporter.resume_dir(),
                                 reporter=reporter)
 
 
 def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nondp(tmp_path):
-    cfg = tiny_cfg(finetune__lr=0.0, tracking__nondp=False, finetune__checkpoint_every=0)
+    cfg = dp_cfg(finetune__lr=0.0, tracking__nondp=False, finetune__checkpoint_every=0)
     warm, other = tiny_unet(1), tiny_unet(2)
     checkpoint.save(tmp_path / "warmup" / "checkpoint", model=warm, ema=other, meta={"config": cfg.to_dict()})
     plan = privacy.plan(cfg, 12)

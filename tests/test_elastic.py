@@ -42,6 +42,9 @@ def make_cluster(s3_endpoint, monkeypatch):
     # group that cannot start: give up on it after 15 s (Ray's default 60 s), then shrink.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
+    if ray.is_initialized():  # the session's local Ray (conftest.local_ray): this test needs its own cluster
+        ray.shutdown()
+
     def make(nodes):
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "_system_config": FAST_NODE_DEATH})

@@ -25,7 +25,7 @@ def squares(n_per_class: int, classes: int = 4, resolution: int = 16, seed: int 
     return ImageSet(images, labels.astype(np.int64), classes)
 
 
-def tiny_cfg(tmp_path, *extra: str) -> config.Config:
+def eval_cfg(tmp_path, *extra: str) -> config.Config:
     return config.load(None, [f"run.dir={tmp_path}", "data.num_classes=4", "eval.classifier_epochs=6",
                               "eval.classifier_batch_size=32", "eval.classifier_lr=0.003",
                               "eval.fid.num_samples=200", "eval.fid.inception_weights=null", *extra])
@@ -99,6 +99,7 @@ def test_load_inception_torchscript_conventions(tmp_path):
     assert np.all(nvidia >= 0.0) and np.all(nvidia <= 1.0)
 
 
+@pytest.mark.slow  # Inception-v3 at 299 px
 def test_load_inception_pytorch_fid_state_dict(tmp_path):
     torch.set_num_threads(1)
     net = evaluate.pytorch_fid_inception()
@@ -118,20 +119,20 @@ def test_evaluate_separates_dp_from_nondp_and_withholds_nondp_in_release_mode(tm
     torch.set_num_threads(1)
     public = Splits(train=squares(30), val=squares(2, seed=5), test=squares(15, seed=1), test_public=True)
     synthetic = squares(25, seed=2)
-    out = evaluate.evaluate(tiny_cfg(tmp_path), synthetic, public)
+    out = evaluate.evaluate(eval_cfg(tmp_path), synthetic, public)
     # a public test set: accuracy is DP; the offline-CNN FID saw the training split: non-DP
     assert out["dp"]["accuracy"] >= 0.8 and out["dp"]["logreg_accuracy"] >= 0.9
     assert out["fid_kind"] == "offline-cnn" and out["nondp"]["fid"] >= 0 and "fid" not in out["dp"]
     assert out["fid_reference"].startswith("test split") and 0 <= out["nondp"]["real_accuracy"] <= 1
-    release = evaluate.evaluate(tiny_cfg(tmp_path, "tracking.nondp=false"), synthetic, public)
+    release = evaluate.evaluate(eval_cfg(tmp_path, "tracking.nondp=false"), synthetic, public)
     assert release["nondp"] == {} and any(w.startswith("fid") for w in release["withheld"])
     assert release["dp"]["accuracy"] == out["dp"]["accuracy"]  # same seed: same classifier
     # a test split carved out of the sensitive source: every metric is non-DP, none in release mode
     sensitive = Splits(train=public.train, val=public.val, test=public.test, test_public=False)
-    operator = evaluate.evaluate(tiny_cfg(tmp_path), synthetic, sensitive)
+    operator = evaluate.evaluate(eval_cfg(tmp_path), synthetic, sensitive)
     assert operator["dp"] == {} and operator["nondp"]["accuracy"] == out["dp"]["accuracy"]
     assert evaluate.metric(operator, "accuracy") == (out["dp"]["accuracy"], False)
-    hidden = evaluate.evaluate(tiny_cfg(tmp_path, "tracking.nondp=false"), synthetic, sensitive)
+    hidden = evaluate.evaluate(eval_cfg(tmp_path, "tracking.nondp=false"), synthetic, sensitive)
     assert hidden["dp"] == {} and hidden["nondp"] == {} and len(hidden["withheld"]) == 2
 
 
@@ -140,5 +141,5 @@ def test_load_synthetic_round_trip(tmp_path):
 
     s = squares(3)
     images.save_class_folders(s.images, s.labels, tmp_path / "images")
-    got = evaluate.load_synthetic(tmp_path, tiny_cfg(tmp_path))
+    got = evaluate.load_synthetic(tmp_path, eval_cfg(tmp_path))
     assert np.array_equal(np.sort(got.labels), np.sort(s.labels)) and got.images.shape == s.images.shape

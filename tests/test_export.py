@@ -201,6 +201,7 @@ def test_refusals_name_what_is_wrong(tmp_path):
     assert (busy / "README.md").is_file() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_export_prints_the_summary_and_refuses_with_exit_2(tmp_path, capsys):
     run = tmp_path / "run"
     ledger = make_release(run)

@@ -28,7 +28,7 @@ def _features(seed: int, n: int, dim: int, shift: float = 0.0, scale: float = 1.
     (500, 400, 64, 0.0, 1.0),   # same distribution: small
     (500, 400, 64, 0.3, 1.5),   # shifted and scaled
     (40, 50, 64, 0.1, 1.0),     # fewer samples than dimensions: singular covariances
-    (300, 300, 2048, 0.0, 1.0),  # Inception's width
+    pytest.param(300, 300, 2048, 0.0, 1.0, marks=pytest.mark.slow),  # Inception's width: a minute of sqrtm on 2 cores
 ])
 def test_frechet_distance_matches_pytorch_fid(n1, n2, dim, shift, scale):
     a, b = _features(1, n1, dim), _features(2, n2, dim, shift, scale)
@@ -47,6 +47,7 @@ def test_feature_stats_match_pytorch_fid():
     np.testing.assert_allclose(sigma, np.cov(a, rowvar=False))  # pytorch-fid's calculate_activation_statistics
 
 
+@pytest.mark.slow  # two Inception-v3 networks at 299 px
 def test_pytorch_fid_port_equals_pytorch_fid_network_with_the_same_weights(tmp_path, monkeypatch):
     """Our state_dict loader (resize to 299, greyscale -> 3 channels, 2x - 1) against pytorch-fid's own
     FID InceptionV3 (resize_input, normalize_input) holding the same (random) weights."""
@@ -118,7 +119,7 @@ def test_inception_reference_statistics_of_a_public_test_set_are_cached_per_data
     calls = []
     real_extract = evaluate.load_inception(weights)
 
-    def counting_loader(path, device="cpu"):
+    def counting_loader(path, device="cpu", **kwargs):
         def extract(images):
             calls.append(len(images))
             return real_extract(images)
@@ -134,6 +135,7 @@ def test_inception_reference_statistics_of_a_public_test_set_are_cached_per_data
     assert calls == [359, 359]
 
 
+@pytest.mark.slow  # Inception-v3 at 299 px on 72 images: a minute on 2 cores
 def test_bundled_inception_ranks_real_digits_above_noise():
     """The real weights: 2048-d non-negative pool features; real digits are far closer to the real
     test split than uniform noise is."""
@@ -153,3 +155,53 @@ def test_bundled_inception_ranks_real_digits_above_noise():
     fid_real = evaluate.frechet_distance(*evaluate.feature_stats(real), mu, sigma)
     fid_noise = evaluate.frechet_distance(*evaluate.feature_stats(noise), mu, sigma)
     assert fid_real < 0.5 * fid_noise and fid_noise > 100
+
+
+@pytest.mark.slow
+def test_reference_statistics_cache_in_an_object_store_run_dir(tmp_path, monkeypatch, s3_bucket):
+    """run.dir=s3://...: the public reference statistics go to the bucket's fid_reference/ prefix, never
+    to a local folder named 's3:' (the bug), and a second evaluation reads them from there."""
+    from dpfeta.storage import Storage
+
+    weights = tmp_path / "w.pt"
+    torch.jit.script(_Mean()).save(str(weights))
+    monkeypatch.chdir(tmp_path)
+    cfg, splits = _digits(tmp_path, f"eval.fid.inception_weights={weights}")
+    cfg = config.replace(cfg, {"run.dir": f"{s3_bucket}/runs"})
+    splits = dataclasses.replace(splits, test_public=True)
+    first = evaluate._fid_reference(cfg, splits, seed=0)
+    assert not (tmp_path / "s3:").exists() and not any(p.name == "s3:" for p in tmp_path.rglob("*"))
+    names = Storage(f"{s3_bucket}/runs").list_files("fid_reference")
+    assert len(names) == 1 and names[0].endswith(".npz")
+    calls = []
+    monkeypatch.setattr(evaluate, "load_inception", lambda path, device="cpu", **kwargs: calls.append(1) or (lambda x: 1 / 0))
+    second = evaluate._fid_reference(cfg, splits, seed=0)
+    assert calls == [1] and np.array_equal(second.mu, first.mu) and np.array_equal(second.sigma, first.sigma)
+
+
+class _ConvBN(torch.nn.Module):
+    """Convolution, batch norm, ReLU, pool: what freezing folds and channels-last reorders."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2048, 3, stride=8)
+        self.bn = torch.nn.BatchNorm2d(2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+
+def test_frozen_channels_last_extractor_matches_the_module_as_loaded(tmp_path):
+    torch.manual_seed(0)
+    net = _ConvBN().eval()
+    net.bn.running_mean.uniform_(-0.1, 0.1)
+    net.bn.running_var.uniform_(0.5, 1.5)
+    torch.jit.script(net).save(str(tmp_path / "convbn.pt"))
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 1, 16, 16)).astype(np.uint8)
+    ours = evaluate.load_inception(tmp_path / "convbn.pt", batch_size=6)(images)  # 4 batches, the last short
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(torch.from_numpy(images).float().div(255).repeat(1, 3, 1, 1),
+                                            size=(299, 299), mode="bilinear", align_corners=False)
+        theirs = net(x * 255.0 / 128.0 - 1.0).double().numpy()
+    assert ours.shape == (20, 2048)
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5

@@ -83,7 +83,7 @@ def stop_cluster(markers: list[str], timeout: float = 10.0) -> None:
     def order(cmd: str) -> int:
         return 0 if "raylet" in cmd else 2 if "gcs_server" in cmd else 1
 
-    for pid, cmd in sorted(cluster_pids(markers).items(), key=lambda kv: order(kv[1])):
+    for pid, _cmd in sorted(cluster_pids(markers).items(), key=lambda kv: order(kv[1])):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

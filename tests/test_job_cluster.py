@@ -186,7 +186,7 @@ def test_dockerfile_pins_exactly_the_versions_of_pyproject():
 
 
 def test_dockerignore_keeps_data_runs_and_stores_out_of_the_build():
-    lines = {l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    lines = {s.strip() for s in (REPO / ".dockerignore").read_text().splitlines() if s.strip() and not s.startswith("#")}
     assert {".git", ".venv", "runs", "mlruns", "data", "*.db"} <= lines
 
 

@@ -41,6 +41,8 @@ def ray_cluster(s3_endpoint):
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the session's local Ray (conftest.local_ray): this module needs its own cluster
+        ray.shutdown()
     port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})

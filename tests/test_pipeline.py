@@ -14,6 +14,7 @@ from dpfeta.storage import Workspace
 BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
         "central.epsilon_share=0.3", "finetune.batch_size=128", "finetune.epochs=1", "privacy.epsilon=4",
         "tracking.enabled=false", "eval.classifier_epochs=1", "run.name=t",
+        "privacy.accountant=rdp",  # the accountant is not the point here (PLD calibration: tests/test_accountant_pld.py)
         "eval.fid.inception_weights=null"]  # offline FID: Inception at 299 px is minutes on a CPU
 
 
@@ -152,11 +153,14 @@ def fake_gpu_ray():
     """A local Ray that advertises one (fake) GPU: tasks asking for it run on the CPU here."""
     import ray
 
+    if ray.is_initialized():  # the session's shared local Ray (conftest.local_ray) has no GPU
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()
 
 
+@pytest.mark.slow  # a Ray session of its own
 def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
     """run.use_gpu on a driver without CUDA: warm-up, sampling and evaluation go to a GPU task and
     their files come back through the object store."""

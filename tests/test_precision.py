@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_UNET, tiny_config
+
 from dpfeta import config, images, precision, sample, warmup
 
 
@@ -13,17 +15,14 @@ def _one_thread(one_thread):
     yield
 
 
-TINY = {"data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],
-        "model.num_res_blocks": 1, "model.attn_resolutions": [4], "model.emb_channels": 16}
-
-
-def tiny_cfg(**updates) -> config.Config:
-    return config.replace(config.Config(), {**TINY, **{k.replace("__", "."): v for k, v in updates.items()}})
+def unet_cfg(**updates) -> config.Config:
+    """conftest's TINY_UNET; ``a__b=v`` overrides ``a.b``."""
+    return config.replace(tiny_config(base=TINY_UNET), {k.replace("__", "."): v for k, v in updates.items()})
 
 
 def tiny_denoiser(seed: int = 0) -> sample.EDMPrecond:
     torch.manual_seed(seed)
-    denoiser = sample.build_denoiser(tiny_cfg())
+    denoiser = sample.build_denoiser(unet_cfg())
     with torch.no_grad():  # zero-initialised output layers would make every sample the same
         for p in denoiser.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -33,7 +32,7 @@ def tiny_denoiser(seed: int = 0) -> sample.EDMPrecond:
 def test_precision_key_is_typed_and_resolved():
     assert config.Config().run.precision == "fp32"  # measured: bf16 did not pay on CPU or H200 (bench/README.md)
     with pytest.raises(ValueError, match="run.precision"):
-        tiny_cfg(run__precision="fp16")
+        unet_cfg(run__precision="fp16")
     assert precision.resolve("fp32", "cpu") == "fp32" and precision.resolve("bf16", "cpu") == "bf16"
     auto = precision.resolve("auto", "cpu")
     # auto never picks an emulated bf16: without a native path it is fp32, without timing anything.
@@ -63,7 +62,7 @@ def reference_generate(denoiser, cfg, num, generator):
 
 @pytest.mark.parametrize("sampler,guidance", [("edm", 0.0), ("edm", 1.0), ("ddim", 0.0)])
 def test_generate_in_fp32_gives_the_same_images_as_before_the_speed_work(sampler, guidance):
-    cfg = tiny_cfg(sample__sampler=sampler, sample__guidance=guidance, sample__steps=4, sample__batch_size=3,
+    cfg = unet_cfg(sample__sampler=sampler, sample__guidance=guidance, sample__steps=4, sample__batch_size=3,
                    run__precision="fp32")
     denoiser = tiny_denoiser()
     got, got_labels = sample.generate(denoiser, cfg, 7, generator=torch.Generator().manual_seed(5), progress=False)
@@ -73,14 +72,15 @@ def test_generate_in_fp32_gives_the_same_images_as_before_the_speed_work(sampler
     assert not got.is_inference() and got.float().std() > 10  # ordinary tensors, not a constant image
 
 
-def test_bf16_sampling_keeps_fp32_state_and_stays_close_to_fp32():
-    cfg = tiny_cfg(sample__sampler="ddim", sample__steps=4, sample__batch_size=4)
-    denoiser = tiny_denoiser()
-    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([0, 1, 2, 0])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_sampling_keeps_fp32_state_and_stays_close_to_fp32(device):
+    cfg = unet_cfg(sample__sampler="ddim", sample__steps=4, sample__batch_size=4)
+    denoiser = tiny_denoiser().to(device)
+    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.tensor([0, 1, 2, 0], device=device)
     results = {}
     for prec in ("fp32", "bf16"):
-        with torch.inference_mode(), precision.autocast(prec, "cpu"):
+        with torch.inference_mode(), precision.autocast(prec, device):
             results[prec] = sample.sample_batch(denoiser, cfg, latents, labels, null_label=3, generator=None)
     assert results["bf16"].dtype == torch.float32
     diff = (results["bf16"] - results["fp32"]).abs().max().item()
@@ -90,7 +90,7 @@ def test_bf16_sampling_keeps_fp32_state_and_stays_close_to_fp32():
 def test_bf16_warmup_step_updates_fp32_weights_with_a_loss_close_to_fp32():
     losses = {}
     for prec in ("fp32", "bf16"):
-        cfg = tiny_cfg(run__precision=prec, warmup__batch_size=8, warmup__randaug_magnitude=0)
+        cfg = unet_cfg(run__precision=prec, warmup__batch_size=8, warmup__randaug_magnitude=0)
         denoiser = tiny_denoiser()
         before = [p.detach().clone() for p in denoiser.parameters()]
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-3)

@@ -13,7 +13,7 @@ import pytest
 from dpfeta import cli, config, data, pipeline, privacy, release
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # the session's local Ray (conftest)
 
 TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null", "central.epsilon_share=0.3",
         "central.batch_size=600", "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1",
@@ -22,19 +22,12 @@ TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null"
         "finetune.noise_multiplicity=1", "finetune.physical_batch_size=64", "finetune.checkpoint_every=2",
         "finetune.log_every=1", "privacy.epsilon=10", "sample.steps=2", "sample.num_samples=30",
         "sample.batch_size=30", "eval.classifier_epochs=1", "eval.fid.num_samples=30", "run.cpus_per_worker=1",
-        "eval.fid.inception_weights=null"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # never a neighbour's cluster
-    yield
-    ray.shutdown()
+        "eval.fid.inception_weights=null",
+        "privacy.accountant=rdp"]  # one calibration per command in seconds; PLD plans: tests/test_accountant_pld.py
 
 
 @pytest.fixture(scope="module")
-def unseeded(tmp_path_factory):
+def unseeded(local_ray, tmp_path_factory):
     """``dpfeta run`` in release mode (tracking.nondp: false), no run.seed: OS entropy throughout."""
     root = tmp_path_factory.mktemp("release")
     cfg = config.load(None, [*TINY, f"run.dir={root}", "run.name=unseeded", "tracking.nondp=false",

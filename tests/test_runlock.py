@@ -41,6 +41,7 @@ def test_a_lock_held_on_another_host_is_refused(tmp_path):
             pass
 
 
+@pytest.mark.slow  # seconds of waiting on a dead address, the run's plan
 def test_a_dead_cluster_address_is_a_clear_error_in_bounded_time_before_any_spend(tiny_cfg, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -77,6 +78,7 @@ sys.exit(cli.main(["budget", "--config", "configs/digits.yaml", *sys.argv[1:]]))
 """
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("signals, extra", [(["SIGTERM"], []), (["SIGINT"], []),
                                             (["SIGINT", "SIGINT"], ["--slow-cleanup"])])
 def test_an_interrupt_stops_cleanly_and_a_second_one_at_once(signals, extra):

@@ -3,7 +3,6 @@ lives only on the head; read back through MLflow."""
 
 from __future__ import annotations
 
-import pytest
 
 from dpfeta import config, release, tracking
 

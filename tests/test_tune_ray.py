@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 from dp_accounting import dp_event, rdp
 
@@ -34,26 +35,16 @@ FAST = ["central.noise_multiplier=2.0", "central.batch_size=100", "central.round
         "run.max_failures=0",
         f"tune.search_space={json.dumps(SPACE)}"]
 # Tiny real stages (a few warm-up and DP-SGD steps, an 8x8 U-Net of ~9k parameters).
-TINY = ["data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
-        "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.batch_size=16",
-        "warmup.checkpoint_every=2", "warmup.log_every=1", "finetune.epochs=0.1",
-        "finetune.noise_multiplicity=1", "finetune.checkpoint_every=1", "finetune.log_every=1",
-        "sample.steps=2", "sample.num_samples=40", "sample.batch_size=40", "eval.classifier_epochs=1",
-        "eval.classifier_batch_size=32", "eval.logreg=false", "eval.fid.num_samples=40",
-        "eval.fid.inception_weights=null",
-        "run.cpus_per_worker=0.5"]
+TINY = [*conftest.TINY, "finetune.epochs=0.1", "run.cpus_per_worker=0.5"]
 DELTA = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def _ray(local_ray):
+    """The session's local Ray (conftest); trial functions defined here travel by value (the tests
+    folder is not importable on workers)."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found on disk
-    # Trial functions defined here travel by value (the tests folder is not importable on workers).
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _cfg(tmp_path, mode, *overrides):

@@ -7,7 +7,9 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 
-from dpfeta import checkpoint, config
+from conftest import TINY_UNET, tiny_config
+
+from dpfeta import checkpoint
 from dpfeta.sample import build_denoiser, load_denoiser
 from dpfeta.images import save_class_folders
 from dpfeta.nn import UNet
@@ -16,9 +18,7 @@ from dpfeta.warmup import augment, central_arrays, train_warmup
 # Opacus hooks on a model whose inputs need no grad: expected and harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
-TINY = ["data.resolution=8", "data.num_classes=3", "model.channels=8", "model.channel_mult=[1,2]",
-        "model.num_res_blocks=1", "model.attn_resolutions=[4]", "model.emb_channels=16",
-        "warmup.batch_size=4", "warmup.noise_multiplicity=2", "run.seed=0"]
+WARMUP = ("warmup.batch_size=4", "warmup.noise_multiplicity=2", "run.seed=0")
 
 
 class Central:
@@ -31,14 +31,15 @@ class Central:
         self.num_classes = 3
 
 
-def tiny_cfg(*overrides):
-    return config.load(None, [*TINY, *overrides])
+def unet_cfg(*overrides):
+    """conftest's TINY_UNET with a warm-up of batch 4 x K=2."""
+    return tiny_config(*WARMUP, *overrides, base=TINY_UNET)
 
 
 # Checkpoints ----------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_strips_wrappers(tmp_path):
-    cfg = tiny_cfg()
+    cfg = unet_cfg()
     denoiser = build_denoiser(cfg)
     with torch.no_grad():
         for p in denoiser.parameters():
@@ -65,7 +66,7 @@ def test_checkpoint_round_trip_strips_wrappers(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, sigma, y), denoiser.eval()(x, sigma, y))
     with pytest.raises(ValueError, match="model="):
-        load_denoiser(tmp_path / "ck", tiny_cfg("model.channels=16"))
+        load_denoiser(tmp_path / "ck", unet_cfg("model.channels=16"))
 
 
 def test_checkpoint_survives_an_interrupted_swap(tmp_path):
@@ -95,20 +96,20 @@ def test_augment_depends_only_on_the_generator():
 
 
 def test_central_arrays_validation_and_folder_input(tmp_path):
-    cfg = tiny_cfg()
+    cfg = unet_cfg()
     c = Central()
     save_class_folders(c.images, c.labels, tmp_path / "central" / "images")
     images, labels = central_arrays(tmp_path / "central", cfg)
     assert images.shape == (9, 1, 8, 8) and sorted(labels.tolist()) == sorted(c.labels.tolist())
     with pytest.raises(ValueError, match="data.resolution"):
-        central_arrays(c, tiny_cfg("data.resolution=16"))
+        central_arrays(c, unet_cfg("data.resolution=16"))
     with pytest.raises(ValueError, match="num_classes"):
-        central_arrays(c, tiny_cfg("data.num_classes=4"))
+        central_arrays(c, unet_cfg("data.num_classes=4"))
 
 
 def test_warmup_resume_equals_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
-    cfg = tiny_cfg("warmup.steps=5", "warmup.log_every=1", "warmup.checkpoint_every=2")
+    cfg = unet_cfg("warmup.steps=5", "warmup.log_every=1", "warmup.checkpoint_every=2")
     straight = train_warmup(cfg, Central(), tmp_path / "a")
     assert straight["step"] == 5 and np.isfinite(straight["loss"])
 
@@ -135,9 +136,9 @@ def test_warmup_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_warmup_refuses_to_resume_a_different_model(tmp_path):
-    train_warmup(tiny_cfg("warmup.steps=1"), Central(), tmp_path)
+    train_warmup(unet_cfg("warmup.steps=1"), Central(), tmp_path)
     with pytest.raises(ValueError, match="cannot resume"):
-        train_warmup(tiny_cfg("warmup.steps=2", "model.channels=16"), Central(), tmp_path)
+        train_warmup(unet_cfg("warmup.steps=2", "model.channels=16"), Central(), tmp_path)
 
 
 def test_cli_warmup_then_sample(tmp_path, capsys):

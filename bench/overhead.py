@@ -1,0 +1,230 @@
+"""Fixed per-step cost of each stage: a zero-cost network through the real code path.
+
+    python bench/overhead.py [--steps 60] [--stages dpsgd,ray,warmup,sample,fid] [--threads 1]
+
+The network is ``Identity``: a 1x1 convolution started at the identity (``C*C + C`` parameters: 2 for
+greyscale), so its arithmetic is ~0 and what a step costs is everything around it. On the digits
+config (configs/digits.yaml: N = 1,258 training images at 16 px, the run's report and checkpoint
+intervals) it measures, in ms per step:
+
+* ``dpsgd``: ``finetune.train_finetune`` in this process (LocalReporter): Poisson masks, the EDM loss
+  rows, per-example gradients, clipping, noise, Adam, EMA, epsilon at each report, checkpoints. With
+  the PLD and the RDP accountant: what the epsilon curve costs when steps are this fast.
+* ``ray``: the same through ``distributed.fit_finetune`` (Ray Train, Ray Data shards, the all-reduce
+  of one worker group, reports and checkpoints to Ray's storage), amortised: (wall(T2) - wall(T1)) /
+  (T2 - T1), so the start of the worker group cancels out.
+* ``warmup``: ``warmup.train_warmup`` at batch 64 with its RandAugment and central-image batches, and
+  with RandAugment off (the difference is the augmentation).
+* ``sample``: ``sample.generate`` (EDM Heun), per network evaluation of a 250-image batch.
+* ``fid``: the Inception loader path (uint8 -> 299 px bilinear, channels-last, features back to
+  float64) with a TorchScript extractor that only averages its input, per image.
+
+Beside them, the compute of the reference networks: the digits and MNIST U-Nets' model FLOPs per
+DP-SGD step (forward + backward, 512 rows for MNIST), and what the overhead is as a share of a GPU step
+of the MNIST U-Net, estimated from the H200's measured DP-step rate (bench/README.md, "bf16 on an
+H200": 0.44 of ~50 TFLOP/s fp32). Absolute times on a shared CPU move with its load: compare rows
+printed by one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpfeta import config, distributed, finetune, privacy, sample, warmup
+from dpfeta.data import ImageSet
+from dpfeta.diffusion import EDMPrecond
+from dpfeta.evaluate import fid
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS, MNIST = ROOT / "configs/digits.yaml", ROOT / "configs/mnist_28/eps_1.yaml"
+H200_DP_FLOPS = 0.44 * 50e12  # the MNIST DP step's fp32 rate on the H200 (bench/README.md)
+
+
+class Identity(nn.Module):
+    """A denoiser network of ~0 FLOPs: a 1x1 convolution started at the identity."""
+
+    def __init__(self, cfg: config.Config):
+        super().__init__()
+        c = cfg.data.channels
+        self.num_classes = cfg.data.num_classes
+        self.conv = nn.Conv2d(c, c, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+            self.conv.bias.zero_()
+
+    @classmethod
+    def from_config(cls, cfg: config.Config) -> "Identity":
+        return cls(cfg)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+IDENTITY = dataclasses.replace(finetune.EDM, build=Identity.from_config)
+
+
+def digits_cfg(root: Path, *overrides: str) -> config.Config:
+    return config.load(DIGITS, [f"run.dir={root}", "central.noise_multiplier=4.0", "privacy.noise_multiplier=1.05",
+                                "privacy.epsilon=50",
+                                "tracking.enabled=false", *overrides])
+
+
+def fake_digits(cfg: config.Config, n: int = 1258) -> ImageSet:
+    d = cfg.data
+    rng = np.random.default_rng(0)
+    return ImageSet(rng.integers(0, 256, (n, d.channels, d.resolution, d.resolution), dtype=np.uint8),
+                    rng.integers(0, d.num_classes, n).astype(np.int64), d.num_classes)
+
+
+def epochs_for(steps: int, q: float) -> float:
+    return steps * q - 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def bench_dpsgd(steps: int) -> dict[str, float]:
+    out = {}
+    for accountant in ("pld", "rdp"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = digits_cfg(Path(tmp), f"privacy.accountant={accountant}", "finetune.init=scratch")
+            train = fake_digits(cfg)
+            cfg = config.replace(cfg, {"finetune.epochs": epochs_for(steps, cfg.finetune.batch_size / len(train))})
+            plan = privacy.plan(cfg, len(train))
+            reporter = finetune.LocalReporter(Path(tmp) / "ckpt")
+            start = time.perf_counter()
+            finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter,
+                                    task=IDENTITY)
+            out[f"DP-SGD step, one process, {accountant.upper()} epsilon at each report"] = \
+                (time.perf_counter() - start) / plan.steps
+    return out
+
+
+def bench_ray(steps: int) -> dict[str, float]:
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in (max(steps // 6, 5), steps):
+            cfg = digits_cfg(Path(tmp), "privacy.accountant=rdp", "finetune.init=scratch", f"run.name=r{t}")
+            train = fake_digits(cfg)
+            cfg = config.replace(cfg, {"finetune.epochs": epochs_for(t, cfg.finetune.batch_size / len(train))})
+            plan = privacy.plan(cfg, len(train))
+            start = time.perf_counter()
+            distributed.fit_finetune(cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"r{t}",
+                                     task=IDENTITY)
+            walls[plan.steps] = time.perf_counter() - start
+    (t1, w1), (t2, w2) = sorted(walls.items())
+    return {f"DP-SGD step, Ray Train 1 worker, amortised over T={t1}..{t2} (RDP)": (w2 - w1) / (t2 - t1),
+            f"  (the stage's fixed start: {w1 - t1 * (w2 - w1) / (t2 - t1):.1f} s)": float("nan")}
+
+
+def bench_warmup(steps: int) -> dict[str, float]:
+    out = {}
+    original = warmup.UNet
+    warmup.UNet = Identity  # the warm-up builds UNet.from_config
+    try:
+        for magnitude in (3, 0):
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = digits_cfg(Path(tmp), f"warmup.steps={steps}", f"warmup.randaug_magnitude={magnitude}",
+                                 "warmup.checkpoint_every=200", "warmup.log_every=50")
+                central = fake_digits(cfg, n=20)  # 2 central images per class, as the central query makes
+                start = time.perf_counter()
+                warmup.train_warmup(cfg, central, Path(tmp) / "warmup")
+                label = "RandAugment on" if magnitude else "RandAugment off"
+                out[f"warm-up step, batch 64, {label}"] = (time.perf_counter() - start) / steps
+    finally:
+        warmup.UNet = original
+    return out
+
+
+def bench_sample() -> dict[str, float]:
+    cfg = digits_cfg(Path(tempfile.gettempdir()), "sample.compile=false")
+    denoiser = EDMPrecond(Identity(cfg), cfg.diffusion.sigma_data)
+    num = cfg.sample.batch_size * 2
+    start = time.perf_counter()
+    sample.generate(denoiser, cfg, num, generator=torch.Generator().manual_seed(0), progress=False)
+    evaluations = 2 * cfg.sample.steps - 1  # Heun: two per step but the last
+    return {f"sampler, per network evaluation of {cfg.sample.batch_size} images":
+            (time.perf_counter() - start) / (2 * evaluations)}
+
+
+class _Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).repeat(1, 683)[:, :2048]
+
+
+def bench_fid() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mean.pt"
+        torch.jit.script(_Mean()).save(str(path))
+        extract = fid.load_inception(path)
+        images = np.random.default_rng(0).integers(0, 256, (256, 1, 16, 16), dtype=np.uint8)
+        extract(images[:16])
+        start = time.perf_counter()
+        extract(images)
+        return {"FID loader, per image (resize to 299, layout, features out)": (time.perf_counter() - start) / 256}
+
+
+def model_flops(path: Path, rows: int) -> float:
+    """Forward + backward FLOPs of ``rows`` rows of the config's U-Net (FlopCounterMode, 2 rows scaled)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = config.load(path)
+    d = cfg.data
+    net = finetune.build_network(cfg, finetune.EDM, finetune.Worker())
+    x = torch.randn(2, d.channels, d.resolution, d.resolution)
+    with FlopCounterMode(display=False) as counter:
+        net(x, torch.zeros(2), torch.zeros(2, dtype=torch.int64)).square().sum().backward()
+    return counter.get_total_flops() / 2 * rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--stages", default="dpsgd,ray,warmup,sample,fid")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    stages = set(args.stages.split(","))
+    results: dict[str, float] = {}
+    if "dpsgd" in stages:
+        results.update(bench_dpsgd(args.steps))
+    if "ray" in stages:
+        results.update(bench_ray(args.steps))
+    if "warmup" in stages:
+        results.update(bench_warmup(args.steps))
+    if "sample" in stages:
+        results.update(bench_sample())
+    if "fid" in stages:
+        results.update(bench_fid())
+    mnist_flops, digits_flops = model_flops(MNIST, 512), model_flops(DIGITS, 256)
+    mnist_step = mnist_flops / H200_DP_FLOPS  # model FLOPs at the measured DP-step rate
+    print(f"\nload average {os.getloadavg()[0]:.1f}, {args.threads} thread(s); reference compute: digits U-Net "
+          f"DP step (256 rows) {digits_flops / 1e9:.0f} GFLOP; MNIST U-Net DP step (512 rows) "
+          f"{mnist_flops / 1e9:.0f} GFLOP = ~{1e3 * mnist_step:.0f} ms on an H200 (estimated)")
+    print(f"{'stage (zero-cost network)':<72} {'ms/step':>9} {'÷ MNIST GPU step':>17}")
+    for name, seconds in results.items():
+        if np.isnan(seconds):
+            print(name)
+            continue
+        print(f"{name:<72} {1e3 * seconds:9.2f} {seconds / mnist_step:17.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
