@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "central": BASE | {"privacy", "data"},
     "warmup": BASE | {"cluster", "diffusion", "nn", "precision"},
     "finetune": BASE | {"privacy", "dpsgd", "diffusion", "nn", "precision"},
-    "evaluate": BASE | {"cluster", "data", "nn", "privacy"},
+    "evaluate": BASE | {"cluster", "data", "nn", "privacy", "precision"},  # FID features in bf16 (run.precision)
     "distributed": BASE | {"cluster", "data", "finetune", "privacy", "tracking"},
     "pipeline": BASE | {"cluster", "data", "privacy", "release", "tracking", "central", "warmup", "diffusion",
                         "distributed", "sample", "evaluate"},
