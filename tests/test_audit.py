@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -222,20 +221,11 @@ def test_rank_mutants_are_detected_in_a_two_process_group(digits, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def audit_ray():
-    """The session's local Ray if one is up (tests/conftest.py), else one for this module; the toy task and
-    the mutants pickled by value to the workers."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.cloudpickle.register_pickle_by_value(mutants)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the toy task
-    yield
-    if started:
-        ray.shutdown()
+def audit_ray(local_ray):
+    """The session's local Ray (tests/conftest.py), the toy task and the mutants pickled by value to it."""
+    local_ray.cloudpickle.register_pickle_by_value(mutants)
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the toy task
+    return local_ray
 
 
 RAY = ("run.num_workers=2", "run.cpus_per_worker=1")

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "central": BASE | {"privacy", "data"},
     "warmup": BASE | {"cluster", "diffusion", "nn", "precision"},
     "finetune": BASE | {"privacy", "dpsgd", "diffusion", "nn", "precision"},
-    "evaluate": BASE | {"cluster", "data", "nn", "privacy", "precision"},
+    "evaluate": BASE | {"cluster", "data", "nn", "privacy", "precision"},  # FID features in bf16 (run.precision)
     "distributed": BASE | {"cluster", "data", "finetune", "privacy", "tracking"},
     "runplan": {"config", "data", "privacy", "release", "tracking", "storage", "evaluate"},  # the one way in
     "rundir": BASE | {"data", "privacy", "release", "tracking"},  # the run's folder and spending protocol
