@@ -25,8 +25,8 @@ run: install
 	$(BIN)/dpfeta run --config $(CONFIG)
 
 # The tiers and their budgets on 2 cores (tests/README.md): check <= 3 min, test <= 10 min, ci <= 40 min.
-# `ruff format --check` joins `lint` once the tree has had its one-commit format pass.
-lint: install
+lint: install  # ruff: the formatter and the linter (line length 120, pyproject.toml)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 check: lint  # the edit loop: no Ray, no subprocess, no S3 server, no training beyond a few steps

@@ -30,29 +30,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the mutants live with the tests
 
+import audit_mutants as mutants  # noqa: E402
 import ray  # noqa: E402
 
-import audit_mutants as mutants  # noqa: E402
 from dpfeta import audit, cluster, config, distributed, pipeline  # noqa: E402
 
 # Settings where the two mutants that the run's (sigma, q, T) cannot show are shown (tests/test_audit.py).
 OWN_SETTING = {
-    "no noise when rank 0's batch is empty": ["data.val_fraction=0.45", "data.test_fraction=0.45", "central.rounds=0",
-                                             "central.batch_size=100", "finetune.init=scratch", "finetune.batch_size=1",
-                                             "finetune.epochs=2.2", "privacy.epsilon=2"],
-    "fixed batch instead of Poisson": ["central.rounds=0", "finetune.init=scratch", "finetune.batch_size=62.9",
-                                       "finetune.epochs=2", "privacy.epsilon=2"],
+    "no noise when rank 0's batch is empty": [
+        "data.val_fraction=0.45",
+        "data.test_fraction=0.45",
+        "central.rounds=0",
+        "central.batch_size=100",
+        "finetune.init=scratch",
+        "finetune.batch_size=1",
+        "finetune.epochs=2.2",
+        "privacy.epsilon=2",
+    ],
+    "fixed batch instead of Poisson": [
+        "central.rounds=0",
+        "finetune.init=scratch",
+        "finetune.batch_size=62.9",
+        "finetune.epochs=2",
+        "privacy.epsilon=2",
+    ],
 }
 OWN_CANARIES = {"fixed batch instead of Poisson": 4000}
 
 
 def row(build: str, report: dict, setting: str) -> dict:
     b = report["bounds"]
-    return {"build": build, "setting": setting, "epsilon_ledger": report["epsilon_ledger"],
-            "epsilon_dpsgd": report["epsilon_dpsgd"], "one_run": b["one_run"]["epsilon"], "fdp": b["fdp"]["epsilon"],
-            "r": b["fdp"]["guesses"], "m": report["canaries"], "violation": report["violation"],
-            "seconds": report["seconds"], "sigma": report["noise_multiplier"], "q": report["sample_rate"],
-            "T": report["steps"]}
+    return {
+        "build": build,
+        "setting": setting,
+        "epsilon_ledger": report["epsilon_ledger"],
+        "epsilon_dpsgd": report["epsilon_dpsgd"],
+        "one_run": b["one_run"]["epsilon"],
+        "fdp": b["fdp"]["epsilon"],
+        "r": b["fdp"]["guesses"],
+        "m": report["canaries"],
+        "violation": report["violation"],
+        "seconds": report["seconds"],
+        "sigma": report["noise_multiplier"],
+        "q": report["sample_rate"],
+        "T": report["steps"],
+    }
 
 
 def _stage(folder: Path) -> dict:
@@ -63,10 +85,18 @@ def _stage(folder: Path) -> dict:
 
 def stamp() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"commit {commit}, {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}, "
-            f"load average {os.getloadavg()[0]:.1f}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"commit {commit}, {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main() -> None:
@@ -78,18 +108,21 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--mutant-set", dest="mutant_overrides", action="append", default=[])
-    parser.add_argument("--builds", nargs="+", default=None, metavar="NAME",
-                        help="only these rows: 'correct' and/or mutant names (default: all asked for)")
+    parser.add_argument(
+        "--builds",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these rows: 'correct' and/or mutant names (default: all asked for)",
+    )
     args = parser.parse_args()
     print(stamp(), flush=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # One local Ray for every run (as cluster.connect would start it: the workers' CPUs and Ray Data's).
-    ray.init(address="local", num_cpus=2 + cluster.RAY_DATA_HEADROOM_CPUS, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2 + cluster.RAY_DATA_HEADROOM_CPUS, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(mutants)
     tmp = Path(tempfile.mkdtemp(prefix="dpfeta-audit-bench-"))
-    base = [*args.overrides, "run.num_workers=2", "run.cpus_per_worker=1", "tracking.enabled=false",
-            f"run.dir={tmp}"]
+    base = [*args.overrides, "run.num_workers=2", "run.cpus_per_worker=1", "tracking.enabled=false", f"run.dir={tmp}"]
 
     def load(*extra: str) -> config.Config:
         return pipeline.resolve_config(args.config, [*base, *extra])
@@ -127,23 +160,31 @@ def main() -> None:
             if args.builds is not None and name not in args.builds:
                 continue
             own = OWN_SETTING.get(name)
-            cfg = load(f"privacy.epsilon={args.epsilons[0]:g}", f"run.name=mutant-{i}", *args.mutant_overrides,
-                       *(own or []))
-            report = audit.run_audit(cfg, canaries=OWN_CANARIES.get(name, args.canaries) if own else args.canaries,
-                                     **broken)
+            cfg = load(
+                f"privacy.epsilon={args.epsilons[0]:g}", f"run.name=mutant-{i}", *args.mutant_overrides, *(own or [])
+            )
+            report = audit.run_audit(
+                cfg, canaries=OWN_CANARIES.get(name, args.canaries) if own else args.canaries, **broken
+            )
             rows.append(row(name, report, "own: " + " ".join(own) if own else "the run's"))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| build | setting | ledger ε (total / DP-SGD) | σ, q, T | ε_lb one-run | ε_lb f-DP | r (f-DP) | m "
-          "| ε_lb > ε | s |")
+    print(
+        "\n| build | setting | ledger ε (total / DP-SGD) | σ, q, T | ε_lb one-run | ε_lb f-DP | r (f-DP) | m "
+        "| ε_lb > ε | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['build']} | {r['setting']} | {r['epsilon_ledger']:.3f} / {r['epsilon_dpsgd']:.3f} | "
-              f"{r['sigma']:.3f}, {r['q']:.4g}, {r['T']} | {r['one_run']:.3f} | {r['fdp']:.3f} | {r['r']} | "
-              f"{r['m']} | {'yes' if r['violation'] else 'no'} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['build']} | {r['setting']} | {r['epsilon_ledger']:.3f} / {r['epsilon_dpsgd']:.3f} | "
+            f"{r['sigma']:.3f}, {r['q']:.4g}, {r['T']} | {r['one_run']:.3f} | {r['fdp']:.3f} | {r['r']} | "
+            f"{r['m']} | {'yes' if r['violation'] else 'no'} | {r['seconds']:.0f} |"
+        )
     for order, a, p in pairs:
-        print(f"cost ({order}): audit {a['seconds']:.1f} s ({a['sec_per_step']:.3f} s/step), plain "
-              f"{p['seconds']:.1f} s ({p['sec_per_step']:.3f} s/step); ratio {a['seconds'] / p['seconds']:.3f} "
-              f"(per step {a['sec_per_step'] / p['sec_per_step']:.3f})")
+        print(
+            f"cost ({order}): audit {a['seconds']:.1f} s ({a['sec_per_step']:.3f} s/step), plain "
+            f"{p['seconds']:.1f} s ({p['sec_per_step']:.3f} s/step); ratio {a['seconds'] / p['seconds']:.3f} "
+            f"(per step {a['sec_per_step'] / p['sec_per_step']:.3f})"
+        )
     print(stamp(), flush=True)
     ray.shutdown()
 

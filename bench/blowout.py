@@ -40,8 +40,10 @@ def augmented_share(cfg: config.Config, central_dir: Path, *, repeats: int = 20)
     x = torch.from_numpy(central.load_central(central_dir).images)
     g = torch.Generator().manual_seed(0)
     w = cfg.warmup
-    batches = [augment(x, num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, generator=g,
-                       exclude=w.randaug_exclude) for _ in range(repeats)]
+    batches = [
+        augment(x, num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, generator=g, exclude=w.randaug_exclude)
+        for _ in range(repeats)
+    ]
     return float(images.blown_out(torch.cat(batches).numpy()).mean())
 
 
@@ -76,10 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     for resolution in args.resolutions:
         for label, exclude in AUGMENTATIONS.items():
             name = f"r{resolution}-{'full' if exclude == '[]' else 'noeq'}"
-            overrides = [f"data.resolution={resolution}", "central.rounds=5", f"warmup.steps={args.warmup_steps}",
-                         f"warmup.randaug_exclude={exclude}", "run.seed=0", "tracking.enabled=false",
-                         f"sample.num_samples={args.num}", "eval.classifier_epochs=5", "eval.logreg=false", "eval.fid.inception_weights=null",
-                         f"run.name={name}", f"run.dir={root}", *args.overrides]
+            overrides = [
+                f"data.resolution={resolution}",
+                "central.rounds=5",
+                f"warmup.steps={args.warmup_steps}",
+                f"warmup.randaug_exclude={exclude}",
+                "run.seed=0",
+                "tracking.enabled=false",
+                f"sample.num_samples={args.num}",
+                "eval.classifier_epochs=5",
+                "eval.logreg=false",
+                "eval.fid.inception_weights=null",
+                f"run.name={name}",
+                f"run.dir={root}",
+                *args.overrides,
+            ]
             if args.no_finetune:
                 overrides.append("finetune.epochs=0.001")
             cfg = config.load(args.config, overrides)
@@ -87,25 +100,35 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = pipeline.run(cfg, echo=log.info)
             run_dir = cfg.run_dir()
-            row = {"resolution": resolution, "augmentation": label,
-                   "augmented_training_images": augmented_share(cfg, run_dir / "central"),
-                   "after_warmup": sample_shares(cfg, run_dir / "checkpoints" / "warmup", args.num, run_dir / "warmup")}
+            row = {
+                "resolution": resolution,
+                "augmentation": label,
+                "augmented_training_images": augmented_share(cfg, run_dir / "central"),
+                "after_warmup": sample_shares(cfg, run_dir / "checkpoints" / "warmup", args.num, run_dir / "warmup"),
+            }
             if not args.no_finetune:
-                row["after_finetune"] = sample_shares(cfg, run_dir / "checkpoints" / "finetune", args.num,
-                                                      run_dir / "finetune")
+                row["after_finetune"] = sample_shares(
+                    cfg, run_dir / "checkpoints" / "finetune", args.num, run_dir / "finetune"
+                )
                 row["accuracy"] = result["accuracy"]
             row["seconds"] = round(time.perf_counter() - t0)
             rows.append(row)
             print(json.dumps(row), flush=True)
     ray.shutdown()
     stages = ["after_warmup"] + ([] if args.no_finetune else ["after_finetune"])
-    print("\n| px | warm-up augmentation | augmented training images | "
-          + " | ".join(f"{s.replace('_', ' ')}: {m}" for s in stages for m in ("EDM", "DDIM")) + " |")
+    print(
+        "\n| px | warm-up augmentation | augmented training images | "
+        + " | ".join(f"{s.replace('_', ' ')}: {m}" for s in stages for m in ("EDM", "DDIM"))
+        + " |"
+    )
     print("|---|---|---|" + "---|" * (2 * len(stages)))
     for r in rows:
         cells = [f"{r[s][m]:.1%}" for s in stages for m in ("edm", "ddim")]
-        print(f"| {r['resolution']} | {r['augmentation']} | {r['augmented_training_images']:.1%} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {r['resolution']} | {r['augmentation']} | {r['augmented_training_images']:.1%} | "
+            + " | ".join(cells)
+            + " |"
+        )
     (root / "blowout.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f}s, {args.num} samples per cell")
     return 0

@@ -72,9 +72,16 @@ def nonprivate_step(net, rows, images, labels):
 
 def private_step(net, rows, images, labels, K, physical=None, mode="hooks"):
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
-    private = dpsgd.DPSGD(net, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(images),
-                          noise_multiplicity=K, physical_batch_size=physical or len(images) * K,
-                          noise_generator=torch.Generator().manual_seed(2), grad_sample_mode=mode)
+    private = dpsgd.DPSGD(
+        net,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=len(images),
+        noise_multiplicity=K,
+        physical_batch_size=physical or len(images) * K,
+        noise_generator=torch.Generator().manual_seed(2),
+        grad_sample_mode=mode,
+    )
 
     def step():
         private.privatise(images, labels, rows)
@@ -138,10 +145,14 @@ def bench_ratio(name: str, path: Path, batch: int, K: int | None, reps: int) -> 
             step()
             times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{name}: U-Net {count_parameters(net):,} parameters, batch {batch} x K={K} = {batch * K} rows "
-          f"of {cfg.data.resolution}x{cfg.data.resolution}, {reps} interleaved reps (median)")
-    print(f"  non-private {med['non-private']:.3f} s/step   DP {med['DP']:.3f} s/step   "
-          f"ratio DP / non-private = {med['DP'] / med['non-private']:.2f}  (goal <= 1.5)")
+    print(
+        f"\n{name}: U-Net {count_parameters(net):,} parameters, batch {batch} x K={K} = {batch * K} rows "
+        f"of {cfg.data.resolution}x{cfg.data.resolution}, {reps} interleaved reps (median)"
+    )
+    print(
+        f"  non-private {med['non-private']:.3f} s/step   DP {med['DP']:.3f} s/step   "
+        f"ratio DP / non-private = {med['DP'] / med['non-private']:.2f}  (goal <= 1.5)"
+    )
     parts = breakdown(steps["DP"], holder)
     print("  DP step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in parts.items() if k != "total_s"))
 
@@ -185,21 +196,40 @@ def bench_memory(threads: int, models: list[str]) -> None:
     """Peak memory of one logical step of 256 rows: K=1 vs K=32 at the same rows per micro-batch."""
     print("\nmemory of one DP step of 256 rows (peak RSS above the pre-step level, fresh process each):")
     for model in models:
-        cases = [("K=1,  256 examples, micro-batch 64 rows", 256, 1, 64, "folded"),
-                 ("K=32,   8 examples, micro-batch 64 rows", 8, 32, 64, "folded"),
-                 ("K=1,  256 examples, micro-batch 16 rows", 256, 1, 16, "folded"),
-                 ("K=32,   8 examples, micro-batch 16 rows (split)", 8, 32, 16, "folded")]
+        cases = [
+            ("K=1,  256 examples, micro-batch 64 rows", 256, 1, 64, "folded"),
+            ("K=32,   8 examples, micro-batch 64 rows", 8, 32, 64, "folded"),
+            ("K=1,  256 examples, micro-batch 16 rows", 256, 1, 16, "folded"),
+            ("K=32,   8 examples, micro-batch 16 rows (split)", 8, 32, 16, "folded"),
+        ]
         if model == "digits":
             cases.append(("K=32, 8 examples, stock Opacus per-row, 256 rows", 8, 32, 256, "stock"))
         results = {}
         for label, batch, K, physical, mode in cases:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", model, str(batch), str(K), str(physical),
-                                  mode, "--threads", str(threads)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    model,
+                    str(batch),
+                    str(K),
+                    str(physical),
+                    mode,
+                    "--threads",
+                    str(threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_start_mb"]
             print(f"  {model:<6} {label:<50} {results[label]:8.0f} MB", flush=True)
         values = list(results.values())
-        print(f"  {model}: peak K=32 / K=1 at equal rows per micro-batch: 64 rows {values[1] / values[0]:.2f}, "
-              f"16 rows {values[3] / values[2]:.2f}")
+        print(
+            f"  {model}: peak K=32 / K=1 at equal rows per micro-batch: 64 rows {values[1] / values[0]:.2f}, "
+            f"16 rows {values[3] / values[2]:.2f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,15 +267,20 @@ def bench_allreduce(sizes: dict[str, int], reps: int = 20) -> None:
         port = probe.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_allreduce_child, args=(rank, [n + 4 for n in sizes.values()], reps, port, out))
-             for rank in range(2)]
+    procs = [
+        ctx.Process(target=_allreduce_child, args=(rank, [n + 4 for n in sizes.values()], reps, port, out))
+        for rank in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     for name in sizes:
         size, seconds = out.get()
-        print(f"  all-reduce of the DP-SGD buffer, {name} ({size:,} fp32): {seconds * 1e3:.1f} ms (gloo, 2 ranks, median of {reps})")
+        print(
+            f"  all-reduce of the DP-SGD buffer, {name} ({size:,} fp32): {seconds * 1e3:.1f} ms "
+            f"(gloo, 2 ranks, median of {reps})"
+        )
 
 
 def poisson_imbalance(n: int, batch: float, workers: int = 2, draws: int = 20000) -> float:
@@ -270,23 +305,41 @@ def bench_ray(steps: int, batch: float = 64.0) -> None:
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
-            cfg = config.replace(base, {
-                "central.rounds": 0, "finetune.init": "scratch", "finetune.batch_size": batch,
-                "finetune.epochs": steps * batch / len(train), "finetune.checkpoint_every": 0,
-                "finetune.log_every": steps // 2, "privacy.noise_multiplier": 1.0, "privacy.epsilon": 1e6,
-                "run.num_workers": workers, "run.cpus_per_worker": 1.0, "run.dir": tmp,
-                "run.name": f"w{workers}", "tracking.nondp": False})
+            cfg = config.replace(
+                base,
+                {
+                    "central.rounds": 0,
+                    "finetune.init": "scratch",
+                    "finetune.batch_size": batch,
+                    "finetune.epochs": steps * batch / len(train),
+                    "finetune.checkpoint_every": 0,
+                    "finetune.log_every": steps // 2,
+                    "privacy.noise_multiplier": 1.0,
+                    "privacy.epsilon": 1e6,
+                    "run.num_workers": workers,
+                    "run.cpus_per_worker": 1.0,
+                    "run.dir": tmp,
+                    "run.name": f"w{workers}",
+                    "tracking.nondp": False,
+                },
+            )
             plan = privacy.plan(cfg, len(train))
-            summary = distributed.fit_finetune(cfg, train=train, plan=plan, init_dir=None,
-                                               out_dir=Path(tmp) / f"w{workers}")
+            summary = distributed.fit_finetune(
+                cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"w{workers}"
+            )
             rates[workers] = batch / summary["sec_per_step"]
-            print(f"  {workers} worker(s): {summary['sec_per_step']:.2f} s/step over steps {steps // 2 + 1}..{plan.steps}, "
-                  f"{rates[workers]:.1f} examples/s")
+            print(
+                f"  {workers} worker(s): {summary['sec_per_step']:.2f} s/step "
+                f"over steps {steps // 2 + 1}..{plan.steps}, "
+                f"{rates[workers]:.1f} examples/s"
+            )
     ray.shutdown()
     print(f"  throughput 2 workers / 1 worker = {rates[2] / rates[1]:.2f}  (2 cores, 1 thread per worker)")
     imbalance = poisson_imbalance(len(train), batch)
-    print(f"  Poisson imbalance at this batch: E[max of 2 workers' batches] / mean = {imbalance:.3f}, so at "
-          f"most {2 / imbalance:.2f} with free communication and nothing else on the cores")
+    print(
+        f"  Poisson imbalance at this batch: E[max of 2 workers' batches] / mean = {imbalance:.3f}, so at "
+        f"most {2 / imbalance:.2f} with free communication and nothing else on the cores"
+    )
 
 
 def main() -> None:
@@ -300,16 +353,19 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--memory-models", nargs="+", default=["digits", "mnist"], choices=list(MODELS))
-    parser.add_argument("--memory-child", nargs=5, metavar=("MODEL", "BATCH", "K", "ROWS", "MODE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", nargs=5, metavar=("MODEL", "BATCH", "K", "ROWS", "MODE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         model, batch, K, physical, mode = args.memory_child
         memory_child(model, int(batch), int(K), int(physical), mode)
         return
-    print(f"bench/dpsgd.py: torch {torch.__version__}, {args.threads} thread(s), load average "
-          f"{os.getloadavg()[0]:.1f}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(glibc malloc)')}")
+    print(
+        f"bench/dpsgd.py: torch {torch.__version__}, {args.threads} thread(s), load average "
+        f"{os.getloadavg()[0]:.1f}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(glibc malloc)')}"
+    )
     if not args.skip_ratio:
         bench_ratio("digits", DIGITS, config.load(DIGITS).finetune.physical_batch_size, None, args.reps)
         bench_ratio("MNIST", MNIST, args.mnist_batch, None, args.reps)
@@ -318,10 +374,14 @@ def main() -> None:
     if not args.skip_ray:
         print(f"\nRay Train, digits fine-tune (batch {args.ray_batch:g}, K=4), local Ray with 2 CPUs:")
         bench_ray(args.ray_steps, args.ray_batch)
-        bench_allreduce({"digits": count_parameters(finetune.build_network(config.load(DIGITS), finetune.EDM,
-                                                                           finetune.Worker())),
-                         "MNIST": count_parameters(finetune.build_network(config.load(MNIST), finetune.EDM,
-                                                                          finetune.Worker()))})
+        bench_allreduce(
+            {
+                "digits": count_parameters(
+                    finetune.build_network(config.load(DIGITS), finetune.EDM, finetune.Worker())
+                ),
+                "MNIST": count_parameters(finetune.build_network(config.load(MNIST), finetune.EDM, finetune.Worker())),
+            }
+        )
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

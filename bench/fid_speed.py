@@ -52,7 +52,7 @@ def matmul_rate() -> float:
         start = time.thread_time()
         torch.mm(a, b)
         best = min(best, time.thread_time() - start)
-    return 2 * 1024 ** 3 / best
+    return 2 * 1024**3 / best
 
 
 def main() -> None:
@@ -79,7 +79,10 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in fractions.items()}
     print(f"{args.images} images, {args.reps} interleaved reps, {args.threads} thread(s), CPU time")
     for key in sides:
-        print(f"  {key:<7} fraction of fp32 matmul {median[key]:.3f}  (reps {', '.join(f'{x:.3f}' for x in fractions[key])})")
+        print(
+            f"  {key:<7} fraction of fp32 matmul {median[key]:.3f}  "
+            f"(reps {', '.join(f'{x:.3f}' for x in fractions[key])})"
+        )
     print(f"  after / before {median['after'] / median['before']:.2f}; feature difference {error:.1e} (relative L2)")
 
 

@@ -35,14 +35,34 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/mnist_28/eps_10.yaml"
-OVERRIDES = ["run.use_gpu=true", "run.num_workers=1", "run.cpus_per_worker=2", "data.n_train=12000",
-             "warmup.steps=300", "warmup.checkpoint_every=300", "finetune.batch_size=512", "finetune.epochs=2",
-             "finetune.physical_batch_size=4096", "finetune.checkpoint_every=10", "finetune.log_every=5",
-             "sample.num_samples=1000", "sample.batch_size=500", "sample.steps=64", "sample.churn=10",
-             "eval.fid.num_samples=1000", "eval.classifier_epochs=5", "tracking.enabled=false",
-             "run.name=gpu_check"]
-STAGES = [("central query", "central"), ("warm-up", "warmup"), ("DP-SGD", "finetune"), ("sampling", "sampl"),
-          ("evaluation", "evaluat")]
+OVERRIDES = [
+    "run.use_gpu=true",
+    "run.num_workers=1",
+    "run.cpus_per_worker=2",
+    "data.n_train=12000",
+    "warmup.steps=300",
+    "warmup.checkpoint_every=300",
+    "finetune.batch_size=512",
+    "finetune.epochs=2",
+    "finetune.physical_batch_size=4096",
+    "finetune.checkpoint_every=10",
+    "finetune.log_every=5",
+    "sample.num_samples=1000",
+    "sample.batch_size=500",
+    "sample.steps=64",
+    "sample.churn=10",
+    "eval.fid.num_samples=1000",
+    "eval.classifier_epochs=5",
+    "tracking.enabled=false",
+    "run.name=gpu_check",
+]
+STAGES = [
+    ("central query", "central"),
+    ("warm-up", "warmup"),
+    ("DP-SGD", "finetune"),
+    ("sampling", "sampl"),
+    ("evaluation", "evaluat"),
+]
 
 
 def write_idx(folder: Path, train: int = 12000, test: int = 2000) -> None:
@@ -60,7 +80,7 @@ def write_idx(folder: Path, train: int = 12000, test: int = 2000) -> None:
         pick = rng.integers(0, len(base), n)
         canvas = np.zeros((n, 28, 28), dtype=np.float32)
         for i, (j, dx, dy) in enumerate(zip(pick, rng.integers(0, 5, n), rng.integers(0, 5, n))):
-            canvas[i, dy:dy + 24, dx:dx + 24] = base[j, 0].numpy()
+            canvas[i, dy : dy + 24, dx : dx + 24] = base[j, 0].numpy()
         canvas = np.clip(canvas + rng.normal(0, 0.05, canvas.shape), 0, 1)
         images = (canvas * 255).round().astype(np.uint8)
         labels = digits.target[pick].astype(np.uint8)
@@ -70,8 +90,11 @@ def write_idx(folder: Path, train: int = 12000, test: int = 2000) -> None:
 
 def sample_gpu(samples: list, stop: threading.Event) -> None:
     """(time, utilization.gpu %) every 100 ms from nvidia-smi, until ``stop``."""
-    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                             "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if stop.is_set():
@@ -85,8 +108,7 @@ def sample_gpu(samples: list, stop: threading.Event) -> None:
 def run_logged(command: list[str], env: dict) -> list[tuple[float, str]]:
     """Run ``command``, echo and time-stamp each output line."""
     lines = []
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=ROOT)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     for line in proc.stdout:
         lines.append((time.time(), line.rstrip()))
         print(line.rstrip(), flush=True)
@@ -119,12 +141,16 @@ def dp_fraction(run_dir: Path) -> str:
     net = finetune.build_network(cfg, finetune.EDM, finetune.Worker(device="cuda"))
     x = torch.randn(2, d.channels, d.resolution, d.resolution, device="cuda")
     with FlopCounterMode(display=False) as counter:
-        net(x, torch.zeros(2, device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda")).square().sum().backward()
+        net(
+            x, torch.zeros(2, device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda")
+        ).square().sum().backward()
     rows = summary["sample_rate"] * summary["n"] * cfg.finetune.noise_multiplicity
     rate = counter.get_total_flops() / 2 * rows / summary["sec_per_step"]
     matmul = precision.matmul_rate(torch.float32, "cuda")
-    return (f"DP step: {rows:.0f} rows in {summary['sec_per_step']:.3f} s (last report window) = "
-            f"{rate / 1e12:.2f} TFLOP/s = {rate / matmul:.2f} of the fp32 matmul rate ({matmul / 1e12:.1f} TFLOP/s)")
+    return (
+        f"DP step: {rows:.0f} rows in {summary['sec_per_step']:.3f} s (last report window) = "
+        f"{rate / 1e12:.2f} TFLOP/s = {rate / matmul:.2f} of the fp32 matmul rate ({matmul / 1e12:.1f} TFLOP/s)"
+    )
 
 
 def main() -> None:
@@ -143,8 +169,11 @@ def main() -> None:
     dpfeta = [sys.executable, "-m", "dpfeta"]
     gpu = torch.cuda.is_available() and shutil.which("nvidia-smi") is not None
     if args.dry_run or not gpu:
-        print("gpu_check: " + ("--dry-run" if args.dry_run else "no CUDA GPU (or no nvidia-smi) on this machine") +
-              f": wrote the MNIST-shaped set to {data} and checked the plan only; nothing was trained.")
+        print(
+            "gpu_check: "
+            + ("--dry-run" if args.dry_run else "no CUDA GPU (or no nvidia-smi) on this machine")
+            + f": wrote the MNIST-shaped set to {data} and checked the plan only; nothing was trained."
+        )
         run_logged([*dpfeta, "budget", "--config", str(CONFIG), *sets], env)
         return
     samples, stop = [], threading.Event()

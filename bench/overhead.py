@@ -74,16 +74,27 @@ IDENTITY = dataclasses.replace(finetune.EDM, build=Identity.from_config)
 
 
 def digits_cfg(root: Path, *overrides: str) -> config.Config:
-    return config.load(DIGITS, [f"run.dir={root}", "central.noise_multiplier=4.0", "privacy.noise_multiplier=1.05",
-                                "privacy.epsilon=50",
-                                "tracking.enabled=false", *overrides])
+    return config.load(
+        DIGITS,
+        [
+            f"run.dir={root}",
+            "central.noise_multiplier=4.0",
+            "privacy.noise_multiplier=1.05",
+            "privacy.epsilon=50",
+            "tracking.enabled=false",
+            *overrides,
+        ],
+    )
 
 
 def fake_digits(cfg: config.Config, n: int = 1258) -> ImageSet:
     d = cfg.data
     rng = np.random.default_rng(0)
-    return ImageSet(rng.integers(0, 256, (n, d.channels, d.resolution, d.resolution), dtype=np.uint8),
-                    rng.integers(0, d.num_classes, n).astype(np.int64), d.num_classes)
+    return ImageSet(
+        rng.integers(0, 256, (n, d.channels, d.resolution, d.resolution), dtype=np.uint8),
+        rng.integers(0, d.num_classes, n).astype(np.int64),
+        d.num_classes,
+    )
 
 
 def epochs_for(steps: int, q: float) -> float:
@@ -105,10 +116,12 @@ def bench_dpsgd(steps: int) -> dict[str, float]:
             plan = privacy.plan(cfg, len(train))
             reporter = finetune.LocalReporter(Path(tmp) / "ckpt")
             start = time.perf_counter()
-            finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter,
-                                    task=IDENTITY)
-            out[f"DP-SGD step, one process, {accountant.upper()} epsilon at each report"] = \
-                (time.perf_counter() - start) / plan.steps
+            finetune.train_finetune(
+                cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter, task=IDENTITY
+            )
+            out[f"DP-SGD step, one process, {accountant.upper()} epsilon at each report"] = (
+                time.perf_counter() - start
+            ) / plan.steps
     return out
 
 
@@ -121,12 +134,15 @@ def bench_ray(steps: int) -> dict[str, float]:
             cfg = config.replace(cfg, {"finetune.epochs": epochs_for(t, cfg.finetune.batch_size / len(train))})
             plan = privacy.plan(cfg, len(train))
             start = time.perf_counter()
-            distributed.fit_finetune(cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"r{t}",
-                                     task=IDENTITY)
+            distributed.fit_finetune(
+                cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"r{t}", task=IDENTITY
+            )
             walls[plan.steps] = time.perf_counter() - start
     (t1, w1), (t2, w2) = sorted(walls.items())
-    return {f"DP-SGD step, Ray Train 1 worker, amortised over T={t1}..{t2} (RDP)": (w2 - w1) / (t2 - t1),
-            f"  (the stage's fixed start: {w1 - t1 * (w2 - w1) / (t2 - t1):.1f} s)": float("nan")}
+    return {
+        f"DP-SGD step, Ray Train 1 worker, amortised over T={t1}..{t2} (RDP)": (w2 - w1) / (t2 - t1),
+        f"  (the stage's fixed start: {w1 - t1 * (w2 - w1) / (t2 - t1):.1f} s)": float("nan"),
+    }
 
 
 def bench_warmup(steps: int) -> dict[str, float]:
@@ -136,8 +152,13 @@ def bench_warmup(steps: int) -> dict[str, float]:
     try:
         for magnitude in (3, 0):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = digits_cfg(Path(tmp), f"warmup.steps={steps}", f"warmup.randaug_magnitude={magnitude}",
-                                 "warmup.checkpoint_every=200", "warmup.log_every=50")
+                cfg = digits_cfg(
+                    Path(tmp),
+                    f"warmup.steps={steps}",
+                    f"warmup.randaug_magnitude={magnitude}",
+                    "warmup.checkpoint_every=200",
+                    "warmup.log_every=50",
+                )
                 central = fake_digits(cfg, n=20)  # 2 central images per class, as the central query makes
                 start = time.perf_counter()
                 warmup.train_warmup(cfg, central, Path(tmp) / "warmup")
@@ -155,8 +176,10 @@ def bench_sample() -> dict[str, float]:
     start = time.perf_counter()
     sample.generate(denoiser, cfg, num, generator=torch.Generator().manual_seed(0), progress=False)
     evaluations = 2 * cfg.sample.steps - 1  # Heun: two per step but the last
-    return {f"sampler, per network evaluation of {cfg.sample.batch_size} images":
-            (time.perf_counter() - start) / (2 * evaluations)}
+    return {
+        f"sampler, per network evaluation of {cfg.sample.batch_size} images": (time.perf_counter() - start)
+        / (2 * evaluations)
+    }
 
 
 class _Mean(nn.Module):
@@ -214,9 +237,11 @@ def main() -> None:
         results.update(bench_fid())
     mnist_flops, digits_flops = model_flops(MNIST, 512), model_flops(DIGITS, 256)
     mnist_step = mnist_flops / H200_DP_FLOPS  # model FLOPs at the measured DP-step rate
-    print(f"\nload average {os.getloadavg()[0]:.1f}, {args.threads} thread(s); reference compute: digits U-Net "
-          f"DP step (256 rows) {digits_flops / 1e9:.0f} GFLOP; MNIST U-Net DP step (512 rows) "
-          f"{mnist_flops / 1e9:.0f} GFLOP = ~{1e3 * mnist_step:.0f} ms on an H200 (estimated)")
+    print(
+        f"\nload average {os.getloadavg()[0]:.1f}, {args.threads} thread(s); reference compute: digits U-Net "
+        f"DP step (256 rows) {digits_flops / 1e9:.0f} GFLOP; MNIST U-Net DP step (512 rows) "
+        f"{mnist_flops / 1e9:.0f} GFLOP = ~{1e3 * mnist_step:.0f} ms on an H200 (estimated)"
+    )
     print(f"{'stage (zero-cost network)':<72} {'ms/step':>9} {'÷ MNIST GPU step':>17}")
     for name, seconds in results.items():
         if np.isnan(seconds):

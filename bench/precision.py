@@ -67,14 +67,21 @@ def curves(cfg, denoiser, optimizer, gen, images, labels, steps: int):
 
 def dp_gradients(cfg, denoiser, images, labels, seed: int):
     K, batch = cfg.finetune.noise_multiplicity, 64
-    x = (images[:batch].float() / 127.5 - 1)
+    x = images[:batch].float() / 127.5 - 1
     y = labels[:batch]
     grads, updates, seconds = {}, {}, {}
     for prec in ("fp32", "bf16"):
         net = copy.deepcopy(denoiser.net)
-        private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=cfg.finetune.max_grad_norm,
-                              expected_batch_size=batch, noise_multiplicity=K, physical_batch_size=batch * K,
-                              noise_generator=None, precision=prec)
+        private = dpsgd.DPSGD(
+            net,
+            noise_multiplier=0.0,
+            max_grad_norm=cfg.finetune.max_grad_norm,
+            expected_batch_size=batch,
+            noise_multiplicity=K,
+            physical_batch_size=batch * K,
+            noise_generator=None,
+            precision=prec,
+        )
         captured = []
         original = private._clip_and_add
 
@@ -102,8 +109,9 @@ def dp_gradients(cfg, denoiser, images, labels, seed: int):
 def samples(cfg, denoiser, seed: int):
     out = {}
     for prec in ("fp32", "bf16"):
-        c = config.replace(cfg, {"run.precision": prec, "sample.sampler": "ddim", "sample.steps": 16,
-                                 "sample.batch_size": 64})
+        c = config.replace(
+            cfg, {"run.precision": prec, "sample.sampler": "ddim", "sample.steps": 16, "sample.batch_size": 64}
+        )
         out[prec], _ = sample.generate(denoiser, c, 64, generator=torch.Generator().manual_seed(seed), progress=False)
     diff = (out["bf16"].int() - out["fp32"].int()).abs().float()
     return diff.mean().item(), (diff > 8).float().mean().item()
@@ -120,10 +128,14 @@ def main() -> None:
     cfg = config.load(ROOT / "configs/digits.yaml", ["warmup.randaug_magnitude=0"])
     train = data.load_splits(cfg).train
     images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-    print(f"bench/precision.py: torch {torch.__version__}, native bf16 {precision.bf16_native('cpu')}, "
-          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; digits N={len(train)}")
-    print("| seed | warm-up loss fp32 | bf16 | max rel. gap | DP grad cosine min / mean | norm ratio min-max | "
-          "update gap | sample |Δ| (uint8) | pixels > 8 | warm-up s/step bf16÷fp32 | DP step bf16÷fp32 |")
+    print(
+        f"bench/precision.py: torch {torch.__version__}, native bf16 {precision.bf16_native('cpu')}, "
+        f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; digits N={len(train)}"
+    )
+    print(
+        "| seed | warm-up loss fp32 | bf16 | max rel. gap | DP grad cosine min / mean | norm ratio min-max | "
+        "update gap | sample |Δ| (uint8) | pixels > 8 | warm-up s/step bf16÷fp32 | DP step bf16÷fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seed in range(args.seeds):
         denoiser, optimizer, gen = train_fp32(cfg, images, labels, args.train_steps, seed)
@@ -131,10 +143,13 @@ def main() -> None:
         gap = np.max(np.abs(loss["bf16"] - loss["fp32"]) / loss["fp32"])
         cosine, ratio, update_gap, dp_seconds = dp_gradients(cfg, denoiser, images, labels, seed)
         pixel, far = samples(cfg, denoiser.eval(), seed)
-        print(f"| {seed} | {loss['fp32'].mean():.4f} | {loss['bf16'].mean():.4f} | {gap:.3f} | "
-              f"{cosine.min():.4f} / {cosine.mean():.4f} | {ratio.min():.3f}-{ratio.max():.3f} | {update_gap:.4f} | "
-              f"{pixel:.2f} | {far:.4f} | {seconds['bf16'] / seconds['fp32']:.1f} | "
-              f"{dp_seconds['bf16'] / dp_seconds['fp32']:.1f} |", flush=True)
+        print(
+            f"| {seed} | {loss['fp32'].mean():.4f} | {loss['bf16'].mean():.4f} | {gap:.3f} | "
+            f"{cosine.min():.4f} / {cosine.mean():.4f} | {ratio.min():.3f}-{ratio.max():.3f} | {update_gap:.4f} | "
+            f"{pixel:.2f} | {far:.4f} | {seconds['bf16'] / seconds['fp32']:.1f} | "
+            f"{dp_seconds['bf16'] / dp_seconds['fp32']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

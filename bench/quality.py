@@ -67,8 +67,9 @@ def nonprivate_run(base: str, overrides: list[str], name: str, root: Path, seed:
     total = cfg.warmup.steps + math.ceil(steps * cfg.finetune.batch_size / cfg.warmup.batch_size)
     cfg = config.replace(cfg, {"warmup.steps": total, "warmup.randaug_magnitude": 0})
     splits = data.load_splits(cfg)
-    summary = warmup.train_warmup(cfg, splits.train, out / "checkpoints" / "nonprivate",
-                                  generator=torch.Generator().manual_seed(seed))
+    summary = warmup.train_warmup(
+        cfg, splits.train, out / "checkpoints" / "nonprivate", generator=torch.Generator().manual_seed(seed)
+    )
     denoiser = sample.load_denoiser(summary["checkpoint"], cfg, weights="ema")
     x, y = sample.generate(denoiser, cfg, cfg.sample.num_samples, generator=torch.Generator().manual_seed(seed + 3))
     images.save_class_grid(x, y, out / "grid.png")
@@ -88,14 +89,18 @@ def mean_sd(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     kinds = sorted({r.get("fid_kind", "?") for r in rows})
-    lines = [f"| epsilon | method | seeds | accuracy (CNN, real test) | logreg | FID ({', '.join(kinds)}) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| epsilon | method | seeds | accuracy (CNN, real test) | logreg | FID ({', '.join(kinds)}) |",
+        "|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["method"]), []).append(r)
     for (eps, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        lines.append(f"| {eps:g} | {method} | {len(rs)} | {mean_sd([r['accuracy'] for r in rs])} | "
-                     f"{mean_sd([r.get('logreg_accuracy') for r in rs])} | {mean_sd([r.get('fid') for r in rs])} |")
+        lines.append(
+            f"| {eps:g} | {method} | {len(rs)} | {mean_sd([r['accuracy'] for r in rs])} | "
+            f"{mean_sd([r.get('logreg_accuracy') for r in rs])} | {mean_sd([r.get('fid') for r in rs])} |"
+        )
     return "\n".join(lines)
 
 
@@ -108,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/quality", help="run directories (rerun = resume)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     root = Path(args.root).resolve()
     common = ["tracking.enabled=false", *args.overrides]
     import ray
@@ -118,22 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     rows, start = [], time.perf_counter()
     for seed in range(args.seeds):
         for method in args.methods:
-            for eps in ([math.inf] if method == "non-private" else args.epsilons):
+            for eps in [math.inf] if method == "non-private" else args.epsilons:
                 t0 = time.perf_counter()
                 if method == "non-private":
                     result = nonprivate_run(args.config, common, f"nonprivate-s{seed}", root, seed)
                 else:
                     name = f"eps{eps:g}-{method}-s{seed}"
-                    result = private_run(args.config, [*common, *METHODS[method], f"privacy.epsilon={eps}",
-                                                       f"run.seed={seed}"], name, root)
+                    result = private_run(
+                        args.config,
+                        [*common, *METHODS[method], f"privacy.epsilon={eps}", f"run.seed={seed}"],
+                        name,
+                        root,
+                    )
                 # digits' test split is carved out of the source: its metrics sit in eval.json's nondp
                 # section (an operator's benchmark, not a release); flatten both sections for the table
                 result = {**result.get("nondp", {}), **result.get("dp", {}), **result}
                 rows.append({"target": eps, "method": method, "seed": seed, **result})
                 (root / "quality.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")  # partial
-                print(f"[{time.perf_counter() - start:.0f}s] eps={eps:g} {method} seed {seed}: accuracy "
-                      f"{result['accuracy']:.3f}, FID {result.get('fid')} ({time.perf_counter() - t0:.0f}s)",
-                      flush=True)
+                print(
+                    f"[{time.perf_counter() - start:.0f}s] eps={eps:g} {method} seed {seed}: accuracy "
+                    f"{result['accuracy']:.3f}, FID {result.get('fid')} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
     ray.shutdown()
     (root / "quality.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     print(table(rows))

@@ -88,9 +88,19 @@ def timed(fn, reps: int, *, warm: bool = True) -> float:
 
 
 class Bench:
-    def __init__(self, name: str, path: Path, *, precisions: list[str], reps: int, mnist_batch: int,
-                 sample_steps: int, sample_images: int, device: torch.device = torch.device("cpu"),
-                 digits_batch: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        *,
+        precisions: list[str],
+        reps: int,
+        mnist_batch: int,
+        sample_steps: int,
+        sample_images: int,
+        device: torch.device = torch.device("cpu"),
+        digits_batch: int | None = None,
+    ):
         self.name, self.reps, self.precisions, self.device = name, reps, precisions, device
         self.cfg = config.load(path, ["run.seed=0", f"run.use_gpu={'true' if device.type == 'cuda' else 'false'}"])
         self.mnist_batch, self.sample_steps, self.sample_images = mnist_batch, sample_steps, sample_images
@@ -143,14 +153,23 @@ class Bench:
         flops = count_flops(step)
         seconds = self.measure(step, prec, self.reps)
         rows = w.batch_size * w.noise_multiplicity
-        self.add("warm-up step", prec, "rows/s", rows / seconds, flops / rows,
-                 f"batch {w.batch_size} x K={w.noise_multiplicity}, RandAugment included")
+        self.add(
+            "warm-up step",
+            prec,
+            "rows/s",
+            rows / seconds,
+            flops / rows,
+            f"batch {w.batch_size} x K={w.noise_multiplicity}, RandAugment included",
+        )
 
     def dpsgd_step(self, prec: str) -> None:
         cfg = self.with_precision(prec)
         f, d = cfg.finetune, cfg.data
-        batch = ((self.digits_batch or f.physical_batch_size // f.noise_multiplicity) if self.name == "digits"
-                 else self.mnist_batch)
+        batch = (
+            (self.digits_batch or f.physical_batch_size // f.noise_multiplicity)
+            if self.name == "digits"
+            else self.mnist_batch
+        )
         rows = batch * f.noise_multiplicity
         gen = torch.Generator(device=self.device).manual_seed(0)
         images = torch.rand(batch, d.channels, d.resolution, d.resolution, generator=gen, device=self.device) * 2 - 1
@@ -158,9 +177,16 @@ class Bench:
         net = finetune.build_network(cfg, finetune.EDM, finetune.Worker(device=str(self.device)))
         model_flops = self._model_flops(cfg, net, images, labels)
         optimizer = torch.optim.Adam(net.parameters(), lr=f.lr)
-        private = dpsgd.DPSGD(net, noise_multiplier=1.0, max_grad_norm=f.max_grad_norm, expected_batch_size=batch,
-                              noise_multiplicity=f.noise_multiplicity, physical_batch_size=rows,
-                              noise_generator=torch.Generator(device=self.device).manual_seed(1), precision=prec)
+        private = dpsgd.DPSGD(
+            net,
+            noise_multiplier=1.0,
+            max_grad_norm=f.max_grad_norm,
+            expected_batch_size=batch,
+            noise_multiplicity=f.noise_multiplicity,
+            physical_batch_size=rows,
+            noise_generator=torch.Generator(device=self.device).manual_seed(1),
+            precision=prec,
+        )
 
         def rows_fn(module, x, y, draws):
             return finetune.EDM.loss_rows(module, x, y, cfg, gen, draws)
@@ -170,7 +196,9 @@ class Bench:
             optimizer.step()
 
         seconds = self.measure(step, prec, self.reps)
-        self.add("DP-SGD step", prec, "rows/s", rows / seconds, model_flops / rows, f"{batch} x K={f.noise_multiplicity}")
+        self.add(
+            "DP-SGD step", prec, "rows/s", rows / seconds, model_flops / rows, f"{batch} x K={f.noise_multiplicity}"
+        )
 
     @staticmethod
     def _model_flops(cfg: config.Config, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -188,16 +216,27 @@ class Bench:
     def sampling(self, prec: str) -> None:
         d = self.cfg.data
         num = self.sample_images or (128 if d.resolution <= 16 else 32)
-        cfg = config.replace(self.with_precision(prec), {"sample.sampler": "edm", "sample.steps": self.sample_steps,
-                                                         "sample.guidance": 0.0, "sample.batch_size": num,
-                                                         "sample.compile": "false"})
+        cfg = config.replace(
+            self.with_precision(prec),
+            {
+                "sample.sampler": "edm",
+                "sample.steps": self.sample_steps,
+                "sample.guidance": 0.0,
+                "sample.batch_size": num,
+                "sample.compile": "false",
+            },
+        )
         s = cfg.sample
         dev = self.device
         denoiser = sample.build_denoiser(cfg).to(dev).eval()
         x = torch.randn(64, d.channels, d.resolution, d.resolution, device=dev)
         with torch.no_grad():  # counts one evaluation, and warms the allocator and oneDNN up
-            per_eval = count_flops(lambda: denoiser(x, torch.ones(64, device=dev),
-                                                    torch.zeros(64, dtype=torch.long, device=dev))) / 64
+            per_eval = (
+                count_flops(
+                    lambda: denoiser(x, torch.ones(64, device=dev), torch.zeros(64, dtype=torch.long, device=dev))
+                )
+                / 64
+            )
         per_image = per_eval * (2 * s.steps - 1)
 
         def new():
@@ -216,13 +255,22 @@ class Bench:
                     latents = torch.randn(len(y), d.channels, d.resolution, d.resolution, generator=gen).to(dev)
                     sample.sample_batch(denoiser, cfg, latents, y.to(dev), null_label=d.num_classes, generator=gen)
 
-        runs = [("sampling (EDM Heun)", new, False, f"generate(), eager, {num} images, {s.steps} steps"),
-                ("sampling, compiled", compiled, True, f"generate(), sample.compile=true, {num} images")]
+        runs = [
+            ("sampling (EDM Heun)", new, False, f"generate(), eager, {num} images, {s.steps} steps"),
+            ("sampling, compiled", compiled, True, f"generate(), sample.compile=true, {num} images"),
+        ]
         if prec == "fp32":
             runs.append(("sampling, before", before, False, f"eager no_grad, batch {s.batch_size}"))
         for stage, fn, warm, note in runs:
             seconds = self.measure(fn, prec, max(1, self.reps // 2), warm=warm)
-            self.add(stage, prec, "images/s", num / seconds, per_image, note + f"; {num / seconds * s.steps / 32:.1f} img/s at 32 steps")
+            self.add(
+                stage,
+                prec,
+                "images/s",
+                num / seconds,
+                per_image,
+                note + f"; {num / seconds * s.steps / 32:.1f} img/s at 32 steps",
+            )
 
     def evaluation(self, prec: str) -> None:
         if prec != "fp32":  # the downstream CNN and the FID features are fp32 (evaluate.py)
@@ -246,8 +294,10 @@ class Bench:
             with torch.no_grad():
                 cnn.features(features_in)
 
-        for stage, fn, items, note in [("eval: classifier step", train_step, batch, f"batch {batch}"),
-                                       ("eval: FID features", features, 500, "offline CNN, batch 500")]:
+        for stage, fn, items, note in [
+            ("eval: classifier step", train_step, batch, f"batch {batch}"),
+            ("eval: FID features", features, 500, "offline CNN, batch 500"),
+        ]:
             flops = count_flops(fn)
             seconds = self.measure(fn, prec, self.reps)
             self.add(stage, prec, "images/s", items / seconds, flops / items, note)
@@ -260,12 +310,16 @@ class Bench:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | stage | precision | rate | GFLOP/unit | GFLOP/s | ÷ fp32 matmul | ÷ bf16 matmul | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | stage | precision | rate | GFLOP/unit | GFLOP/s | ÷ fp32 matmul | ÷ bf16 matmul | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         bf16 = f"{r.flops / r.peak_bf16:.2f}" if r.peak_bf16 else "-"
-        lines.append(f"| {r.model} | {r.stage} | {r.precision} | {r.per_second:.1f} {r.unit} | "
-                     f"{r.flops_per_unit / 1e9:.3f} | {r.flops / 1e9:.1f} | {r.flops / r.peak_fp32:.2f} | {bf16} | {r.note} |")
+        lines.append(
+            f"| {r.model} | {r.stage} | {r.precision} | {r.per_second:.1f} {r.unit} | "
+            f"{r.flops_per_unit / 1e9:.3f} | {r.flops / 1e9:.1f} | {r.flops / r.peak_fp32:.2f} | {bf16} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -275,12 +329,20 @@ def main() -> None:
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--stages", nargs="+", default=["warmup_step", "dpsgd_step", "sampling", "evaluation"],
-                        choices=["warmup_step", "dpsgd_step", "sampling", "evaluation"])
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["warmup_step", "dpsgd_step", "sampling", "evaluation"],
+        choices=["warmup_step", "dpsgd_step", "sampling", "evaluation"],
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every stage and the matmul rates there)")
     parser.add_argument("--mnist-batch", type=int, default=4, help="MNIST DP-SGD examples (x K=32 rows)")
-    parser.add_argument("--digits-batch", type=int, default=None, help="digits DP-SGD examples (x K=4 rows; "
-                        "default: the config's physical batch)")
+    parser.add_argument(
+        "--digits-batch",
+        type=int,
+        default=None,
+        help="digits DP-SGD examples (x K=4 rows; default: the config's physical batch)",
+    )
     parser.add_argument("--sample-steps", type=int, default=8, help="sampler steps N (rates scale as 1/N)")
     parser.add_argument("--sample-images", type=int, default=None, help="default: 128 (16 px), 32 (28 px)")
     args = parser.parse_args()
@@ -288,28 +350,46 @@ def main() -> None:
     device = torch.device(args.device)
     native = precision.bf16_native(device)
     precisions = ["fp32"] + (["bf16"] if args.bf16 == "on" or (args.bf16 == "auto" and native) else [])
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"bench/roofline.py: torch {torch.__version__}, {where}, "
-          f"native bf16 {native}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}, "
-          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(glibc malloc)'}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        f"bench/roofline.py: torch {torch.__version__}, {where}, "
+        f"native bf16 {native}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}, "
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(glibc malloc)'}"
+    )
     rows = []
     for name in args.models:
-        bench = Bench(name, MODELS[name], precisions=precisions, reps=args.reps, mnist_batch=args.mnist_batch,
-                      sample_steps=args.sample_steps, sample_images=args.sample_images, device=device,
-                      digits_batch=args.digits_batch)
+        bench = Bench(
+            name,
+            MODELS[name],
+            precisions=precisions,
+            reps=args.reps,
+            mnist_batch=args.mnist_batch,
+            sample_steps=args.sample_steps,
+            sample_images=args.sample_images,
+            device=device,
+            digits_batch=args.digits_batch,
+        )
         print(f"{name}: U-Net {count_parameters(sample.build_denoiser(bench.cfg)):,} parameters", flush=True)
         rows += bench.run(args.stages)
     print("\n" + table(rows))
     peaks = [r.peak_fp32 for r in rows]
-    print(f"\nfp32 matmul rate over the run: {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s; "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nfp32 matmul rate over the run: {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s; "
+        f"load average at the end {os.getloadavg()[0]:.1f}"
+    )
     if "bf16" in precisions:
         for name in args.models:
             for stage in ("warm-up step", "DP-SGD step", "sampling (EDM Heun)", "sampling, compiled"):
                 pair = {r.precision: r for r in rows if r.model == name and r.stage == stage}
                 if len(pair) == 2:
-                    print(f"{name} {stage}: bf16 / fp32 throughput = {pair['bf16'].per_second / pair['fp32'].per_second:.2f}")
+                    print(
+                        f"{name} {stage}: bf16 / fp32 throughput = "
+                        f"{pair['bf16'].per_second / pair['fp32'].per_second:.2f}"
+                    )
 
 
 if __name__ == "__main__":

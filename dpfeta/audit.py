@@ -24,9 +24,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from dpfeta import audit_plot
+from dpfeta import audit_plot, checkpoint
 from dpfeta import canaries as canary_mod
-from dpfeta import checkpoint
 from dpfeta import config as config_mod
 from dpfeta.config import Config
 from dpfeta.privacy import audit as estimators
@@ -42,8 +41,10 @@ def check_request(*, canaries, mode: str) -> None:
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
         raise ValueError(f"--canaries: expected an integer m >= 2 (m/2 included on average), got {canaries!r}")
     if mode == "input":
-        raise ValueError("--mode input (black-box input canaries: mislabelled images scored by the final model's "
-                         "denoising loss) is not implemented yet; use --mode gradient (white-box gradient canaries)")
+        raise ValueError(
+            "--mode input (black-box input canaries: mislabelled images scored by the final model's "
+            "denoising loss) is not implemented yet; use --mode gradient (white-box gradient canaries)"
+        )
     if mode not in MODES:
         raise ValueError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
 
@@ -61,12 +62,15 @@ def linear_mu(*, noise_multiplier: float, sample_rate: float, steps: int) -> flo
     return math.inf if noise_multiplier == 0 else sample_rate * math.sqrt(steps) / noise_multiplier
 
 
-def bounds(scores: np.ndarray, included: np.ndarray, *, delta: float,
-           significance: float = 1 - CONFIDENCE) -> dict[str, estimators.Bound]:
+def bounds(
+    scores: np.ndarray, included: np.ndarray, *, delta: float, significance: float = 1 - CONFIDENCE
+) -> dict[str, estimators.Bound]:
     """Both one-run estimators on the scores of included and excluded canaries."""
     ins, outs = scores[included], scores[~included]
-    return {"one_run": estimators.epsilon_one_run(ins, outs, significance=significance, delta=delta),
-            "fdp": estimators.epsilon_one_run_fdp(ins, outs, significance=significance, delta=delta)}
+    return {
+        "one_run": estimators.epsilon_one_run(ins, outs, significance=significance, delta=delta),
+        "fdp": estimators.epsilon_one_run_fdp(ins, outs, significance=significance, delta=delta),
+    }
 
 
 def ceiling(canaries: int, delta: float) -> dict[str, float]:
@@ -79,9 +83,18 @@ def ceiling(canaries: int, delta: float) -> dict[str, float]:
 PERFECT_MU = 50.0  # a separation at which ideal scores never overlap
 
 
-def run_audit(cfg: Config, *, canaries: int = 1000, mode: str = "gradient", seed: Optional[int] = None,
-              out_dir: Path | str | None = None, echo: Callable[[str], None] = print,
-              dp_step: Optional[type] = None, sampler: Optional[type] = None, base=None) -> dict:
+def run_audit(
+    cfg: Config,
+    *,
+    canaries: int = 1000,
+    mode: str = "gradient",
+    seed: Optional[int] = None,
+    out_dir: Path | str | None = None,
+    echo: Callable[[str], None] = print,
+    dp_step: Optional[type] = None,
+    sampler: Optional[type] = None,
+    base=None,
+) -> dict:
     """Plan, run DP-SGD with canaries on Ray Train, estimate, report; returns the report (audit.json).
 
     ``seed``: the inclusion bits' seed (tests); None = OS entropy. ``dp_step``/``sampler``: broken builds
@@ -100,14 +113,17 @@ def run_audit(cfg: Config, *, canaries: int = 1000, mode: str = "gradient", seed
 
     train, _ = pipeline.read_data(cfg, pl)
     if not isinstance(train, data.ImageSet):
-        raise ValueError("dpfeta audit: expected an in-memory data source (not data.source=parquet from "
-                         "'dpfeta prepare'); audit with the same config's original source")
+        raise ValueError(
+            "dpfeta audit: expected an in-memory data source (not data.source=parquet from "
+            "'dpfeta prepare'); audit with the same config's original source"
+        )
     rng = np.random.default_rng(seed)  # None: OS entropy
     included = rng.random(canaries) < 0.5
     train = canary_mod.with_canaries(train, canary_mod.canary_records(cfg, included), rng)
     plan = dataclasses.replace(pl, n=pl.n + canaries, expected_batch=pl.sample_rate * (pl.n + canaries))
-    task = canary_mod.canary_task(canaries=canaries, dp_step=dp_step, sampler=sampler,
-                                  **({"base": base} if base is not None else {}))
+    task = canary_mod.canary_task(
+        canaries=canaries, dp_step=dp_step, sampler=sampler, **({"base": base} if base is not None else {})
+    )
 
     start = time.perf_counter()
     try:
@@ -122,21 +138,36 @@ def run_audit(cfg: Config, *, canaries: int = 1000, mode: str = "gradient", seed
     found = bounds(scores, included, delta=pl.delta)
     mu = linear_mu(noise_multiplier=pl.noise_multiplier, sample_rate=pl.sample_rate, steps=pl.steps)
     report = {
-        "mode": mode, "canaries": canaries, "included": int(included.sum()), "confidence": CONFIDENCE,
-        "delta": pl.delta, "accountant": pl.accountant, "epsilon_ledger": pl.epsilon, "epsilon_dpsgd": eps_sgd,
-        "noise_multiplier": pl.noise_multiplier, "sample_rate": pl.sample_rate, "steps": pl.steps,
-        "max_grad_norm": cfg.finetune.max_grad_norm, "workers": cfg.run.num_workers,
+        "mode": mode,
+        "canaries": canaries,
+        "included": int(included.sum()),
+        "confidence": CONFIDENCE,
+        "delta": pl.delta,
+        "accountant": pl.accountant,
+        "epsilon_ledger": pl.epsilon,
+        "epsilon_dpsgd": eps_sgd,
+        "noise_multiplier": pl.noise_multiplier,
+        "sample_rate": pl.sample_rate,
+        "steps": pl.steps,
+        "max_grad_norm": cfg.finetune.max_grad_norm,
+        "workers": cfg.run.num_workers,
         "bounds": {name: b.to_dict() for name, b in found.items()},
         "epsilon_lb": max(b.epsilon for b in found.values()),
         "auroc": estimators.auroc(scores[included], scores[~included]),
-        "ideal_mu": mu, "ideal": estimators.ideal_bounds(mu, canaries=canaries, delta=pl.delta) if mu < 50 else None,
+        "ideal_mu": mu,
+        "ideal": estimators.ideal_bounds(mu, canaries=canaries, delta=pl.delta) if mu < 50 else None,
         "ceiling": ceiling(canaries, pl.delta),
-        "seconds": round(seconds, 1), "build": "correct" if dp_step is None and sampler is None else "mutant",
+        "seconds": round(seconds, 1),
+        "build": "correct" if dp_step is None and sampler is None else "mutant",
     }
     report["violation"] = report["epsilon_lb"] > eps_sgd
     (nondp / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
-    png = audit_plot.score_histogram(scores[included], scores[~included], nondp / "audit_scores.png",
-                          title=f"canary scores: {int(included.sum())} in, {int((~included).sum())} out")
+    png = audit_plot.score_histogram(
+        scores[included],
+        scores[~included],
+        nondp / "audit_scores.png",
+        title=f"canary scores: {int(included.sum())} in, {int((~included).sum())} out",
+    )
     _log_mlflow(acfg, out, report, png, tracking)
     echo(report_text(report))
     return report
@@ -148,11 +179,16 @@ def _log_mlflow(cfg: Config, out: Path, report: dict, png: Path, tracking) -> No
     if tracker is None:
         return
     try:
-        metrics = {"epsilon_ledger": report["epsilon_ledger"], "epsilon_dpsgd": report["epsilon_dpsgd"],
-                   "canaries": report["canaries"], "auroc": report["auroc"]}
+        metrics = {
+            "epsilon_ledger": report["epsilon_ledger"],
+            "epsilon_dpsgd": report["epsilon_dpsgd"],
+            "canaries": report["canaries"],
+            "auroc": report["auroc"],
+        }
         for name, b in report["bounds"].items():
-            metrics.update({f"epsilon_lb_{name}": b["epsilon"], f"guesses_{name}": b["guesses"],
-                            f"correct_{name}": b["correct"]})
+            metrics.update(
+                {f"epsilon_lb_{name}": b["epsilon"], f"guesses_{name}": b["guesses"], f"correct_{name}": b["correct"]}
+            )
         tracker.log_nondp_metrics({f"nondp/audit/{k}": v for k, v in metrics.items()})
         tracker.log_artifact(png, "audit")
         tracker.log_artifact(out / "nondp" / "audit.json", "audit")
@@ -162,24 +198,33 @@ def _log_mlflow(cfg: Config, out: Path, report: dict, png: Path, tracking) -> No
 
 def report_text(r: dict) -> str:
     """What ``dpfeta audit`` prints."""
-    lines = [f"audit ({r['mode']} canaries, {r['build']} build): m={r['canaries']} ({r['included']} included), "
-             f"sigma={r['noise_multiplier']:.4f} q={r['sample_rate']:.5g} T={r['steps']} C={r['max_grad_norm']:g}, "
-             f"{r['workers']} worker(s), {r['seconds']:.0f}s",
-             f"ledger epsilon {r['epsilon_ledger']:.4f} (whole run), DP-SGD alone {r['epsilon_dpsgd']:.4f} "
-             f"(delta {r['delta']:g}, {r['accountant']})"]
+    lines = [
+        f"audit ({r['mode']} canaries, {r['build']} build): m={r['canaries']} ({r['included']} included), "
+        f"sigma={r['noise_multiplier']:.4f} q={r['sample_rate']:.5g} T={r['steps']} C={r['max_grad_norm']:g}, "
+        f"{r['workers']} worker(s), {r['seconds']:.0f}s",
+        f"ledger epsilon {r['epsilon_ledger']:.4f} (whole run), DP-SGD alone {r['epsilon_dpsgd']:.4f} "
+        f"(delta {r['delta']:g}, {r['accountant']})",
+    ]
     for name, label in (("one_run", "one-run (Steinke et al. 2023)"), ("fdp", "f-DP (Mahloujifar et al. 2025)")):
         b = r["bounds"][name]
         ideal = f"; a correct build's Gaussian (mu-GDP) figure: ~{r['ideal'][name]:.2f}" if r.get("ideal") else ""
-        lines.append(f"epsilon_lb {b['epsilon']:.4f}  {label}, {r['confidence']:.0%} confidence, "
-                     f"r={b['guesses']} guesses ({b['correct']} correct){ideal}")
-    verdict = (f"VIOLATION: epsilon_lb {r['epsilon_lb']:.4f} > the DP-SGD epsilon {r['epsilon_dpsgd']:.4f}: "
-               "the implementation does not deliver the epsilon it reports" if r["violation"] else
-               f"consistent: epsilon_lb {r['epsilon_lb']:.4f} <= the DP-SGD epsilon {r['epsilon_dpsgd']:.4f} "
-               "(a lower bound; far below is expected, near the Gaussian figure)")
+        lines.append(
+            f"epsilon_lb {b['epsilon']:.4f}  {label}, {r['confidence']:.0%} confidence, "
+            f"r={b['guesses']} guesses ({b['correct']} correct){ideal}"
+        )
+    verdict = (
+        f"VIOLATION: epsilon_lb {r['epsilon_lb']:.4f} > the DP-SGD epsilon {r['epsilon_dpsgd']:.4f}: "
+        "the implementation does not deliver the epsilon it reports"
+        if r["violation"]
+        else f"consistent: epsilon_lb {r['epsilon_lb']:.4f} <= the DP-SGD epsilon {r['epsilon_dpsgd']:.4f} "
+        "(a lower bound; far below is expected, near the Gaussian figure)"
+    )
     lines += [f"AUROC {r['auroc']:.4f}", verdict]
     top = r.get("ceiling")
     if top and not r["violation"] and max(top.values()) <= r["epsilon_dpsgd"]:
-        lines.append(f"note: {r['canaries']} canaries can show at most epsilon_lb {max(top.values()):.2f} (every "
-                     f"guess right), below {r['epsilon_dpsgd']:.4f}: no violation could be seen; audit with more "
-                     "--canaries (the ceiling grows with m)")
+        lines.append(
+            f"note: {r['canaries']} canaries can show at most epsilon_lb {max(top.values()):.2f} (every "
+            f"guess right), below {r['epsilon_dpsgd']:.4f}: no violation could be seen; audit with more "
+            "--canaries (the ceiling grows with m)"
+        )
     return "\n".join(lines)

@@ -11,16 +11,18 @@ WIDTH, HEIGHT, MARGIN = 720, 420, 50
 COLOURS = {"included": (214, 69, 65), "excluded": (52, 101, 164)}
 
 
-def score_histogram(included: np.ndarray, excluded: np.ndarray, path: Path | str, *, bins: int = 50,
-                    title: str = "canary scores") -> Path:
+def score_histogram(
+    included: np.ndarray, excluded: np.ndarray, path: Path | str, *, bins: int = 50, title: str = "canary scores"
+) -> Path:
     """Overlaid histograms (outlines) of included and excluded canaries' scores; returns ``path``."""
     values = np.concatenate([included, excluded]).astype(np.float64)
     lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
-    counts = {name: np.histogram(np.clip(x, lo, hi), edges)[0]
-              for name, x in (("included", included), ("excluded", excluded))}
+    counts = {
+        name: np.histogram(np.clip(x, lo, hi), edges)[0] for name, x in (("included", included), ("excluded", excluded))
+    }
     top = max(1, max(int(c.max(initial=0)) for c in counts.values()))
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
@@ -29,8 +31,9 @@ def score_histogram(included: np.ndarray, excluded: np.ndarray, path: Path | str
     for name, c in counts.items():
         for i, n in enumerate(c):
             if n:
-                draw.rectangle([x0 + i * step, y1 - (y1 - y0) * n / top, x0 + (i + 1) * step, y1],
-                               outline=COLOURS[name], width=2)
+                draw.rectangle(
+                    [x0 + i * step, y1 - (y1 - y0) * n / top, x0 + (i + 1) * step, y1], outline=COLOURS[name], width=2
+                )
     draw.line([x0, y1, x1, y1], fill="black")
     draw.line([x0, y0, x0, y1], fill="black")
     draw.text((x0, 15), title, fill="black")

@@ -99,7 +99,9 @@ class CanaryDPSGD(dpsgd.DPSGD):
         grads = [torch.cat([g, g.new_zeros(extra, g.shape[1])]) for g in grads]
         dirac = torch.zeros(len(labels), block.numel(), device=self.device)
         # This micro-batch's share of the K draws: the parts of a split example add up to the full norm.
-        dirac[torch.arange(real, len(labels)), ids[real:]] = self.canaries.norm * self.max_grad_norm * len(draws) / self.K
+        dirac[torch.arange(real, len(labels)), ids[real:]] = (
+            self.canaries.norm * self.max_grad_norm * len(draws) / self.K
+        )
         return grads + [dirac], torch.cat([losses, losses.new_zeros(extra)])
 
     @torch.no_grad()
@@ -108,7 +110,7 @@ class CanaryDPSGD(dpsgd.DPSGD):
         update = self.canaries.canary.grad.double() * (self.expected_batch_size / self.max_grad_norm)
         spread = max(1.4826 * float(update.abs().median()), NOISE_FLOOR)  # robust noise std of the step
         self.canaries.sums += update
-        self.canaries.scores += update / spread ** 2
+        self.canaries.scores += update / spread**2
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,18 +143,29 @@ def _build(cfg: Config, *, canaries: int, norm: float, base: finetune.Task) -> C
     return CanaryNet(base.build(cfg), canaries=canaries, label_offset=label_offset(cfg), norm=norm)
 
 
-def _keep_canary_labels(labels: torch.Tensor, cfg: Config, generator: torch.Generator, *,
-                        base: finetune.Task) -> torch.Tensor:
+def _keep_canary_labels(
+    labels: torch.Tensor, cfg: Config, generator: torch.Generator, *, base: finetune.Task
+) -> torch.Tensor:
     """The base task's label dropout for real records; canary labels (their ids) pass unchanged."""
     dropped = labels if base.prepare_labels is None else base.prepare_labels(labels, cfg, generator)
     return torch.where(labels >= label_offset(cfg), labels, dropped)
 
 
-def canary_task(*, canaries: int, norm: float = 10.0, base: finetune.Task = finetune.EDM,
-                dp_step: Optional[type] = None, sampler: Optional[type] = None) -> finetune.Task:
+def canary_task(
+    *,
+    canaries: int,
+    norm: float = 10.0,
+    base: finetune.Task = finetune.EDM,
+    dp_step: Optional[type] = None,
+    sampler: Optional[type] = None,
+) -> finetune.Task:
     """``base`` (the EDM U-Net) with m gradient canaries. ``dp_step``/``sampler``: a ``CanaryDPSGD`` /
     ``PoissonSampler`` subclass, for the mutation tests' deliberately broken builds only."""
-    return finetune.Task(build=functools.partial(_build, canaries=canaries, norm=norm, base=base),
-                         loss_rows=base.loss_rows, optimizer=base.optimizer,
-                         prepare_labels=functools.partial(_keep_canary_labels, base=base),
-                         dp_step=dp_step or CanaryDPSGD, sampler=sampler or base.sampler)
+    return finetune.Task(
+        build=functools.partial(_build, canaries=canaries, norm=norm, base=base),
+        loss_rows=base.loss_rows,
+        optimizer=base.optimizer,
+        prepare_labels=functools.partial(_keep_canary_labels, base=base),
+        dp_step=dp_step or CanaryDPSGD,
+        sampler=sampler or base.sampler,
+    )

@@ -53,8 +53,9 @@ class CentralResult:
     num_classes: int
 
     def event(self):
-        return privacy.central_event(noise_multiplier=self.noise_multiplier,
-                                     sample_rate=self.sample_rate, rounds=self.rounds)
+        return privacy.central_event(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, rounds=self.rounds
+        )
 
     def imageset(self) -> ImageSet:
         return ImageSet(self.images, self.labels, self.num_classes)
@@ -82,8 +83,9 @@ def poisson_masks(n: int, rounds: int, sample_rate: float, rng: np.random.Genera
     return rng.random((n, rounds)) < sample_rate
 
 
-def class_sums(images: np.ndarray, labels: np.ndarray, masks: np.ndarray, *, num_classes: int,
-               downsample: int) -> np.ndarray:
+def class_sums(
+    images: np.ndarray, labels: np.ndarray, masks: np.ndarray, *, num_classes: int, downsample: int
+) -> np.ndarray:
     """float64 [rounds, classes, C, h, w]: per round and class, the sum of the sampled pooled images."""
     x = pool(images, downsample)
     onehot = labels[:, None] == np.arange(num_classes)[None, :]  # [B, K]
@@ -92,15 +94,17 @@ def class_sums(images: np.ndarray, labels: np.ndarray, masks: np.ndarray, *, num
     return sums.reshape(masks.shape[1], num_classes, *x.shape[1:])
 
 
-def noisy_means(sums: np.ndarray, *, noise_multiplier: float, sensitivity: float,
-                expected_count: float, rng: np.random.Generator) -> np.ndarray:
+def noisy_means(
+    sums: np.ndarray, *, noise_multiplier: float, sensitivity: float, expected_count: float, rng: np.random.Generator
+) -> np.ndarray:
     """The Gaussian mechanism on the sums, divided by the public expected count (pre-clamp)."""
     noise = rng.normal(0.0, noise_multiplier * sensitivity, size=sums.shape)
     return (sums + noise) / expected_count
 
 
-def postprocess(means: np.ndarray, *, resolution: int, median: bool = True,
-                sharpen: Optional[bool] = None) -> np.ndarray:
+def postprocess(
+    means: np.ndarray, *, resolution: int, median: bool = True, sharpen: Optional[bool] = None
+) -> np.ndarray:
     """float [M, C, h, w] -> uint8 [M, C, R, R]: clamp, bilinear upsample, round, median, sharpen."""
     if len(means) == 0:
         return np.zeros((0, means.shape[1], resolution, resolution), np.uint8)
@@ -110,7 +114,7 @@ def postprocess(means: np.ndarray, *, resolution: int, median: bool = True,
     m, c, h, w = x.shape
     if median:
         padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        shifts = [padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+        shifts = [padded[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)]
         x = torch.stack(shifts).median(dim=0).values
     if sharpen if sharpen is not None else c == 1:
         kernel = torch.tensor(SHARPEN_KERNEL).expand(c, 1, 3, 3)
@@ -123,19 +127,22 @@ def postprocess(means: np.ndarray, *, resolution: int, median: bool = True,
 # --------------------------------------------------------------------------------------------
 
 
-def _local_sums(train: ImageSet, *, rounds: int, sample_rate: float, downsample: int,
-                rng: np.random.Generator, chunk: int = 8192) -> np.ndarray:
+def _local_sums(
+    train: ImageSet, *, rounds: int, sample_rate: float, downsample: int, rng: np.random.Generator, chunk: int = 8192
+) -> np.ndarray:
     total = 0.0
     for start in range(0, len(train), chunk):
         part = train.subset(slice(start, start + chunk))
         masks = poisson_masks(len(part), rounds, sample_rate, rng)
-        total = total + class_sums(part.images, part.labels, masks, num_classes=train.num_classes,
-                                   downsample=downsample)
+        total = total + class_sums(
+            part.images, part.labels, masks, num_classes=train.num_classes, downsample=downsample
+        )
     return total
 
 
-def _block_sums(batch: dict, *, rounds: int, sample_rate: float, num_classes: int, downsample: int,
-                seed: Optional[int]) -> dict:
+def _block_sums(
+    batch: dict, *, rounds: int, sample_rate: float, num_classes: int, downsample: int, seed: Optional[int]
+) -> dict:
     """One block's partial sums. OS entropy per block unless seeded (then keyed by the row index)."""
     if seed is None:
         rng = np.random.default_rng()
@@ -143,22 +150,31 @@ def _block_sums(batch: dict, *, rounds: int, sample_rate: float, num_classes: in
         rng = np.random.default_rng([seed, int(batch["index"][0]), len(batch["index"])])
     images, labels = np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):  # before any noise: nothing spent
-        raise ValueError(f"labels out of range: expected 0..{num_classes - 1} (data.num_classes), found "
-                         f"{int(labels.min())}..{int(labels.max())} in a block of the training data")
+        raise ValueError(
+            f"labels out of range: expected 0..{num_classes - 1} (data.num_classes), found "
+            f"{int(labels.min())}..{int(labels.max())} in a block of the training data"
+        )
     masks = poisson_masks(len(labels), rounds, sample_rate, rng)
     sums = class_sums(images, labels, masks, num_classes=num_classes, downsample=downsample)
     return {"sums": sums[None]}
 
 
-def _ray_sums(dataset, *, rounds: int, sample_rate: float, num_classes: int, downsample: int,
-              seed: Optional[int]) -> np.ndarray:
+def _ray_sums(
+    dataset, *, rounds: int, sample_rate: float, num_classes: int, downsample: int, seed: Optional[int]
+) -> np.ndarray:
     if seed is not None and "index" not in dataset.schema().names:
-        raise ValueError("a seeded central query on a Ray Dataset needs an 'index' column "
-                         "(data.to_ray_dataset(..., index=True)); unseeded runs do not")
+        raise ValueError(
+            "a seeded central query on a Ray Dataset needs an 'index' column "
+            "(data.to_ray_dataset(..., index=True)); unseeded runs do not"
+        )
     partial = dataset.map_batches(
-        _block_sums, batch_format="numpy", batch_size=None,
-        fn_kwargs=dict(rounds=rounds, sample_rate=sample_rate, num_classes=num_classes,
-                       downsample=downsample, seed=seed))
+        _block_sums,
+        batch_format="numpy",
+        batch_size=None,
+        fn_kwargs=dict(
+            rounds=rounds, sample_rate=sample_rate, num_classes=num_classes, downsample=downsample, seed=seed
+        ),
+    )
     total = 0.0
     for batch in partial.iter_batches(batch_size=None, batch_format="numpy"):
         total = total + batch["sums"].sum(axis=0)
@@ -173,8 +189,9 @@ def _dataset_facts(train) -> tuple[int, tuple[int, ...]]:
     return train.count(), tuple(shape)
 
 
-def noisy_class_means(cfg: config_mod.Config, train, *,
-                      generator: Optional[torch.Generator] = None) -> tuple[np.ndarray, dict]:
+def noisy_class_means(
+    cfg: config_mod.Config, train, *, generator: Optional[torch.Generator] = None
+) -> tuple[np.ndarray, dict]:
     """The Gaussian release before post-processing: float [rounds, classes, C, h, w] and its parameters.
 
     ``train``: an ImageSet (sums in process) or a ray.data.Dataset (sums over its blocks). Sampling
@@ -186,9 +203,12 @@ def noisy_class_means(cfg: config_mod.Config, train, *,
         raise ValueError(f"data.n_train: expected N={cfg.data.n_train} training records, found N={n}")
     if not 0 < c.batch_size <= n:
         raise ValueError(f"central.batch_size: expected an expected sample size <= N={n}, got {c.batch_size:g}")
-    params = dict(sample_rate=c.batch_size / n, sensitivity=sensitivity(shape, c.downsample),
-                  noise_multiplier=privacy.central_noise(cfg, n),  # configured, or calibrated
-                  expected_count=c.batch_size / k)  # q_c * N / classes
+    params = dict(
+        sample_rate=c.batch_size / n,
+        sensitivity=sensitivity(shape, c.downsample),
+        noise_multiplier=privacy.central_noise(cfg, n),  # configured, or calibrated
+        expected_count=c.batch_size / k,
+    )  # q_c * N / classes
     if generator is None:
         seeds = np.random.SeedSequence()
     else:
@@ -198,28 +218,42 @@ def noisy_class_means(cfg: config_mod.Config, train, *,
     if c.rounds == 0:
         sums = np.zeros((0, k, shape[0], shape[1] // c.downsample, shape[2] // c.downsample))
     elif isinstance(train, ImageSet):
-        sums = _local_sums(train, rounds=c.rounds, sample_rate=q, downsample=c.downsample,
-                           rng=np.random.default_rng(mask_seq))
+        sums = _local_sums(
+            train, rounds=c.rounds, sample_rate=q, downsample=c.downsample, rng=np.random.default_rng(mask_seq)
+        )
     else:
         seed = None if generator is None else int(mask_seq.generate_state(1, np.uint64)[0] >> 1)
-        sums = _ray_sums(train, rounds=c.rounds, sample_rate=q, num_classes=k, downsample=c.downsample,
-                         seed=seed)
-    means = noisy_means(sums, noise_multiplier=params["noise_multiplier"], sensitivity=params["sensitivity"],
-                        expected_count=params["expected_count"], rng=np.random.default_rng(noise_seq))
+        sums = _ray_sums(train, rounds=c.rounds, sample_rate=q, num_classes=k, downsample=c.downsample, seed=seed)
+    means = noisy_means(
+        sums,
+        noise_multiplier=params["noise_multiplier"],
+        sensitivity=params["sensitivity"],
+        expected_count=params["expected_count"],
+        rng=np.random.default_rng(noise_seq),
+    )
     return means, params
 
 
-def central_images(cfg: config_mod.Config, train, *,
-                   generator: Optional[torch.Generator] = None) -> CentralResult:
+def central_images(cfg: config_mod.Config, train, *, generator: Optional[torch.Generator] = None) -> CentralResult:
     """Run M1 on ``train`` (ImageSet: in process; ray.data.Dataset: distributed over its blocks)."""
     c, k = cfg.central, cfg.data.num_classes
     means, params = noisy_class_means(cfg, train, generator=generator)
-    images = postprocess(means.reshape(-1, *means.shape[2:]), resolution=means.shape[-1] * c.downsample,
-                         median=c.median_filter, sharpen=c.sharpen)
+    images = postprocess(
+        means.reshape(-1, *means.shape[2:]),
+        resolution=means.shape[-1] * c.downsample,
+        median=c.median_filter,
+        sharpen=c.sharpen,
+    )
     labels = np.tile(np.arange(k, dtype=np.int64), c.rounds)
-    log.info("central query: %d rounds x %d classes, q_c=%.4g, sigma_c=%.4g, Delta=%.4g, divisor=%.4g",
-             c.rounds, k, params["sample_rate"], params["noise_multiplier"], params["sensitivity"],
-             params["expected_count"])
+    log.info(
+        "central query: %d rounds x %d classes, q_c=%.4g, sigma_c=%.4g, Delta=%.4g, divisor=%.4g",
+        c.rounds,
+        k,
+        params["sample_rate"],
+        params["noise_multiplier"],
+        params["sensitivity"],
+        params["expected_count"],
+    )
     return CentralResult(images, labels, rounds=c.rounds, num_classes=k, **params)
 
 
@@ -238,9 +272,15 @@ def save_central(result: CentralResult, out_dir: Path | str) -> Path:
         (folder / f"{i // classes}.png").write_bytes(encode_png(image))
     if len(result.images):
         (out / "grid.png").write_bytes(encode_png(grid(result.images, columns=classes)))
-    meta = {"rounds": result.rounds, "num_classes": classes, "sample_rate": result.sample_rate,
-            "noise_multiplier": result.noise_multiplier, "sensitivity": result.sensitivity,
-            "expected_count": result.expected_count, "shape": list(result.images.shape[1:])}
+    meta = {
+        "rounds": result.rounds,
+        "num_classes": classes,
+        "sample_rate": result.sample_rate,
+        "noise_multiplier": result.noise_multiplier,
+        "sensitivity": result.sensitivity,
+        "expected_count": result.expected_count,
+        "shape": list(result.images.shape[1:]),
+    }
     (out / "central.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -259,8 +299,7 @@ def load_central(directory: Path | str) -> ImageSet:
     directory = Path(directory)
     meta_path = directory / "central.json"
     part = read_image_folder(directory / "images", f"central images in '{directory}'")
-    classes = (json.loads(meta_path.read_text())["num_classes"] if meta_path.is_file()
-               else int(part.labels.max()) + 1)
+    classes = json.loads(meta_path.read_text())["num_classes"] if meta_path.is_file() else int(part.labels.max()) + 1
     return ImageSet(part.images, part.labels, classes)
 
 
@@ -268,13 +307,16 @@ def check_fresh_out(out_dir: Path | str) -> Path:
     """Refuse a folder that already holds a central query's ledger (its budget is spent)."""
     out = Path(out_dir)
     if (out / "ledger.json").is_file():
-        raise ValueError(f"'{out}' already holds central images and their ledger.json (budget spent); "
-                         "a new query would spend again: choose a new --out")
+        raise ValueError(
+            f"'{out}' already holds central images and their ledger.json (budget spent); "
+            "a new query would spend again: choose a new --out"
+        )
     return out
 
 
-def release(cfg: config_mod.Config, train, out_dir: Path | str, *,
-            generator: Optional[torch.Generator] = None) -> tuple[CentralResult, privacy.Ledger]:
+def release(
+    cfg: config_mod.Config, train, out_dir: Path | str, *, generator: Optional[torch.Generator] = None
+) -> tuple[CentralResult, privacy.Ledger]:
     """Run M1, write ``ledger.json`` (the central mechanism taken) and then the images to ``out_dir``.
 
     Refuses an ``out_dir`` that already holds a ledger: a second query would spend again, and the
@@ -288,10 +330,14 @@ def release(cfg: config_mod.Config, train, out_dir: Path | str, *,
         accountant = privacy.plan(cfg, n).accountant
     ledger = privacy.Ledger(accountant=accountant, delta=cfg.privacy.delta, n=n, seeded=generator is not None)
     if result.rounds:
-        ledger.add("central", noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
-                   count=result.rounds, taken=result.rounds)
+        ledger.add(
+            "central",
+            noise_multiplier=result.noise_multiplier,
+            sample_rate=result.sample_rate,
+            count=result.rounds,
+            taken=result.rounds,
+        )
     out.mkdir(parents=True, exist_ok=True)
     ledger.save(out / "ledger.json")
     save_central(result, out)
     return result, ledger
-

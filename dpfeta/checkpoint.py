@@ -32,7 +32,7 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
             stripped = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -41,9 +41,15 @@ def _state(obj: nn.Module | dict) -> dict:
     return strip_prefixes(obj if isinstance(obj, dict) else obj.state_dict())
 
 
-def save(directory: Path | str, *, model: nn.Module | dict, ema: nn.Module | dict | None = None,
-         optimizer: torch.optim.Optimizer | dict | None = None, meta: dict,
-         extra: dict[str, Any] | None = None) -> Path:
+def save(
+    directory: Path | str,
+    *,
+    model: nn.Module | dict,
+    ema: nn.Module | dict | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
+    meta: dict,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Atomically (re)write the checkpoint directory; returns its path."""
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
@@ -84,5 +90,10 @@ def load(directory: Path | str, map_location: str | torch.device = "cpu") -> dic
         path = directory / name
         return torch.load(path, map_location=map_location, weights_only=True) if path.is_file() else None
 
-    return {"model": part("model.pt"), "ema": part("ema.pt"), "optimizer": part("optimizer.pt"),
-            "extra": part("extra.pt"), "meta": json.loads((directory / "meta.json").read_text())}
+    return {
+        "model": part("model.pt"),
+        "ema": part("ema.pt"),
+        "optimizer": part("optimizer.pt"),
+        "extra": part("extra.pt"),
+        "meta": json.loads((directory / "meta.json").read_text()),
+    }

@@ -53,8 +53,9 @@ def check_reachable(cfg: Config, *, timeout: Optional[float] = None) -> None:
     hostport = where.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"Ray address {where!r} (run.ray_address or RAY_ADDRESS): expected host:port or "
-                         "ray://host:port")
+        raise ValueError(
+            f"Ray address {where!r} (run.ray_address or RAY_ADDRESS): expected host:port or ray://host:port"
+        )
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
@@ -63,9 +64,11 @@ def check_reachable(cfg: Config, *, timeout: Optional[float] = None) -> None:
         except OSError as exc:
             last = exc
             time.sleep(0.5)
-    raise ValueError(f"the Ray cluster at {where} (run.ray_address or RAY_ADDRESS) did not answer within "
-                     f"{timeout:.0f} s ({last}); start it, fix the address, or unset both to run on a "
-                     "private local cluster. Nothing was spent")
+    raise ValueError(
+        f"the Ray cluster at {where} (run.ray_address or RAY_ADDRESS) did not answer within "
+        f"{timeout:.0f} s ({last}); start it, fix the address, or unset both to run on a "
+        "private local cluster. Nothing was spent"
+    )
 
 
 def connect(cfg: Config, *, num_cpus: Optional[int] = None) -> None:
@@ -143,8 +146,12 @@ def _task(cfg: Config, fn: Callable):
     import ray
 
     connect(cfg)
-    return ray.remote(num_gpus=1 if cfg.run.use_gpu else 0, num_cpus=cfg.run.cpus_per_worker,
-                      resources=dict(cfg.run.stage_resources) or None, max_retries=STAGE_RETRIES)(fn)
+    return ray.remote(
+        num_gpus=1 if cfg.run.use_gpu else 0,
+        num_cpus=cfg.run.cpus_per_worker,
+        resources=dict(cfg.run.stage_resources) or None,
+        max_retries=STAGE_RETRIES,
+    )(fn)
 
 
 def run_on_gpu(cfg: Config, fn: Callable, *args: Any) -> Any:

@@ -24,16 +24,32 @@ SOURCES = ("digits", "idx", "imagefolder", "npz", "parquet", "torchvision")
 SAMPLERS = ("edm", "ddim")
 TUNE_MODES = ("private", "public", "naive")
 INIT_MODES = ("warmup", "scratch")
-RANDAUG_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-               "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # torchvision's
+RANDAUG_OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)  # torchvision's
 # Seeds of sampling, noise and the hyperparameter draws (whose order would name a sweep's selected trial):
 # never stored or logged (docs/privacy.md §5, §7); a sweep's sweep.json keeps tune.search_seed, internally.
 SECRET_KEYS = ("run.seed", "tune.search_seed")
 SEED_REDACTED = "set (redacted)"
 # Where the operator's infrastructure is (paths, hosts, credentials in a URI): not in anything published.
 INFRA_KEYS = ("run.dir", "run.ray_address", "tracking.uri", "tracking.artifact_location")
-RENAMED_KEYS = {"tune.seed": "tune.search_seed (a secret like run.seed: the order of configurations); the "
-                             "trial count and the score noise now come from OS entropy, or from run.seed in tests"}
+RENAMED_KEYS = {
+    "tune.seed": "tune.search_seed (a secret like run.seed: the order of configurations); the "
+    "trial count and the score noise now come from OS entropy, or from run.seed in tests"
+}
 PRECISIONS = ("auto", "fp32", "bf16")  # dpfeta.precision
 COMPILE_MODES = ("auto", "true", "false")  # sample.compile: dpfeta.sample.Network
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")  # Ray Train's worker placement strategies
@@ -260,8 +276,10 @@ class Config:
         """The local run folder; an error when ``run.dir`` is an object-store URI (commands that need a
         local folder say so instead of writing to a folder named ``s3:``)."""
         if is_uri(self.run.dir):
-            raise ValueError(f"config key 'run.dir': this command needs a local folder, got the URI "
-                             f"{self.run.dir!r} (object-store run folders are supported by 'dpfeta run' and 'dpfeta tune')")
+            raise ValueError(
+                f"config key 'run.dir': this command needs a local folder, got the URI "
+                f"{self.run.dir!r} (object-store run folders are supported by 'dpfeta run' and 'dpfeta tune')"
+            )
         return Path(self.run.dir).expanduser().resolve() / self.run.name
 
     def to_dict(self) -> dict:
@@ -346,8 +364,9 @@ class _Loader(yaml.SafeLoader):
     (YAML 1.2), also inside mappings such as tune.search_space."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _yaml(text: str) -> Any:
@@ -365,8 +384,9 @@ def _read_mapping_file(p: Path) -> Any:
     try:
         return (json.loads(text) if p.suffix == ".json" else _yaml(text)) or {}
     except json.JSONDecodeError as exc:
-        raise ValueError(f"config file '{p}': invalid JSON at line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg}") from None
+        raise ValueError(
+            f"config file '{p}': invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
     except yaml.YAMLError as exc:
         raise ValueError(f"config file '{p}': invalid YAML{_yaml_where(exc)}: {_yaml_problem(exc)}") from None
 
@@ -396,8 +416,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = _yaml(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"override '{item}': the value of '{key}' is not valid YAML: {_yaml_problem(exc)} "
-                         "(quote the whole --set argument in the shell, and strings with ':' or '#' in YAML)") from None
+        raise ValueError(
+            f"override '{item}': the value of '{key}' is not valid YAML: {_yaml_problem(exc)} "
+            "(quote the whole --set argument in the shell, and strings with ':' or '#' in YAML)"
+        ) from None
     if isinstance(value, (bool, int, float)) and _declares_str(key):
         return key, text.strip()
     return key, value
@@ -450,8 +472,9 @@ def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
         key = prefix + unknown[0]
         if key in RENAMED_KEYS:
             raise ValueError(f"config key '{key}' was replaced: use {RENAMED_KEYS[key]}")
-        raise ValueError(f"unknown config key '{key}'; expected one of: "
-                         + ", ".join(prefix + n for n in sorted(names)))
+        raise ValueError(
+            f"unknown config key '{key}'; expected one of: " + ", ".join(prefix + n for n in sorted(names))
+        )
     kwargs = {}
     for name in names:
         if name in raw:
@@ -546,8 +569,7 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     d, c, p, f, w, s, m = cfg.data, cfg.central, cfg.privacy, cfg.finetune, cfg.warmup, cfg.sample, cfg.model
     _check(d.source in SOURCES, "data.source", "one of " + ", ".join(SOURCES), d.source)
-    _check(d.source == "digits" or d.path is not None, "data.path",
-           f"a path for data.source={d.source}", d.path)
+    _check(d.source == "digits" or d.path is not None, "data.path", f"a path for data.source={d.source}", d.path)
     _check(d.resolution >= 4 and d.resolution % 2 == 0, "data.resolution", "an even integer >= 4", d.resolution)
     _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
     _check(d.num_classes >= 1, "data.num_classes", "an integer >= 1", d.num_classes)
@@ -555,30 +577,54 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.test_fraction < 0.5, "data.test_fraction", "a fraction in [0, 0.5)", d.test_fraction)
 
     _check(c.rounds >= 0, "central.rounds", "an integer >= 0", c.rounds)
-    _check(c.noise_multiplier is None or c.noise_multiplier > 0, "central.noise_multiplier",
-           "null (calibrate from central.epsilon_share) or a number > 0", c.noise_multiplier)
+    _check(
+        c.noise_multiplier is None or c.noise_multiplier > 0,
+        "central.noise_multiplier",
+        "null (calibrate from central.epsilon_share) or a number > 0",
+        c.noise_multiplier,
+    )
     _check(0 < c.epsilon_share < 1, "central.epsilon_share", "a fraction in (0, 1)", c.epsilon_share)
     _check(c.batch_size > 0, "central.batch_size", "a number > 0", c.batch_size)
-    _check(c.downsample >= 1 and d.resolution % c.downsample == 0, "central.downsample",
-           f"a factor >= 1 dividing data.resolution={d.resolution}", c.downsample)
+    _check(
+        c.downsample >= 1 and d.resolution % c.downsample == 0,
+        "central.downsample",
+        f"a factor >= 1 dividing data.resolution={d.resolution}",
+        c.downsample,
+    )
 
     _check(m.channels >= 8, "model.channels", "an integer >= 8", m.channels)
-    _check(len(m.channel_mult) >= 1 and all(x >= 1 for x in m.channel_mult), "model.channel_mult",
-           "a non-empty list of integers >= 1", m.channel_mult)
-    _check(d.resolution % (2 ** (len(m.channel_mult) - 1)) == 0, "model.channel_mult",
-           f"at most log2 levels for data.resolution={d.resolution}", m.channel_mult)
+    _check(
+        len(m.channel_mult) >= 1 and all(x >= 1 for x in m.channel_mult),
+        "model.channel_mult",
+        "a non-empty list of integers >= 1",
+        m.channel_mult,
+    )
+    _check(
+        d.resolution % (2 ** (len(m.channel_mult) - 1)) == 0,
+        "model.channel_mult",
+        f"at most log2 levels for data.resolution={d.resolution}",
+        m.channel_mult,
+    )
     _check(m.num_res_blocks >= 1, "model.num_res_blocks", "an integer >= 1", m.num_res_blocks)
 
     _check(cfg.diffusion.sigma_data > 0, "diffusion.sigma_data", "a number > 0", cfg.diffusion.sigma_data)
-    _check(0 <= cfg.diffusion.label_drop_prob < 1, "diffusion.label_drop_prob", "a probability in [0, 1)",
-           cfg.diffusion.label_drop_prob)
+    _check(
+        0 <= cfg.diffusion.label_drop_prob < 1,
+        "diffusion.label_drop_prob",
+        "a probability in [0, 1)",
+        cfg.diffusion.label_drop_prob,
+    )
 
     _check(w.steps >= 0, "warmup.steps", "an integer >= 0", w.steps)
     _check(w.batch_size >= 1, "warmup.batch_size", "an integer >= 1", w.batch_size)
     _check(w.noise_multiplicity >= 1, "warmup.noise_multiplicity", "K >= 1", w.noise_multiplicity)
     _check(0 <= w.randaug_magnitude <= 30, "warmup.randaug_magnitude", "an integer in [0, 30]", w.randaug_magnitude)
-    _check(set(w.randaug_exclude) <= set(RANDAUG_OPS), "warmup.randaug_exclude",
-           "a list of RandAugment ops (" + ", ".join(RANDAUG_OPS) + ")", list(w.randaug_exclude))
+    _check(
+        set(w.randaug_exclude) <= set(RANDAUG_OPS),
+        "warmup.randaug_exclude",
+        "a list of RandAugment ops (" + ", ".join(RANDAUG_OPS) + ")",
+        list(w.randaug_exclude),
+    )
 
     _check(f.init in INIT_MODES, "finetune.init", "one of " + ", ".join(INIT_MODES), f.init)
     _check(f.batch_size > 0, "finetune.batch_size", "a number > 0", f.batch_size)
@@ -586,15 +632,23 @@ def validate(cfg: Config) -> None:
     _check(f.noise_multiplicity >= 1, "finetune.noise_multiplicity", "K >= 1", f.noise_multiplicity)
     _check(f.max_grad_norm > 0, "finetune.max_grad_norm", "a number > 0", f.max_grad_norm)
     _check(f.physical_batch_size >= 1, "finetune.physical_batch_size", "an integer >= 1", f.physical_batch_size)
-    _check(f.grad_sample_mode in ("hooks", "functorch"), "finetune.grad_sample_mode",
-           "hooks or functorch (both handle empty batches as used here)", f.grad_sample_mode)
+    _check(
+        f.grad_sample_mode in ("hooks", "functorch"),
+        "finetune.grad_sample_mode",
+        "hooks or functorch (both handle empty batches as used here)",
+        f.grad_sample_mode,
+    )
     _check(0 <= f.ema_decay < 1, "finetune.ema_decay", "a decay in [0, 1)", f.ema_decay)
 
     _check(p.epsilon > 0, "privacy.epsilon", "a number > 0", p.epsilon)
     _check(0 < p.delta < 1, "privacy.delta", "a number in (0, 1)", p.delta)
     _check(p.accountant in ACCOUNTANTS, "privacy.accountant", "one of " + ", ".join(ACCOUNTANTS), p.accountant)
-    _check(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
-           "null (calibrate) or a number > 0", p.noise_multiplier)
+    _check(
+        p.noise_multiplier is None or p.noise_multiplier > 0,
+        "privacy.noise_multiplier",
+        "null (calibrate) or a number > 0",
+        p.noise_multiplier,
+    )
 
     _check(s.sampler in SAMPLERS, "sample.sampler", "one of " + ", ".join(SAMPLERS), s.sampler)
     _check(s.steps >= 2, "sample.steps", "an integer >= 2", s.steps)
@@ -607,20 +661,33 @@ def validate(cfg: Config) -> None:
     _check(t.privacy_mode in TUNE_MODES, "tune.privacy_mode", "one of " + ", ".join(TUNE_MODES), t.privacy_mode)
     _check(t.num_trials >= 1, "tune.num_trials", "an integer >= 1", t.num_trials)
     _check(t.scheduler in ("fifo", "asha"), "tune.scheduler", "fifo or asha", t.scheduler)
-    _check(t.trial_distribution in ("truncated_negative_binomial", "poisson"), "tune.trial_distribution",
-           "truncated_negative_binomial or poisson", t.trial_distribution)
+    _check(
+        t.trial_distribution in ("truncated_negative_binomial", "poisson"),
+        "tune.trial_distribution",
+        "truncated_negative_binomial or poisson",
+        t.trial_distribution,
+    )
     _check(t.score_noise > 0, "tune.score_noise", "a number > 0", t.score_noise)
     _check(t.central in ("auto", "shared", "per_trial"), "tune.central", "auto, shared or per_trial", t.central)
     if t.privacy_mode == "private":
-        _check(t.scheduler == "fifo", "tune.scheduler",
-               "fifo in tune.privacy_mode=private (adaptive schedulers and searchers -- ASHA, HyperBand, PBT, "
-               "Bayesian search -- decide on private intermediate scores and are outside the random-stopping "
-               "analysis of Papernot & Steinke; use privacy_mode=naive or public)", t.scheduler)
-        _check(t.metric == "score", "tune.metric",
-               "score (the DP validation score, M3) in tune.privacy_mode=private", t.metric)
+        _check(
+            t.scheduler == "fifo",
+            "tune.scheduler",
+            "fifo in tune.privacy_mode=private (adaptive schedulers and searchers -- ASHA, HyperBand, PBT, "
+            "Bayesian search -- decide on private intermediate scores and are outside the random-stopping "
+            "analysis of Papernot & Steinke; use privacy_mode=naive or public)",
+            t.scheduler,
+        )
+        _check(
+            t.metric == "score",
+            "tune.metric",
+            "score (the DP validation score, M3) in tune.privacy_mode=private",
+            t.metric,
+        )
     if t.privacy_mode != "public":
-        _check(not t.metric.startswith("nondp/"), "tune.metric", "a DP metric (selecting on a non-DP one leaks)",
-               t.metric)
+        _check(
+            not t.metric.startswith("nondp/"), "tune.metric", "a DP metric (selecting on a non-DP one leaks)", t.metric
+        )
 
     r = cfg.run
     if isinstance(r.num_workers, tuple):
@@ -631,14 +698,24 @@ def validate(cfg: Config) -> None:
     _check(bool(r.name) and "/" not in r.name, "run.name", "a non-empty name without '/'", r.name)
     _check(r.precision in PRECISIONS, "run.precision", "one of " + ", ".join(PRECISIONS), r.precision)
     _check(r.placement in PLACEMENTS, "run.placement", "one of " + ", ".join(PLACEMENTS), r.placement)
-    _check(r.stage_placement in STAGE_PLACEMENTS, "run.stage_placement", "one of " + ", ".join(STAGE_PLACEMENTS),
-           r.stage_placement)
+    _check(
+        r.stage_placement in STAGE_PLACEMENTS,
+        "run.stage_placement",
+        "one of " + ", ".join(STAGE_PLACEMENTS),
+        r.stage_placement,
+    )
     _check(r.resize_interval_s > 0, "run.resize_interval_s", "a number of seconds > 0", r.resize_interval_s)
     for key in ("worker_resources", "stage_resources"):
         res = getattr(r, key)
-        _check(all(isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
-                   for k, v in res.items()), f"run.{key}", "a map of custom resource name -> amount > 0 "
-               "(CPU and GPU come from run.cpus_per_worker and run.use_gpu)", res)
+        _check(
+            all(
+                isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and v > 0
+                for k, v in res.items()
+            ),
+            f"run.{key}",
+            "a map of custom resource name -> amount > 0 (CPU and GPU come from run.cpus_per_worker and run.use_gpu)",
+            res,
+        )
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "a number > 0", r.cpus_per_worker)
 
 
@@ -646,14 +723,14 @@ def validate_against_n(cfg: Config, n: int) -> list[str]:
     """Checks that need the (public) training-split size N. Raises on errors, returns advice."""
     advice = []
     _check(n >= 1, "data", "a non-empty training split", n)
-    _check(cfg.central.batch_size <= n, "central.batch_size", f"an expected sample size <= N={n}",
-           cfg.central.batch_size)
-    _check(cfg.finetune.batch_size <= n, "finetune.batch_size", f"an expected batch <= N={n}",
-           cfg.finetune.batch_size)
+    _check(
+        cfg.central.batch_size <= n, "central.batch_size", f"an expected sample size <= N={n}", cfg.central.batch_size
+    )
+    _check(cfg.finetune.batch_size <= n, "finetune.batch_size", f"an expected batch <= N={n}", cfg.finetune.batch_size)
     if cfg.privacy.delta >= 1.0 / n:
-        raise ValueError(f"config key 'privacy.delta': expected delta < 1/N = {1.0 / n:.3g} "
-                         f"(N={n}), got {cfg.privacy.delta!r}")
+        raise ValueError(
+            f"config key 'privacy.delta': expected delta < 1/N = {1.0 / n:.3g} (N={n}), got {cfg.privacy.delta!r}"
+        )
     if cfg.privacy.delta > 0.1 / n:
-        advice.append(f"privacy.delta={cfg.privacy.delta:g} is above 0.1/N={0.1 / n:.3g}; "
-                      "delta << 1/N is advised")
+        advice.append(f"privacy.delta={cfg.privacy.delta:g} is above 0.1/N={0.1 / n:.3g}; delta << 1/N is advised")
     return advice

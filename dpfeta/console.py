@@ -35,8 +35,18 @@ MODES = ("normal", "quiet", "verbose")
 LOG_FILE = "logs/dpfeta.log"
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Loggers of libraries that attach their own console handlers (propagate=False): rerouted to the root.
-LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "absl", "alembic",
-                   "werkzeug", "py.warnings")
+LIBRARY_LOGGERS = (
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "ray.serve",
+    "mlflow",
+    "absl",
+    "alembic",
+    "werkzeug",
+    "py.warnings",
+)
 WORKER_LOGGER = "ray.workers"  # the stdout/stderr lines of Ray's workers and actors
 
 _mode: Optional[str] = None

@@ -44,10 +44,10 @@ class EDMPrecond(nn.Module):
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in, c_noise) for a tensor of noise levels."""
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
-        c_in = 1.0 / (sigma ** 2 + sd2).sqrt()
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1.0 / (sigma**2 + sd2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,9 +62,19 @@ class EDMPrecond(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
-def edm_loss_rows(denoiser: Denoiser, images: torch.Tensor, labels: torch.Tensor, *, P_mean: float,
-                  P_std: float, sigma_data: float, label_drop_prob: float, num_classes: int, K: int,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def edm_loss_rows(
+    denoiser: Denoiser,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    P_mean: float,
+    P_std: float,
+    sigma_data: float,
+    label_drop_prob: float,
+    num_classes: int,
+    K: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Per-row EDM loss [B*K]; rows b*K .. b*K+K-1 are the K noise draws of example b.
 
     ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
@@ -80,13 +90,12 @@ def edm_loss_rows(denoiser: Denoiser, images: torch.Tensor, labels: torch.Tensor
     noise = randn(tuple(x.shape), generator, x) * sigma
     drop = _rand((batch,), generator, x) < label_drop_prob
     y = torch.where(drop, torch.full_like(labels, num_classes), labels).repeat_interleave(K, dim=0)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     denoised = denoiser(x + noise, sigma.flatten(), y)
     return (weight * (denoised - x) ** 2).flatten(1).mean(1)
 
 
-def edm_loss(denoiser: Denoiser, images: torch.Tensor, labels: torch.Tensor, *, K: int = 1,
-             **kwargs) -> torch.Tensor:
+def edm_loss(denoiser: Denoiser, images: torch.Tensor, labels: torch.Tensor, *, K: int = 1, **kwargs) -> torch.Tensor:
     """Per-example EDM loss [B]: the mean of ``edm_loss_rows`` over each example's K draws."""
     return edm_loss_rows(denoiser, images, labels, K=K, **kwargs).view(images.shape[0], K).mean(1)
 
@@ -111,18 +120,32 @@ def guided(denoiser: Denoiser, guidance: float, null_label: int) -> Denoiser:
         return denoiser
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                        torch.cat([labels, torch.full_like(labels, null_label)]))
+        both = denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, torch.full_like(labels, null_label)])
+        )
         cond, uncond = both.chunk(2)
         return (1 + guidance) * cond - guidance * uncond
 
     return denoise
 
 
-def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor, *, steps: int,
-                sigma_min: float, sigma_max: float, rho: float, churn: float, s_min: float,
-                s_max: float, s_noise: float, guidance: float, null_label: int,
-                generator: torch.Generator | None) -> torch.Tensor:
+def edm_sampler(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    churn: float,
+    s_min: float,
+    s_max: float,
+    s_noise: float,
+    guidance: float,
+    null_label: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """EDM stochastic Heun sampler; ``latents`` ~ N(0, I). gamma_i = min(churn/N, 1) (DP-FETA's cap)."""
     denoise = guided(denoiser, guidance, null_label)
     t_steps = time_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).tolist()
@@ -134,7 +157,7 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor,
         t_hat = t_cur * (1 + gamma)
         x_hat = x
         if gamma > 0:
-            x_hat = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * s_noise * randn(tuple(x.shape), generator, x)
+            x_hat = x + (t_hat**2 - t_cur**2) ** 0.5 * s_noise * randn(tuple(x.shape), generator, x)
         # Euler step, then the second-order correction except on the last step.
         d_cur = (x_hat - denoise(x_hat, t_hat * ones, labels)) / t_hat
         x = x_hat + (t_next - t_hat) * d_cur
@@ -144,9 +167,18 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor,
     return x
 
 
-def ddim_sampler(denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor, *, steps: int,
-                 sigma_min: float, sigma_max: float, rho: float, guidance: float,
-                 null_label: int) -> torch.Tensor:
+def ddim_sampler(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    guidance: float,
+    null_label: int,
+) -> torch.Tensor:
     """Deterministic Euler on the probability-flow ODE over the N grid points, then D(x, sigma_min)."""
     denoise = guided(denoiser, guidance, null_label)
     t_steps = time_grid(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)[:-1].tolist()

@@ -117,8 +117,9 @@ def _check_cover(shard_size: int, n: int, device: torch.device) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     if int(total) != n:
-        raise ValueError(f"expected the worker shards to cover the N={n} training records of the plan, "
-                         f"found {int(total)}")
+        raise ValueError(
+            f"expected the worker shards to cover the N={n} training records of the plan, found {int(total)}"
+        )
 
 
 @contextmanager
@@ -156,18 +157,33 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     d = cfg.data
-    shard = data.materialize_shard(ray.train.get_dataset_shard("train"), num_classes=d.num_classes,
-                                   image_shape=(d.channels, d.resolution, d.resolution))
+    shard = data.materialize_shard(
+        ray.train.get_dataset_shard("train"),
+        num_classes=d.num_classes,
+        image_shape=(d.channels, d.resolution, d.resolution),
+    )
     _check_cover(len(shard), plan.n, device)
     latest = ray.train.get_checkpoint()
-    with (latest.as_directory() if latest is not None else nullcontext(None)) as resume_dir, \
-            _local_init(config["init"]) as init_dir:
+    with (
+        latest.as_directory() if latest is not None else nullcontext(None) as resume_dir,
+        _local_init(config["init"]) as init_dir,
+    ):
         finetune.train_finetune(
-            cfg, shard, plan=plan, init_dir=init_dir, resume_dir=resume_dir,
-            reporter=_ray_reporter(rank), worker=finetune.Worker(rank, world_size, str(device), _count_nodes(world_size)),
+            cfg,
+            shard,
+            plan=plan,
+            init_dir=init_dir,
+            resume_dir=resume_dir,
+            reporter=_ray_reporter(rank),
+            worker=finetune.Worker(rank, world_size, str(device), _count_nodes(world_size)),
             task=config["task"],
-            before_step=_hooks(_fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size),
-                               config.get("before_step"), rank, world_size))
+            before_step=_hooks(
+                _fault(config["fail_at_step"], Path(config["fault_marker"]), rank, world_size),
+                config.get("before_step"),
+                rank,
+                world_size,
+            ),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,15 +198,23 @@ def _store_plan(plan: privacy.Plan, path: Path) -> None:
         stored = json.loads(path.read_text())
         keys = ("noise_multiplier", "sample_rate", "steps", "n")
         if not all(math.isclose(stored[k], given[k], rel_tol=1e-12) for k in keys):
-            raise ValueError(f"'{path}' holds {[stored[k] for k in keys]} for (sigma, q, T, N), the plan now "
-                             f"gives {[given[k] for k in keys]}; sigma is decided once per run: use a new "
-                             "output folder for a different plan")
+            raise ValueError(
+                f"'{path}' holds {[stored[k] for k in keys]} for (sigma, q, T, N), the plan now "
+                f"gives {[given[k] for k in keys]}; sigma is decided once per run: use a new "
+                "output folder for a different plan"
+            )
         return
     path.write_text(json.dumps(given, indent=2) + "\n")
 
 
-def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callbacks: Optional[list] = None,
-             storage: Optional[Storage] = None):
+def _trainer(
+    cfg: Config,
+    config: dict[str, Any],
+    dataset,
+    out_dir: Path,
+    callbacks: Optional[list] = None,
+    storage: Optional[Storage] = None,
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -198,26 +222,39 @@ def _trainer(cfg: Config, config: dict[str, Any], dataset, out_dir: Path, callba
     return TorchTrainer(
         _worker_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources},
-                                     placement_strategy=r.placement,
-                                     elastic_resize_monitor_interval_s=r.resize_interval_s),
-        run_config=RunConfig(name=f"{r.name}-finetune",
-                             storage_path=storage.fs_path("ray") if storage is not None else str(out_dir / "ray"),
-                             storage_filesystem=storage.filesystem if storage is not None else None,
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=list(callbacks or [])),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources},
+            placement_strategy=r.placement,
+            elastic_resize_monitor_interval_s=r.resize_interval_s,
+        ),
+        run_config=RunConfig(
+            name=f"{r.name}-finetune",
+            storage_path=storage.fs_path("ray") if storage is not None else str(out_dir / "ray"),
+            storage_filesystem=storage.filesystem if storage is not None else None,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
+        ),
         datasets={"train": dataset},
         dataset_config=ExactSplit(datasets_to_split=["train"]),
     )
 
 
-def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path | str | None,
-                 out_dir: Path | str, fail_at_step: Optional[int] = None,
-                 task: finetune.Task = finetune.EDM, callbacks: Optional[list] = None,
-                 storage: Optional[Storage] = None,
-                 before_step: Optional[Callable[[int, int, int], None]] = None) -> dict[str, Any]:
+def fit_finetune(
+    cfg: Config,
+    *,
+    train: Any,
+    plan: privacy.Plan,
+    init_dir: Path | str | None,
+    out_dir: Path | str,
+    fail_at_step: Optional[int] = None,
+    task: finetune.Task = finetune.EDM,
+    callbacks: Optional[list] = None,
+    storage: Optional[Storage] = None,
+    before_step: Optional[Callable[[int, int, int], None]] = None,
+) -> dict[str, Any]:
     """Run DP-SGD fine-tuning on Ray Train; returns the final metrics (``epsilon``, ``steps``, ...).
 
     ``train``: the training split as an ``ImageSet`` or a Ray Dataset (columns image, label).
@@ -233,8 +270,10 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     of the small files; the caller commits them), so that no worker needs the driver's disk.
     """
     if cfg.finetune.init == "scratch" and init_dir is not None:
-        raise ValueError(f"config key 'finetune.init': 'scratch' trains from a fresh network, got "
-                         f"init_dir={str(init_dir)!r}; set finetune.init=warmup to start from it")
+        raise ValueError(
+            f"config key 'finetune.init': 'scratch' trains from a fresh network, got "
+            f"init_dir={str(init_dir)!r}; set finetune.init=warmup to start from it"
+        )
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "checkpoint"
@@ -253,14 +292,23 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
         raise ValueError(f"expected a committed warm-up checkpoint at '{init_dir.uri}', found none")
     logger.info("finetune: starting from %s", init_dir.uri if init_dir else "scratch (DPDM baseline)")
     if init_dir is None and any(m.name == "central" for m in plan.ledger.mechanisms):
-        logger.warning("finetune from scratch with central.rounds=%d: the central query's budget is counted "
-                       "but its images are unused (central.rounds=0 gives DP-SGD the whole budget)",
-                       cfg.central.rounds)
+        logger.warning(
+            "finetune from scratch with central.rounds=%d: the central query's budget is counted "
+            "but its images are unused (central.rounds=0 gives DP-SGD the whole budget)",
+            cfg.central.rounds,
+        )
 
     cluster.connect(cfg)
     dataset = (data.to_ray_dataset(train) if isinstance(train, data.ImageSet) else train).materialize()
-    config = {"cfg": cfg, "plan": plan, "init": init_dir, "task": task,
-              "fail_at_step": fail_at_step, "fault_marker": str(out_dir / FAULT_MARKER), "before_step": before_step}
+    config = {
+        "cfg": cfg,
+        "plan": plan,
+        "init": init_dir,
+        "task": task,
+        "fail_at_step": fail_at_step,
+        "fault_marker": str(out_dir / FAULT_MARKER),
+        "before_step": before_step,
+    }
     result = _trainer(cfg, config, dataset, out_dir, callbacks, storage).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune: Ray Train returned no checkpoint (error: {result.error})")
@@ -275,10 +323,22 @@ def fit_finetune(cfg: Config, *, train: Any, plan: privacy.Plan, init_dir: Path 
     ledger = privacy.Ledger.from_state_dict(meta["ledger"])
     ledger.save(out_dir / "ledger.json")
     summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
-    summary.update({"epsilon": ledger.epsilon(), "steps": meta["step"], "noise_multiplier": plan.noise_multiplier,
-                    "sample_rate": plan.sample_rate, "n": plan.n, "accountant": plan.accountant,
-                    "delta": plan.delta, "init": "warmup" if init_dir is not None else "scratch", "checkpoint": str(final),
-                    "world_size": meta["world_size"], "nodes": meta.get("nodes", 1), "groups": ledger.groups})
+    summary.update(
+        {
+            "epsilon": ledger.epsilon(),
+            "steps": meta["step"],
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "n": plan.n,
+            "accountant": plan.accountant,
+            "delta": plan.delta,
+            "init": "warmup" if init_dir is not None else "scratch",
+            "checkpoint": str(final),
+            "world_size": meta["world_size"],
+            "nodes": meta.get("nodes", 1),
+            "groups": ledger.groups,
+        }
+    )
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -79,8 +79,9 @@ def gaussian_noise(numel: int, std: float, generator: torch.Generator) -> torch.
     (epsilon, delta) argument. In float64 the uniforms have 53 bits (bound 8.57 std, gaps at the 2^-53
     level). The generator is seeded from OS entropy (``rng.make_generator``) unless ``run.seed`` is set.
     """
-    return torch.normal(0.0, float(std), (int(numel),), generator=generator, device=generator.device,
-                        dtype=torch.float64)
+    return torch.normal(
+        0.0, float(std), (int(numel),), generator=generator, device=generator.device, dtype=torch.float64
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +100,9 @@ def _fold(grad_sample: torch.Tensor, examples: int) -> torch.Tensor:
     return grad_sample.reshape(examples, -1, *grad_sample.shape[1:]).sum(1)
 
 
-def _conv2d_per_example(layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor,
-                        examples: int) -> dict[nn.Parameter, torch.Tensor]:
+def _conv2d_per_example(
+    layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor, examples: int
+) -> dict[nn.Parameter, torch.Tensor]:
     """Conv2d gradients summed over the rows of each example, as weight-gradient convolutions.
 
     Few rows per example (K < 8): one grouped convolution with the examples as groups; many rows:
@@ -117,11 +119,16 @@ def _conv2d_per_example(layer: nn.Conv2d, activations: torch.Tensor, backprops: 
             x = activations.view(examples, k, channels, *size).transpose(0, 1).reshape(k, -1, *size)
             g = backprops.view(examples, k, *backprops.shape[1:]).transpose(0, 1)
             g = g.reshape(k, -1, *backprops.shape[2:])
-            weight = torch.nn.grad.conv2d_weight(x, (examples * shape[0], *shape[1:]), g,
-                                                 groups=examples * layer.groups, **conv)
+            weight = torch.nn.grad.conv2d_weight(
+                x, (examples * shape[0], *shape[1:]), g, groups=examples * layer.groups, **conv
+            )
         else:
-            weight = torch.stack([torch.nn.grad.conv2d_weight(x, shape, g, groups=layer.groups, **conv)
-                                  for x, g in zip(activations.split(k), backprops.split(k))])
+            weight = torch.stack(
+                [
+                    torch.nn.grad.conv2d_weight(x, shape, g, groups=layer.groups, **conv)
+                    for x, g in zip(activations.split(k), backprops.split(k))
+                ]
+            )
         out[layer.weight] = weight.reshape(examples, *shape)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.reshape(examples, -1, backprops.shape[1], backprops[0, 0].numel()).sum((1, 3))
@@ -145,14 +152,16 @@ class FoldedGradSampleModule(GradSampleModule):
             raise ValueError(f"expected noise_multiplicity K >= 1, got {noise_multiplicity}")
         errors = ModuleValidator.validate(module, strict=False)
         if errors:
-            raise ValueError(f"expected a module without layers that mix examples (docs/privacy.md §5), "
-                             f"Opacus' validator found: {errors}")
+            raise ValueError(
+                f"expected a module without layers that mix examples (docs/privacy.md §5), "
+                f"Opacus' validator found: {errors}"
+            )
         self.noise_multiplicity = int(noise_multiplicity)
-        super().__init__(module, batch_first=True, loss_reduction="sum", strict=True,
-                         force_functorch=force_functorch)
+        super().__init__(module, batch_first=True, loss_reduction="sum", strict=True, force_functorch=force_functorch)
 
-    def _per_example(self, module: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor,
-                     examples: int) -> dict[nn.Parameter, torch.Tensor]:
+    def _per_example(
+        self, module: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor, examples: int
+    ) -> dict[nn.Parameter, torch.Tensor]:
         """fp32 per-example gradients of ``module``'s parameters.
 
         Conv2d and Linear compute in the dtype of their output gradient (bf16 under autocast: the
@@ -173,18 +182,22 @@ class FoldedGradSampleModule(GradSampleModule):
         if kind is nn.Embedding and not self.force_functorch:
             inputs = _regroup(activations[0], examples, features=False)
             return self.GRAD_SAMPLERS[kind](module, [inputs], _regroup(backprops, examples, features=True))
-        sampler = (self.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient)
-                   if not self.force_functorch else ft_compute_per_sample_gradient)
+        sampler = (
+            self.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient)
+            if not self.force_functorch
+            else ft_compute_per_sample_gradient
+        )
         return {p: _fold(gs, examples) for p, gs in sampler(module, activations, backprops).items()}
 
-    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,
-                               loss_reduction: str, batch_first: bool) -> None:
+    def capture_backprops_hook(
+        self, module: nn.Module, _forward_input, forward_output, loss_reduction: str, batch_first: bool
+    ) -> None:
         """Opacus' hook, with per-example (K-folded) gradients instead of per-row ones."""
         if not self.hooks_enabled:
             return
         activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
-            batch_first=batch_first)
+            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction, batch_first=batch_first
+        )
         rows = module.max_batch_len
         assert rows % self.noise_multiplicity == 0, (rows, self.noise_multiplicity)
         examples = rows // self.noise_multiplicity
@@ -243,20 +256,33 @@ class DPSGD:
     the network's forward and backward only.
     """
 
-    def __init__(self, module: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, noise_multiplicity: int, physical_batch_size: int,
-                 noise_generator: Optional[torch.Generator], grad_sample_mode: str = "hooks",
-                 noise_rank: int = 0, precision: str = "fp32"):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        noise_multiplicity: int,
+        physical_batch_size: int,
+        noise_generator: Optional[torch.Generator],
+        grad_sample_mode: str = "hooks",
+        noise_rank: int = 0,
+        precision: str = "fp32",
+    ):
         if grad_sample_mode not in ("hooks", "functorch"):
             raise ValueError(f"expected grad_sample_mode hooks or functorch, got {grad_sample_mode!r}")
         if noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
-            raise ValueError(f"expected noise_multiplier >= 0, max_grad_norm > 0 and "
-                             f"expected_batch_size > 0, got {noise_multiplier}, {max_grad_norm}, "
-                             f"{expected_batch_size}")
+            raise ValueError(
+                f"expected noise_multiplier >= 0, max_grad_norm > 0 and "
+                f"expected_batch_size > 0, got {noise_multiplier}, {max_grad_norm}, "
+                f"{expected_batch_size}"
+            )
         if physical_batch_size < 1:
             raise ValueError(f"expected physical_batch_size >= 1 (rows per micro-batch), got {physical_batch_size}")
-        self.module = FoldedGradSampleModule(module, noise_multiplicity=noise_multiplicity,
-                                             force_functorch=grad_sample_mode == "functorch")
+        self.module = FoldedGradSampleModule(
+            module, noise_multiplicity=noise_multiplicity, force_functorch=grad_sample_mode == "functorch"
+        )
         self.params = [p for p in module.parameters() if p.requires_grad]
         wrong = [p.dtype for p in self.params if p.dtype != torch.float32]
         if wrong:
@@ -279,8 +305,9 @@ class DPSGD:
         # then still computed (so every hook fires), but not their batch-summed weight and bias
         # gradients, which DP-SGD never uses (oneDNN computes the weight gradient whenever the
         # bias gradient is asked for). A loss where some hook does not fire falls back to all.
-        skipped = {id(p) for m in module.modules() if type(m) in (nn.Conv2d, nn.Linear)
-                   for p in m.parameters(recurse=False)}
+        skipped = {
+            id(p) for m in module.modules() if type(m) in (nn.Conv2d, nn.Linear) for p in m.parameters(recurse=False)
+        }
         self._backward_to = [p for p in self.params if id(p) not in skipped]
 
     def micro_batches(self, examples: int) -> list[tuple[slice, range]]:
@@ -292,8 +319,10 @@ class DPSGD:
         per = self.physical_batch_size // self.K
         if per >= 1:
             return [(slice(start, start + per), range(self.K)) for start in range(0, examples, per)]
-        parts = [range(start, min(start + self.physical_batch_size, self.K))
-                 for start in range(0, self.K, self.physical_batch_size)]
+        parts = [
+            range(start, min(start + self.physical_batch_size, self.K))
+            for start in range(0, self.K, self.physical_batch_size)
+        ]
         return [(slice(b, b + 1), draws) for b in range(examples) for draws in parts]
 
     def privatise(self, images: torch.Tensor, labels: torch.Tensor, loss_rows: LossRows) -> StepStats:
@@ -304,7 +333,7 @@ class DPSGD:
         """
         # [clipped gradient sum | loss_sum, examples, clipped, workers] in fp32.
         buffer = torch.zeros(self.numel + 4, dtype=torch.float32, device=self.device)
-        total, stats = buffer[:self.numel], buffer[self.numel:]
+        total, stats = buffer[: self.numel], buffer[self.numel :]
         stats[3] = 1.0
 
         # Accumulate clipped per-example gradients over the physical micro-batches; an example whose
@@ -332,14 +361,14 @@ class DPSGD:
         total /= self.expected_batch_size
         offset = 0
         for p in self.params:
-            p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = total[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         loss_sum, examples, clipped, workers = stats.tolist()
-        return StepStats(examples=round(examples), clipped=round(clipped), loss_sum=loss_sum,
-                         workers=round(workers))
+        return StepStats(examples=round(examples), clipped=round(clipped), loss_sum=loss_sum, workers=round(workers))
 
-    def _per_example(self, images: torch.Tensor, labels: torch.Tensor, draws: range,
-                     loss_rows: LossRows) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _per_example(
+        self, images: torch.Tensor, labels: torch.Tensor, draws: range, loss_rows: LossRows
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """fp32 gradients [b, numel_p] per parameter, and losses [b], of sum_{k in draws} row_k / K."""
         batch = len(images)
         if images.is_floating_point():
@@ -348,8 +377,9 @@ class DPSGD:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             rows = loss_rows(self.module, images, labels, draws)
         if rows.shape != (batch * len(draws),):
-            raise ValueError(f"expected the per-row loss of shape [{batch * len(draws)}] (examples x draws), "
-                             f"got {tuple(rows.shape)}")
+            raise ValueError(
+                f"expected the per-row loss of shape [{batch * len(draws)}] (examples x draws), got {tuple(rows.shape)}"
+            )
         per_example = rows.float().view(batch, len(draws)).sum(1) / self.K
         targets = ([images] if images.requires_grad else []) + self._backward_to or self.params
         with warnings.catch_warnings():  # the first layer's hook fires on its output: expected
@@ -358,8 +388,10 @@ class DPSGD:
         if any(p.grad_sample is None for p in self.params):
             if len(self._backward_to) == len(self.params):
                 raise RuntimeError("no per-example gradient for some parameters: are they used in forward?")
-            logger.info("dpsgd: some layers are not between the images and the loss; backpropagating to "
-                        "every parameter from now on")
+            logger.info(
+                "dpsgd: some layers are not between the images and the loss; backpropagating to "
+                "every parameter from now on"
+            )
             self.module.reset()
             self._backward_to = list(self.params)
             return self._per_example(images.detach(), labels, draws, loss_rows)
@@ -369,8 +401,9 @@ class DPSGD:
         assert all(g.dtype == torch.float32 for g in grads), {g.dtype for g in grads}
         return grads, per_example.detach()
 
-    def _clip_and_add(self, grads: list[torch.Tensor], losses: torch.Tensor, total: torch.Tensor,
-                      stats: torch.Tensor) -> None:
+    def _clip_and_add(
+        self, grads: list[torch.Tensor], losses: torch.Tensor, total: torch.Tensor, stats: torch.Tensor
+    ) -> None:
         """Clip each example's fp32 gradient (the concatenation of ``grads``' rows) to C; add to ``total``."""
         norms = torch.stack([g.pow(2).sum(1) for g in grads], dim=1).sum(1).sqrt()
         factors = clip_factors(norms, self.max_grad_norm)
@@ -380,7 +413,7 @@ class DPSGD:
         for g in grads:
             if not all_finite:  # a dropped example has factor 0, but 0 * NaN would be NaN
                 g = torch.where(finite[:, None], g, torch.zeros_like(g))
-            total[offset:offset + g.shape[1]] += factors @ g
+            total[offset : offset + g.shape[1]] += factors @ g
             offset += g.shape[1]
 
         finite_loss = torch.isfinite(losses)

@@ -37,8 +37,9 @@ METADATA_FILE = "export.json"
 # metrics.json keys that are privacy parameters (stated in the card's privacy section), and facts about
 # the evaluation rather than results of it
 PRIVACY_KEYS = frozenset({"epsilon", "delta", "accountant", "seeded", "noise_multiplier", "sample_rate", "steps"})
-CONTEXT_KEYS = frozenset({"num_synthetic", "num_test", "test_split_public", "fid_kind", "fid_reference",
-                          "fid_samples", "fid_weights"})
+CONTEXT_KEYS = frozenset(
+    {"num_synthetic", "num_test", "test_split_public", "fid_kind", "fid_reference", "fid_samples", "fid_weights"}
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,10 @@ def release_root(run: Path | str) -> Path:
         return run / release.RELEASE_DIR
     if (run / release.RECORD_FILE).is_file():
         return run
-    raise ValueError(f"--run '{run}': expected a run or sweep directory holding release/ (or a release folder "
-                     f"holding {release.RECORD_FILE}), found neither")
+    raise ValueError(
+        f"--run '{run}': expected a run or sweep directory holding release/ (or a release folder "
+        f"holding {release.RECORD_FILE}), found neither"
+    )
 
 
 def read_release(run: Path | str) -> Release:
@@ -76,24 +79,34 @@ def read_release(run: Path | str) -> Release:
     ledger = privacy.Ledger.from_state_dict(_read_json(root / release.LEDGER_FILE, required=True))
     unfinished = [f"{m.name} {m.taken} of {m.planned}" for m in ledger.mechanisms if m.taken < m.planned]
     if unfinished:
-        raise ValueError(f"'{root / release.LEDGER_FILE}' records an unfinished run ({', '.join(unfinished)} "
-                         "compositions taken); finish it (rerun 'dpfeta run') before exporting")
+        raise ValueError(
+            f"'{root / release.LEDGER_FILE}' records an unfinished run ({', '.join(unfinished)} "
+            "compositions taken); finish it (rerun 'dpfeta run') before exporting"
+        )
     config = _read_json(root / release.CONFIG_FILE)
     images = _class_folders(root / "samples" / "images")
     num_classes = int(config.get("data", {}).get("num_classes", max(images) + 1))
     if max(images) >= num_classes:
-        raise ValueError(f"'{root}/samples/images': expected labels 0..{num_classes - 1} (data.num_classes="
-                         f"{num_classes}), got a folder for label {max(images)}")
-    return Release(root=root, images=images, num_classes=num_classes, ledger=ledger, record=record,
-                   metrics=_read_json(root / release.METRICS_FILE), config=config,
-                   samples=_read_json(root / "samples" / "samples.json"))
+        raise ValueError(
+            f"'{root}/samples/images': expected labels 0..{num_classes - 1} (data.num_classes="
+            f"{num_classes}), got a folder for label {max(images)}"
+        )
+    return Release(
+        root=root,
+        images=images,
+        num_classes=num_classes,
+        ledger=ledger,
+        record=record,
+        metrics=_read_json(root / release.METRICS_FILE),
+        config=config,
+        samples=_read_json(root / "samples" / "samples.json"),
+    )
 
 
 def _read_json(path: Path, *, required: bool = False) -> dict:
     if not path.is_file():
         if required:
-            raise ValueError(f"'{path}' not found: expected a release folder written by 'dpfeta run' or "
-                             "'dpfeta tune'")
+            raise ValueError(f"'{path}' not found: expected a release folder written by 'dpfeta run' or 'dpfeta tune'")
         return {}
     try:
         return json.loads(path.read_text())
@@ -107,8 +120,10 @@ def _class_folders(root: Path) -> dict[int, list[Path]]:
     images = {int(p.name): sorted(p.glob("*.png")) for p in folders}
     images = {label: files for label, files in sorted(images.items()) if files}
     if not images:
-        raise ValueError(f"'{root}': expected the released synthetic images as <label>/*.png, found none "
-                         "(the run has not reached sampling; finish it first)")
+        raise ValueError(
+            f"'{root}': expected the released synthetic images as <label>/*.png, found none "
+            "(the run has not reached sampling; finish it first)"
+        )
     return images
 
 
@@ -118,8 +133,7 @@ def class_names(num_classes: int) -> list[str]:
     return [f"{label:0{width}d}" for label in range(num_classes)]
 
 
-def select(images: dict[int, list[Path]], num_classes: int,
-           per_class: Union[int, str, None]) -> dict[int, list[Path]]:
+def select(images: dict[int, list[Path]], num_classes: int, per_class: Union[int, str, None]) -> dict[int, list[Path]]:
     """Each class's first ``per_class`` files; ``"min"``: the smallest class count (balanced); ``None``:
     all files (unbalanced). A class with fewer images than asked is refused, not padded."""
     if per_class is None:
@@ -129,19 +143,22 @@ def select(images: dict[int, list[Path]], num_classes: int,
         per_class = min(counts.values())
         if per_class == 0:
             empty = [label for label, n in counts.items() if n == 0]
-            raise ValueError(f"the release has no synthetic images of class(es) {empty}: a balanced export is "
-                             "empty; use --no-balance to export the classes it has")
+            raise ValueError(
+                f"the release has no synthetic images of class(es) {empty}: a balanced export is "
+                "empty; use --no-balance to export the classes it has"
+            )
     if not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"--per-class: expected an integer >= 1, got {per_class!r}")
     short = {label: n for label, n in counts.items() if n < per_class}
     if short:
-        raise ValueError(f"--per-class {per_class}: the release has fewer images of class(es) {short} "
-                         f"(label: count); expected at most {min(counts.values())} per class")
+        raise ValueError(
+            f"--per-class {per_class}: the release has fewer images of class(es) {short} "
+            f"(label: count); expected at most {min(counts.values())} per class"
+        )
     return {label: images[label][:per_class] for label in range(num_classes)}
 
 
-def export(run: Path | str, out: Path | str, *, fmt: str = "hf",
-           per_class: Union[int, str, None] = "min") -> dict:
+def export(run: Path | str, out: Path | str, *, fmt: str = "hf", per_class: Union[int, str, None] = "min") -> dict:
     """Write the release's synthetic images to ``out`` in format ``fmt``; return the export's metadata.
 
     ``per_class``: ``"min"`` (balanced at the smallest class count, the default), an integer, or
@@ -228,11 +245,18 @@ def write_parquet(rows: list[tuple[Path, str, int]], path: Path, names: list[str
     import pyarrow.parquet as pq
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([("image", image_type), ("label", pa.int64())],
-                       metadata={"huggingface": json.dumps({"info": {"features": hf_features(names)}})})
+    schema = pa.schema(
+        [("image", image_type), ("label", pa.int64())],
+        metadata={"huggingface": json.dumps({"info": {"features": hf_features(names)}})},
+    )
     images = [{"bytes": source.read_bytes(), "path": name} for source, name, _ in rows]
-    table = pa.table({"image": pa.array(images, type=image_type),
-                      "label": pa.array([label for _, _, label in rows], type=pa.int64())}, schema=schema)
+    table = pa.table(
+        {
+            "image": pa.array(images, type=image_type),
+            "label": pa.array([label for _, _, label in rows], type=pa.int64()),
+        },
+        schema=schema,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
@@ -245,11 +269,16 @@ def metadata(rel: Release, chosen: dict[int, list[Path]], *, fmt: str, balanced:
     return {
         "format": fmt,
         "dpfeta_version": dpfeta.__version__,
-        "method": "DP-FETA" if any(m.name == "central" and m.planned > 0 for m in rel.ledger.mechanisms)
+        "method": "DP-FETA"
+        if any(m.name == "central" and m.planned > 0 for m in rel.ledger.mechanisms)
         else "DPDM (DP-SGD from scratch)",
-        "epsilon": stated_epsilon(rel), "delta": rel.ledger.delta, "accountant": rel.ledger.accountant,
+        "epsilon": stated_epsilon(rel),
+        "delta": rel.ledger.delta,
+        "accountant": rel.ledger.accountant,
         "neighbouring_relation": rec.get("neighbouring_relation", privacy.NEIGHBOURING_RELATION),
-        "n": rel.ledger.n, "seeded": rel.ledger.seeded, "config_sha256": rec.get("config_sha256"),
+        "n": rel.ledger.n,
+        "seeded": rel.ledger.seeded,
+        "config_sha256": rec.get("config_sha256"),
         "release_kind": rec.get("kind", "run"),
         "classes": names,
         "balanced": balanced,
@@ -283,8 +312,10 @@ def hf_card_header(meta: dict) -> dict:
         "task_categories": ["image-classification"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
         "dataset_info": {  # datasets reads the features (ClassLabel names) from here
-            "features": [{"name": "image", "dtype": "image"},
-                         {"name": "label", "dtype": {"class_label": {"names": names}}}],
+            "features": [
+                {"name": "image", "dtype": "image"},
+                {"name": "label", "dtype": {"class_label": {"names": names}}},
+            ],
         },
     }
 
@@ -310,8 +341,8 @@ def _card_lines(rel: Release, meta: dict) -> list[str]:
         f"- neighbouring relation: {meta['neighbouring_relation']}",
         f"- N (training-split size, public): {meta['n']}",
         f"- accountant: {meta['accountant']}",
-        f"- seeded: {str(meta['seeded']).lower()}" + (" (a fixed seed was used for sampling and noise: tests or "
-                                                      "reproduction only)" if meta["seeded"] else ""),
+        f"- seeded: {str(meta['seeded']).lower()}"
+        + (" (a fixed seed was used for sampling and noise: tests or reproduction only)" if meta["seeded"] else ""),
         f"- config sha256: {meta['config_sha256']}",
         "- public facts: " + "; ".join(rel.record.get("public_facts", privacy.PUBLIC_FACTS)),
         "",
@@ -325,8 +356,11 @@ def _card_lines(rel: Release, meta: dict) -> list[str]:
         "## Contents",
         "",
         f"{'Balanced' if meta['balanced'] else 'Not balanced'}: "
-        + (f"the first {min(meta['counts'].values())} released images of each class."
-           if meta["balanced"] else "every released image."),
+        + (
+            f"the first {min(meta['counts'].values())} released images of each class."
+            if meta["balanced"]
+            else "every released image."
+        ),
         "",
         "| label | images | in the release |",
         "|---|---|---|",
@@ -337,20 +371,27 @@ def _card_lines(rel: Release, meta: dict) -> list[str]:
     ]
     shown = {k: v for k, v in sorted(rel.metrics.items()) if k not in PRIVACY_KEYS}
     if set(shown) - CONTEXT_KEYS:
-        lines += ["From the release's metrics.json (DP metrics only), computed on the whole released synthetic set "
-                  f"({rel.metrics.get('num_synthetic', 'all')} images), not on this export's selection:", ""]
+        lines += [
+            "From the release's metrics.json (DP metrics only), computed on the whole released synthetic set "
+            f"({rel.metrics.get('num_synthetic', 'all')} images), not on this export's selection:",
+            "",
+        ]
         lines += [f"- {k}: {v}" for k, v in shown.items()]
     else:
-        lines += ["The release holds no evaluation metric: only metrics against a public test set are DP and "
-                  "released; an accuracy or FID against a sensitive test split is not"
-                  + (" (release/metrics.json: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")."
-                     if shown else ".")]
+        lines += [
+            "The release holds no evaluation metric: only metrics against a public test set are DP and "
+            "released; an accuracy or FID against a sensitive test split is not"
+            + (" (release/metrics.json: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")." if shown else ".")
+        ]
     return lines + ["", "## Loading", "", "```", _loading_hint(meta["format"]), "```"]
 
 
 def _loading_hint(fmt: str) -> str:
     if fmt == "imagefolder":
-        return 'datasets.load_dataset("imagefolder", data_dir="THIS_FOLDER")  # or torchvision ImageFolder("THIS_FOLDER/train")'
+        return (
+            'datasets.load_dataset("imagefolder", data_dir="THIS_FOLDER")'
+            '  # or torchvision ImageFolder("THIS_FOLDER/train")'
+        )
     if fmt == "parquet":
         return 'datasets.load_dataset("parquet", data_dir="THIS_FOLDER/data")  # or pyarrow.parquet.read_table'
     return 'datasets.load_dataset("THIS_FOLDER")  # or load_dataset("parquet", data_dir="THIS_FOLDER/data")'

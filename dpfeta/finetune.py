@@ -68,13 +68,23 @@ class Task:
     sampler: Callable[..., dpsgd.PoissonSampler] = dpsgd.PoissonSampler
 
 
-def _edm_loss_rows(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
-                   generator: torch.Generator, draws: range) -> torch.Tensor:
+def _edm_loss_rows(
+    module: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config, generator: torch.Generator, draws: range
+) -> torch.Tensor:
     """EDM loss rows of ``len(draws)`` noise draws per example; labels come already dropped."""
     d = cfg.diffusion
-    return edm_loss_rows(EDMPrecond(module, d.sigma_data), images, labels, P_mean=d.P_mean,
-                         P_std=d.P_std, sigma_data=d.sigma_data, label_drop_prob=0.0,
-                         num_classes=cfg.data.num_classes, K=len(draws), generator=generator)
+    return edm_loss_rows(
+        EDMPrecond(module, d.sigma_data),
+        images,
+        labels,
+        P_mean=d.P_mean,
+        P_std=d.P_std,
+        sigma_data=d.sigma_data,
+        label_drop_prob=0.0,
+        num_classes=cfg.data.num_classes,
+        K=len(draws),
+        generator=generator,
+    )
 
 
 def _drop_labels(labels: torch.Tensor, cfg: Config, generator: torch.Generator) -> torch.Tensor:
@@ -113,15 +123,17 @@ def warmup_checkpoint(init_dir: Path | str) -> Path:
     for candidate in (init_dir, init_dir / "checkpoint"):
         if checkpoint.exists(candidate):
             return candidate
-    raise ValueError(f"expected a warm-up checkpoint (meta.json) in '{init_dir}' or "
-                     f"'{init_dir / 'checkpoint'}', found none")
+    raise ValueError(
+        f"expected a warm-up checkpoint (meta.json) in '{init_dir}' or '{init_dir / 'checkpoint'}', found none"
+    )
 
 
 def _check_model(meta: dict, cfg: Config, where: Path | str) -> None:
     saved = meta.get("config", {}).get("model")
     if saved is not None and saved != cfg.to_dict()["model"]:
-        raise ValueError(f"checkpoint '{where}' holds model={saved}, but the config asks for "
-                         f"model={cfg.to_dict()['model']}")
+        raise ValueError(
+            f"checkpoint '{where}' holds model={saved}, but the config asks for model={cfg.to_dict()['model']}"
+        )
 
 
 def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
@@ -129,8 +141,10 @@ def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
     saved = (meta["noise_multiplier"], meta["sample_rate"], meta["steps"], meta["n"])
     given = (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.n)
     if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, given)):
-        raise ValueError(f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
-                         f"plan now gives {given}; sigma is decided once per run, use a new output folder")
+        raise ValueError(
+            f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
+            f"plan now gives {given}; sigma is decided once per run, use a new output folder"
+        )
 
 
 def start_ledger(plan: privacy.Plan) -> privacy.Ledger:
@@ -180,9 +194,18 @@ def build_network(cfg: Config, task: Task, worker: Worker) -> nn.Module:
     return net.to(worker.device)
 
 
-def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Path | str | None,
-                   resume_dir: Path | str | None, reporter: Reporter, worker: Worker = Worker(),
-                   task: Task = EDM, before_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def train_finetune(
+    cfg: Config,
+    shard: Any,
+    *,
+    plan: privacy.Plan,
+    init_dir: Path | str | None,
+    resume_dir: Path | str | None,
+    reporter: Reporter,
+    worker: Worker = Worker(),
+    task: Task = EDM,
+    before_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Run logical steps until ``plan.steps`` on this worker's shard (an ``ImageSet``-like object).
 
     ``init_dir``: warm-up output (raw weights; fresh Adam and EMA) or None (from scratch);
@@ -219,16 +242,28 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
 
     # Generators: OS entropy per attempt unless run.seed (then distinct per stream, rank and start).
     seed = cfg.run.seed
-    sampler = task.sampler(len(shard), sample_rate=plan.sample_rate, generator=rng.make_generator(
-        seed, stream="sample", rank=worker.rank, step=step))
+    sampler = task.sampler(
+        len(shard),
+        sample_rate=plan.sample_rate,
+        generator=rng.make_generator(seed, stream="sample", rank=worker.rank, step=step),
+    )
     loss_generator = rng.make_generator(seed, stream="loss", rank=worker.rank, step=step, device=device)
-    noise_generator = (rng.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
-                       if worker.rank == 0 else None)
-    private = task.dp_step(net, noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
-                           expected_batch_size=plan.sample_rate * plan.n, noise_multiplicity=f.noise_multiplicity,
-                           physical_batch_size=f.physical_batch_size, noise_generator=noise_generator,
-                           grad_sample_mode=f.grad_sample_mode,
-                           precision=precision.resolve(cfg.run.precision, device))
+    noise_generator = (
+        rng.make_generator(seed, stream="noise", rank=worker.rank, step=step, device=device)
+        if worker.rank == 0
+        else None
+    )
+    private = task.dp_step(
+        net,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=f.max_grad_norm,
+        expected_batch_size=plan.sample_rate * plan.n,
+        noise_multiplicity=f.noise_multiplicity,
+        physical_batch_size=f.physical_batch_size,
+        noise_generator=noise_generator,
+        grad_sample_mode=f.grad_sample_mode,
+        precision=precision.resolve(cfg.run.precision, device),
+    )
     images = torch.as_tensor(shard.images).to(device)
     labels = torch.as_tensor(shard.labels).to(device)
 
@@ -241,13 +276,28 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
         return task.prepare_labels(labels[index], cfg, loss_generator)
 
     if worker.rank == 0:
-        logger.info("finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
-                    "T=%d, from step %d, %s compute", start, count_parameters(net), len(images), plan.n,
-                    worker.world_size, plan.noise_multiplier, plan.sample_rate, plan.steps, step, private.precision)
+        logger.info(
+            "finetune: %s, %d parameters, shard %d of N=%d on %d worker(s), sigma=%.4f q=%.5g "
+            "T=%d, from step %d, %s compute",
+            start,
+            count_parameters(net),
+            len(images),
+            plan.n,
+            worker.world_size,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+            step,
+            private.precision,
+        )
     # epsilon at a report depends on the plan only: rank 0 composes the curve on a thread from here on.
-    curve = (privacy.EpsilonCurve(ledger, "dpsgd", [t for t in range(step + 1, plan.steps + 1)
-                                                    if _reports_at(t, cfg, plan)[0]])
-             if worker.rank == 0 else None)
+    curve = (
+        privacy.EpsilonCurve(
+            ledger, "dpsgd", [t for t in range(step + 1, plan.steps + 1) if _reports_at(t, cfg, plan)[0]]
+        )
+        if worker.rank == 0
+        else None
+    )
     window, metrics, first_step = _Window(start=time.perf_counter()), {}, step
     net.train()
     try:
@@ -272,8 +322,20 @@ def train_finetune(cfg: Config, shard: Any, *, plan: privacy.Plan, init_dir: Pat
             report, save = _reports_at(step, cfg, plan)
             if report:
                 metrics = _metrics(cfg, plan, curve, ledger, step, window) if worker.rank == 0 else {"step": step}
-                _report(reporter, metrics, save and worker.rank == 0, cfg=cfg, plan=plan, ledger=ledger,
-                        net=net, ema=ema, optimizer=optimizer, step=step, worker=worker, first_step=first_step)
+                _report(
+                    reporter,
+                    metrics,
+                    save and worker.rank == 0,
+                    cfg=cfg,
+                    plan=plan,
+                    ledger=ledger,
+                    net=net,
+                    ema=ema,
+                    optimizer=optimizer,
+                    step=step,
+                    worker=worker,
+                    first_step=first_step,
+                )
                 window = _Window(start=time.perf_counter())
     finally:
         if curve is not None:
@@ -296,33 +358,74 @@ def _spent(curve: privacy.EpsilonCurve, ledger: privacy.Ledger, step: int) -> fl
     return curve.at(step)
 
 
-def _metrics(cfg: Config, plan: privacy.Plan, curve: privacy.EpsilonCurve, ledger: privacy.Ledger, step: int,
-             window: _Window) -> dict[str, Any]:
+def _metrics(
+    cfg: Config, plan: privacy.Plan, curve: privacy.EpsilonCurve, ledger: privacy.Ledger, step: int, window: _Window
+) -> dict[str, Any]:
     """Rank 0's report: public quantities, then nondp/ ones only when tracking.nondp."""
     # sec_per_step first: the window times the steps, not a wait for the curve's epsilon below
     sec_per_step = (time.perf_counter() - window.start) / max(window.steps, 1)
-    out = {"step": step, "steps": plan.steps, "nimg": round(step * plan.sample_rate * plan.n),
-           "epsilon": _spent(curve, ledger, step), "noise_multiplier": plan.noise_multiplier, "sec_per_step": sec_per_step}
+    out = {
+        "step": step,
+        "steps": plan.steps,
+        "nimg": round(step * plan.sample_rate * plan.n),
+        "epsilon": _spent(curve, ledger, step),
+        "noise_multiplier": plan.noise_multiplier,
+        "sec_per_step": sec_per_step,
+    }
     if cfg.tracking.nondp:
         examples = max(window.examples, 1)
-        out.update({"nondp/loss": window.loss_sum / examples, "nondp/clip_fraction": window.clipped / examples,
-                    "nondp/batch": window.examples / max(window.steps, 1)})
-    logger.info("finetune step %d/%d nimg %d eps %.4f sec/step %.3f%s", step, plan.steps, out["nimg"],
-                out["epsilon"], out["sec_per_step"],
-                f" nondp/loss {out['nondp/loss']:.4f}" if "nondp/loss" in out else "")
+        out.update(
+            {
+                "nondp/loss": window.loss_sum / examples,
+                "nondp/clip_fraction": window.clipped / examples,
+                "nondp/batch": window.examples / max(window.steps, 1),
+            }
+        )
+    logger.info(
+        "finetune step %d/%d nimg %d eps %.4f sec/step %.3f%s",
+        step,
+        plan.steps,
+        out["nimg"],
+        out["epsilon"],
+        out["sec_per_step"],
+        f" nondp/loss {out['nondp/loss']:.4f}" if "nondp/loss" in out else "",
+    )
     return out
 
 
-def _report(reporter: Reporter, metrics: dict[str, Any], save: bool, *, cfg: Config, plan: privacy.Plan,
-            ledger: privacy.Ledger, net: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-            step: int, worker: Worker, first_step: int) -> None:
+def _report(
+    reporter: Reporter,
+    metrics: dict[str, Any],
+    save: bool,
+    *,
+    cfg: Config,
+    plan: privacy.Plan,
+    ledger: privacy.Ledger,
+    net: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    worker: Worker,
+    first_step: int,
+) -> None:
     if not save:
         reporter(metrics, None)
         return
-    meta = {"stage": "finetune", "step": step, "steps": plan.steps, "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate, "n": plan.n, "expected_batch": plan.sample_rate * plan.n,
-            "epsilon": metrics.get("epsilon"), "ledger": ledger.state_dict(),
-            "world_size": worker.world_size, "nodes": worker.nodes, "attempt_first_step": first_step, "config": cfg.public_dict()}
+    meta = {
+        "stage": "finetune",
+        "step": step,
+        "steps": plan.steps,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "n": plan.n,
+        "expected_batch": plan.sample_rate * plan.n,
+        "epsilon": metrics.get("epsilon"),
+        "ledger": ledger.state_dict(),
+        "world_size": worker.world_size,
+        "nodes": worker.nodes,
+        "attempt_first_step": first_step,
+        "config": cfg.public_dict(),
+    }
     with tempfile.TemporaryDirectory(prefix="dpfeta-finetune-") as tmp:
         path = checkpoint.save(Path(tmp) / "checkpoint", model=net, ema=ema, optimizer=optimizer, meta=meta)
         reporter(metrics, path)

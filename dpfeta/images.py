@@ -70,17 +70,16 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-
 def _numpy_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     images = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images [N,C,H,W] with C in (1, 3), got "
-                         f"{images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"expected uint8 images [N,C,H,W] with C in (1, 3), got {images.dtype} {tuple(images.shape)}")
     return images
 
 
-def make_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1,
-              pad_value: int = 128) -> np.ndarray:
+def make_grid(
+    images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1, pad_value: int = 128
+) -> np.ndarray:
     """Tile N images, ``nrow`` per row (default ceil(sqrt(N))), into one uint8 array
     [C, rows*(H+pad)+pad, min(nrow, N)*(W+pad)+pad] with ``pad_value`` padding: torchvision's
     ``make_grid`` (which turns one channel into three: the first is kept for greyscale)."""
@@ -94,8 +93,7 @@ def make_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad
     return np.ascontiguousarray(grid[:c].numpy())
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int | None = None,
-              scale: int = 1) -> Path:
+def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a grid PNG; ``scale`` enlarges it (nearest) for viewing small images."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +104,9 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int 
     return path
 
 
-def save_class_folders(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-                       out_dir: Path | str, *, start: int = 0) -> None:
+def save_class_folders(
+    images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, out_dir: Path | str, *, start: int = 0
+) -> None:
     """Write ``out_dir/<label:06d>/<index:06d>.png`` (torchvision ImageFolder order)."""
     images = _numpy_uint8(images)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
@@ -126,8 +125,11 @@ def load_class_folders(root: Path | str, *, channels: int | None = None) -> tupl
     ``channels`` forces 1 (grey) or 3 (RGB); by default it follows the first image's mode.
     """
     root = Path(root)
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()),
-                     key=lambda p: int(p.name)) if root.is_dir() else []
+    folders = (
+        sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        if root.is_dir()
+        else []
+    )
     files = [(f, int(d.name)) for d in folders for f in sorted(d.glob("*.png"))]
     if not files:
         raise ValueError(f"expected PNG files in class folders '{root}/<label>/*.png', found none")
@@ -144,8 +146,14 @@ def load_class_folders(root: Path | str, *, channels: int | None = None) -> tupl
     return np.stack(arrays), np.array([label for _, label in files], dtype=np.int64)
 
 
-def save_class_grid(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-                    path: Path | str, *, per_class: int = 10, scale: int = 2) -> Path:
+def save_class_grid(
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    path: Path | str,
+    *,
+    per_class: int = 10,
+    scale: int = 2,
+) -> Path:
     """Grid with one row per class (ascending), its first ``per_class`` images; gaps stay black."""
     images = _numpy_uint8(images)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
@@ -153,7 +161,7 @@ def save_class_grid(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np
     tiles = np.zeros((len(classes) * per_class, *images.shape[1:]), dtype=np.uint8)
     for row, c in enumerate(classes):
         picked = images[labels == c][:per_class]
-        tiles[row * per_class:row * per_class + len(picked)] = picked
+        tiles[row * per_class : row * per_class + len(picked)] = picked
     return save_grid(tiles, path, nrow=per_class, scale=scale)
 
 

@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 MODEL_NAME = "model"  # the logged model's name in the run
-ARTIFACTS = {"weights": "model/ema.pt", "meta": "model/meta.json", "config": "config.json",
-             "release": "release.json"}  # relative to release/
+ARTIFACTS = {
+    "weights": "model/ema.pt",
+    "meta": "model/meta.json",
+    "config": "config.json",
+    "release": "release.json",
+}  # relative to release/
 PARAMS = {"steps": -1, "guidance": -1.0, "seed": -1}  # -1: the run's sample.* setting (seed: OS entropy)
 
 
@@ -50,7 +54,7 @@ class Sampler(mlflow.pyfunc.PythonModel):
         denoiser = sample.build_denoiser(self.cfg)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         if all(key.startswith("net.") for key in state):  # saved as EDMPrecond, not its U-Net
-            state = {key[len("net."):]: value for key, value in state.items()}
+            state = {key[len("net.") :]: value for key, value in state.items()}
         denoiser.net.load_state_dict(state)
         self.denoiser = denoiser.eval()
 
@@ -71,8 +75,9 @@ class Sampler(mlflow.pyfunc.PythonModel):
         cfg = config_mod.replace(self.cfg, updates) if updates else self.cfg
         seed = int(params["seed"])
         generator = rng.make_generator(seed if seed >= 0 else None, stream="sample")
-        images, _ = sample.generate(self.denoiser, cfg, len(labels), generator=generator, progress=False,
-                                    labels=torch.as_tensor(labels))
+        images, _ = sample.generate(
+            self.denoiser, cfg, len(labels), generator=generator, progress=False, labels=torch.as_tensor(labels)
+        )
         return np.ascontiguousarray(images.numpy())
 
 
@@ -108,9 +113,14 @@ def signature(cfg):
     return ModelSignature(
         inputs=Schema([ColSpec("long", "label")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, d.channels, d.resolution, d.resolution), "images")]),
-        params=ParamSchema([ParamSpec("steps", "long", PARAMS["steps"]),
-                            ParamSpec("guidance", "double", PARAMS["guidance"]),
-                            ParamSpec("seed", "long", PARAMS["seed"])]))
+        params=ParamSchema(
+            [
+                ParamSpec("steps", "long", PARAMS["steps"]),
+                ParamSpec("guidance", "double", PARAMS["guidance"]),
+                ParamSpec("seed", "long", PARAMS["seed"]),
+            ]
+        ),
+    )
 
 
 def input_example(cfg):
@@ -122,17 +132,25 @@ def input_example(cfg):
 
 def card(record: dict) -> tuple[dict[str, str], str]:
     """(tags, markdown description) of the model from ``release.json``."""
-    tags = {"dp.epsilon": str(float(record["epsilon"])), "dp.delta": f"{record['delta']:g}",
-            "dp.accountant": str(record["accountant"]), "dp.neighbouring_relation": record["neighbouring_relation"],
-            "dp.n": str(record["n"]), "dp.config_sha256": record["config_sha256"],
-            "dp.seeded": str(record["seeded"]).lower(), "dp.kind": record.get("kind", "run")}
-    text = (f"Class-conditional diffusion model (EMA weights) trained with DP-FETA. The weights are "
-            f"(epsilon = {record['epsilon']:.4f}, delta = {record['delta']:g})-differentially private with respect "
-            f"to the sensitive training split (N = {record['n']}, {record['neighbouring_relation']}), accounted "
-            f"with the {record['accountant']} accountant over every mechanism. Config sha256 "
-            f"{record['config_sha256']}; seeded: {str(record['seeded']).lower()}.\n\n"
-            "predict(DataFrame({'label': [...]})) returns one uint8 image [C, H, W] per label; params: steps, "
-            "guidance, seed (-1: the run's settings, OS entropy). Sampling is post-processing and costs no privacy.")
+    tags = {
+        "dp.epsilon": str(float(record["epsilon"])),
+        "dp.delta": f"{record['delta']:g}",
+        "dp.accountant": str(record["accountant"]),
+        "dp.neighbouring_relation": record["neighbouring_relation"],
+        "dp.n": str(record["n"]),
+        "dp.config_sha256": record["config_sha256"],
+        "dp.seeded": str(record["seeded"]).lower(),
+        "dp.kind": record.get("kind", "run"),
+    }
+    text = (
+        f"Class-conditional diffusion model (EMA weights) trained with DP-FETA. The weights are "
+        f"(epsilon = {record['epsilon']:.4f}, delta = {record['delta']:g})-differentially private with respect "
+        f"to the sensitive training split (N = {record['n']}, {record['neighbouring_relation']}), accounted "
+        f"with the {record['accountant']} accountant over every mechanism. Config sha256 "
+        f"{record['config_sha256']}; seeded: {str(record['seeded']).lower()}.\n\n"
+        "predict(DataFrame({'label': [...]})) returns one uint8 image [C, H, W] per label; params: steps, "
+        "guidance, seed (-1: the run's settings, OS entropy). Sampling is post-processing and costs no privacy."
+    )
     return tags, text
 
 
@@ -141,7 +159,8 @@ def pip_requirements() -> list[str]:
     from importlib import metadata
 
     return [f"{dist}=={metadata.version(dist)}" for dist in ("torch", "numpy", "pyyaml", "pillow", "pandas")] + [
-        f"mlflow=={metadata.version('mlflow')}"]
+        f"mlflow=={metadata.version('mlflow')}"
+    ]
 
 
 def package_dir() -> str:
@@ -174,10 +193,17 @@ def log_release_model(tracker, register_as: Optional[str] = None) -> Optional[st
         with _global_tracking_uri(tracker.uri):
             with mlflow.start_run(run_id=tracker.run_id):
                 info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME, python_model=Sampler(), artifacts={k: str(v) for k, v in files.items()},
-                    code_paths=[package_dir()], signature=signature(cfg), input_example=input_example(cfg),
-                    pip_requirements=pip_requirements(), metadata={"dpfeta": record},
-                    tags={**tags, "mlflow.note.content": description}, registered_model_name=register_as)
+                    name=MODEL_NAME,
+                    python_model=Sampler(),
+                    artifacts={k: str(v) for k, v in files.items()},
+                    code_paths=[package_dir()],
+                    signature=signature(cfg),
+                    input_example=input_example(cfg),
+                    pip_requirements=pip_requirements(),
+                    metadata={"dpfeta": record},
+                    tags={**tags, "mlflow.note.content": description},
+                    registered_model_name=register_as,
+                )
                 mlflow.set_tag("dpfeta.model_uri", info.model_uri)
         if register_as and info.registered_model_version is not None:
             version = str(info.registered_model_version)

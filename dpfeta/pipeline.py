@@ -31,10 +31,26 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from dpfeta import central, checkpoint, cluster, console, data, distributed, evaluate, images, privacy, progress
-from dpfeta import release, rng, runlock, sample, tracking, warmup
+from dpfeta import (
+    central,
+    checkpoint,
+    cluster,
+    console,
+    data,
+    distributed,
+    evaluate,
+    images,
+    privacy,
+    progress,
+    release,
+    rng,
+    rundir,
+    runlock,
+    sample,
+    tracking,
+    warmup,
+)
 from dpfeta.config import Config
-from dpfeta import rundir
 from dpfeta.rundir import RunDir
 from dpfeta.runplan import budget_text, check_train_size, plan_run, resolve_config, summary_text  # noqa: F401
 from dpfeta.storage import Storage, Workspace
@@ -69,8 +85,12 @@ def stage_central(run: RunDir, train) -> Optional[data.ImageSet]:
             eps = run.spend("central", result.rounds)  # counted (and committed) before the output is written
             progress.position("central", result.rounds, eps=eps)
         central.save_central(result, tmp)
-    log.info("central: %d images released in %.1fs; epsilon so far %.4f", len(result.images),
-             time.perf_counter() - start, eps)
+    log.info(
+        "central: %d images released in %.1fs; epsilon so far %.4f",
+        len(result.images),
+        time.perf_counter() - start,
+        eps,
+    )
     return _publish_central(run)
 
 
@@ -79,13 +99,17 @@ def _check_counted_output(run: RunDir) -> None:
     if (run.scratch("central") / "central.json").is_file():
         return
     if run.ledger.get("central").shared:
-        raise RuntimeError(f"'{run.url()}': the central images are a sweep's shared query (run once and "
-                           "counted in its ledger), but neither central/ nor the counted query's output "
-                           "is there; a second query under the same ledger would spend again: start a "
-                           "new run.name")
-    raise ValueError(f"run directory '{run.url()}': the central query was counted in ledger.json "
-                     "(its budget is spent) but its output was lost before it was written; a new "
-                     "query would spend again under the same ledger: start a new run.name")
+        raise RuntimeError(
+            f"'{run.url()}': the central images are a sweep's shared query (run once and "
+            "counted in its ledger), but neither central/ nor the counted query's output "
+            "is there; a second query under the same ledger would spend again: start a "
+            "new run.name"
+        )
+    raise ValueError(
+        f"run directory '{run.url()}': the central query was counted in ledger.json "
+        "(its budget is spent) but its output was lost before it was written; a new "
+        "query would spend again under the same ledger: start a new run.name"
+    )
 
 
 def _publish_central(run: RunDir) -> data.ImageSet:
@@ -106,8 +130,9 @@ def _node_id() -> Optional[str]:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage,
-                 tracker: Optional[tracking.Tracker] = None) -> dict:
+def _warmup_task(
+    cfg: Config, central_set: data.ImageSet, out: Storage, tracker: Optional[tracking.Tracker] = None
+) -> dict:
     """The warm-up, where a GPU is (a Ray task) or here. On an object store every periodic checkpoint
     (``warmup.checkpoint_every``) is committed as ``step-<n>/`` and named by ``latest.json``, and a
     task restarted on another node (a lost node: Ray retries it) resumes from there, not from step 0;
@@ -131,8 +156,14 @@ def _warmup_task(cfg: Config, central_set: data.ImageSet, out: Storage,
         reporter = None
         if tracker is not None:
             reporter = lambda m: tracker.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
-        summary = warmup.train_warmup(cfg, central_set, local, reporter=reporter, on_checkpoint=on_checkpoint,
-                                      generator=rng.seeded_generator(cfg.run.seed, stream="warmup"))
+        summary = warmup.train_warmup(
+            cfg,
+            central_set,
+            local,
+            reporter=reporter,
+            on_checkpoint=on_checkpoint,
+            generator=rng.seeded_generator(cfg.run.seed, stream="warmup"),
+        )
         if out.local_path is None:
             out.put_dir(local / "checkpoint", "checkpoint")
         return {k: v for k, v in summary.items() if k != "checkpoint"}
@@ -151,8 +182,13 @@ def stage_warmup(run: RunDir, central_set: Optional[data.ImageSet]) -> Optional[
     start = time.perf_counter()
     here = run.tracker if not cluster.needs_remote(cfg) else None  # a Ray task gets no MLflow run
     summary = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, run.location(WARMUP_DIR), here)
-    log.info("warmup: done in %.1fs (steps %d..%d, loss %s)", time.perf_counter() - start,
-             summary.get("resumed_from", 0), summary.get("step", 0), summary.get("loss"))
+    log.info(
+        "warmup: done in %.1fs (steps %d..%d, loss %s)",
+        time.perf_counter() - start,
+        summary.get("resumed_from", 0),
+        summary.get("step", 0),
+        summary.get("loss"),
+    )
     return where
 
 
@@ -175,8 +211,9 @@ def stage_finetune(run: RunDir, train, init: Optional[Storage], callbacks: Optio
             cluster.connect(cfg)  # only when there is training to do: a finished run resumes without Ray
             live = distributed.mlflow_callbacks(run.tracker)  # rank 0's reports, epsilon included, live to MLflow
             callbacks += live + relay.enter_context(progress.train_relay("dpsgd"))
-        result = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=init, out_dir=out, callbacks=callbacks,
-                                          storage=run.remote_location(rel))
+        result = distributed.fit_finetune(
+            cfg, train=train, plan=pl, init_dir=init, out_dir=out, callbacks=callbacks, storage=run.remote_location(rel)
+        )
     for name in ("plan.json", "checkpoint", "ledger.json", "finetune.json"):  # the summary last: "done"
         run.commit(f"{rel}/{name}")
     steps = int(result["steps"])
@@ -186,16 +223,22 @@ def stage_finetune(run: RunDir, train, init: Optional[Storage], callbacks: Optio
         if not live:  # no live curve from the workers' reports: the curve from the ledger
             tracking.log_epsilon_curve(run.tracker, run.ledger)
         run.publish()
-    log.info("finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)", steps,
-             time.perf_counter() - start, run.ledger.epsilon(), float(result.get("epsilon", float("nan"))))
+    log.info(
+        "finetune: %d DP-SGD steps (%.1fs); composed epsilon %.4f (fine-tune reported %.4f)",
+        steps,
+        time.perf_counter() - start,
+        run.ledger.epsilon(),
+        float(result.get("epsilon", float("nan"))),
+    )
     return out / "checkpoint"
 
 
 SHARDS = "checkpoints/sample"  # one marker per finished sampling shard (operator-internal)
 
 
-def _sample_shard(cfg: Config, weights: Storage, out: Storage, marks: Storage, index: int, start: int,
-                  labels: np.ndarray) -> dict:
+def _sample_shard(
+    cfg: Config, weights: Storage, out: Storage, marks: Storage, index: int, start: int, labels: np.ndarray
+) -> dict:
     """One sampling shard, where a GPU is (a Ray task) or here: read the EMA weights from the storage,
     write ``images/<label>/<start+i>.png`` to ``out`` (each file atomically), then the shard's marker.
     A shard redone after a lost node rewrites the same names."""
@@ -213,8 +256,13 @@ def _sample_shard(cfg: Config, weights: Storage, out: Storage, marks: Storage, i
         if not out.is_local:
             for path in sorted((staged / "images").rglob("*.png")):
                 out.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
-    meta = {"index": index, "start": start, "num": int(len(labels)), "seconds": round(time.perf_counter() - begin, 1),
-            "node": _node_id()}
+    meta = {
+        "index": index,
+        "start": start,
+        "num": int(len(labels)),
+        "seconds": round(time.perf_counter() - begin, 1),
+        "node": _node_id(),
+    }
     marks.write_json(f"{index:05d}.json", meta)
     return meta
 
@@ -236,7 +284,7 @@ def stage_sample_shards(run: RunDir, weights: Storage) -> list[dict]:
         if marks.is_file(f"{index:05d}.json"):
             done.append(marks.read_json(f"{index:05d}.json"))
         else:
-            calls.append((cfg, weights, out, marks, index, start, labels[start:start + s.shard_size]))
+            calls.append((cfg, weights, out, marks, index, start, labels[start : start + s.shard_size]))
     if done:
         log.info("sample: %d of %d shards already done, sampling %d", len(done), len(done) + len(calls), len(calls))
     return done + cluster.map_on_gpu(cfg, _sample_shard, calls)
@@ -254,13 +302,22 @@ def stage_sample(run: RunDir, weights: Path | Storage) -> data.ImageSet:
         x, y = synthetic.images, synthetic.labels
         images.save_class_grid(x, y, run.path("samples/grid.png"))
         s = run.cfg.sample
-        meta = {"num": int(len(y)), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "weights": "EMA",
-                "shards": len(shards), "seconds": round(time.perf_counter() - begin, 1)}
+        meta = {
+            "num": int(len(y)),
+            "sampler": s.sampler,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "weights": "EMA",
+            "shards": len(shards),
+            "seconds": round(time.perf_counter() - begin, 1),
+        }
         if len(y) != s.num_samples:
             raise RuntimeError(f"sample: expected {s.num_samples} images from {len(shards)} shards, found {len(y)}")
         run.path("samples/samples.json").write_text(json.dumps(meta, indent=2) + "\n")  # locally: "done"
         run.commit_files("samples", ("grid.png", "samples.json"))
-        log.info("sample: %d images in %d shards, %.1fs -> %s", len(y), len(shards), meta["seconds"], run.url("samples"))
+        log.info(
+            "sample: %d images in %d shards, %.1fs -> %s", len(y), len(shards), meta["seconds"], run.url("samples")
+        )
     else:
         log.info("sample: found %s, skipping", run.url("samples"))
     if not run.published("samples"):  # new, or interrupted before it was published
@@ -295,8 +352,10 @@ def stage_evaluate(run: RunDir, synthetic: data.ImageSet, splits: Optional[data.
     if run.done("eval.json"):
         log.info("evaluate: found %s, skipping", run.url("eval.json"))
         return json.loads(run.path("eval.json").read_text())
-    result = {**privacy.privacy_summary(run.plan), **cluster.run_on_gpu(run.cfg, _evaluate_task, run.cfg, synthetic,
-                                                                         splits)}
+    result = {
+        **privacy.privacy_summary(run.plan),
+        **cluster.run_on_gpu(run.cfg, _evaluate_task, run.cfg, synthetic, splits),
+    }
     result["run_dir"] = run.url()
     with run.output("eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -345,16 +404,16 @@ def read_data(cfg: Config, pl: privacy.Plan):
         n = int(meta["sizes"]["train"])
         check_train_size(pl.n, n, f"'{cfg.data.path}/meta.json' says the training split")
         cluster.connect(cfg)
-        log.info("data: the prepared training split at %s (N=%d) is read on the cluster by Ray Data",
-                 cfg.data.path, n)
+        log.info("data: the prepared training split at %s (N=%d) is read on the cluster by Ray Data", cfg.data.path, n)
         return data.read_prepared(cfg.data.path, "train"), None
     splits = data.load_splits(cfg)
     check_train_size(pl.n, len(splits.train))
     return splits.train, splits
 
 
-def _run(cfg: Config, pl: privacy.Plan, ws: Workspace,
-         say: Callable[[str], None] = lambda text: None) -> tuple[dict, Optional[str]]:
+def _run(
+    cfg: Config, pl: privacy.Plan, ws: Workspace, say: Callable[[str], None] = lambda text: None
+) -> tuple[dict, Optional[str]]:
     run = RunDir.open(cfg, pl, ws=ws, tags={"dpfeta.method": "dp-feta" if cfg.finetune.init == "warmup" else "dpdm"})
     tracker = run.tracker
     if tracker is not None:

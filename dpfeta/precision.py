@@ -53,8 +53,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
-                size: int | None = None, seconds: float = 0.5) -> float:
+def matmul_rate(
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    size: int | None = None,
+    seconds: float = 0.5,
+) -> float:
     """Best FLOP/s of a square ``size`` x ``size`` matrix multiply in ``dtype`` on ``device``.
 
     The roofline of this process: the same threads, allocator and load as the work it is compared
@@ -74,7 +79,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: torch.device | str =
         torch.mm(a, b)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * size ** 3 / best
+    return 2.0 * size**3 / best
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,8 +89,9 @@ def _auto(device: str, threads: int) -> str:
         return "fp32"
     fp32, bf16 = matmul_rate(torch.float32, device), matmul_rate(torch.bfloat16, device)
     choice = "bf16" if bf16 >= AUTO_MIN_SPEEDUP * fp32 else "fp32"
-    logger.info("precision auto on %s: %s (matmul bf16 %.0f vs fp32 %.0f GFLOP/s)", device, choice,
-                bf16 / 1e9, fp32 / 1e9)
+    logger.info(
+        "precision auto on %s: %s (matmul bf16 %.0f vs fp32 %.0f GFLOP/s)", device, choice, bf16 / 1e9, fp32 / 1e9
+    )
     return choice
 
 

@@ -41,13 +41,22 @@ class _Pending:
 def _new_bar(*, total: Optional[float], unit: str, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
-                mininterval=0.5, smoothing=0.1)
+    return tqdm(
+        total=total,
+        unit=unit,
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+        mininterval=0.5,
+        smoothing=0.1,
+    )
 
 
 @contextlib.contextmanager
-def stage(key: str, *, total: Optional[float], unit: str, desc: Optional[str] = None,
-          lazy: bool = False) -> Iterator[None]:
+def stage(
+    key: str, *, total: Optional[float], unit: str, desc: Optional[str] = None, lazy: bool = False
+) -> Iterator[None]:
     """Bar ``key`` for the block (nothing when bars are off). ``lazy``: drawn at its first move, for a
     stage that may be skipped (resume) or run elsewhere (a GPU task)."""
     if not _enabled or key in _bars:

@@ -40,7 +40,13 @@ from dpfeta.config import SEED_REDACTED
 
 RELEASE_DIR = "release"
 CARD_FILE, RECORD_FILE, METRICS_FILE, LEDGER_FILE, CONFIG_FILE, SELECTION_FILE = (
-    "README.md", "release.json", "metrics.json", "ledger.json", "config.json", "selection.json")
+    "README.md",
+    "release.json",
+    "metrics.json",
+    "ledger.json",
+    "config.json",
+    "selection.json",
+)
 MODEL_FILES = ("ema.pt", "model.pt")  # never optimizer.pt / extra.pt (RNG state: noise seeds)
 
 
@@ -97,10 +103,18 @@ def config_hash(public_config: dict) -> str:
     return hashlib.sha256(json.dumps(public_config, sort_keys=True).encode()).hexdigest()
 
 
-def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_config: dict,
-           metrics: Optional[dict] = None, extra_facts: Optional[dict] = None,
-           notes: Iterable[str] = (), epsilon: Optional[float] = None,
-           scope: str = "the sensitive training split") -> dict:
+def record(
+    run_dir: Path | str,
+    *,
+    kind: str,
+    ledger: privacy.Ledger,
+    public_config: dict,
+    metrics: Optional[dict] = None,
+    extra_facts: Optional[dict] = None,
+    notes: Iterable[str] = (),
+    epsilon: Optional[float] = None,
+    scope: str = "the sensitive training split",
+) -> dict:
     """Write ledger.json, config.json, metrics.json (if any), release.json and README.md.
 
     ``kind`` is "run" or "sweep"; ``extra_facts``: further public facts (test split, proxy, the
@@ -123,20 +137,35 @@ def record(run_dir: Path | str, *, kind: str, ledger: privacy.Ledger, public_con
         raise ValueError(f"internal: stated epsilon {eps} is below the ledger's {ledger.epsilon()}")
     rec = {
         "kind": kind,
-        "epsilon": eps, "delta": ledger.delta, "accountant": ledger.accountant,
+        "epsilon": eps,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
         "epsilon_planned": ledger.epsilon(planned=True),
         "neighbouring_relation": privacy.NEIGHBOURING_RELATION,
         "protects": scope,
-        "n": ledger.n, "public_facts": list(privacy.PUBLIC_FACTS) + sorted(f"{k}: {v}" for k, v in (extra_facts or {}).items()),
+        "n": ledger.n,
+        "public_facts": list(privacy.PUBLIC_FACTS) + sorted(f"{k}: {v}" for k, v in (extra_facts or {}).items()),
         "seeded": ledger.seeded,
         "config_sha256": config_hash(public_config),
-        "mechanisms": [{"name": m.name, "noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate,
-                        "taken": m.taken, "planned": m.planned, "shared": m.shared} for m in ledger.mechanisms],
+        "mechanisms": [
+            {
+                "name": m.name,
+                "noise_multiplier": m.noise_multiplier,
+                "sample_rate": m.sample_rate,
+                "taken": m.taken,
+                "planned": m.planned,
+                "shared": m.shared,
+            }
+            for m in ledger.mechanisms
+        ],
         "repeat_and_select": ledger.repeat,
         "notes": list(notes),
     }
-    rec["files"] = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                          if p.is_file() and not p.name.endswith(".tmp") and p.name not in (RECORD_FILE, CARD_FILE))
+    rec["files"] = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".tmp") and p.name not in (RECORD_FILE, CARD_FILE)
+    )
     write_json(run_dir, RECORD_FILE, rec)
     _atomic_write(root / CARD_FILE, card_text(rec, metrics or {}))
     stamp(root)
@@ -189,8 +218,10 @@ def files_summary(files: list[str], most: int = 12) -> list[str]:
     return out
 
 
-UNIT_OF_PRIVACY = ("one record (one image with its label); several images of one person are protected together "
-                   "only by group privacy (k images: roughly k times epsilon, and a larger delta)")
+UNIT_OF_PRIVACY = (
+    "one record (one image with its label); several images of one person are protected together "
+    "only by group privacy (k images: roughly k times epsilon, and a larger delta)"
+)
 
 
 def card_text(rec: dict, metrics: dict) -> str:
@@ -206,8 +237,11 @@ def card_text(rec: dict, metrics: dict) -> str:
         f"- unit of privacy: {UNIT_OF_PRIVACY}",
         f"- N (training-split size, public): {rec['n']}",
         f"- seeded: {str(rec['seeded']).lower()}"
-        + (" (a fixed seed was used for sampling and noise: tests or reproduction only, not a production release)"
-           if rec["seeded"] else " (sampling and noise from OS entropy)"),
+        + (
+            " (a fixed seed was used for sampling and noise: tests or reproduction only, not a production release)"
+            if rec["seeded"]
+            else " (sampling and noise from OS entropy)"
+        ),
         f"- config sha256: {rec['config_sha256']} (config.json; noise seeds redacted)",
         "- public facts: " + "; ".join(rec["public_facts"]),
         "",
@@ -215,19 +249,28 @@ def card_text(rec: dict, metrics: dict) -> str:
         "|---|---|---|---|",
     ]
     repeated = bool(rec.get("repeat_and_select"))
-    lines += [f"| {m['name']}{_where(m, repeated)} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5g} | "
-              f"{m['taken']} / {m['planned']} |" for m in rec["mechanisms"]]
+    lines += [
+        f"| {m['name']}{_where(m, repeated)} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5g} | "
+        f"{m['taken']} / {m['planned']} |"
+        for m in rec["mechanisms"]
+    ]
     if rec.get("repeat_and_select"):
-        lines += ["", f"Selection: one trial out of a random number of trials (repeat-and-select, "
-                      f"{json.dumps(rec['repeat_and_select'], sort_keys=True)}); only the selected trial's "
-                      "outputs are here, under an opaque id."]
+        lines += [
+            "",
+            f"Selection: one trial out of a random number of trials (repeat-and-select, "
+            f"{json.dumps(rec['repeat_and_select'], sort_keys=True)}); only the selected trial's "
+            "outputs are here, under an opaque id.",
+        ]
     if metrics:
         lines += ["", "DP metrics (metrics.json):", ""] + [f"- {k}: {v}" for k, v in sorted(metrics.items())]
     lines += ["", "Files: " + ", ".join(files_summary(rec["files"]))]
     if rec["notes"]:
         lines += [""] + [f"- {n}" for n in rec["notes"]]
-    lines += ["", "Anything not in this folder (checkpoints with optimiser state, non-DP metrics, other trials) "
-                  "is not covered by this epsilon and must not be published."]
+    lines += [
+        "",
+        "Anything not in this folder (checkpoints with optimiser state, non-DP metrics, other trials) "
+        "is not covered by this epsilon and must not be published.",
+    ]
     return "\n".join(lines) + "\n"
 
 

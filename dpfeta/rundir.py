@@ -50,8 +50,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, LEDGER_FILE = "config.json", "ledger.json"
 # Sections whose change makes a run directory's outputs or ledger invalid.
 RESUME_SECTIONS = ("data", "central", "model", "diffusion", "warmup", "finetune", "privacy")
-RELEASE_FILES = (release.LEDGER_FILE, release.CONFIG_FILE, release.RECORD_FILE, release.CARD_FILE,
-                 release.METRICS_FILE)
+RELEASE_FILES = (release.LEDGER_FILE, release.CONFIG_FILE, release.RECORD_FILE, release.CARD_FILE, release.METRICS_FILE)
 
 
 @dataclasses.dataclass
@@ -73,8 +72,9 @@ class RunDir:
         return cls(cfg, ws, plan.ledger, plan)
 
     @classmethod
-    def open(cls, cfg: Config, plan: privacy.Plan, *, ws: Optional[Workspace] = None,
-             tags: Optional[dict] = None) -> "RunDir":
+    def open(
+        cls, cfg: Config, plan: privacy.Plan, *, ws: Optional[Workspace] = None, tags: Optional[dict] = None
+    ) -> "RunDir":
         """Open (or resume) the run of ``cfg``: refuse a folder started with another config, write
         ``config.json``, load or write ``ledger.json`` (a stored sigma is kept), start the MLflow run."""
         run = cls.of(cfg, ws if ws is not None else Workspace(cfg.run_location()), plan)
@@ -169,9 +169,11 @@ class RunDir:
         saved, now = json.loads(self.path(CONFIG_FILE).read_text()), self.cfg.to_dict()
         changed = [f"{s}.{k}" for s in RESUME_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
         if changed:
-            raise ValueError(f"run directory '{self.url()}' was started with a different config "
-                             f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); rerun with the "
-                             "same config to resume, or pick a new run.name")
+            raise ValueError(
+                f"run directory '{self.url()}' was started with a different config "
+                f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); rerun with the "
+                "same config to resume, or pick a new run.name"
+            )
 
     def write_config(self) -> None:
         """``config.json``: the resolved config (noise seed redacted), committed."""
@@ -218,8 +220,14 @@ class RunDir:
 
     def publish(self, metrics: Optional[dict] = None) -> None:
         """Refresh the release record (ledger, config, card), commit it and send its files to MLflow."""
-        release.record(self.ws.local, kind="run", ledger=self.ledger, public_config=self.cfg.public_dict(),
-                       metrics=metrics, extra_facts=release_facts(self.cfg))
+        release.record(
+            self.ws.local,
+            kind="run",
+            ledger=self.ledger,
+            public_config=self.cfg.public_dict(),
+            metrics=metrics,
+            extra_facts=release_facts(self.cfg),
+        )
         root = release.release_dir(self.ws.local)
         for name in RELEASE_FILES:
             if (root / name).is_file():
@@ -268,13 +276,16 @@ def _resumed(pl: privacy.Plan, stored: privacy.Ledger, path: Path) -> privacy.Pl
     """The plan with the stored ledger (checked to be the same plan): its sigma, never recalibrated."""
     sigma = stored.get("dpsgd").noise_multiplier
     if not math.isclose(sigma, pl.noise_multiplier, rel_tol=1e-6):
-        log.warning("resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma,
-                    pl.noise_multiplier)
+        log.warning(
+            "resume: keeping the stored sigma=%.6g (the config now calibrates to %.6g)", sigma, pl.noise_multiplier
+        )
     planned = stored.epsilon(planned=True)
     if planned > pl.target_epsilon * (1 + 1e-9):
-        raise ValueError(f"'{path}' holds a plan of epsilon={planned:.6g} (recomputed by this version's "
-                         f"{stored.accountant} accountant), above the target privacy.epsilon={pl.target_epsilon:g}; "
-                         "it cannot be resumed within the budget: start a new run.name")
+        raise ValueError(
+            f"'{path}' holds a plan of epsilon={planned:.6g} (recomputed by this version's "
+            f"{stored.accountant} accountant), above the target privacy.epsilon={pl.target_epsilon:g}; "
+            "it cannot be resumed within the budget: start a new run.name"
+        )
     return dataclasses.replace(pl, noise_multiplier=sigma, ledger=stored, epsilon=planned)
 
 

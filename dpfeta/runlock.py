@@ -43,9 +43,11 @@ def _take(path: Path) -> bool:
 
 def _refusal(where: str, holder: dict) -> ValueError:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    return ValueError(f"'{where}' is in use by another dpfeta process (pid {holder.get('pid')} on host "
-                      f"{holder.get('host')}, since {since}): two processes must never spend budget under one "
-                      f"ledger. Wait for it, or, if you are sure it is gone, delete {where}/{LOCK_FILE}")
+    return ValueError(
+        f"'{where}' is in use by another dpfeta process (pid {holder.get('pid')} on host "
+        f"{holder.get('host')}, since {since}): two processes must never spend budget under one "
+        f"ledger. Wait for it, or, if you are sure it is gone, delete {where}/{LOCK_FILE}"
+    )
 
 
 @contextlib.contextmanager
@@ -61,8 +63,12 @@ def _hold_object(store):
         holder = store.read_json(LOCK_FILE)
         if not (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])):
             raise _refusal(store.uri, holder)
-        log.warning("run lock %s: its holder (pid %s on %s) is gone; taking it over", store.url(LOCK_FILE),
-                    holder.get("pid"), holder.get("host"))
+        log.warning(
+            "run lock %s: its holder (pid %s on %s) is gone; taking it over",
+            store.url(LOCK_FILE),
+            holder.get("pid"),
+            holder.get("host"),
+        )
     store.write_json(LOCK_FILE, me)
     time.sleep(RACE_PAUSE_S)
     holder = store.read_json(LOCK_FILE)
@@ -75,7 +81,9 @@ def _hold_object(store):
             if store.read_json(LOCK_FILE).get("token") == me["token"]:
                 store.delete(LOCK_FILE)
         except (OSError, ValueError) as exc:
-            log.warning("run lock %s: could not remove it (%s); delete it before the next run", store.url(LOCK_FILE), exc)
+            log.warning(
+                "run lock %s: could not remove it (%s); delete it before the next run", store.url(LOCK_FILE), exc
+            )
 
 
 RACE_PAUSE_S = 1.0

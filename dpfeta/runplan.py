@@ -32,24 +32,30 @@ def plan_run(cfg: Config) -> privacy.Plan:
     for line in config_mod.validate_against_n(cfg, n):
         log.warning(line)
     if cfg.finetune.init == "warmup" and cfg.central.rounds == 0:
-        raise ValueError("config key 'central.rounds': expected >= 1 with finetune.init=warmup "
-                         "(the warm-up trains on the central images), got 0; use finetune.init=scratch")
+        raise ValueError(
+            "config key 'central.rounds': expected >= 1 with finetune.init=warmup "
+            "(the warm-up trains on the central images), got 0; use finetune.init=scratch"
+        )
     if cfg.finetune.init == "warmup" and cfg.warmup.steps == 0:
-        raise ValueError("config key 'warmup.steps': expected >= 1 with finetune.init=warmup, got 0; "
-                         "use finetune.init=scratch for no warm-up")
+        raise ValueError(
+            "config key 'warmup.steps': expected >= 1 with finetune.init=warmup, got 0; "
+            "use finetune.init=scratch for no warm-up"
+        )
     return privacy.plan(cfg, n)
 
 
 def budget_text(cfg: Config, pl: privacy.Plan) -> str:
-    return (f"privacy plan for run '{cfg.run.name}' (no data read yet)\n" + privacy.plan_table(pl))
+    return f"privacy plan for run '{cfg.run.name}' (no data read yet)\n" + privacy.plan_table(pl)
 
 
 def check_train_size(planned: int, found: int, where: str = "the training split") -> None:
     """N is a public fact of the plan: refuse data whose training split has another size (before any
     spend), so the ledger's N is the data's."""
     if found != planned:
-        raise ValueError(f"data: the plan used N={planned} (public size) but {where} has {found} records; "
-                         "set data.n_train to the true size")
+        raise ValueError(
+            f"data: the plan used N={planned} (public size) but {where} has {found} records; "
+            "set data.n_train to the true size"
+        )
 
 
 def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
@@ -73,7 +79,8 @@ def summary_text(cfg: Config, result: dict, uri: Optional[str]) -> str:
         f"images, tested on {result.get('num_test')} real test images)"
         + (f"; logistic regression {logreg:.4f}" if logreg is not None else ""),
         f"  FID       {shown('fid', '.2f')} [{fid_label(result)}; reference: {result.get('fid_reference')}]",
-        f"  release   {Storage(cfg.run_location()).url(release.RELEASE_DIR)}  (what may be published: README.md is its card)",
+        f"  release   {Storage(cfg.run_location()).url(release.RELEASE_DIR)}  "
+        "(what may be published: README.md is its card)",
         f"  run dir   {cfg.run_location()}  (eval.json, ledger.json, checkpoints: operator-internal)",
     ]
     if uri:

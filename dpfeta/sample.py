@@ -14,7 +14,7 @@ import torch
 from dpfeta import checkpoint, images, precision
 from dpfeta import progress as progress_bars
 from dpfeta.config import COMPILE_MODES, Config
-from dpfeta.diffusion import Denoiser, EDMPrecond, randn, ddim_sampler, edm_sampler
+from dpfeta.diffusion import Denoiser, EDMPrecond, ddim_sampler, edm_sampler, randn
 from dpfeta.nn.unet import UNet
 
 logger = logging.getLogger(__name__)
@@ -38,25 +38,48 @@ def load_denoiser(directory: Path | str, cfg: Config, *, weights: str = "ema") -
     state = checkpoint.load(directory)
     saved = state["meta"].get("config", {}).get("model")
     if saved is not None and saved != cfg.to_dict()["model"]:
-        raise ValueError(f"checkpoint '{directory}' holds model={saved}, but the config asks for "
-                         f"model={cfg.to_dict()['model']}")
+        raise ValueError(
+            f"checkpoint '{directory}' holds model={saved}, but the config asks for model={cfg.to_dict()['model']}"
+        )
     weights_dict = state[weights] if state[weights] is not None else state["model"]
     if all(key.startswith("net.") for key in weights_dict):  # saved as EDMPrecond, not its U-Net
-        weights_dict = {key[len("net."):]: value for key, value in weights_dict.items()}
+        weights_dict = {key[len("net.") :]: value for key, value in weights_dict.items()}
     denoiser = build_denoiser(cfg)
     denoiser.net.load_state_dict(weights_dict)
     return denoiser.eval()
 
 
-def sample_batch(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels: torch.Tensor, *,
-                 null_label: int, generator: torch.Generator | None) -> torch.Tensor:
+def sample_batch(
+    denoiser: Denoiser,
+    cfg: Config,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    null_label: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Run the sampler named by ``cfg.sample.sampler`` with its settings."""
     s = cfg.sample
-    common = dict(steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho,
-                  guidance=s.guidance, null_label=null_label)
+    common = dict(
+        steps=s.steps,
+        sigma_min=s.sigma_min,
+        sigma_max=s.sigma_max,
+        rho=s.rho,
+        guidance=s.guidance,
+        null_label=null_label,
+    )
     if s.sampler == "edm":
-        return edm_sampler(denoiser, latents, labels, churn=s.churn, s_min=s.s_min, s_max=s.s_max,
-                           s_noise=s.s_noise, generator=generator, **common)
+        return edm_sampler(
+            denoiser,
+            latents,
+            labels,
+            churn=s.churn,
+            s_min=s.s_min,
+            s_max=s.s_max,
+            s_noise=s.s_noise,
+            generator=generator,
+            **common,
+        )
     if s.sampler == "ddim":
         return ddim_sampler(denoiser, latents, labels, **common)
     raise ValueError(f"config key 'sample.sampler': expected edm or ddim, got {s.sampler!r}")
@@ -84,7 +107,7 @@ def last_level_cache_bytes() -> int | None:
             text = (index / "size").read_text().strip().upper()
         except OSError:
             continue
-        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+        unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
         digits = text.rstrip("KMG")
         if digits.isdigit():
             sizes.append(int(digits) * unit)
@@ -110,8 +133,11 @@ def cache_rows(denoiser: EDMPrecond, shape: tuple[int, ...], device: torch.devic
     hooks = [m.register_forward_hook(record) for m in denoiser.modules() if not any(m.children())]
     try:
         with torch.inference_mode():
-            denoiser(torch.zeros((1, *shape), device=device), torch.ones(1, device=device),
-                     torch.zeros(1, dtype=torch.int64, device=device))
+            denoiser(
+                torch.zeros((1, *shape), device=device),
+                torch.ones(1, device=device),
+                torch.zeros(1, dtype=torch.int64, device=device),
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -160,7 +186,7 @@ class Network:
         part = min(self.rows or n, n)
         if self.current == "compiled" and self.compiled_rows is None:
             self.compiled_rows = part
-        outs = [self._part(x[i:i + part], sigma[i:i + part], labels[i:i + part]) for i in range(0, n, part)]
+        outs = [self._part(x[i : i + part], sigma[i : i + part], labels[i : i + part]) for i in range(0, n, part)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _part(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,8 +200,10 @@ class Network:
             return self.compiled(x, sigma, labels)[:m]
         except Exception as exc:  # noqa: BLE001 - any compiler failure; eager recomputes the same call
             if self.mode == "true":
-                raise RuntimeError(f"sample.compile=true: torch.compile failed on this node ({exc}); "
-                                   "set sample.compile to auto or false") from exc
+                raise RuntimeError(
+                    f"sample.compile=true: torch.compile failed on this node ({exc}); "
+                    "set sample.compile to auto or false"
+                ) from exc
             logger.warning("sample: torch.compile failed (%s: %s); sampling eager", type(exc).__name__, exc)
             self.failed = True
             return self.eager(x[:m], sigma[:m], labels[:m])
@@ -189,8 +217,11 @@ class Network:
             self.eager_s = seconds if self.eager_s is None else min(self.eager_s, seconds)
             if self.mode == "auto" and self.state == "eager" and self.compiled is None:
                 if seconds * self.left >= COMPILE_PAYBACK_S:
-                    logger.info("sample: %d batches left at %.1f s each eager: compiling (sample.compile=auto)",
-                                self.left, seconds)
+                    logger.info(
+                        "sample: %d batches left at %.1f s each eager: compiling (sample.compile=auto)",
+                        self.left,
+                        seconds,
+                    )
                     self.state = "compile"
             return
         self.compiled_batches += 1
@@ -200,14 +231,22 @@ class Network:
             logger.info("sample: compiled batch %.1f s vs eager %.1f s: back to eager", seconds, self.eager_s)
             self.state = "eager"
         else:
-            logger.info("sample: compiled batch %.1f s vs eager %.1f s (x%.2f)", seconds, self.eager_s,
-                        self.eager_s / seconds)
+            logger.info(
+                "sample: compiled batch %.1f s vs eager %.1f s (x%.2f)", seconds, self.eager_s, self.eager_s / seconds
+            )
 
 
 @torch.no_grad()
-def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Generator | None,
-             progress: bool = True, labels: torch.Tensor | None = None,
-             out_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    denoiser: EDMPrecond,
+    cfg: Config,
+    num: int,
+    *,
+    generator: torch.Generator | None,
+    progress: bool = True,
+    labels: torch.Tensor | None = None,
+    out_dir: Path | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``num`` images in batches of ``cfg.sample.batch_size`` -> (uint8 [N,C,H,W], int64 [N]).
 
     Labels default to ``balanced_labels``: the same count per class (as benchmark protocols do; the
@@ -233,21 +272,19 @@ def generate(denoiser: EDMPrecond, cfg: Config, num: int, *, generator: torch.Ge
         net, begin = network.for_batch(len(batch_labels)), time.perf_counter()
         # No autograd bookkeeping at all; the network in run.precision, the sampler state stays fp32.
         with torch.inference_mode(), precision.autocast(cfg.run.precision, device):
-            x = sample_batch(net, cfg, latents, batch_labels.to(device), null_label=d.num_classes,
-                             generator=generator)
+            x = sample_batch(net, cfg, latents, batch_labels.to(device), null_label=d.num_classes, generator=generator)
         out.append(images.to_uint8(x))  # functional, outside inference mode: an ordinary tensor
         network.done(len(batch_labels), time.perf_counter() - begin)
         done += len(batch_labels)
         progress_bars.advance("sample", len(batch_labels))
         if progress:
             rate = done / (time.perf_counter() - start)
-            logger.info("sample %d/%d images (%.1f img/s, %s %d steps)", done, num, rate,
-                        cfg.sample.sampler, cfg.sample.steps)
+            logger.info(
+                "sample %d/%d images (%.1f img/s, %s %d steps)", done, num, rate, cfg.sample.sampler, cfg.sample.steps
+            )
     denoiser.train(was_training)
-    result = torch.cat(out) if out else torch.empty(0, d.channels, d.resolution, d.resolution,
-                                                    dtype=torch.uint8)
+    result = torch.cat(out) if out else torch.empty(0, d.channels, d.resolution, d.resolution, dtype=torch.uint8)
     if out_dir is not None:
         images.save_class_folders(result, labels, Path(out_dir) / "images")
         images.save_class_grid(result, labels, Path(out_dir) / "grid.png")
     return result, labels
-

@@ -52,8 +52,10 @@ def _filesystem(uri: str):
 
     scheme = _scheme(uri)
     if scheme not in OBJECT_SCHEMES:
-        raise ValueError(f"storage '{uri}': the URI scheme '{scheme}://' is not supported; expected a local "
-                         f"path or one of {', '.join(s + '://' for s in OBJECT_SCHEMES)}")
+        raise ValueError(
+            f"storage '{uri}': the URI scheme '{scheme}://' is not supported; expected a local "
+            f"path or one of {', '.join(s + '://' for s in OBJECT_SCHEMES)}"
+        )
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
     except _ERRORS as exc:
@@ -70,7 +72,7 @@ class Storage:
     def __init__(self, location: str | Path):
         location = str(location)
         if location.startswith("file://"):
-            location = location[len("file://"):]
+            location = location[len("file://") :]
         self.is_local = not is_uri(location)
         if self.is_local:
             self.uri = str(Path(location).expanduser().resolve())
@@ -175,7 +177,7 @@ class Storage:
             infos = self._open().get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except _ERRORS as exc:
             raise self._fail("listing", rel, exc) from exc
-        names = sorted(i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+        names = sorted(i.path[len(base) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
         return names if temporaries else [n for n in names if ".tmp-" not in n.rsplit("/", 1)[-1]]
 
     # -- writing -----------------------------------------------------------------------------
@@ -277,8 +279,10 @@ class Storage:
             if self.read_bytes(rel) != b"probe":
                 raise StorageError(f"storage '{self.url(rel)}': a probe object read back different bytes")
         except StorageError as exc:
-            raise StorageError(f"{exc}; expected a location this process can write and read "
-                               "(check the bucket, the endpoint and the credentials). Nothing was spent") from None
+            raise StorageError(
+                f"{exc}; expected a location this process can write and read "
+                "(check the bucket, the endpoint and the credentials). Nothing was spent"
+            ) from None
         except FileNotFoundError as exc:
             raise StorageError(f"storage '{self.uri}': a probe object vanished after writing ({exc})") from None
         finally:
@@ -290,7 +294,6 @@ class Storage:
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI."""
-
 
 
 class Workspace:

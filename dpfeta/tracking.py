@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dpfeta import release as release_mod
 from dpfeta import config as config_mod
+from dpfeta import release as release_mod
 from dpfeta.config import INFRA_KEYS, SECRET_KEYS, SEED_REDACTED, Config
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,14 @@ RUN_FILE = "mlflow_run.json"
 NONDP_PREFIX = "nondp/"
 ENV_URI, ENV_RUN_ID = "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"
 # Variables through which a process could learn a run: cleared in a process that must not log (``off``).
-RUN_ENV = (ENV_URI, ENV_RUN_ID, "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "DPFETA_TRACKING_NONDP",
-           "DPFETA_RELEASE_DIR")
+RUN_ENV = (
+    ENV_URI,
+    ENV_RUN_ID,
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "DPFETA_TRACKING_NONDP",
+    "DPFETA_RELEASE_DIR",
+)
 MAX_PARAM_CHARS = 6000
 MAX_FAILURES = 3  # then the run's tracking is switched off (an unreachable server retries for minutes)
 
@@ -71,7 +77,7 @@ def tracking_uri(cfg: Config) -> Optional[str]:
 def _sqlite_path(uri: str) -> Optional[Path]:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 def ui_command(uri: str) -> str:
@@ -114,8 +120,11 @@ def setup(cfg: Config) -> Optional[str]:
         return None
     uri = tracking_uri(cfg)
     if uri is None:
-        log.warning("tracking off: run.dir %s is an object store and no tracking.uri (or MLFLOW_TRACKING_URI) "
-                    "names an MLflow server; set one to log this run", cfg.run.dir)
+        log.warning(
+            "tracking off: run.dir %s is an object store and no tracking.uri (or MLFLOW_TRACKING_URI) "
+            "names an MLflow server; set one to log this run",
+            cfg.run.dir,
+        )
         return None
     try:
         _experiment_id(_client(uri), uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
@@ -168,6 +177,7 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not logged before; a changed value is kept as it was and warned about."""
+
         def run():
             client = self.client
             logged = client.get_run(self.run_id).data.params
@@ -184,7 +194,7 @@ class Tracker:
 
             items = [Param(k, v) for k, v in new.items()]
             for i in range(0, len(items), 100):
-                client.log_batch(self.run_id, params=items[i:i + 100])
+                client.log_batch(self.run_id, params=items[i : i + 100])
 
         self._call("log_params", run)
 
@@ -192,8 +202,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, int(step or 0)) for k, v in
-                 ((k, _clean(v)) for k, v in metrics.items()) if v is not None]
+        items = [
+            Metric(k, v, now, int(step or 0)) for k, v in ((k, _clean(v)) for k, v in metrics.items()) if v is not None
+        ]
         if items:
             self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
@@ -211,8 +222,7 @@ class Tracker:
         """Non-DP metrics: logged under ``nondp/`` only when tracking.nondp is true."""
         if not self.nondp:
             return
-        self._log_metrics({k if k.startswith(NONDP_PREFIX) else NONDP_PREFIX + k: v
-                           for k, v in metrics.items()}, step)
+        self._log_metrics({k if k.startswith(NONDP_PREFIX) else NONDP_PREFIX + k: v for k, v in metrics.items()}, step)
 
     def artifact_path_for(self, path: Path, artifact_path: Optional[str] = None) -> Optional[str]:
         """Where ``path`` goes in MLflow: ``release/<its place in release/>`` for a release file,
@@ -224,8 +234,11 @@ class Tracker:
             except ValueError:
                 rel = None
             if rel is not None:
-                return "/".join([release_mod.RELEASE_DIR, *rel.parent.parts] if not path.is_dir()
-                                else [release_mod.RELEASE_DIR, *rel.parts])
+                return "/".join(
+                    [release_mod.RELEASE_DIR, *rel.parent.parts]
+                    if not path.is_dir()
+                    else [release_mod.RELEASE_DIR, *rel.parts]
+                )
         if not self.nondp:
             return None
         return NONDP_PREFIX.rstrip("/") + (f"/{artifact_path}" if artifact_path else "")
@@ -257,8 +270,15 @@ class Tracker:
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
 
 
-def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optional[dict] = None,
-              tags: Optional[dict] = None, fresh: bool = False, trial: bool = False) -> Optional[Tracker]:
+def start_run(
+    cfg: Config,
+    run_dir: Path | str | None = None,
+    *,
+    params: Optional[dict] = None,
+    tags: Optional[dict] = None,
+    fresh: bool = False,
+    trial: bool = False,
+) -> Optional[Tracker]:
     """Start (or resume, via ``<run dir>/mlflow_run.json``) the MLflow run of ``cfg``; None when off.
 
     ``fresh``: never resume; a stored run is deleted and a new one created (a private sweep's run is
@@ -289,14 +309,19 @@ def start_run(cfg: Config, run_dir: Path | str | None = None, *, params: Optiona
             exp_id = _experiment_id(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
             run_id = client.create_run(exp_id, run_name=cfg.run.name, tags=dict(tags or {})).info.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"uri": uri, "run_id": run_id, "experiment": cfg.tracking.experiment},
-                                         indent=2) + "\n")
+            record.write_text(
+                json.dumps({"uri": uri, "run_id": run_id, "experiment": cfg.tracking.experiment}, indent=2) + "\n"
+            )
     except Exception as exc:  # noqa: BLE001
         log.warning("tracking disabled: cannot start an MLflow run at %s (%s)", uri, exc)
         return None
-    tracker = Tracker(uri, run_id, nondp=cfg.tracking.nondp,
-                      release_root=str(release_mod.release_dir(run_dir).resolve()),
-                      epsilon_name="nondp/epsilon_trial" if trial else "epsilon")
+    tracker = Tracker(
+        uri,
+        run_id,
+        nondp=cfg.tracking.nondp,
+        release_root=str(release_mod.release_dir(run_dir).resolve()),
+        epsilon_name="nondp/epsilon_trial" if trial else "epsilon",
+    )
     if params:
         tracker.log_params(params)
     return tracker
@@ -317,9 +342,18 @@ def off():
 def run_params(cfg: Config, plan) -> dict[str, Any]:
     """The flattened config (noise seed redacted) plus the privacy plan (sigma, q, T, delta, accountant)."""
     params = cfg.public_flat()
-    params.update({"dp.noise_multiplier": plan.noise_multiplier, "dp.q": plan.sample_rate, "dp.T": plan.steps,
-                   "dp.delta": plan.delta, "dp.accountant": plan.accountant, "dp.N": plan.n,
-                   "dp.epsilon_planned": plan.epsilon, "dp.central_q": plan.central_rate})
+    params.update(
+        {
+            "dp.noise_multiplier": plan.noise_multiplier,
+            "dp.q": plan.sample_rate,
+            "dp.T": plan.steps,
+            "dp.delta": plan.delta,
+            "dp.accountant": plan.accountant,
+            "dp.N": plan.n,
+            "dp.epsilon_planned": plan.epsilon,
+            "dp.central_q": plan.central_rate,
+        }
+    )
     return params
 
 
@@ -362,15 +396,25 @@ def code_version_tags() -> dict[str, str]:
             pass
     where = str(Path(dpfeta.__file__).parent)
     try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     if len(commit) == 40:
-        tags.update({"mlflow.source.git.commit": commit, "dpfeta.git_commit": commit,
-                     "dpfeta.git_dirty": "true" if dirty else "false"})
+        tags.update(
+            {
+                "mlflow.source.git.commit": commit,
+                "dpfeta.git_commit": commit,
+                "dpfeta.git_dirty": "true" if dirty else "false",
+            }
+        )
     return tags
 
 
@@ -389,8 +433,10 @@ def run_link(tracker: Tracker) -> str:
 def run_description(result: dict) -> str:
     """The run's description (markdown): epsilon and the DP accuracy, or why it is absent. Non-DP
     numbers are never written here (only pointed at under nondp/)."""
-    text = (f"dpfeta run: epsilon = {result['epsilon']:.4f} spent of {result.get('epsilon_target', result['epsilon']):g} "
-            f"(delta {result['delta']:g}, {result['accountant']} accountant, composed over every mechanism).")
+    text = (
+        f"dpfeta run: epsilon = {result['epsilon']:.4f} spent of {result.get('epsilon_target', result['epsilon']):g} "
+        f"(delta {result['delta']:g}, {result['accountant']} accountant, composed over every mechanism)."
+    )
     dp = result.get("dp", {})
     if "accuracy" in dp:
         text += f" Downstream accuracy (DP: public test set) = {dp['accuracy']:.4f}."
@@ -400,5 +446,6 @@ def run_description(result: dict) -> str:
         text += " Downstream accuracy: withheld (release mode, the test split is sensitive)."
     if "fid" in dp:
         text += f" FID (DP) = {dp['fid']:.2f}."
-    return text + " Published artifacts are under release/ (README.md is the card); the model is the released EMA weights."
-
+    return (
+        text + " Published artifacts are under release/ (README.md is the card); the model is the released EMA weights."
+    )

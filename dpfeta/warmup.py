@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms import RandAugment
 
-from dpfeta import checkpoint, cluster, precision, rng
-from dpfeta import progress
+from dpfeta import checkpoint, cluster, precision, progress, rng
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
@@ -48,15 +47,20 @@ def central_arrays(central: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tenso
     else:
         images, labels = np.asarray(central.images), np.asarray(central.labels)
         if central.num_classes != cfg.data.num_classes:
-            raise ValueError(f"expected central images with data.num_classes={cfg.data.num_classes} "
-                             f"classes, got num_classes={central.num_classes}")
+            raise ValueError(
+                f"expected central images with data.num_classes={cfg.data.num_classes} "
+                f"classes, got num_classes={central.num_classes}"
+            )
     d = cfg.data
     if images.dtype != np.uint8 or images.shape[1:] != (d.channels, d.resolution, d.resolution):
-        raise ValueError(f"expected central images uint8 [N,{d.channels},{d.resolution},{d.resolution}] "
-                         f"(data.channels, data.resolution), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"expected central images uint8 [N,{d.channels},{d.resolution},{d.resolution}] "
+            f"(data.channels, data.resolution), got {images.dtype} {tuple(images.shape)}"
+        )
     if len(images) == 0 or len(labels) != len(images):
-        raise ValueError(f"expected a non-empty set with one label per image, got {len(images)} images "
-                         f"and {len(labels)} labels")
+        raise ValueError(
+            f"expected a non-empty set with one label per image, got {len(images)} images and {len(labels)} labels"
+        )
     if labels.min() < 0 or labels.max() >= d.num_classes:
         raise ValueError(f"expected labels in [0, {d.num_classes}), got [{labels.min()}, {labels.max()}]")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
@@ -74,8 +78,9 @@ class _RandAugment(RandAugment):
         return {name: op for name, op in space.items() if name not in self.exclude}
 
 
-def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int, generator: torch.Generator,
-            exclude: tuple[str, ...] = ()) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, *, num_ops: int, max_magnitude: int, generator: torch.Generator, exclude: tuple[str, ...] = ()
+) -> torch.Tensor:
     """RandAugment(num_ops, m) per uint8 image with m ~ U{1..max_magnitude}, without the ops in
     ``exclude``; M = 0 disables it.
 
@@ -85,7 +90,7 @@ def augment(images: torch.Tensor, *, num_ops: int, max_magnitude: int, generator
     if max_magnitude == 0 or num_ops == 0:
         return images
     magnitudes = torch.randint(1, max_magnitude + 1, (len(images),), generator=generator).tolist()
-    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    seed = int(torch.randint(2**62, (1,), generator=generator))
     transforms = {m: _RandAugment(num_ops=num_ops, magnitude=m, exclude=exclude) for m in set(magnitudes)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -101,13 +106,21 @@ def _device(cfg: Config) -> torch.device:
     return cluster.device(cfg)
 
 
-def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Any]:
+def _restore(
+    ckpt_dir: Path,
+    cfg: Config,
+    net: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict[str, Any]:
     state = checkpoint.load(ckpt_dir)
     saved_model = state["meta"]["config"]["model"]
     if saved_model != cfg.to_dict()["model"]:
-        raise ValueError(f"cannot resume '{ckpt_dir}': it was trained with model={saved_model}, "
-                         f"the config asks for model={cfg.to_dict()['model']}; use a new --out")
+        raise ValueError(
+            f"cannot resume '{ckpt_dir}': it was trained with model={saved_model}, "
+            f"the config asks for model={cfg.to_dict()['model']}; use a new --out"
+        )
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
@@ -115,29 +128,58 @@ def _restore(ckpt_dir: Path, cfg: Config, net: torch.nn.Module, ema: torch.nn.Mo
     return state["meta"]
 
 
-def _train_step(denoiser: EDMPrecond, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, cfg: Config, generator: torch.Generator) -> tuple[float, int]:
+def _train_step(
+    denoiser: EDMPrecond,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Config,
+    generator: torch.Generator,
+) -> tuple[float, int]:
     """One Adam step on an augmented batch; returns (mean loss, batch size)."""
     w, dc = cfg.warmup, cfg.diffusion
     device = next(denoiser.parameters()).device
     # Draw a batch and augment it.
     idx = _batch_indices(len(images), w.batch_size, generator)
-    x = to_float(augment(images[idx], num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude,
-                         generator=generator, exclude=w.randaug_exclude)).to(device)
+    x = to_float(
+        augment(
+            images[idx],
+            num_ops=w.randaug_ops,
+            max_magnitude=w.randaug_magnitude,
+            generator=generator,
+            exclude=w.randaug_exclude,
+        )
+    ).to(device)
     # Loss (K noise draws per image, CFG label drop; the network in run.precision) and optimiser step.
     with precision.autocast(cfg.run.precision, device):
-        loss = edm_loss(denoiser, x, labels[idx].to(device), P_mean=dc.P_mean, P_std=dc.P_std,
-                        sigma_data=dc.sigma_data, label_drop_prob=dc.label_drop_prob,
-                        num_classes=cfg.data.num_classes, K=w.noise_multiplicity, generator=generator).mean()
+        loss = edm_loss(
+            denoiser,
+            x,
+            labels[idx].to(device),
+            P_mean=dc.P_mean,
+            P_std=dc.P_std,
+            sigma_data=dc.sigma_data,
+            label_drop_prob=dc.label_drop_prob,
+            num_classes=cfg.data.num_classes,
+            K=w.noise_multiplicity,
+            generator=generator,
+        ).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.item(), len(idx)
 
 
-def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Reporter | None = None,
-                 generator: torch.Generator | None = None, ledger: dict | None = None,
-                 on_checkpoint: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
+def train_warmup(
+    cfg: Config,
+    central: Any,
+    out_dir: Path | str,
+    *,
+    reporter: Reporter | None = None,
+    generator: torch.Generator | None = None,
+    ledger: dict | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> dict[str, Any]:
     """Train on the central images for ``warmup.steps`` steps; resumable. Returns a summary dict.
 
     ``reporter(metrics)`` gets {step, nimg, loss, sec_per_step} every ``warmup.log_every`` steps.
@@ -152,7 +194,7 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
 
     # Model, EMA, optimiser; restored from the latest checkpoint if there is one.
     with torch.random.fork_rng(devices=[]):  # initial weights from ``generator`` too
-        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         net = UNet.from_config(cfg).to(_device(cfg))
     denoiser = EDMPrecond(net, cfg.diffusion.sigma_data)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -160,9 +202,15 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
     meta = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else {}
     step, loss = int(meta.get("step", 0)), meta.get("loss")
     params = count_parameters(net)
-    logger.info("warmup: %d central images, U-Net %d parameters, %s from step %d of %d, %s compute",
-                len(images), params, "resuming" if step else "starting", step, w.steps,
-                precision.resolve(cfg.run.precision, _device(cfg)))
+    logger.info(
+        "warmup: %d central images, U-Net %d parameters, %s from step %d of %d, %s compute",
+        len(images),
+        params,
+        "resuming" if step else "starting",
+        step,
+        w.steps,
+        precision.resolve(cfg.run.precision, _device(cfg)),
+    )
 
     start_step, start_time = step, time.perf_counter()
     window, window_start = [], time.perf_counter()
@@ -176,20 +224,35 @@ def train_warmup(cfg: Config, central: Any, out_dir: Path | str, *, reporter: Re
         # Report and checkpoint.
         if step == w.steps or (w.log_every > 0 and step % w.log_every == 0):
             loss, sec_per_step = float(np.mean(window)), (time.perf_counter() - window_start) / len(window)
-            logger.info("warmup step %d/%d nimg %d loss %.4f sec/step %.3f", step, w.steps, step * batch,
-                        loss, sec_per_step)
+            logger.info(
+                "warmup step %d/%d nimg %d loss %.4f sec/step %.3f", step, w.steps, step * batch, loss, sec_per_step
+            )
             if reporter is not None:
                 reporter({"step": step, "nimg": step * batch, "loss": loss, "sec_per_step": sec_per_step})
             window, window_start = [], time.perf_counter()
         if step == w.steps or (w.checkpoint_every > 0 and step % w.checkpoint_every == 0):
-            meta = {"stage": "warmup", "step": step, "nimg": step * batch, "loss": loss,
-                    "parameters": params, "config": cfg.public_dict()}
+            meta = {
+                "stage": "warmup",
+                "step": step,
+                "nimg": step * batch,
+                "loss": loss,
+                "parameters": params,
+                "config": cfg.public_dict(),
+            }
             if ledger is not None:
                 meta["ledger"] = ledger
-            checkpoint.save(ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta,
-                            extra={"generator": generator.get_state()})
+            checkpoint.save(
+                ckpt_dir, model=net, ema=ema, optimizer=optimizer, meta=meta, extra={"generator": generator.get_state()}
+            )
             if on_checkpoint is not None:  # e.g. commit it to the run's storage (preemption-safe)
                 on_checkpoint(ckpt_dir, step)
 
-    return {"step": step, "steps_run": step - start_step, "resumed_from": start_step, "loss": loss, "parameters": params,
-            "seconds": time.perf_counter() - start_time, "checkpoint": str(ckpt_dir)}
+    return {
+        "step": step,
+        "steps_run": step - start_step,
+        "resumed_from": start_step,
+        "loss": loss,
+        "parameters": params,
+        "seconds": time.perf_counter() - start_time,
+        "checkpoint": str(ckpt_dir),
+    }

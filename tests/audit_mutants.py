@@ -92,7 +92,12 @@ class FixedBatch(dpsgd.PoissonSampler):
         return self._fixed
 
 
-DP_STEPS = {"noise off": NoNoise, "noise std / 10": NoiseDiv10, "clipping off": NoClip,
-            "clipping after the sum": ClipAfterSum, "no noise when rank 0's batch is empty": NoNoiseWhenRank0Empty,
-            "one rank's examples unclipped": OneRankUnclipped}
+DP_STEPS = {
+    "noise off": NoNoise,
+    "noise std / 10": NoiseDiv10,
+    "clipping off": NoClip,
+    "clipping after the sum": ClipAfterSum,
+    "no noise when rank 0's batch is empty": NoNoiseWhenRank0Empty,
+    "one rank's examples unclipped": OneRankUnclipped,
+}
 SAMPLERS = {"fixed batch instead of Poisson": FixedBatch}

@@ -28,18 +28,42 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not cuda:
             item.add_marker(no_cuda)
 
+
 # A config small enough for every stage to run in seconds on one CPU (8x8 digits, a ~9k-parameter U-Net).
-TINY = ("data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
-        "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.batch_size=16", "warmup.checkpoint_every=2",
-        "warmup.log_every=1", "finetune.noise_multiplicity=1", "finetune.checkpoint_every=1",
-        "finetune.log_every=1", "sample.steps=2", "sample.num_samples=40", "sample.batch_size=40",
-        "eval.classifier_epochs=1", "eval.classifier_batch_size=32", "eval.logreg=false", "eval.fid.num_samples=40",
-        "eval.fid.inception_weights=null",  # the offline FID: Inception at 299 px costs minutes on a CPU
-        "tracking.enabled=false")
+TINY = (
+    "data.resolution=8",
+    "model.channels=8",
+    "model.channel_mult=[1]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[]",
+    "model.emb_channels=16",
+    "warmup.batch_size=16",
+    "warmup.checkpoint_every=2",
+    "warmup.log_every=1",
+    "finetune.noise_multiplicity=1",
+    "finetune.checkpoint_every=1",
+    "finetune.log_every=1",
+    "sample.steps=2",
+    "sample.num_samples=40",
+    "sample.batch_size=40",
+    "eval.classifier_epochs=1",
+    "eval.classifier_batch_size=32",
+    "eval.logreg=false",
+    "eval.fid.num_samples=40",
+    "eval.fid.inception_weights=null",  # the offline FID: Inception at 299 px costs minutes on a CPU
+    "tracking.enabled=false",
+)
 # The smallest U-Net with every code path (two resolutions, attention at 4x4), 3 classes at 8x8: the base of
 # the unit tests of the network, the samplers, warm-up, DP-SGD and bf16.
-TINY_UNET = ("data.resolution=8", "data.num_classes=3", "model.channels=8", "model.channel_mult=[1,2]",
-             "model.num_res_blocks=1", "model.attn_resolutions=[4]", "model.emb_channels=16")
+TINY_UNET = (
+    "data.resolution=8",
+    "data.num_classes=3",
+    "model.channels=8",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]",
+    "model.emb_channels=16",
+)
 
 
 def tiny_config(*overrides: str, base: tuple[str, ...] = TINY) -> config.Config:
@@ -78,6 +102,7 @@ def local_ray(_ray_session):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """``tiny_cfg(*overrides)``: the tiny config in this test's folder, ``--set``-style overrides on top."""
+
     def make(*overrides: str) -> config.Config:
         return tiny_config(f"run.dir={tmp_path}", *overrides)
 
@@ -112,8 +137,13 @@ def one_thread():
 
 
 # -- a local S3 endpoint (moto's server on 127.0.0.1), started by the tests themselves ----------------
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def start_s3_server():

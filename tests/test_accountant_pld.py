@@ -23,8 +23,9 @@ def independent_epsilon(parts: list[tuple[float, float, int]], *, delta: float, 
     privacy-loss distributions directly (no PLDAccountant, no DpEvent), pessimistic, at ``interval``."""
     total = None
     for sigma, q, count in parts:
-        one = pld_lib.from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=interval,
-                                              pessimistic_estimate=True)
+        one = pld_lib.from_gaussian_mechanism(
+            sigma, sampling_prob=q, value_discretization_interval=interval, pessimistic_estimate=True
+        )
         composed = one.self_compose(count)
         total = composed if total is None else total.compose(composed)
     return float(total.get_epsilon_for_delta(delta))
@@ -37,13 +38,15 @@ def _events(sigma: float, q: float, steps: int, central: tuple[float, float, int
     if central is None:
         return sgd
     s_c, q_c, rounds = central
-    return dp_accounting.ComposedDpEvent([privacy.central_event(noise_multiplier=s_c, sample_rate=q_c,
-                                                                rounds=rounds), sgd])
+    return dp_accounting.ComposedDpEvent(
+        [privacy.central_event(noise_multiplier=s_c, sample_rate=q_c, rounds=rounds), sgd]
+    )
 
 
 def _calibrate(eps: float, q: float, steps: int, central: tuple[float, float, int] | None = None) -> float:
-    return privacy.calibrate_noise(make_events=lambda s: _events(s, q, steps, central), epsilon=eps,
-                                   delta=DELTA, accountant="pld", rtol=1e-4)
+    return privacy.calibrate_noise(
+        make_events=lambda s: _events(s, q, steps, central), epsilon=eps, delta=DELTA, accountant="pld", rtol=1e-4
+    )
 
 
 @pytest.mark.slow  # an independent PLD on a 10x finer grid for T = 2198 steps
@@ -74,8 +77,11 @@ def pld_calibration_never_overshoots(eps, q, steps):
 
 # 10-40 s of CPU per plan: one plan in the edit loop (`make check`), four more in `make test`.
 test_pld_calibration_never_overshoots_property = settings(
-    max_examples=1, deadline=None, suppress_health_check=[HealthCheck.too_slow])(_pld_plans(pld_calibration_never_overshoots))
-test_pld_calibration_never_overshoots_property_4_plans = pytest.mark.slow(_fast(_pld_plans(pld_calibration_never_overshoots)))
+    max_examples=1, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)(_pld_plans(pld_calibration_never_overshoots))
+test_pld_calibration_never_overshoots_property_4_plans = pytest.mark.slow(
+    _fast(_pld_plans(pld_calibration_never_overshoots))
+)
 
 
 def test_pld_calibration_is_fast_on_mnist():
@@ -129,15 +135,20 @@ def test_pld_ledger_counts_only_the_mechanisms_run_so_far():
     ledger.add("central", noise_multiplier=3.2, sample_rate=0.95, count=5)
     ledger.add("dpsgd", noise_multiplier=1.05, sample_rate=0.2, count=50)
     ledger.record_steps("central", 5)
-    alone = privacy.epsilon_of(privacy.central_event(noise_multiplier=3.2, sample_rate=0.95, rounds=5),
-                               delta=DELTA, accountant="pld")
+    alone = privacy.epsilon_of(
+        privacy.central_event(noise_multiplier=3.2, sample_rate=0.95, rounds=5), delta=DELTA, accountant="pld"
+    )
     assert ledger.epsilon() == pytest.approx(alone) and 0 < alone < ledger.epsilon(planned=True)
 
 
 def test_auto_with_a_sigma_only_pld_accepts_plans_with_pld():
     """A sweep's public-mode final run fixes the single-run (PLD) sigma; RDP would refuse it."""
-    pld_sigma = privacy.plan(config.load("configs/mnist_28/eps_10.yaml", ["privacy.accountant=pld"]), MNIST_N).noise_multiplier
-    cfg = config.load("configs/mnist_28/eps_10.yaml", ["privacy.accountant=auto", f"privacy.noise_multiplier={pld_sigma}"])
+    pld_sigma = privacy.plan(
+        config.load("configs/mnist_28/eps_10.yaml", ["privacy.accountant=pld"]), MNIST_N
+    ).noise_multiplier
+    cfg = config.load(
+        "configs/mnist_28/eps_10.yaml", ["privacy.accountant=auto", f"privacy.noise_multiplier={pld_sigma}"]
+    )
     with pytest.raises(ValueError, match="above the target"):
         privacy.plan(config.replace(cfg, {"privacy.accountant": "rdp"}), MNIST_N)
     pl = privacy.plan(cfg, MNIST_N)

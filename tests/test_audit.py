@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import audit_mutants as mutants
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import audit_mutants as mutants
 from dpfeta import audit, canaries, checkpoint, config, data, finetune, privacy
 
 # A linear stand-in for the U-Net (the canary block does not depend on the network); small gradients.
@@ -37,10 +37,20 @@ def _adam(params, cfg):
 TOY = finetune.Task(build=_toy_build, loss_rows=_toy_loss_rows, optimizer=_adam)
 
 # DP-SGD alone at epsilon = 2 over digits at 8x8 (N = 1,258): q = 0.1, T = 20; m = 1,000 canaries.
-SETTINGS = ("data.resolution=8", "central.rounds=0", "finetune.init=scratch", "finetune.batch_size=125.8",
-            "finetune.epochs=2", "finetune.noise_multiplicity=1", "finetune.physical_batch_size=16",
-            "finetune.checkpoint_every=0", "finetune.log_every=0", "privacy.epsilon=2", "privacy.accountant=rdp",
-            "tracking.enabled=false")
+SETTINGS = (
+    "data.resolution=8",
+    "central.rounds=0",
+    "finetune.init=scratch",
+    "finetune.batch_size=125.8",
+    "finetune.epochs=2",
+    "finetune.noise_multiplicity=1",
+    "finetune.physical_batch_size=16",
+    "finetune.checkpoint_every=0",
+    "finetune.log_every=0",
+    "privacy.epsilon=2",
+    "privacy.accountant=rdp",
+    "tracking.enabled=false",
+)
 M = 1000
 
 
@@ -116,11 +126,29 @@ def test_the_report_says_when_m_canaries_cannot_show_a_violation():
     assert top == pytest.approx({"one_run": 4.755, "fdp": 8.491}, abs=2e-3)
     assert audit.ceiling(4000, 1e-5)["fdp"] > 10.5
     bound = {"epsilon": 2.4, "guesses": 56, "correct": 54}
-    report = {"mode": "gradient", "build": "correct", "canaries": 1000, "included": 500, "noise_multiplier": 1.05,
-              "sample_rate": 0.2, "steps": 50, "max_grad_norm": 1.0, "workers": 2, "seconds": 60.0,
-              "epsilon_ledger": 10.0, "epsilon_dpsgd": 9.41, "delta": 1e-5, "accountant": "pld", "confidence": 0.95,
-              "bounds": {"one_run": bound, "fdp": bound}, "ideal": None, "auroc": 0.8, "epsilon_lb": 2.4,
-              "violation": False, "ceiling": top}
+    report = {
+        "mode": "gradient",
+        "build": "correct",
+        "canaries": 1000,
+        "included": 500,
+        "noise_multiplier": 1.05,
+        "sample_rate": 0.2,
+        "steps": 50,
+        "max_grad_norm": 1.0,
+        "workers": 2,
+        "seconds": 60.0,
+        "epsilon_ledger": 10.0,
+        "epsilon_dpsgd": 9.41,
+        "delta": 1e-5,
+        "accountant": "pld",
+        "confidence": 0.95,
+        "bounds": {"one_run": bound, "fdp": bound},
+        "ideal": None,
+        "auroc": 0.8,
+        "epsilon_lb": 2.4,
+        "violation": False,
+        "ceiling": top,
+    }
     assert "no violation could be seen" in audit.report_text(report)
     assert "no violation could be seen" not in audit.report_text({**report, "epsilon_dpsgd": 0.95})
 
@@ -137,9 +165,23 @@ def test_bad_requests_are_refused_before_any_work():
 
 @pytest.mark.slow
 def test_cli_refuses_bad_canaries_without_reading_data(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dpfeta", "audit", "--config", "configs/digits.yaml",
-                           "--set", f"run.dir={tmp_path}", "--canaries", "0"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpfeta",
+            "audit",
+            "--config",
+            "configs/digits.yaml",
+            "--set",
+            f"run.dir={tmp_path}",
+            "--canaries",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2 and "--canaries" in proc.stderr
     assert not any(tmp_path.iterdir())
 
@@ -180,8 +222,16 @@ def _rank_child(rank: int, port: int, cfg, train, out: str) -> None:
                 if ckpt is not None:
                     kept.update(checkpoint.load(ckpt)["model"])
 
-            finetune.train_finetune(cfg, shard, plan=plan, init_dir=None, resume_dir=None, task=task,
-                                    reporter=reporter, worker=finetune.Worker(rank, 2))
+            finetune.train_finetune(
+                cfg,
+                shard,
+                plan=plan,
+                init_dir=None,
+                resume_dir=None,
+                task=task,
+                reporter=reporter,
+                worker=finetune.Worker(rank, 2),
+            )
             if rank == 0:
                 np.save(Path(out) / f"{RANK_BUILDS.index(name)}.npy", kept["scores"].numpy())
         if rank == 0:

@@ -18,8 +18,14 @@ def _quantiles(mu: float, n: int) -> np.ndarray:
 
 
 # jax_privacy tests/auditing_test.py::test_epsilon_one_run_close: n = 10,000 in and out, 95 %, delta = 1e-6.
-PUBLISHED = [(1, "one_run", 1.13346), (1, "fdp", 2.164749), (2, "one_run", 2.311945), (2, "fdp", 4.7218075),
-             (4, "one_run", 4.395568), (4, "fdp", 9.133752)]
+PUBLISHED = [
+    (1, "one_run", 1.13346),
+    (1, "fdp", 2.164749),
+    (2, "one_run", 2.311945),
+    (2, "fdp", 4.7218075),
+    (4, "one_run", 4.395568),
+    (4, "fdp", 9.133752),
+]
 
 
 @pytest.mark.parametrize("shift,estimator,expected", PUBLISHED)
@@ -51,8 +57,9 @@ def test_bound_sits_on_the_rejection_boundary_of_its_counts():
     b = audit.epsilon_one_run(ins, outs, significance=0.05, delta=1e-5)
     level = 0.05 / b.candidates
     p_at = audit.one_run_p_value(canaries=800, guesses=b.guesses, correct=b.correct, epsilon=b.epsilon, delta=1e-5)
-    p_above = audit.one_run_p_value(canaries=800, guesses=b.guesses, correct=b.correct,
-                                    epsilon=b.epsilon * 1.01, delta=1e-5)
+    p_above = audit.one_run_p_value(
+        canaries=800, guesses=b.guesses, correct=b.correct, epsilon=b.epsilon * 1.01, delta=1e-5
+    )
     assert p_at <= level < p_above
     # Perfect separation cannot beat the delta = 0 cap logit(significance^(1/r)) of r = 400 right guesses.
     perfect = audit.epsilon_one_run(np.arange(400) + 1000.0, np.arange(400), significance=0.05, delta=1e-5)
@@ -91,12 +98,15 @@ def test_ideal_bounds_match_the_reference_table():
     assert got["one_run"] == pytest.approx(2.18, abs=0.01) and got["fdp"] == pytest.approx(3.25, abs=0.01)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(in_scores=[], out_scores=[1.0]), "both included and excluded"),
-    (dict(in_scores=[float("nan")], out_scores=[1.0]), "finite"),
-    (dict(in_scores=[1.0], out_scores=[0.0], significance=0.7), "significance"),
-    (dict(in_scores=[1.0], out_scores=[0.0], delta=0.0), "delta"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(in_scores=[], out_scores=[1.0]), "both included and excluded"),
+        (dict(in_scores=[float("nan")], out_scores=[1.0]), "finite"),
+        (dict(in_scores=[1.0], out_scores=[0.0], significance=0.7), "significance"),
+        (dict(in_scores=[1.0], out_scores=[0.0], delta=0.0), "delta"),
+    ],
+)
 def test_bad_input_is_refused(kwargs, match):
     kwargs.setdefault("delta", 1e-5)
     with pytest.raises(ValueError, match=match):

@@ -28,8 +28,12 @@ def central28():
 def training_set(cfg, x: torch.Tensor, exclude: tuple[str, ...], repeats: int = 6) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     w = cfg.warmup
-    return torch.cat([augment(x, num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, generator=g,
-                              exclude=exclude) for _ in range(repeats)])
+    return torch.cat(
+        [
+            augment(x, num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, generator=g, exclude=exclude)
+            for _ in range(repeats)
+        ]
+    )
 
 
 def exact_denoiser(atoms: torch.Tensor):
@@ -53,8 +57,17 @@ def sample_share(cfg, atoms: torch.Tensor, sampler: str, num: int = 120) -> floa
     common = dict(steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, guidance=0.0, null_label=10)
     denoise = exact_denoiser(atoms)
     if sampler == "edm":
-        x = diffusion.edm_sampler(denoise, latents, labels, churn=s.churn, s_min=s.s_min, s_max=s.s_max,
-                                  s_noise=s.s_noise, generator=g, **common)
+        x = diffusion.edm_sampler(
+            denoise,
+            latents,
+            labels,
+            churn=s.churn,
+            s_min=s.s_min,
+            s_max=s.s_max,
+            s_noise=s.s_noise,
+            generator=g,
+            **common,
+        )
     else:
         x = diffusion.ddim_sampler(denoise, latents, labels, **common)
     return float(images.blown_out(images.to_uint8(x)).mean())
@@ -93,9 +106,18 @@ def test_balanced_labels_by_default(tmp_path):
     assert sample.balanced_labels(1000, 10).bincount().tolist() == [100] * 10
     with pytest.raises(ValueError, match="num_classes >= 1"):
         sample.balanced_labels(5, 0)
-    cfg = config.load(None, ["data.resolution=8", "model.channels=8", "model.channel_mult=[1]",
-                             "model.attn_resolutions=[]", "model.emb_channels=16", "sample.steps=2",
-                             "sample.batch_size=7"])
+    cfg = config.load(
+        None,
+        [
+            "data.resolution=8",
+            "model.channels=8",
+            "model.channel_mult=[1]",
+            "model.attn_resolutions=[]",
+            "model.emb_channels=16",
+            "sample.steps=2",
+            "sample.batch_size=7",
+        ],
+    )
     denoiser = sample.build_denoiser(cfg)
     _, labels = sample.generate(denoiser, cfg, 30, generator=torch.Generator().manual_seed(0), progress=False)
     assert np.bincount(labels.numpy(), minlength=10).tolist() == [3] * 10

@@ -16,8 +16,15 @@ from dpfeta.data import ImageSet
 
 
 def make_cfg(k: int = 10, **updates) -> config.Config:
-    base = {"data.num_classes": k, "data.resolution": 8, "central.rounds": 5, "central.batch_size": 200.0,
-            "central.noise_multiplier": 2.0, "finetune.batch_size": 8, "privacy.delta": 1e-5}
+    base = {
+        "data.num_classes": k,
+        "data.resolution": 8,
+        "central.rounds": 5,
+        "central.batch_size": 200.0,
+        "central.noise_multiplier": 2.0,
+        "finetune.batch_size": 8,
+        "privacy.delta": 1e-5,
+    }
     base.update({key.replace("__", "."): v for key, v in updates.items()})
     return config.replace(config.Config(), base)
 
@@ -51,10 +58,9 @@ def test_adding_a_record_moves_the_sums_by_at_most_delta(value):
     delta = central.sensitivity((1, 8, 8), 2)
     # Same seed: the first 300 rows of the mask are shared, the added record gets its own draw.
     sums = central._local_sums(d, rounds=40, sample_rate=0.5, downsample=2, rng=np.random.default_rng(1))
-    sums_plus = central._local_sums(d_plus, rounds=40, sample_rate=0.5, downsample=2,
-                                    rng=np.random.default_rng(1))
+    sums_plus = central._local_sums(d_plus, rounds=40, sample_rate=0.5, downsample=2, rng=np.random.default_rng(1))
     diff = sums_plus - sums
-    norms = np.sqrt((diff ** 2).reshape(40, -1).sum(1))
+    norms = np.sqrt((diff**2).reshape(40, -1).sum(1))
     assert norms.max() <= delta + 1e-9
     assert np.allclose(diff[:, [k for k in range(10) if k != 3]], 0.0)  # one class sum moves
     included = norms > 0
@@ -63,8 +69,7 @@ def test_adding_a_record_moves_the_sums_by_at_most_delta(value):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 30), seed=st.integers(0, 2**31), rounds=st.integers(1, 4),
-       remove=st.integers(0, 29))
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**31), rounds=st.integers(1, 4), remove=st.integers(0, 29))
 def test_removing_any_record_moves_the_sums_by_at_most_delta(n, seed, rounds, remove):
     rng = np.random.default_rng(seed)
     d = random_set(n, k=3, size=4, channels=3, seed=seed)
@@ -85,8 +90,9 @@ def test_removing_any_record_moves_the_sums_by_at_most_delta(n, seed, rounds, re
 def test_inclusion_frequency_is_q_and_batch_sizes_vary_like_a_binomial():
     n, rounds, q = 500, 400, 0.3
     ones = constant_set(n, 255, k=5, size=4)  # pooled pixel 1.0: sums count the sampled records
-    sums = central._local_sums(ones, rounds=rounds, sample_rate=q, downsample=2,
-                               rng=np.random.default_rng(5), chunk=128)
+    sums = central._local_sums(
+        ones, rounds=rounds, sample_rate=q, downsample=2, rng=np.random.default_rng(5), chunk=128
+    )
     counts = sums[:, :, 0, 0, 0].sum(1)  # records sampled per round
     assert abs(counts.sum() / (n * rounds) - q) < 5 * math.sqrt(q * (1 - q) / (n * rounds))
     assert counts.var() == pytest.approx(n * q * (1 - q), rel=0.3)  # not a fixed-size batch
@@ -176,8 +182,17 @@ def test_release_writes_images_grid_ledger_only(tmp_path):
     expected += [f"images/{k}/{r}.png" for k in range(10) for r in range(3)]
     assert files == sorted(expected)
     saved = json.loads((tmp_path / "ledger.json").read_text())
-    assert saved["mechanisms"] == [{"name": "central", "kind": "poisson_gaussian", "noise_multiplier": 2.0,
-                                    "sample_rate": 0.2, "planned": 3, "taken": 3, "shared": False}]
+    assert saved["mechanisms"] == [
+        {
+            "name": "central",
+            "kind": "poisson_gaussian",
+            "noise_multiplier": 2.0,
+            "sample_rate": 0.2,
+            "planned": 3,
+            "taken": 3,
+            "shared": False,
+        }
+    ]
     # privacy.accountant auto: the central ledger uses the accountant the whole run's plan picks (PLD)
     eps = privacy.epsilon_of(result.event(), delta=1e-5, accountant="pld")
     assert saved["accountant"] == "pld" and eps < privacy.epsilon_of(result.event(), delta=1e-5, accountant="rdp")
@@ -199,6 +214,9 @@ def test_zero_rounds_release_nothing_and_spend_nothing(tmp_path):
 def test_calibrated_central_noise_is_used():
     cfg = make_cfg(central__noise_multiplier=None, central__epsilon_share=0.1, privacy__epsilon=10.0)
     _, params = central.noisy_class_means(cfg, random_set(1000))
-    eps = privacy.epsilon_of(privacy.central_event(noise_multiplier=params["noise_multiplier"],
-                                                   sample_rate=0.2, rounds=5), delta=1e-5, accountant="rdp")
+    eps = privacy.epsilon_of(
+        privacy.central_event(noise_multiplier=params["noise_multiplier"], sample_rate=0.2, rounds=5),
+        delta=1e-5,
+        accountant="rdp",
+    )
     assert eps <= 1.0 and eps == pytest.approx(1.0, rel=1e-3)

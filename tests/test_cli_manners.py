@@ -27,8 +27,9 @@ DIGITS = str(ROOT / "configs/digits.yaml")
 def dpfeta_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m dpfeta ARGS`` as a user runs it."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "dpfeta", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dpfeta", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def cli_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -95,14 +96,18 @@ def test_top_level_help_is_written_for_users():
 def test_yaml_syntax_error_in_a_config_file_is_one_line_naming_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("privacy:\n  epsilon: 1\n  delta: [1e-5\nrun:\n  name: x\n")
-    line = assert_one_line_error(cli_in_process(capsys, "budget", "--config", str(bad)), str(bad), "invalid YAML",
-                                 "line ")
+    line = assert_one_line_error(
+        cli_in_process(capsys, "budget", "--config", str(bad)), str(bad), "invalid YAML", "line "
+    )
     assert line.startswith("dpfeta budget: error: ")
 
 
 def test_yaml_syntax_error_in_a_set_value_is_one_line_naming_the_key(capsys):
-    assert_one_line_error(cli_in_process(capsys, "budget", "--config", DIGITS, "--set", "run.num_workers=[2,8"),
-                          "'run.num_workers'", "not valid YAML")
+    assert_one_line_error(
+        cli_in_process(capsys, "budget", "--config", DIGITS, "--set", "run.num_workers=[2,8"),
+        "'run.num_workers'",
+        "not valid YAML",
+    )
 
 
 def test_an_unreadable_config_file_is_one_line_naming_it(tmp_path, capsys):
@@ -130,14 +135,20 @@ def test_a_storage_error_is_one_line_naming_the_path(tmp_path, capsys):
     blocker.write_text("")
     run = tmp_path / "run"
     (run / "release").mkdir(parents=True)  # no release.json: refused before any write
-    assert_one_line_error(cli_in_process(capsys, "export", "--run", str(run), "--out", str(tmp_path / "out")),
-                          "release.json")
+    assert_one_line_error(
+        cli_in_process(capsys, "export", "--run", str(run), "--out", str(tmp_path / "out")), "release.json"
+    )
     proc = cli_in_process(capsys, "prepare", "--config", DIGITS, "--out", str(blocker / "shards"))
     assert_one_line_error(proc, str(blocker))
 
 
-@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/mnt/shared/runs"),
-                                   OSError(28, "No space left on device", "/mnt/shared/runs/digits/ledger.json")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(13, "Permission denied", "/mnt/shared/runs"),
+        OSError(28, "No space left on device", "/mnt/shared/runs/digits/ledger.json"),
+    ],
+)
 def test_permission_and_storage_errors_end_in_one_line_and_exit_2(monkeypatch, capsys, error):
     from dpfeta import export
 
@@ -156,8 +167,10 @@ def test_permission_and_storage_errors_end_in_one_line_and_exit_2(monkeypatch, c
 # --set run.name=2024 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [("2024", "2024"), ("2024.10", "2024.10"), ("1e3", "1e3"),
-                                            ("true", "true"), ("digits-2024", "digits-2024")])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2024", "2024"), ("2024.10", "2024.10"), ("1e3", "1e3"), ("true", "true"), ("digits-2024", "digits-2024")],
+)
 def test_set_a_string_key_to_a_number_keeps_the_text(text, expected):
     assert config.load(DIGITS, [f"run.name={text}"]).run.name == expected
     assert config.load(DIGITS, [f"tracking.experiment={text}"]).tracking.experiment == expected
@@ -171,12 +184,15 @@ def test_a_string_key_given_a_number_in_a_config_file_is_its_string(tmp_path):
     assert (cfg.run.name, cfg.tracking.experiment) == ("2024", "true")
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("run.use_gpu=2024", r"'run\.use_gpu': expected true or false"),
-    ("privacy.epsilon=ten", r"'privacy\.epsilon': expected a number"),
-    ("warmup.steps=2.5", r"'warmup\.steps': expected an integer"),
-    ("run.name=[2024]", r"'run\.name': expected a string"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("run.use_gpu=2024", r"'run\.use_gpu': expected true or false"),
+        ("privacy.epsilon=ten", r"'privacy\.epsilon': expected a number"),
+        ("warmup.steps=2.5", r"'warmup\.steps': expected an integer"),
+        ("run.name=[2024]", r"'run\.name': expected a string"),
+    ],
+)
 def test_other_type_checks_stay_strict(override, pattern):
     with pytest.raises((TypeError, ValueError), match=pattern):
         config.load(DIGITS, [override])
@@ -189,8 +205,19 @@ def test_run_name_2024_through_the_cli(capsys):
 
 # README and packaging ----------------------------------------------------------------------------------
 
-COMMAND_WORDS = ("dpfeta", "make", "ray", "python", "pip", "source", "mlflow", "RAY_AUTH_MODE=", "OMP_NUM_THREADS=",
-                 ".venv/bin/", "python3.11")
+COMMAND_WORDS = (
+    "dpfeta",
+    "make",
+    "ray",
+    "python",
+    "pip",
+    "source",
+    "mlflow",
+    "RAY_AUTH_MODE=",
+    "OMP_NUM_THREADS=",
+    ".venv/bin/",
+    "python3.11",
+)
 
 
 def _readme_commands() -> list[str]:

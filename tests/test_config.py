@@ -13,9 +13,11 @@ SHIPPED = sorted(ROOT.glob("configs/**/*.yaml"))
 
 def test_all_reference_configs_are_shipped():
     names = {str(p.relative_to(ROOT / "configs")) for p in SHIPPED}
-    expected = {"digits.yaml"} | {f"{d}/eps_{e}.yaml" for d in
-                                  ("mnist_28", "fmnist_28", "celeba_32", "camelyon_32", "cifar10_32")
-                                  for e in (1, 10)}
+    expected = {"digits.yaml"} | {
+        f"{d}/eps_{e}.yaml"
+        for d in ("mnist_28", "fmnist_28", "celeba_32", "camelyon_32", "cifar10_32")
+        for e in (1, 10)
+    }
     assert expected <= names
 
 
@@ -39,10 +41,19 @@ def test_reference_hyperparameters_of_mnist():
 
 
 def test_overrides_are_parsed_to_the_field_type():
-    cfg = config.load(ROOT / "configs/digits.yaml",
-                      ["privacy.epsilon=1", "finetune.noise_multiplicity=8", "run.seed=3",
-                       "model.channel_mult=[1,2]", "run.num_workers=[2, 8]", "tracking.nondp=false",
-                       "privacy.delta=1e-6", "eval.fid.inception_weights=/w/pt_inception.pth"])
+    cfg = config.load(
+        ROOT / "configs/digits.yaml",
+        [
+            "privacy.epsilon=1",
+            "finetune.noise_multiplicity=8",
+            "run.seed=3",
+            "model.channel_mult=[1,2]",
+            "run.num_workers=[2, 8]",
+            "tracking.nondp=false",
+            "privacy.delta=1e-6",
+            "eval.fid.inception_weights=/w/pt_inception.pth",
+        ],
+    )
     assert cfg.privacy.epsilon == 1.0 and isinstance(cfg.privacy.epsilon, float)
     assert cfg.finetune.noise_multiplicity == 8
     assert cfg.run.seed == 3
@@ -60,30 +71,35 @@ def test_exponents_without_a_dot_are_numbers_also_inside_mappings(tmp_path):
     assert cfg.tune.search_space["finetune.lr"] == {"type": "loguniform", "lower": 1e-4, "upper": 1e-3}
     assert cfg.run.name == "1e5"  # a string key keeps its text
     path = tmp_path / "c.yaml"
-    path.write_text("privacy:\n  delta: 1e-6\ntune:\n  search_space:\n    finetune.lr: {type: loguniform, "
-                    "lower: 3e-5, upper: 3.0e-4}\n    warmup.steps: {type: choice, values: ['1e3', 2e3]}\n")
+    path.write_text(
+        "privacy:\n  delta: 1e-6\ntune:\n  search_space:\n    finetune.lr: {type: loguniform, "
+        "lower: 3e-5, upper: 3.0e-4}\n    warmup.steps: {type: choice, values: ['1e3', 2e3]}\n"
+    )
     cfg = config.load(path)
     assert cfg.privacy.delta == 1e-6
     assert cfg.tune.search_space["finetune.lr"]["lower"] == 3e-5
     assert cfg.tune.search_space["warmup.steps"]["values"] == ["1e3", 2000.0]  # quoted stays a string
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ("privacy.epsilom=1", r"unknown config key 'privacy\.epsilom'"),
-    ("privcy.epsilon=1", r"unknown config key 'privcy'"),
-    ("eval.fid.weights=x", r"unknown config key 'eval\.fid\.weights'"),
-    ("finetune.noise_multiplicity=two", r"'finetune\.noise_multiplicity': expected an integer"),
-    ("finetune.noise_multiplicity=2.5", r"'finetune\.noise_multiplicity': expected an integer"),
-    ("privacy.epsilon=[1]", r"'privacy\.epsilon': expected a number"),
-    ("tracking.nondp=maybe", r"'tracking\.nondp': expected true or false"),
-    ("run.num_workers=[1,2,3]", r"'run\.num_workers'"),
-    ("privacy.accountant=prv", r"'privacy\.accountant': expected one of auto, rdp, pld"),
-    ("finetune.noise_multiplicity=0", r"'finetune\.noise_multiplicity': expected K >= 1"),
-    ("privacy.delta=1", r"'privacy\.delta'"),
-    ("data.source=hdf5", r"'data\.source'"),
-    ("run.num_workers=[3,2]", r"'run\.num_workers'"),
-    ("privacy.epsilon", r"expected the form section\.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("privacy.epsilom=1", r"unknown config key 'privacy\.epsilom'"),
+        ("privcy.epsilon=1", r"unknown config key 'privcy'"),
+        ("eval.fid.weights=x", r"unknown config key 'eval\.fid\.weights'"),
+        ("finetune.noise_multiplicity=two", r"'finetune\.noise_multiplicity': expected an integer"),
+        ("finetune.noise_multiplicity=2.5", r"'finetune\.noise_multiplicity': expected an integer"),
+        ("privacy.epsilon=[1]", r"'privacy\.epsilon': expected a number"),
+        ("tracking.nondp=maybe", r"'tracking\.nondp': expected true or false"),
+        ("run.num_workers=[1,2,3]", r"'run\.num_workers'"),
+        ("privacy.accountant=prv", r"'privacy\.accountant': expected one of auto, rdp, pld"),
+        ("finetune.noise_multiplicity=0", r"'finetune\.noise_multiplicity': expected K >= 1"),
+        ("privacy.delta=1", r"'privacy\.delta'"),
+        ("data.source=hdf5", r"'data\.source'"),
+        ("run.num_workers=[3,2]", r"'run\.num_workers'"),
+        ("privacy.epsilon", r"expected the form section\.key=value"),
+    ],
+)
 def test_mistakes_name_the_key(override, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         config.load(ROOT / "configs/digits.yaml", [override])

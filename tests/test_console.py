@@ -15,17 +15,53 @@ import pytest
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-        "central.batch_size=600", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
-        "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.steps=3", "warmup.batch_size=16",
-        "warmup.checkpoint_every=3", "warmup.log_every=1", "finetune.batch_size=128", "finetune.epochs=0.15",
-        "finetune.noise_multiplicity=1", "finetune.physical_batch_size=64", "finetune.checkpoint_every=2",
-        "finetune.log_every=1", "privacy.epsilon=10", "sample.steps=2", "sample.num_samples=30",
-        "sample.batch_size=30", "eval.classifier_epochs=1", "eval.logreg=false", "eval.fid.num_samples=30",
-        "run.cpus_per_worker=1", "eval.fid.inception_weights=null", "run.name=console"]
-NOISE = ("PlacementGroupCleaner", "(pid=", "(TrainController", "RayTrainWorker", "SplitCoordinator",
-         "Started a local Ray instance", "absl", "_compute_log_a_frac", "failed to converge", "Warning",
-         "mlflow.store", "Running Dataset", "Downloading artifacts")
+TINY = [
+    "data.resolution=8",
+    "central.rounds=2",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.3",
+    "central.batch_size=600",
+    "model.channels=8",
+    "model.channel_mult=[1]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[]",
+    "model.emb_channels=16",
+    "warmup.steps=3",
+    "warmup.batch_size=16",
+    "warmup.checkpoint_every=3",
+    "warmup.log_every=1",
+    "finetune.batch_size=128",
+    "finetune.epochs=0.15",
+    "finetune.noise_multiplicity=1",
+    "finetune.physical_batch_size=64",
+    "finetune.checkpoint_every=2",
+    "finetune.log_every=1",
+    "privacy.epsilon=10",
+    "sample.steps=2",
+    "sample.num_samples=30",
+    "sample.batch_size=30",
+    "eval.classifier_epochs=1",
+    "eval.logreg=false",
+    "eval.fid.num_samples=30",
+    "run.cpus_per_worker=1",
+    "eval.fid.inception_weights=null",
+    "run.name=console",
+]
+NOISE = (
+    "PlacementGroupCleaner",
+    "(pid=",
+    "(TrainController",
+    "RayTrainWorker",
+    "SplitCoordinator",
+    "Started a local Ray instance",
+    "absl",
+    "_compute_log_a_frac",
+    "failed to converge",
+    "Warning",
+    "mlflow.store",
+    "Running Dataset",
+    "Downloading artifacts",
+)
 BARS = ("central query", "warm-up", "DP-SGD", "sampling", "evaluation")
 
 
@@ -34,8 +70,13 @@ def dpfeta_run(root: Path, *flags: str) -> subprocess.CompletedProcess:
     argv = ["run", "--config", str(root / "empty.yaml"), *flags]
     for item in [*TINY, f"run.dir={root}"]:
         argv += ["--set", item]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     code = f"import sys; from dpfeta import cli; sys.exit(cli.main({argv!r}))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
 

@@ -12,16 +12,22 @@ import pytest
 from PIL import Image
 
 from dpfeta import config, data
-from dpfeta.images import encode_png
 from dpfeta.data import splits as splits_mod
+from dpfeta.images import encode_png
 
 K = 4  # classes in the small synthetic sets
 
 
 def make_cfg(**updates) -> config.Config:
-    base = {"data.num_classes": K, "data.resolution": 8, "data.val_fraction": 0.0,
-            "data.test_fraction": 0.0, "central.batch_size": 8, "finetune.batch_size": 8,
-            "privacy.delta": 1e-4}
+    base = {
+        "data.num_classes": K,
+        "data.resolution": 8,
+        "data.val_fraction": 0.0,
+        "data.test_fraction": 0.0,
+        "central.batch_size": 8,
+        "finetune.batch_size": 8,
+        "privacy.delta": 1e-4,
+    }
     base.update({k.replace("__", "."): v for k, v in updates.items()})
     return config.replace(config.Config(), base)
 
@@ -57,7 +63,7 @@ def png(img: np.ndarray) -> bytes:
 
 def write_parquet(path, images, labels, hf: bool = False) -> None:
     blobs = [png(x) for x in images]
-    column = (pa.array([{"bytes": b, "path": None} for b in blobs]) if hf else pa.array(blobs, pa.binary()))
+    column = pa.array([{"bytes": b, "path": None} for b in blobs]) if hf else pa.array(blobs, pa.binary())
     pq.write_table(pa.table({"image": column, "label": pa.array(labels, pa.int64())}), path)
 
 
@@ -77,8 +83,7 @@ def test_split_rule_is_the_documented_permutation():
 
 
 def test_digits_default_split():
-    cfg = make_cfg(data__num_classes=10, data__resolution=16, data__val_fraction=0.1,
-                   data__test_fraction=0.2)
+    cfg = make_cfg(data__num_classes=10, data__resolution=16, data__val_fraction=0.1, data__test_fraction=0.2)
     s = data.load_splits(cfg)
     assert (len(s.train), len(s.val), len(s.test)) == (1258, 180, 359)
     assert s.train.images.shape == (1258, 1, 16, 16) and s.train.images.dtype == np.uint8
@@ -110,8 +115,13 @@ def test_idx_loader_train_and_t10k(tmp_path, gz):
     write_idx(tmp_path / f"train-labels-idx1-ubyte{sfx}", y, gz)
     write_idx(tmp_path / f"t10k-images-idx3-ubyte{sfx}", xt, gz)
     write_idx(tmp_path / f"t10k-labels-idx1-ubyte{sfx}", yt, gz)
-    cfg = make_cfg(data__source="idx", data__path=str(tmp_path), data__resolution=32,
-                   data__val_fraction=0.25, data__test_fraction=0.3)
+    cfg = make_cfg(
+        data__source="idx",
+        data__path=str(tmp_path),
+        data__resolution=32,
+        data__val_fraction=0.25,
+        data__test_fraction=0.3,
+    )
     s = data.load_splits(cfg)
     assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 12)  # test = t10k, val from train
     assert np.array_equal(s.test.images[:, 0, 2:30, 2:30], xt)  # 28 -> 32: zero-padded
@@ -134,8 +144,15 @@ def test_imagefolder_loader_numeric_and_named_classes(tmp_path):
     names = ["zebra", "ant", "cat", "dog"]  # sorted: ant=0, cat=1, dog=2, zebra=3
     xr, _ = toy(8, channels=3)
     write_folder(tmp_path / "named", xr, np.arange(8) % 4, names=names, ext=".png")
-    s = data.load_splits(make_cfg(data__source="imagefolder", data__path=str(tmp_path / "named"),
-                                  data__channels=3, central__batch_size=4, finetune__batch_size=4))
+    s = data.load_splits(
+        make_cfg(
+            data__source="imagefolder",
+            data__path=str(tmp_path / "named"),
+            data__channels=3,
+            central__batch_size=4,
+            finetune__batch_size=4,
+        )
+    )
     assert s.train.images.shape == (8, 3, 8, 8)
     by_label = {int(lab): img for img, lab in zip(s.train.images, s.train.labels)}
     assert np.array_equal(by_label[sorted(names).index("zebra")], xr[4].transpose(2, 0, 1))
@@ -145,8 +162,7 @@ def test_imagefolder_train_test_layout_and_jpeg(tmp_path):
     x, y = toy(16, size=16)
     write_folder(tmp_path / "train", x[:12], y[:12], ext=".jpg")
     write_folder(tmp_path / "test", x[12:], y[12:], ext=".JPEG")
-    s = data.load_splits(make_cfg(data__source="imagefolder", data__path=str(tmp_path),
-                                  data__test_fraction=0.4))
+    s = data.load_splits(make_cfg(data__source="imagefolder", data__path=str(tmp_path), data__test_fraction=0.4))
     assert (len(s.train), len(s.test)) == (12, 4)
     assert s.train.images.shape == (12, 1, 8, 8)  # 16 -> 8 resized
 
@@ -182,12 +198,17 @@ def test_parquet_loader_file_folder_and_hf(tmp_path):
 
 
 def test_prepare_writes_shards_that_read_back_as_the_same_splits(tmp_path):
-    cfg = make_cfg(data__num_classes=10, data__resolution=16, data__val_fraction=0.1,
-                   data__test_fraction=0.2)
+    cfg = make_cfg(data__num_classes=10, data__resolution=16, data__val_fraction=0.1, data__test_fraction=0.2)
     out = data.prepare(cfg, str(tmp_path / "prepared"), rows_per_shard=500)
     files = sorted(p.relative_to(tmp_path / "prepared").as_posix() for p in (tmp_path / "prepared").rglob("*.*"))
-    assert files == ["meta.json", "test/part-00000.parquet", "train/part-00000.parquet",
-                     "train/part-00001.parquet", "train/part-00002.parquet", "val/part-00000.parquet"]
+    assert files == [
+        "meta.json",
+        "test/part-00000.parquet",
+        "train/part-00000.parquet",
+        "train/part-00001.parquet",
+        "train/part-00002.parquet",
+        "val/part-00000.parquet",
+    ]
     back = data.load_splits(config.replace(cfg, {"data.source": "parquet", "data.path": out}))
     ref = data.load_splits(cfg)
     for name in ("train", "val", "test"):
@@ -228,8 +249,10 @@ def _case_corrupt_idx(tmp_path):
     write_idx(tmp_path / "train-labels-idx1-ubyte", y)
     raw = (tmp_path / "train-images-idx3-ubyte").read_bytes()
     (tmp_path / "train-images-idx3-ubyte").write_bytes(raw[:-5])
-    return (make_cfg(data__source="idx", data__path=str(tmp_path)),
-            r"corrupt IDX file '.*train-images-idx3-ubyte': expected 2560 data bytes .* found 2555")
+    return (
+        make_cfg(data__source="idx", data__path=str(tmp_path)),
+        r"corrupt IDX file '.*train-images-idx3-ubyte': expected 2560 data bytes .* found 2555",
+    )
 
 
 def _case_empty_folder(tmp_path):
@@ -247,25 +270,33 @@ def _case_corrupt_image(tmp_path):
 
 def _case_corrupt_parquet_image(tmp_path):
     x, y = toy(12)
-    pq.write_table(pa.table({"image": pa.array([png(i) for i in x[:-1]] + [b"garbage"], pa.binary()),
-                             "label": pa.array(y)}), tmp_path / "d.parquet")
-    return (make_cfg(data__source="parquet", data__path=str(tmp_path / "d.parquet")),
-            r"corrupt image in Parquet file '.*d\.parquet' row 11")
+    pq.write_table(
+        pa.table({"image": pa.array([png(i) for i in x[:-1]] + [b"garbage"], pa.binary()), "label": pa.array(y)}),
+        tmp_path / "d.parquet",
+    )
+    return (
+        make_cfg(data__source="parquet", data__path=str(tmp_path / "d.parquet")),
+        r"corrupt image in Parquet file '.*d\.parquet' row 11",
+    )
 
 
 def _case_mixed_shapes(tmp_path):
     x, y = toy(12)
     write_folder(tmp_path, x, y)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "000001" / "zz.png")
-    return (make_cfg(data__source="imagefolder", data__path=str(tmp_path)),
-            r"mixed shapes.*expected every image to be \(1, 8, 8\).*found \(1, 10, 10\) in '.*zz\.png'")
+    return (
+        make_cfg(data__source="imagefolder", data__path=str(tmp_path)),
+        r"mixed shapes.*expected every image to be \(1, 8, 8\).*found \(1, 10, 10\) in '.*zz\.png'",
+    )
 
 
 def _case_mixed_shapes_train_test(tmp_path):
     x, y = toy(40)
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=toy(8, size=10)[0], y_test=y[:8])
-    return (make_cfg(data__source="npz", data__path=str(tmp_path / "d.npz")),
-            r"mixed shapes: expected images of shape \(1, 8, 8\).*found \(1, 10, 10\)")
+    return (
+        make_cfg(data__source="npz", data__path=str(tmp_path / "d.npz")),
+        r"mixed shapes: expected images of shape \(1, 8, 8\).*found \(1, 10, 10\)",
+    )
 
 
 def _case_wrong_channels(tmp_path):
@@ -314,14 +345,18 @@ def _case_bad_pixels(tmp_path):
 def _case_npz_keys(tmp_path):
     x, y = toy(40)
     np.savez(tmp_path / "d.npz", pixels=x, y=y)
-    return (make_cfg(data__source="npz", data__path=str(tmp_path / "d.npz")),
-            r"expected an array named x or images, found \['pixels', 'y'\]")
+    return (
+        make_cfg(data__source="npz", data__path=str(tmp_path / "d.npz")),
+        r"expected an array named x or images, found \['pixels', 'y'\]",
+    )
 
 
 def _case_torchvision_missing(tmp_path):
     (tmp_path / "root").mkdir()
-    return (make_cfg(data__source="torchvision", data__name="MNIST", data__path=str(tmp_path / "root")),
-            r"torchvision MNIST: expected the dataset .*set data.download: true")
+    return (
+        make_cfg(data__source="torchvision", data__name="MNIST", data__path=str(tmp_path / "root")),
+        r"torchvision MNIST: expected the dataset .*set data.download: true",
+    )
 
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("_case_")]
@@ -345,8 +380,13 @@ def test_torchvision_mnist_root_on_disk(tmp_path):
     for part, (images, labels) in {"train": (x, y), "t10k": (x[:12], y[:12])}.items():
         write_idx(raw / f"{part}-images-idx3-ubyte", images)
         write_idx(raw / f"{part}-labels-idx1-ubyte", labels)
-    cfg = make_cfg(data__source="torchvision", data__name="MNIST", data__path=str(tmp_path),
-                   data__resolution=28, data__val_fraction=0.1)
+    cfg = make_cfg(
+        data__source="torchvision",
+        data__name="MNIST",
+        data__path=str(tmp_path),
+        data__resolution=28,
+        data__val_fraction=0.1,
+    )
     s = data.load_splits(cfg)
     train_idx, val_idx, _ = data.split_indices(40, val_fraction=0.1, test_fraction=0, seed=0, has_test=True)
     assert np.array_equal(s.train.images[:, 0], x[train_idx]) and np.array_equal(s.val.labels, y[val_idx])

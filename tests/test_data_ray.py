@@ -68,8 +68,14 @@ def test_prepared_parquet_reads_back_as_a_ray_dataset(tmp_path):
 
 
 def _cfg(**updates) -> config.Config:
-    base = {"data.num_classes": 10, "data.resolution": 8, "central.rounds": 5, "central.batch_size": 300.0,
-            "central.noise_multiplier": 2.0, "finetune.batch_size": 8}
+    base = {
+        "data.num_classes": 10,
+        "data.resolution": 8,
+        "central.rounds": 5,
+        "central.batch_size": 300.0,
+        "central.noise_multiplier": 2.0,
+        "finetune.batch_size": 8,
+    }
     base.update(updates)
     return config.replace(config.Config(), base)
 
@@ -85,8 +91,9 @@ def test_distributed_sums_equal_the_in_process_sums():
 
 def test_distributed_inclusion_frequency_and_independent_blocks():
     ones = ImageSet(np.full((600, 1, 4, 4), 255, np.uint8), np.arange(600, dtype=np.int64) % 10, 10)
-    sums = central._ray_sums(data.to_ray_dataset(ones, num_blocks=6), rounds=200, sample_rate=0.25,
-                             num_classes=10, downsample=2, seed=None)
+    sums = central._ray_sums(
+        data.to_ray_dataset(ones, num_blocks=6), rounds=200, sample_rate=0.25, num_classes=10, downsample=2, seed=None
+    )
     counts = sums[:, :, 0, 0, 0].sum(1)
     assert abs(counts.mean() / 600 - 0.25) < 5 * math.sqrt(0.25 * 0.75 / (600 * 200))
     assert counts.var() == pytest.approx(600 * 0.25 * 0.75, rel=0.35)  # independent per record
@@ -106,8 +113,9 @@ def test_distributed_release_seeded_and_unseeded():
 
 def test_cli_central_writes_release_and_prints_epsilon(tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text("central: {rounds: 2, batch_size: 600, noise_multiplier: 4.0}\n"
-                        "finetune: {batch_size: 256, epochs: 1}\n")
+    cfg_path.write_text(
+        "central: {rounds: 2, batch_size: 600, noise_multiplier: 4.0}\nfinetune: {batch_size: 256, epochs: 1}\n"
+    )
     assert cli.main(["central", "--config", str(cfg_path), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     ledger = __import__("json").loads((tmp_path / "out" / "ledger.json").read_text())

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_UNET, tiny_config
 
 from dpfeta import config
 from dpfeta.diffusion import EDMPrecond, ddim_sampler, edm_loss, edm_loss_rows, edm_sampler, guided, time_grid
-from dpfeta.sample import build_denoiser, generate
 from dpfeta.images import load_class_folders
+from dpfeta.sample import build_denoiser, generate
 
 SD = math.sqrt(1 / 3)
 LOSS = dict(P_mean=-1.2, P_std=1.2, sigma_data=SD, num_classes=3)
@@ -36,6 +35,7 @@ def unet_cfg(*overrides):
 
 # Preconditioning ------------------------------------------------------------------------------
 
+
 def test_preconditioning_limits_and_closed_forms():
     pre = EDMPrecond(ZeroNet(), SD)
     c_skip, c_out, c_in, c_noise = pre.coefficients(torch.tensor([1e-6, 1e-4], dtype=torch.float64))
@@ -43,10 +43,10 @@ def test_preconditioning_limits_and_closed_forms():
     assert torch.all(c_out < 1e-4 + 1e-12) and torch.all(c_out > 0)
     sigma = torch.tensor([0.002, 0.1, SD, 1.0, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = pre.coefficients(sigma)
-    assert torch.allclose(c_in, 1 / torch.sqrt(sigma ** 2 + SD ** 2), rtol=1e-12)
+    assert torch.allclose(c_in, 1 / torch.sqrt(sigma**2 + SD**2), rtol=1e-12)
     assert torch.allclose(c_noise, torch.log(sigma) / 4, rtol=1e-12)
-    assert torch.allclose(c_skip, SD ** 2 / (sigma ** 2 + SD ** 2), rtol=1e-12)
-    assert torch.allclose(c_out, sigma * SD / torch.sqrt(sigma ** 2 + SD ** 2), rtol=1e-12)
+    assert torch.allclose(c_skip, SD**2 / (sigma**2 + SD**2), rtol=1e-12)
+    assert torch.allclose(c_out, sigma * SD / torch.sqrt(sigma**2 + SD**2), rtol=1e-12)
     assert c_skip[-1] < 1e-4 and abs(c_out[-1] - SD) < 1e-4  # sigma -> inf
 
 
@@ -56,9 +56,9 @@ def test_precond_forward_scales_input_and_output():
     x, sigma = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 3.0])
     out = pre(x, sigma, torch.tensor([0, 3]))
     scale = sigma.view(-1, 1, 1, 1)
-    assert torch.allclose(out, SD ** 2 / (scale ** 2 + SD ** 2) * x)
+    assert torch.allclose(out, SD**2 / (scale**2 + SD**2) * x)
     x_in, c_noise, labels = net.calls[0]
-    assert torch.allclose(x_in, x / torch.sqrt(scale ** 2 + SD ** 2))
+    assert torch.allclose(x_in, x / torch.sqrt(scale**2 + SD**2))
     assert torch.allclose(c_noise, sigma.log() / 4) and labels.tolist() == [0, 3]
     pre(x, torch.tensor(2.0), torch.tensor([0, 1]))  # a scalar sigma broadcasts over the batch
     assert net.calls[1][1].shape == (2,)
@@ -66,16 +66,26 @@ def test_precond_forward_scales_input_and_output():
 
 # Loss -----------------------------------------------------------------------------------------
 
+
 def test_loss_shape_rows_and_k_equals_mean_of_single_draws():
     denoiser = build_denoiser(unet_cfg()).eval()
     images, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
     K = 4
-    loss = edm_loss(denoiser, images, labels, label_drop_prob=0.0, K=K,
-                    generator=torch.Generator().manual_seed(3), **LOSS)
-    rows = edm_loss_rows(denoiser, images, labels, label_drop_prob=0.0, K=K,
-                         generator=torch.Generator().manual_seed(3), **LOSS)
-    singles = edm_loss(denoiser, images.repeat_interleave(K, 0), labels.repeat_interleave(K, 0),
-                       label_drop_prob=0.0, K=1, generator=torch.Generator().manual_seed(3), **LOSS)
+    loss = edm_loss(
+        denoiser, images, labels, label_drop_prob=0.0, K=K, generator=torch.Generator().manual_seed(3), **LOSS
+    )
+    rows = edm_loss_rows(
+        denoiser, images, labels, label_drop_prob=0.0, K=K, generator=torch.Generator().manual_seed(3), **LOSS
+    )
+    singles = edm_loss(
+        denoiser,
+        images.repeat_interleave(K, 0),
+        labels.repeat_interleave(K, 0),
+        label_drop_prob=0.0,
+        K=1,
+        generator=torch.Generator().manual_seed(3),
+        **LOSS,
+    )
     assert loss.shape == (5,) and rows.shape == (5 * K,)
     assert torch.allclose(loss, rows.view(5, K).mean(1), atol=1e-6)
     assert torch.allclose(loss, singles.view(5, K).mean(1), atol=1e-5)
@@ -85,14 +95,21 @@ def test_loss_shape_rows_and_k_equals_mean_of_single_draws():
 def test_loss_value_matches_formula_with_replayed_draws():
     images, labels = torch.rand(3, 1, 4, 4) * 2 - 1, torch.tensor([0, 1, 2])
     K = 2
-    loss = edm_loss(EDMPrecond(ZeroNet(), SD), images, labels, label_drop_prob=0.1, K=K,
-                    generator=torch.Generator().manual_seed(7), **LOSS)
+    loss = edm_loss(
+        EDMPrecond(ZeroNet(), SD),
+        images,
+        labels,
+        label_drop_prob=0.1,
+        K=K,
+        generator=torch.Generator().manual_seed(7),
+        **LOSS,
+    )
     g = torch.Generator().manual_seed(7)  # replay: sigma, noise, label drop
     x = images.repeat_interleave(K, 0)
     sigma = (torch.randn(6, 1, 1, 1, generator=g) * 1.2 - 1.2).exp()
     noise = torch.randn(x.shape, generator=g) * sigma
-    weight = (sigma ** 2 + SD ** 2) / (sigma * SD) ** 2
-    denoised = SD ** 2 / (sigma ** 2 + SD ** 2) * (x + noise)
+    weight = (sigma**2 + SD**2) / (sigma * SD) ** 2
+    denoised = SD**2 / (sigma**2 + SD**2) * (x + noise)
     expected = (weight * (denoised - x) ** 2).flatten(1).mean(1).view(3, K).mean(1)
     assert torch.allclose(loss, expected, rtol=1e-5)
 
@@ -100,8 +117,15 @@ def test_loss_value_matches_formula_with_replayed_draws():
 def test_label_drop_is_per_example_and_sigma_is_lognormal():
     net = ZeroNet()
     batch, K = 4000, 3
-    edm_loss(EDMPrecond(net, SD), torch.zeros(batch, 1, 2, 2), torch.zeros(batch, dtype=torch.long),
-             label_drop_prob=0.25, K=K, generator=torch.Generator().manual_seed(0), **LOSS)
+    edm_loss(
+        EDMPrecond(net, SD),
+        torch.zeros(batch, 1, 2, 2),
+        torch.zeros(batch, dtype=torch.long),
+        label_drop_prob=0.25,
+        K=K,
+        generator=torch.Generator().manual_seed(0),
+        **LOSS,
+    )
     _, c_noise, labels = net.calls[0]
     labels = labels.view(batch, K)
     assert torch.all(labels == labels[:, :1])  # one drop decision per example, repeated K times
@@ -116,8 +140,9 @@ def test_loss_is_reproducible_under_the_generator():
     images, labels = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
 
     def run(seed):
-        return edm_loss(denoiser, images, labels, label_drop_prob=0.1, K=2,
-                        generator=torch.Generator().manual_seed(seed), **LOSS)
+        return edm_loss(
+            denoiser, images, labels, label_drop_prob=0.1, K=2, generator=torch.Generator().manual_seed(seed), **LOSS
+        )
 
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
     with pytest.raises(ValueError, match="K >= 1"):
@@ -125,6 +150,7 @@ def test_loss_is_reproducible_under_the_generator():
 
 
 # Samplers -------------------------------------------------------------------------------------
+
 
 def test_time_grid_endpoints_and_shape():
     t = time_grid(18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
@@ -146,15 +172,24 @@ def test_edm_sampler_with_oracle_denoiser_returns_x0(churn):
     def oracle(x, sigma, labels):
         return x0.expand_as(x)
 
-    out = edm_sampler(oracle, torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long), steps=12,
-                      churn=churn, generator=torch.Generator().manual_seed(0), **CHURN, **SAMPLER)
+    out = edm_sampler(
+        oracle,
+        torch.randn(6, 1, 4, 4),
+        torch.zeros(6, dtype=torch.long),
+        steps=12,
+        churn=churn,
+        generator=torch.Generator().manual_seed(0),
+        **CHURN,
+        **SAMPLER,
+    )
     assert (out - x0).abs().max().item() <= 1e-5
 
 
 def test_ddim_sampler_with_oracle_denoiser_returns_x0():
     x0 = torch.rand(6, 1, 4, 4) * 2 - 1
-    out = ddim_sampler(lambda x, s, y: x0.expand_as(x), torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long),
-                       steps=12, **SAMPLER)
+    out = ddim_sampler(
+        lambda x, s, y: x0.expand_as(x), torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long), steps=12, **SAMPLER
+    )
     assert torch.allclose(out, x0)
 
 
@@ -162,9 +197,14 @@ def test_ddim_on_gaussian_data_follows_the_exact_ode():
     """Data ~ N(0, s^2): D(x, t) = s^2/(s^2+t^2) x; the ODE solution is x_T * s / sqrt(s^2+T^2)."""
     s = 0.5
     latents = torch.randn(1000, 1, 1, 1, dtype=torch.float64)
-    out = ddim_sampler(lambda x, t, y: s ** 2 / (s ** 2 + t.view(-1, 1, 1, 1) ** 2) * x, latents,
-                       torch.zeros(1000, dtype=torch.long), steps=400, **SAMPLER)
-    exact = latents * 80.0 * s / math.sqrt(s ** 2 + 80.0 ** 2)
+    out = ddim_sampler(
+        lambda x, t, y: s**2 / (s**2 + t.view(-1, 1, 1, 1) ** 2) * x,
+        latents,
+        torch.zeros(1000, dtype=torch.long),
+        steps=400,
+        **SAMPLER,
+    )
+    exact = latents * 80.0 * s / math.sqrt(s**2 + 80.0**2)
     assert (out - exact).abs().max().item() < 2e-2
     assert abs(out.std().item() - s * latents.std().item()) < 1e-2
 
@@ -187,8 +227,9 @@ def test_cfg_zero_equals_unguided_and_formula():
 def test_generate_batches_labels_and_files(tmp_path, sampler):
     cfg = unet_cfg(f"sample.sampler={sampler}", "sample.steps=3", "sample.batch_size=4")
     denoiser = build_denoiser(cfg)
-    imgs, labels = generate(denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False,
-                            out_dir=tmp_path)
+    imgs, labels = generate(
+        denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False, out_dir=tmp_path
+    )
     assert imgs.shape == (10, 1, 8, 8) and imgs.dtype == torch.uint8
     assert labels.shape == (10,) and labels.min() >= 0 and labels.max() < 3
     again, _ = generate(denoiser, cfg, 10, generator=torch.Generator().manual_seed(0), progress=False)
@@ -200,9 +241,15 @@ def test_generate_batches_labels_and_files(tmp_path, sampler):
 
 # sample.compile ---------------------------------------------------------------------------------
 
+
 def _sample(cfg, num=8, seed=0):
-    return generate(build_denoiser(cfg).requires_grad_(False), cfg, num,
-                    generator=torch.Generator().manual_seed(seed), progress=False)[0]
+    return generate(
+        build_denoiser(cfg).requires_grad_(False),
+        cfg,
+        num,
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
+    )[0]
 
 
 @pytest.mark.long  # ~45 s each: Inductor compiles the U-Net's C++ kernels
@@ -210,8 +257,14 @@ def _sample(cfg, num=8, seed=0):
 def test_compiled_sampling_matches_eager(sampler, guidance):
     from torch._dynamo.utils import counters
 
-    common = [f"sample.sampler={sampler}", f"sample.guidance={guidance}", "sample.steps=4", "sample.churn=10",
-              "sample.batch_size=4", "run.seed=0"]
+    common = [
+        f"sample.sampler={sampler}",
+        f"sample.guidance={guidance}",
+        "sample.steps=4",
+        "sample.churn=10",
+        "sample.batch_size=4",
+        "run.seed=0",
+    ]
     torch.manual_seed(0)
     eager = _sample(unet_cfg(*common, "sample.compile=false"), num=10)
     torch._dynamo.reset()
@@ -268,6 +321,7 @@ def test_network_calls_split_and_padded_equal_one_call():
         def call(x, sigma, labels):
             shapes.append(x.shape[0])
             return module(x, sigma, labels)
+
         return call
 
     x, sigma, labels = torch.randn(11, 1, 8, 8), torch.rand(11) + 0.1, torch.arange(11) % 3
@@ -298,6 +352,7 @@ def test_compile_failure_falls_back_to_eager_under_auto_and_raises_under_true(mo
     def broken(module, **kw):
         def call(*args):
             raise RuntimeError("InductorError: no C++ compiler")
+
         return call
 
     common = ["sample.steps=3", "sample.batch_size=4", "sample.guidance=0.5"]

@@ -20,14 +20,30 @@ pytestmark = pytest.mark.slow
 
 N, SIGMA, C = 20, 2.0, 1.0
 SETTINGS = {  # q = 1/20 over N = 20: expected batch 1, i.e. 0.5 per worker; T = ceil(0.3 / q) = 6
-    "data.resolution": 8, "data.num_classes": 3, "model.channels": 8, "model.channel_mult": [1, 2],
-    "model.num_res_blocks": 1, "model.attn_resolutions": [4], "model.emb_channels": 16,
-    "central.rounds": 1, "central.noise_multiplier": 50.0, "central.batch_size": 5,
-    "finetune.init": "scratch", "finetune.batch_size": 1, "finetune.epochs": 0.3,
-    "finetune.noise_multiplicity": 2, "finetune.max_grad_norm": C, "finetune.physical_batch_size": 4,
-    "finetune.checkpoint_every": 2, "finetune.log_every": 2,
-    "privacy.noise_multiplier": SIGMA, "privacy.epsilon": 1000.0,
-    "run.num_workers": 2, "run.cpus_per_worker": 0.5, "run.max_failures": 1, "run.seed": 0,
+    "data.resolution": 8,
+    "data.num_classes": 3,
+    "model.channels": 8,
+    "model.channel_mult": [1, 2],
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": [4],
+    "model.emb_channels": 16,
+    "central.rounds": 1,
+    "central.noise_multiplier": 50.0,
+    "central.batch_size": 5,
+    "finetune.init": "scratch",
+    "finetune.batch_size": 1,
+    "finetune.epochs": 0.3,
+    "finetune.noise_multiplicity": 2,
+    "finetune.max_grad_norm": C,
+    "finetune.physical_batch_size": 4,
+    "finetune.checkpoint_every": 2,
+    "finetune.log_every": 2,
+    "privacy.noise_multiplier": SIGMA,
+    "privacy.epsilon": 1000.0,
+    "run.num_workers": 2,
+    "run.cpus_per_worker": 0.5,
+    "run.max_failures": 1,
+    "run.seed": 0,
     "run.name": "faulted",
 }
 
@@ -81,8 +97,15 @@ def faulted(_ray, tmp_path_factory):
     """Two workers, expected local batch 0.5, rank 1 raises once at step 3 (checkpoints every 2)."""
     cfg = config.replace(config.Config(), {**SETTINGS, "run.dir": str(tmp_path_factory.mktemp("runs"))})
     plan = privacy.plan(cfg, N)
-    summary = distributed.fit_finetune(cfg, train=numbered(N), plan=plan, init_dir=None,
-                                       out_dir=cfg.run_dir() / "finetune", fail_at_step=3, task=ZERO_SIGNAL)
+    summary = distributed.fit_finetune(
+        cfg,
+        train=numbered(N),
+        plan=plan,
+        init_dir=None,
+        out_dir=cfg.run_dir() / "finetune",
+        fail_at_step=3,
+        task=ZERO_SIGNAL,
+    )
     return summary, plan, cfg
 
 
@@ -112,8 +135,15 @@ def test_a_worker_fault_resumes_from_the_checkpoint_to_the_same_T_and_epsilon(fa
     meta = checkpoint.load(summary["checkpoint"])["meta"]
     assert meta["attempt_first_step"] == 2  # the last attempt restarted from the step-2 checkpoint
     # The same run without a fault, in one process.
-    reference = finetune.train_finetune(cfg, numbered(N), plan=plan, init_dir=None, resume_dir=None,
-                                        reporter=finetune.LocalReporter(tmp_path / "ckpt"), task=ZERO_SIGNAL)
+    reference = finetune.train_finetune(
+        cfg,
+        numbered(N),
+        plan=plan,
+        init_dir=None,
+        resume_dir=None,
+        reporter=finetune.LocalReporter(tmp_path / "ckpt"),
+        task=ZERO_SIGNAL,
+    )
     assert summary["steps"] == meta["step"] == reference["step"] == plan.steps
     assert summary["epsilon"] == pytest.approx(reference["epsilon"], rel=1e-12)
     again = distributed.fit_finetune(cfg, train=numbered(N), plan=plan, init_dir=None, out_dir=out)

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from conftest import TINY_UNET, tiny_config
+from torch import nn
 
 from dpfeta import checkpoint, config, dpsgd, finetune, privacy, rng
 from dpfeta.data import ImageSet
@@ -19,6 +18,7 @@ from dpfeta.nn import UNet
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
+
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
@@ -26,10 +26,19 @@ def _one_thread(one_thread):
 
 def dp_cfg(**updates) -> config.Config:
     """conftest's TINY_UNET with a DP-SGD plan of a few steps; ``a__b=v`` overrides ``a.b``."""
-    base = {"central.rounds": 0, "central.batch_size": 4, "finetune.batch_size": 4, "finetune.epochs": 1.0,
-            "finetune.noise_multiplicity": 2, "finetune.physical_batch_size": 3,
-            "finetune.checkpoint_every": 2, "finetune.log_every": 1, "privacy.epsilon": 1000.0,
-            "privacy.noise_multiplier": 1.0, "run.seed": 0}
+    base = {
+        "central.rounds": 0,
+        "central.batch_size": 4,
+        "finetune.batch_size": 4,
+        "finetune.epochs": 1.0,
+        "finetune.noise_multiplicity": 2,
+        "finetune.physical_batch_size": 3,
+        "finetune.checkpoint_every": 2,
+        "finetune.log_every": 1,
+        "privacy.epsilon": 1000.0,
+        "privacy.noise_multiplier": 1.0,
+        "run.seed": 0,
+    }
     base.update({k.replace("__", "."): v for k, v in updates.items()})
     return config.replace(tiny_config(base=TINY_UNET), base)
 
@@ -72,12 +81,14 @@ def naive_per_example(net: nn.Module, x: torch.Tensor, rows) -> torch.Tensor:
     out = []
     for b in range(len(x)):
         net.zero_grad()
-        rows(net, x[b:b + 1], torch.tensor([b])).mean().backward()
+        rows(net, x[b : b + 1], torch.tensor([b])).mean().backward()
         out.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     return torch.stack(out)
 
 
-def privatised(private: dpsgd.DPSGD, x: torch.Tensor, index: torch.Tensor, rows) -> tuple[torch.Tensor, dpsgd.StepStats]:
+def privatised(
+    private: dpsgd.DPSGD, x: torch.Tensor, index: torch.Tensor, rows
+) -> tuple[torch.Tensor, dpsgd.StepStats]:
     stats = private.privatise(x[index], index, rows)
     return torch.cat([p.grad.flatten() for p in private.params]), stats
 
@@ -102,17 +113,33 @@ def test_privatised_sum_equals_the_naive_sum_of_clipped_gradients():
     norms = per_example.norm(dim=1)
     assert (norms > C).any() and (norms < C).any(), norms  # both regimes are exercised
     expected = (per_example * torch.clamp(C / (norms + 1e-6), max=1.0)[:, None]).sum(0) / 2.5
-    private = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
-                          noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
+    private = dpsgd.DPSGD(
+        copy.deepcopy(net),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=2.5,
+        noise_multiplicity=K,
+        physical_batch_size=2,
+        noise_generator=None,
+    )
     got, stats = privatised(private, x, torch.arange(batch), rows)
     assert len(private._backward_to) < len(private.params) // 2  # the short backward pass was used
     assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
     assert stats.examples == batch and stats.clipped == int((norms > C).sum()) and stats.workers == 1
 
     # A loss that does not read the images it is given still gets every gradient (full backward).
-    fallback = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.5,
-                           noise_multiplicity=K, physical_batch_size=2, noise_generator=None)
-    got, _ = privatised(fallback, x, torch.arange(batch), lambda m, images, index, draws: rows(m, x[index], index, draws))
+    fallback = dpsgd.DPSGD(
+        copy.deepcopy(net),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=2.5,
+        noise_multiplicity=K,
+        physical_batch_size=2,
+        noise_generator=None,
+    )
+    got, _ = privatised(
+        fallback, x, torch.arange(batch), lambda m, images, index, draws: rows(m, x[index], index, draws)
+    )
     assert len(fallback._backward_to) == len(fallback.params)
     assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
 
@@ -121,8 +148,15 @@ def test_clipped_norms_are_at_most_C_and_non_finite_gradients_are_dropped():
     batch, K, C = 4, 2, 0.01
     net = tiny_unet()
     x, rows = fixed_rows(batch, K)
-    private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                          noise_multiplicity=K, physical_batch_size=1, noise_generator=None)
+    private = dpsgd.DPSGD(
+        net,
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=1.0,
+        noise_multiplicity=K,
+        physical_batch_size=1,
+        noise_generator=None,
+    )
     for b in range(batch):  # one example alone: the update is its clipped gradient
         got, stats = privatised(private, x, torch.tensor([b]), rows)
         assert got.norm() <= C and got.norm() > 0.999 * C and stats.clipped == 1
@@ -143,9 +177,15 @@ def test_micro_batch_size_does_not_change_the_update():
     for physical in (4, 16):
         model = copy.deepcopy(net)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        private = dpsgd.DPSGD(model, noise_multiplier=1.0, max_grad_norm=0.1, expected_batch_size=8.0,
-                              noise_multiplicity=K, physical_batch_size=physical,
-                              noise_generator=torch.Generator().manual_seed(7))
+        private = dpsgd.DPSGD(
+            model,
+            noise_multiplier=1.0,
+            max_grad_norm=0.1,
+            expected_batch_size=8.0,
+            noise_multiplicity=K,
+            physical_batch_size=physical,
+            noise_generator=torch.Generator().manual_seed(7),
+        )
         private.privatise(x, torch.arange(batch), rows)
         optimizer.step()
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -171,9 +211,15 @@ def zero_rows(module, images, labels, *args):
 
 def test_noise_is_sigma_C_over_qN_also_on_an_empty_batch():
     sigma, C, expected_batch = 2.0, 0.5, 10.0
-    private = dpsgd.DPSGD(ZeroSignal(), noise_multiplier=sigma, max_grad_norm=C,
-                          expected_batch_size=expected_batch, noise_multiplicity=2, physical_batch_size=4,
-                          noise_generator=torch.Generator().manual_seed(3))
+    private = dpsgd.DPSGD(
+        ZeroSignal(),
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        expected_batch_size=expected_batch,
+        noise_multiplicity=2,
+        physical_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(3),
+    )
     for batch in (6, 0):
         stats = private.privatise(torch.zeros(batch, 1), torch.zeros(batch), zero_rows)
         noise = private.params[0].grad.flatten()
@@ -225,11 +271,13 @@ def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
             raise RuntimeError("injected")
 
     with pytest.raises(RuntimeError, match="injected"):
-        finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter,
-                                before_step=fail)
+        finetune.train_finetune(
+            cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter, before_step=fail
+        )
     assert checkpoint.load(reporter.resume_dir())["meta"]["step"] == 2
-    final = finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=reporter.resume_dir(),
-                                    reporter=reporter)
+    final = finetune.train_finetune(
+        cfg, train, plan=plan, init_dir=None, resume_dir=reporter.resume_dir(), reporter=reporter
+    )
     state = checkpoint.load(reporter.resume_dir())
     meta = state["meta"]
     assert final["step"] == meta["step"] == plan.steps and meta["attempt_first_step"] == 2
@@ -243,8 +291,9 @@ def test_loop_resumes_from_its_checkpoint_to_exactly_T(tmp_path):
     # A changed plan cannot resume: sigma is decided once.
     other = privacy.plan(dp_cfg(privacy__noise_multiplier=2.0), len(train))
     with pytest.raises(ValueError, match="sigma is decided once"):
-        finetune.train_finetune(cfg, train, plan=other, init_dir=None, resume_dir=reporter.resume_dir(),
-                                reporter=reporter)
+        finetune.train_finetune(
+            cfg, train, plan=other, init_dir=None, resume_dir=reporter.resume_dir(), reporter=reporter
+        )
 
 
 def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nondp(tmp_path):
@@ -253,8 +302,9 @@ def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nond
     checkpoint.save(tmp_path / "warmup" / "checkpoint", model=warm, ema=other, meta={"config": cfg.to_dict()})
     plan = privacy.plan(cfg, 12)
     reporter = finetune.LocalReporter(tmp_path / "ckpt")
-    final = finetune.train_finetune(cfg, images(12), plan=plan, init_dir=tmp_path / "warmup", resume_dir=None,
-                                    reporter=reporter)
+    final = finetune.train_finetune(
+        cfg, images(12), plan=plan, init_dir=tmp_path / "warmup", resume_dir=None, reporter=reporter
+    )
     assert not any(k.startswith("nondp/") for k in final)
     state = checkpoint.load(reporter.resume_dir())
     for name, value in warm.state_dict().items():  # lr 0: raw and EMA weights stay the warm-up's raw ones
@@ -269,8 +319,15 @@ def test_warm_start_takes_raw_weights_with_fresh_ema_and_release_mode_hides_nond
 @pytest.mark.parametrize("physical", [1, 2, 4, 9, 13, 64])
 def test_micro_batches_cover_every_row_once_within_the_row_budget(physical):
     batch, K = 5, 9
-    private = dpsgd.DPSGD(tiny_unet(), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                          noise_multiplicity=K, physical_batch_size=physical, noise_generator=None)
+    private = dpsgd.DPSGD(
+        tiny_unet(),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1.0,
+        noise_multiplicity=K,
+        physical_batch_size=physical,
+        noise_generator=None,
+    )
     seen = []
     for examples, draws in private.micro_batches(batch):
         size = len(range(batch)[examples])
@@ -288,13 +345,20 @@ def test_draws_split_across_micro_batches_equal_the_naive_per_example_loop(physi
     norms = per_example.norm(dim=1)
     assert (norms > C).any() and (norms < C).any(), norms
     expected = (per_example * torch.clamp(C / (norms + 1e-6), max=1.0)[:, None]).sum(0) / 3.0
-    private = dpsgd.DPSGD(copy.deepcopy(net), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
-                          noise_multiplicity=K, physical_batch_size=physical, noise_generator=None)
+    private = dpsgd.DPSGD(
+        copy.deepcopy(net),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=3.0,
+        noise_multiplicity=K,
+        physical_batch_size=physical,
+        noise_generator=None,
+    )
     assert max(len(range(batch)[e]) * len(d) for e, d in private.micro_batches(batch)) <= physical
     got, stats = privatised(private, x, torch.arange(batch), rows)
     assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4), (got - expected).abs().max()
     assert stats.examples == batch and stats.clipped == int((norms > C).sum())
-    naive_loss = sum(rows(net, x[b:b + 1], torch.tensor([b])).mean().item() for b in range(batch))
+    naive_loss = sum(rows(net, x[b : b + 1], torch.tensor([b])).mean().item() for b in range(batch))
     assert stats.loss_sum == pytest.approx(naive_loss, rel=1e-5)
 
 
@@ -303,8 +367,15 @@ def test_split_draws_of_a_non_finite_example_drop_the_whole_example():
     net = tiny_unet()
     x_nan, rows_nan = fixed_rows(batch, K, nan_example=1)
     x, rows = fixed_rows(batch, K)
-    private = dpsgd.DPSGD(net, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                          noise_multiplicity=K, physical_batch_size=3, noise_generator=None)
+    private = dpsgd.DPSGD(
+        net,
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=1.0,
+        noise_multiplicity=K,
+        physical_batch_size=3,
+        noise_generator=None,
+    )
     with_nan, stats = privatised(private, x_nan, torch.arange(batch), rows_nan)
     without, _ = privatised(private, x, torch.tensor([0, 2]), rows)
     assert torch.isfinite(with_nan).all() and torch.allclose(with_nan, without)
@@ -335,8 +406,16 @@ def test_bf16_per_example_gradients_are_fp32_and_close_to_fp32_ones():
 
 def test_bf16_path_clips_fp32_vectors_to_C_and_adds_fp32_noise():
     batch, K, C = 4, 2, 0.01
-    private = dpsgd.DPSGD(tiny_unet(), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                          noise_multiplicity=K, physical_batch_size=2, noise_generator=None, precision="bf16")
+    private = dpsgd.DPSGD(
+        tiny_unet(),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=1.0,
+        noise_multiplicity=K,
+        physical_batch_size=2,
+        noise_generator=None,
+        precision="bf16",
+    )
     assert private.precision == "bf16"
     clipped = []
     original = private._clip_and_add
@@ -356,9 +435,16 @@ def test_bf16_path_clips_fp32_vectors_to_C_and_adds_fp32_noise():
     assert len(clipped) == batch and max(clipped) <= C
 
     sigma, expected_batch = 2.0, 10.0
-    noisy = dpsgd.DPSGD(ZeroSignal(), noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=expected_batch,
-                        noise_multiplicity=2, physical_batch_size=4, noise_generator=torch.Generator().manual_seed(3),
-                        precision="bf16")
+    noisy = dpsgd.DPSGD(
+        ZeroSignal(),
+        noise_multiplier=sigma,
+        max_grad_norm=0.5,
+        expected_batch_size=expected_batch,
+        noise_multiplicity=2,
+        physical_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(3),
+        precision="bf16",
+    )
     noisy.privatise(torch.zeros(6, 1), torch.zeros(6), zero_rows)
     noise = noisy.params[0].grad.flatten()
     assert noise.dtype == torch.float32

@@ -26,8 +26,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.long]
 
 DEADLINE_S = 240  # no test waits longer than this for an event of the cluster
 # A dead node is noticed in ~2 s instead of Ray's default ~30 s (health checks of the GCS).
-FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                   "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
+FAST_NODE_DEATH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 4,
+}
 
 
 @pytest.fixture
@@ -46,8 +50,10 @@ def make_cluster(s3_endpoint, monkeypatch):
         ray.shutdown()
 
     def make(nodes):
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "_system_config": FAST_NODE_DEATH})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": FAST_NODE_DEATH},
+        )
         workers = [cluster.add_node(num_cpus=1, resources=dict(r)) for r in nodes]
         cluster.wait_for_nodes()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -107,9 +113,17 @@ def _last_ray_step(store: Storage) -> int:
 
 
 # DP-SGD: from scratch (no central query), 1-CPU workers only on nodes offering the "dpsgd" resource.
-DPSGD = ("finetune.init=scratch", "central.rounds=0", "finetune.batch_size=128", "finetune.epochs=3",
-         "finetune.checkpoint_every=1", "run.num_workers=[1,2]", "run.worker_resources={dpsgd: 1}",
-         "run.resize_interval_s=1", "run.max_failures=3")
+DPSGD = (
+    "finetune.init=scratch",
+    "central.rounds=0",
+    "finetune.batch_size=128",
+    "finetune.epochs=3",
+    "finetune.checkpoint_every=1",
+    "run.num_workers=[1,2]",
+    "run.worker_resources={dpsgd: 1}",
+    "run.resize_interval_s=1",
+    "run.max_failures=3",
+)
 
 
 def _by_value() -> None:
@@ -137,11 +151,10 @@ def _fit(cfg, bucket_prefix, tmp_path, hook):
     pl = pipeline.plan_run(cfg)
     train = data.load_splits(cfg).train
     store = Storage(bucket_prefix)
-    summary = distributed.fit_finetune(cfg, train=train, plan=pl, init_dir=None, out_dir=tmp_path / "ft",
-                                       storage=store, before_step=hook)
+    summary = distributed.fit_finetune(
+        cfg, train=train, plan=pl, init_dir=None, out_dir=tmp_path / "ft", storage=store, before_step=hook
+    )
     return pl, summary
-
-
 
 
 def test_a_scale_up_grows_the_group_and_keeps_T_and_epsilon(make_cluster, s3_bucket, tiny_cfg, tmp_path, one_thread):
@@ -161,8 +174,9 @@ def test_a_scale_up_grows_the_group_and_keeps_T_and_epsilon(make_cluster, s3_buc
     print("scale up: groups", summary["groups"], "epsilon", summary["epsilon"], "fixed-size", fixed.epsilon)
 
 
-def test_b_a_lost_node_shrinks_the_group_and_keeps_T_and_epsilon(make_cluster, s3_bucket, tiny_cfg, tmp_path,
-                                                                 one_thread):
+def test_b_a_lost_node_shrinks_the_group_and_keeps_T_and_epsilon(
+    make_cluster, s3_bucket, tiny_cfg, tmp_path, one_thread
+):
     cluster, nodes = make_cluster([{"dpsgd": 1}, {"dpsgd": 1}])
     cfg = _cfg(tiny_cfg, s3_bucket, "down", cluster.address, *DPSGD)
     fixed = pipeline.plan_run(_cfg(tiny_cfg, s3_bucket, "fixed", cluster.address, *DPSGD, "run.num_workers=2"))
@@ -179,9 +193,16 @@ def test_b_a_lost_node_shrinks_the_group_and_keeps_T_and_epsilon(make_cluster, s
 
 
 # Warm-up and sampling as Ray tasks on nodes offering the "stage" resource.
-STAGES = ("run.stage_placement=cluster", "run.stage_resources={stage: 1}", "model.channels=16",
-          "central.rounds=1", "central.batch_size=600", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-          "finetune.batch_size=128")
+STAGES = (
+    "run.stage_placement=cluster",
+    "run.stage_resources={stage: 1}",
+    "model.channels=16",
+    "central.rounds=1",
+    "central.batch_size=600",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.3",
+    "finetune.batch_size=128",
+)
 
 
 def _node_of(cluster, nodes, node_id):
@@ -190,16 +211,31 @@ def _node_of(cluster, nodes, node_id):
 
 def test_c_a_lost_warmup_node_resumes_from_the_last_checkpoint(make_cluster, s3_bucket, tiny_cfg, one_thread):
     cluster, nodes = make_cluster([{"stage": 1}, {"stage": 1}])
-    cfg = _cfg(tiny_cfg, s3_bucket, "warm", cluster.address, *STAGES, "warmup.steps=400", "warmup.batch_size=128",
-               "warmup.checkpoint_every=20", "warmup.log_every=20")
+    cfg = _cfg(
+        tiny_cfg,
+        s3_bucket,
+        "warm",
+        cluster.address,
+        *STAGES,
+        "warmup.steps=400",
+        "warmup.batch_size=128",
+        "warmup.checkpoint_every=20",
+        "warmup.log_every=20",
+    )
     ws = Workspace(cfg.run_location())
     run = RunDir.of(cfg, ws, pipeline.plan_run(cfg))
     run.open_ledger()
     central_set = pipeline.stage_central(run, data.load_splits(cfg).train)
     store = ws.remote.child(pipeline.WARMUP_DIR)
     result = _in_thread(lambda: cluster_run_warmup(cfg, ws, central_set))
-    latest = _when(lambda: store.is_file(pipeline.LATEST) and store.read_json(pipeline.LATEST)["step"] >= 40 and
-                   store.read_json(pipeline.LATEST), "a committed warm-up checkpoint at step >= 40")
+    latest = _when(
+        lambda: (
+            store.is_file(pipeline.LATEST)
+            and store.read_json(pipeline.LATEST)["step"] >= 40
+            and store.read_json(pipeline.LATEST)
+        ),
+        "a committed warm-up checkpoint at step >= 40",
+    )
     killed = [latest]
     cluster.remove_node(_node_of(cluster, nodes, latest["node"]), allow_graceful=False)
     summary = result()
@@ -221,8 +257,17 @@ def test_d_a_lost_sampling_shard_is_redone_alone(make_cluster, s3_bucket, tiny_c
     from dpfeta import checkpoint, sample
 
     cluster, nodes = make_cluster([{"stage": 1}, {"stage": 1}])
-    cfg = _cfg(tiny_cfg, s3_bucket, "samp", cluster.address, *STAGES, "sample.num_samples=400",
-               "sample.shard_size=40", "sample.batch_size=40", "sample.steps=24")
+    cfg = _cfg(
+        tiny_cfg,
+        s3_bucket,
+        "samp",
+        cluster.address,
+        *STAGES,
+        "sample.num_samples=400",
+        "sample.shard_size=40",
+        "sample.batch_size=40",
+        "sample.steps=24",
+    )
     ws = Workspace(cfg.run_location())
     net = sample.build_denoiser(cfg).net  # any weights: sampling is what is tested
     checkpoint.save(tmp_path / "w", model=net, ema=net, meta={"stage": "test", "config": cfg.public_dict()})

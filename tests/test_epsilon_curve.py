@@ -9,13 +9,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from dpfeta import finetune, privacy
 from dpfeta.data import ImageSet
 from dpfeta.privacy import ledger as ledger_mod
-
-from conftest import tiny_config
 
 
 def _ledger(accountant: str, *, central: bool = True) -> privacy.Ledger:
@@ -81,10 +80,20 @@ LINEAR = finetune.Task(build=_linear, loss_rows=_rows, optimizer=lambda p, cfg: 
 
 
 def test_loop_reports_the_curve_and_never_calls_the_accountant_on_its_thread(tmp_path, monkeypatch):
-    cfg = tiny_config("central.rounds=2", "central.noise_multiplier=4.0", "central.batch_size=60",
-                      "finetune.init=scratch", "finetune.batch_size=20", "finetune.epochs=1.2",
-                      "finetune.log_every=2", "finetune.checkpoint_every=5", "privacy.noise_multiplier=1.5",
-                      "privacy.epsilon=1000", "privacy.accountant=pld", "run.seed=0")
+    cfg = tiny_config(
+        "central.rounds=2",
+        "central.noise_multiplier=4.0",
+        "central.batch_size=60",
+        "finetune.init=scratch",
+        "finetune.batch_size=20",
+        "finetune.epochs=1.2",
+        "finetune.log_every=2",
+        "finetune.checkpoint_every=5",
+        "privacy.noise_multiplier=1.5",
+        "privacy.epsilon=1000",
+        "privacy.accountant=pld",
+        "run.seed=0",
+    )
     rng = np.random.default_rng(0)
     train = ImageSet(rng.integers(0, 256, (100, 1, 8, 8), dtype=np.uint8), rng.integers(0, 10, 100), 10)
     plan = privacy.plan(cfg, len(train))
@@ -98,8 +107,9 @@ def test_loop_reports_the_curve_and_never_calls_the_accountant_on_its_thread(tmp
 
     monkeypatch.setattr(ledger_mod.Ledger, "epsilon", spy)
     reporter = finetune.LocalReporter(tmp_path / "ckpt")
-    final = finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter,
-                                    task=LINEAR)
+    final = finetune.train_finetune(
+        cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter, task=LINEAR
+    )
     reported = {h["step"]: h["epsilon"] for h in reporter.history}
     expected = [t for t in range(1, plan.steps + 1) if t % 2 == 0 or t % 5 == 0 or t == plan.steps]
     assert list(reported) == expected
@@ -107,5 +117,6 @@ def test_loop_reports_the_curve_and_never_calls_the_accountant_on_its_thread(tmp
     monkeypatch.setattr(ledger_mod.Ledger, "epsilon", real)
     ledger = privacy.Ledger.from_state_dict(finetune.checkpoint.load(reporter.resume_dir())["meta"]["ledger"])
     assert final["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9, abs=0)  # the ledger's final epsilon
-    assert reported == pytest.approx(privacy.epsilon_curve(finetune.start_ledger(plan), "dpsgd", expected),
-                                     rel=1e-9, abs=0)
+    assert reported == pytest.approx(
+        privacy.epsilon_curve(finetune.start_ledger(plan), "dpsgd", expected), rel=1e-9, abs=0
+    )

@@ -21,14 +21,24 @@ def squares(n_per_class: int, classes: int = 4, resolution: int = 16, seed: int 
     corners = [(0, 0), (0, resolution - 4), (resolution - 4, 0), (resolution - 4, resolution - 4)]
     for i, k in enumerate(labels):
         r, c = corners[k]
-        images[i, :, r:r + 4, c:c + 4] = 230
+        images[i, :, r : r + 4, c : c + 4] = 230
     return ImageSet(images, labels.astype(np.int64), classes)
 
 
 def eval_cfg(tmp_path, *extra: str) -> config.Config:
-    return config.load(None, [f"run.dir={tmp_path}", "data.num_classes=4", "eval.classifier_epochs=6",
-                              "eval.classifier_batch_size=32", "eval.classifier_lr=0.003",
-                              "eval.fid.num_samples=200", "eval.fid.inception_weights=null", *extra])
+    return config.load(
+        None,
+        [
+            f"run.dir={tmp_path}",
+            "data.num_classes=4",
+            "eval.classifier_epochs=6",
+            "eval.classifier_batch_size=32",
+            "eval.classifier_lr=0.003",
+            "eval.fid.num_samples=200",
+            "eval.fid.inception_weights=null",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("resolution,flat", [(16, 2048), (28, 1152), (32, 2048)])

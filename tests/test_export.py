@@ -28,8 +28,12 @@ _touched: list[str] | None = None  # paths opened or listed while recording (an 
 
 
 def _audit(event: str, args: tuple) -> None:
-    if _touched is not None and event in ("open", "os.listdir", "os.scandir") and args \
-            and isinstance(args[0], (str, bytes, os.PathLike)):
+    if (
+        _touched is not None
+        and event in ("open", "os.listdir", "os.scandir")
+        and args
+        and isinstance(args[0], (str, bytes, os.PathLike))
+    ):
         _touched.append(os.path.abspath(os.fsdecode(args[0])))
 
 
@@ -112,7 +116,11 @@ def test_export_is_balanced_and_its_card_states_the_ledgers_epsilon(tmp_path, fm
     eps = ledger.epsilon()
     assert 0.5 < eps < 20 and summary["epsilon"] == pytest.approx(eps, rel=1e-12)
     assert f"epsilon = {eps:.4f}, delta = 1e-05" in card
-    assert "accountant: rdp" in card and privacy.NEIGHBOURING_RELATION in card and "N (training-split size, public): 1000" in card
+    assert (
+        "accountant: rdp" in card
+        and privacy.NEIGHBOURING_RELATION in card
+        and "N (training-split size, public): 1000" in card
+    )
     assert "DP-FETA" in card and f"dpfeta {dpfeta.__version__}" in card
     assert "| 0 | 3 | 5 |" in card and "| 1 | 3 | 3 |" in card and "| 2 | 3 | 4 |" in card  # exported / released
     assert "- accuracy: 0.8123" in card and "0.99" not in card  # DP metrics.json only, never eval.json
@@ -156,8 +164,16 @@ def test_label_names_sort_as_labels_past_ten_classes(tmp_path):
 
 def test_a_release_without_dp_metrics_says_so(tmp_path):
     run = tmp_path / "run"
-    make_release(run, metrics={"epsilon": 1.0, "noise_multiplier": 2.0, "num_synthetic": 12, "num_test": 359,
-                               "test_split_public": False})
+    make_release(
+        run,
+        metrics={
+            "epsilon": 1.0,
+            "noise_multiplier": 2.0,
+            "num_synthetic": 12,
+            "num_test": 359,
+            "test_split_public": False,
+        },
+    )
     export.export(run, tmp_path / "out")
     evaluation = (tmp_path / "out" / "README.md").read_text().split("## Evaluation")[1].split("## Loading")[0]
     assert "no evaluation metric" in evaluation and "num_test 359, test_split_public False" in evaluation
@@ -210,19 +226,28 @@ def test_cli_export_prints_the_summary_and_refuses_with_exit_2(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "exported 9 synthetic images (0: 3, 1: 3, 2: 3) as parquet" in printed
     assert f"epsilon {ledger.epsilon():.4f}" in printed
-    proc = subprocess.run([sys.executable, "-m", "dpfeta", "export", "--run", str(run), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpfeta", "export", "--run", str(run), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"dpfeta export: error: --out '{out}': expected a new or empty folder, it exists and is not empty"]
+        f"dpfeta export: error: --out '{out}': expected a new or empty folder, it exists and is not empty"
+    ]
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "o2"), "--per-class", "2"]) == 0
-    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "o3"), "--per-class", "2", "--no-balance"]) == 2
+    assert (
+        cli.main(["export", "--run", str(run), "--out", str(tmp_path / "o3"), "--per-class", "2", "--no-balance"]) == 2
+    )
     assert "--per-class 2 and --no-balance: expected one of them" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
 
 
-@pytest.mark.parametrize("fmt, loader", [("imagefolder", "imagefolder"), ("parquet", "parquet"), ("hf", "parquet"),
-                                         ("hf", None)])
+@pytest.mark.parametrize(
+    "fmt, loader", [("imagefolder", "imagefolder"), ("parquet", "parquet"), ("hf", "parquet"), ("hf", None)]
+)
 def test_the_export_loads_with_datasets_offline(tmp_path, monkeypatch, fmt, loader):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -24,12 +24,17 @@ def _features(seed: int, n: int, dim: int, shift: float = 0.0, scale: float = 1.
     return np.maximum(rng.normal(size=(n, dim)) @ mixing * scale + shift, 0.0)  # ReLU-like, correlated
 
 
-@pytest.mark.parametrize("n1, n2, dim, shift, scale", [
-    (500, 400, 64, 0.0, 1.0),   # same distribution: small
-    (500, 400, 64, 0.3, 1.5),   # shifted and scaled
-    (40, 50, 64, 0.1, 1.0),     # fewer samples than dimensions: singular covariances
-    pytest.param(300, 300, 2048, 0.0, 1.0, marks=pytest.mark.slow),  # Inception's width: a minute of sqrtm on 2 cores
-])
+@pytest.mark.parametrize(
+    "n1, n2, dim, shift, scale",
+    [
+        (500, 400, 64, 0.0, 1.0),  # same distribution: small
+        (500, 400, 64, 0.3, 1.5),  # shifted and scaled
+        (40, 50, 64, 0.1, 1.0),  # fewer samples than dimensions: singular covariances
+        pytest.param(
+            300, 300, 2048, 0.0, 1.0, marks=pytest.mark.slow
+        ),  # Inception's width: a minute of sqrtm on 2 cores
+    ],
+)
 def test_frechet_distance_matches_pytorch_fid(n1, n2, dim, shift, scale):
     a, b = _features(1, n1, dim), _features(2, n2, dim, shift, scale)
     mu1, s1 = evaluate.feature_stats(a)
@@ -62,8 +67,12 @@ def test_pytorch_fid_port_equals_pytorch_fid_network_with_the_same_weights(tmp_p
     state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048) * 0.01, torch.zeros(1008)
     torch.save(state, tmp_path / "pt_inception.pth")
     monkeypatch.setattr(pf_inception, "load_state_dict_from_url", lambda *a, **k: state)
-    reference = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
-                                         resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    reference = pf_inception.InceptionV3(
+        [pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+        resize_input=True,
+        normalize_input=True,
+        use_fid_inception=True,
+    ).eval()
     images = np.random.default_rng(0).integers(0, 256, size=(2, 1, 16, 16)).astype(np.uint8)
     ours = evaluate.load_inception(tmp_path / "pt_inception.pth")(images)
     with torch.no_grad():
@@ -82,8 +91,16 @@ def test_auto_finds_the_bundled_extractor_without_importing_the_package():
 
 
 def _digits(tmp_path, *extra):
-    cfg = config.load(None, [f"run.dir={tmp_path}", "eval.classifier_epochs=1", "finetune.batch_size=256",
-                             "central.batch_size=600", *extra])
+    cfg = config.load(
+        None,
+        [
+            f"run.dir={tmp_path}",
+            "eval.classifier_epochs=1",
+            "finetune.batch_size=256",
+            "central.batch_size=600",
+            *extra,
+        ],
+    )
     return cfg, data.load_splits(cfg)
 
 
@@ -123,6 +140,7 @@ def test_inception_reference_statistics_of_a_public_test_set_are_cached_per_data
         def extract(images):
             calls.append(len(images))
             return real_extract(images)
+
         return extract
 
     monkeypatch.setattr(evaluate, "load_inception", counting_loader)  # dpfeta.evaluate.fid
@@ -174,7 +192,9 @@ def test_reference_statistics_cache_in_an_object_store_run_dir(tmp_path, monkeyp
     names = Storage(f"{s3_bucket}/runs").list_files("fid_reference")
     assert len(names) == 1 and names[0].endswith(".npz")
     calls = []
-    monkeypatch.setattr(evaluate, "load_inception", lambda path, device="cpu", **kwargs: calls.append(1) or (lambda x: 1 / 0))
+    monkeypatch.setattr(
+        evaluate, "load_inception", lambda path, device="cpu", **kwargs: calls.append(1) or (lambda x: 1 / 0)
+    )
     second = evaluate._fid_reference(cfg, splits, seed=0)
     assert calls == [1] and np.array_equal(second.mu, first.mu) and np.array_equal(second.sigma, first.sigma)
 
@@ -200,8 +220,12 @@ def test_frozen_channels_last_extractor_matches_the_module_as_loaded(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(20, 1, 16, 16)).astype(np.uint8)
     ours = evaluate.load_inception(tmp_path / "convbn.pt", batch_size=6)(images)  # 4 batches, the last short
     with torch.no_grad():
-        x = torch.nn.functional.interpolate(torch.from_numpy(images).float().div(255).repeat(1, 3, 1, 1),
-                                            size=(299, 299), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            torch.from_numpy(images).float().div(255).repeat(1, 3, 1, 1),
+            size=(299, 299),
+            mode="bilinear",
+            align_corners=False,
+        )
         theirs = net(x * 255.0 / 128.0 - 1.0).double().numpy()
     assert ours.shape == (20, 2048)
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5

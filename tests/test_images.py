@@ -5,8 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dpfeta.images import (load_class_folders, make_grid, save_class_folders, save_class_grid, save_grid,
-                           to_float, to_uint8)
+from dpfeta.images import (
+    load_class_folders,
+    make_grid,
+    save_class_folders,
+    save_class_grid,
+    save_grid,
+    to_float,
+    to_uint8,
+)
 
 
 def test_uint8_float_round_trip_is_exact():
@@ -56,8 +63,8 @@ def test_grids_are_torchvision_make_grid_with_the_same_layout():
         expected = tv_make_grid(torch.from_numpy(images), nrow=3, padding=2, pad_value=7).numpy()[:channels]
         assert grid.shape == (channels, 3 * 6 + 2, 3 * 7 + 2) and np.array_equal(grid, expected)
         # image i sits at row i // nrow, column i % nrow
-        assert np.array_equal(grid[:, 2 + 6:2 + 6 + 4, 2 + 7 * 2:2 + 7 * 2 + 5], images[5])
+        assert np.array_equal(grid[:, 2 + 6 : 2 + 6 + 4, 2 + 7 * 2 : 2 + 7 * 2 + 5], images[5])
     digits = rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     c_grid = central.grid(digits, columns=2)  # each image scaled x4 to >= 32 px, white padding 2
     assert c_grid.shape == (1, 2 * 34 + 2, 2 * 34 + 2) and c_grid[0, 0, 0] == 255
-    assert np.array_equal(c_grid[0, 2 + 34:2 + 34 + 32:4, 2:2 + 32:4], digits[2, 0])
+    assert np.array_equal(c_grid[0, 2 + 34 : 2 + 34 + 32 : 4, 2 : 2 + 32 : 4], digits[2, 0])

@@ -80,6 +80,7 @@ def cluster_pids(markers: list[str]) -> dict[int, str]:
 
 def stop_cluster(markers: list[str], timeout: float = 10.0) -> None:
     """SIGTERM the raylet, then the other daemons, then the GCS; SIGKILL what is left."""
+
     def order(cmd: str) -> int:
         return 0 if "raylet" in cmd else 2 if "gcs_server" in cmd else 1
 
@@ -102,16 +103,37 @@ def stop_cluster(markers: list[str], timeout: float = 10.0) -> None:
 def head():
     temp = tempfile.mkdtemp(prefix="dpj", dir="/tmp")  # short: Ray's socket paths live under it
     gcs, dash, client, agent, agent_grpc, metrics, env_agent = (_free_port() for _ in range(7))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=3", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                    # non-default agent ports too: another Ray on the host holds the defaults
-                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-                    f"--temp-dir={temp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--num-cpus=3",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            # non-default agent ports too: another Ray on the host holds the defaults
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     try:
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
@@ -125,10 +147,24 @@ def job(head, tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(TINY.replace("RUNS", str(root / "runs")))
-    argv = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--submission-id",
-            f"dpfeta-{root.name}", "--working-dir", str(REPO), "--runtime-env",
-            str(REPO / "ray_jobs" / "runtime_env.yaml"), "--", "python", "ray_jobs/pipeline.py", "--config",
-            str(cfg_path)]
+    argv = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["dashboard"],
+        "--submission-id",
+        f"dpfeta-{root.name}",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(REPO / "ray_jobs" / "runtime_env.yaml"),
+        "--",
+        "python",
+        "ray_jobs/pipeline.py",
+        "--config",
+        str(cfg_path),
+    ]
     deadline = time.time() + 180
     while True:  # right after `ray start` the job agent may not be up yet
         sub = subprocess.run(argv, env=head["env"], capture_output=True, text=True, timeout=900)
@@ -137,8 +173,14 @@ def job(head, tmp_path_factory):
         time.sleep(3)
     cfg = config.load(cfg_path)
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
-    return {"cfg": cfg, "cfg_path": cfg_path, "run_dir": cfg.run_dir(), "submit": sub, "head": head,
-            "id": f"dpfeta-{root.name}"}
+    return {
+        "cfg": cfg,
+        "cfg_path": cfg_path,
+        "run_dir": cfg.run_dir(),
+        "submit": sub,
+        "head": head,
+        "id": f"dpfeta-{root.name}",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +252,13 @@ def test_job_succeeded_with_epsilon_within_budget(job):
     ledger = json.loads((job["run_dir"] / "ledger.json").read_text())
     assert ledger["epsilon_spent"] == pytest.approx(result["epsilon"])
     assert {m["name"]: m["taken"] for m in ledger["mechanisms"]} == {"central": 2, "dpsgd": result["steps"]}
-    for name in ("config.json", "central/grid.png", "samples/grid.png", "checkpoints/warmup/checkpoint/meta.json",
-                 "checkpoints/finetune/checkpoint/ema.pt"):
+    for name in (
+        "config.json",
+        "central/grid.png",
+        "samples/grid.png",
+        "checkpoints/warmup/checkpoint/meta.json",
+        "checkpoints/finetune/checkpoint/ema.pt",
+    ):
         assert (job["run_dir"] / name).is_file(), name
 
 
@@ -245,11 +292,26 @@ def test_mlflow_run_has_epsilon_curve_params_and_grids(job):
     assert len(client.get_metric_history(run.info.run_id, "nondp/loss")) == result["steps"]
     assert "loss" not in run.data.metrics and "finetune/loss" not in run.data.metrics
     params = run.data.params
-    for key in ("dp.noise_multiplier", "dp.q", "dp.T", "dp.delta", "dp.accountant", "privacy.epsilon", "model.channels"):
+    for key in (
+        "dp.noise_multiplier",
+        "dp.q",
+        "dp.T",
+        "dp.delta",
+        "dp.accountant",
+        "privacy.epsilon",
+        "model.channels",
+    ):
         assert key in params, key
     files = _artifacts(client, run.info.run_id)
-    for name in ("release/samples/grid.png", "release/central/grid.png", "release/config.json",
-                 "release/ledger.json", "release/release.json", "release/model/ema.pt", "nondp/eval.json"):
+    for name in (
+        "release/samples/grid.png",
+        "release/central/grid.png",
+        "release/config.json",
+        "release/ledger.json",
+        "release/release.json",
+        "release/model/ema.pt",
+        "nondp/eval.json",
+    ):
         assert name in files, (name, files)
     assert all(f.startswith(("release/", "nondp/")) for f in files), files
 
@@ -274,6 +336,7 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
     assert json.loads((job["run_dir"] / "release" / "release.json").read_text())["seeded"] is True
     for js in local.rglob("*.json"):  # no dumps of pixel arrays or per-example data, no noise seed
         assert seed not in js.read_text(), js
+
         def walk(node):
             if isinstance(node, list):  # a list of numbers as long as an image: a pixel dump
                 assert len(node) < pixel_count or all(isinstance(v, str) for v in node), (js, len(node))
@@ -282,11 +345,20 @@ def test_nothing_logged_or_stored_copies_training_pixels(job):
             elif isinstance(node, dict):
                 for v in node.values():
                     walk(v)
+
         walk(json.loads(js.read_text()))
     for key, value in run.data.metrics.items():  # scalars under known names only
         assert np.isfinite(value)
-        assert key.split("/")[0] in {"epsilon", "epsilon_final", "warmup", "finetune", "accuracy",
-                                     "logreg_accuracy", "fid", "nondp"}, key
+        assert key.split("/")[0] in {
+            "epsilon",
+            "epsilon_final",
+            "warmup",
+            "finetune",
+            "accuracy",
+            "logreg_accuracy",
+            "fid",
+            "nondp",
+        }, key
 
 
 def test_rerun_resumes_without_spending_again(job):

@@ -47,8 +47,12 @@ def test_cluster_yaml_matches_the_launcher_schema_and_the_runbook(name):
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in cluster["file_mounts"]
     # The image carries the dependencies: nothing is pip-installed when a node boots.
-    boot = cluster.get("setup_commands", []) + cluster.get("head_setup_commands", []) \
-        + cluster.get("worker_setup_commands", []) + cluster.get("initialization_commands", [])
+    boot = (
+        cluster.get("setup_commands", [])
+        + cluster.get("head_setup_commands", [])
+        + cluster.get("worker_setup_commands", [])
+        + cluster.get("initialization_commands", [])
+    )
     assert not any("pip install" in c for c in boot), boot
 
 
@@ -87,10 +91,21 @@ def test_spot_and_on_demand_gpu_types():
 def test_head_identity_can_launch_workers_and_reach_the_bucket():
     docs = (REPO / "docs" / "cluster.md").read_text()
     aws_head = [
-        "ec2:RunInstances", "ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances",
-        "ec2:DescribeInstances", "ec2:CreateTags", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups",
-        "ec2:DescribeImages", "ec2:DescribeKeyPairs", "iam:PassRole",
-        "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket",
+        "ec2:RunInstances",
+        "ec2:TerminateInstances",
+        "ec2:StopInstances",
+        "ec2:StartInstances",
+        "ec2:DescribeInstances",
+        "ec2:CreateTags",
+        "ec2:DescribeSubnets",
+        "ec2:DescribeSecurityGroups",
+        "ec2:DescribeImages",
+        "ec2:DescribeKeyPairs",
+        "iam:PassRole",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:ListBucket",
     ]
     gcp_head = ["roles/compute.instanceAdmin.v1", "roles/iam.serviceAccountUser", "roles/storage.objectAdmin"]
     for permission in aws_head + gcp_head:
@@ -120,8 +135,11 @@ def test_mlflow_server_survives_ray_down(name, scheme):
     assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in server and "sqlite" not in server
     assert "~/.dpfeta/mlflow.env" in cluster["file_mounts"] and "mlflow.env" in server
     # every node exports the head's server as MLFLOW_TRACKING_URI before ray start
-    assert all("MLFLOW_TRACKING_URI=http://" in c for c in
-               cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c)
+    assert all(
+        "MLFLOW_TRACKING_URI=http://" in c
+        for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+        if "ray start" in c
+    )
 
 
 def _docs_image_tags() -> tuple[str, set[str]]:
@@ -153,8 +171,10 @@ def test_templates_use_the_image_the_docs_and_dockerfile_build():
 
 def _dockerfile_pins() -> dict[str, str]:
     text = (REPO / "Dockerfile").read_text()
-    pins = {m.group(1).lower(): m.group(3)
-            for m in re.finditer(r"\"?([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([0-9][^\s\"']*)", text)}
+    pins = {
+        m.group(1).lower(): m.group(3)
+        for m in re.finditer(r"\"?([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([0-9][^\s\"']*)", text)
+    }
     base = re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu\s*$", text, re.M)
     assert base, "Dockerfile: FROM rayproject/ray:<version>-py<xy>-gpu"
     pins["ray-image"], pins["python"] = base.group(1), f"{base.group(2)}.{base.group(3)}"
@@ -186,7 +206,9 @@ def test_dockerfile_pins_exactly_the_versions_of_pyproject():
 
 
 def test_dockerignore_keeps_data_runs_and_stores_out_of_the_build():
-    lines = {s.strip() for s in (REPO / ".dockerignore").read_text().splitlines() if s.strip() and not s.startswith("#")}
+    lines = {
+        s.strip() for s in (REPO / ".dockerignore").read_text().splitlines() if s.strip() and not s.startswith("#")
+    }
     assert {".git", ".venv", "runs", "mlruns", "data", "*.db"} <= lines
 
 
@@ -232,8 +254,9 @@ def test_launcher_prepare_and_validate_config_offline(name, monkeypatch, within_
     prepared = _launcher_check(cluster)
     types = prepared["available_node_types"]
     assert types[prepared["head_node_type"]]["max_workers"] == 0
-    assert {k: (t["min_workers"], t["max_workers"]) for k, t in types.items() if k != prepared["head_node_type"]} \
-        == {k: (t["min_workers"], t["max_workers"]) for k, t in workers(cluster).items()}
+    assert {k: (t["min_workers"], t["max_workers"]) for k, t in types.items() if k != prepared["head_node_type"]} == {
+        k: (t["min_workers"], t["max_workers"]) for k, t in workers(cluster).items()
+    }
     assert prepared["docker"]["image"] == cluster["docker"]["image"]
     # the launcher's cross-check bites: more minimum workers than max_workers is refused
     broken = copy.deepcopy(cluster)
@@ -249,11 +272,15 @@ def test_gcp_persistent_disk_snippet_in_the_docs_is_valid():
     cluster = load("cluster-gcp.yaml")
     cluster["docker"].update(snippet["docker"])
     cluster["initialization_commands"] = snippet["initialization_commands"]
-    cluster["available_node_types"]["head"]["node_config"]["disks"] += \
-        snippet["available_node_types"]["head"]["node_config"]["disks"]
+    cluster["available_node_types"]["head"]["node_config"]["disks"] += snippet["available_node_types"]["head"][
+        "node_config"
+    ]["disks"]
     prepared = _launcher_check(cluster)  # offline and quick (see the test above)
     assert any(d.get("autoDelete") is False for d in prepared["available_node_types"]["head"]["node_config"]["disks"])
-    assert "sqlite:////mlflow-db/" in docs and "-v /mnt/disks/mlflow:/mlflow-db" in cluster["docker"]["head_run_options"][0]
+    assert (
+        "sqlite:////mlflow-db/" in docs
+        and "-v /mnt/disks/mlflow:/mlflow-db" in cluster["docker"]["head_run_options"][0]
+    )
 
 
 def test_runtime_env_is_valid_and_keeps_data_out_of_the_upload():

@@ -15,18 +15,31 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from dpfeta import pipeline, privacy
 
-from conftest import TINY
-
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = [*TINY, "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
-             "central.epsilon_share=0.3", "warmup.steps=100", "warmup.checkpoint_every=20", "warmup.log_every=20",
-             "finetune.batch_size=128", "finetune.epochs=1", "finetune.checkpoint_every=1",
-             "sample.num_samples=100", "sample.shard_size=20", "sample.batch_size=20", "sample.steps=16",
-             "eval.fid.num_samples=100", "run.name=killed"]
+OVERRIDES = [
+    *TINY,
+    "central.rounds=2",
+    "central.batch_size=600",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.3",
+    "warmup.steps=100",
+    "warmup.checkpoint_every=20",
+    "warmup.log_every=20",
+    "finetune.batch_size=128",
+    "finetune.epochs=1",
+    "finetune.checkpoint_every=1",
+    "sample.num_samples=100",
+    "sample.shard_size=20",
+    "sample.batch_size=20",
+    "sample.steps=16",
+    "eval.fid.num_samples=100",
+    "run.name=killed",
+]
 
 
 def _start(run_dir: Path, log: Path) -> subprocess.Popen:
@@ -35,8 +48,14 @@ def _start(run_dir: Path, log: Path) -> subprocess.Popen:
     sets = [a for o in [*OVERRIDES, f"run.dir={run_dir}"] for a in ("--set", o)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "dpfeta", "run", "--config", str(config), *sets], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpfeta", "run", "--config", str(config), *sets],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, condition, what: str, timeout: float = 600) -> None:
@@ -71,8 +90,11 @@ def test_sigkill_in_each_stage_then_rerun_resumes_with_the_same_epsilon(tmp_path
 
     # 1. killed during the warm-up, after its step-40 checkpoint
     proc = _start(root, logs[0])
-    _kill_when(proc, lambda: (_json(run / "checkpoints/warmup/checkpoint/meta.json") or {}).get("step", 0) >= 40,
-               "a warm-up checkpoint at step >= 40")
+    _kill_when(
+        proc,
+        lambda: (_json(run / "checkpoints/warmup/checkpoint/meta.json") or {}).get("step", 0) >= 40,
+        "a warm-up checkpoint at step >= 40",
+    )
     ledger = privacy.Ledger.from_state_dict(_json(run / "ledger.json"))
     assert ledger.get("central").taken == 2 and ledger.get("dpsgd").taken == 0
 

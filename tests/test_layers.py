@@ -40,14 +40,39 @@ ALLOWED: dict[str, set[str]] = {
     "distributed": BASE | {"cluster", "data", "finetune", "privacy", "tracking"},
     "runplan": {"config", "data", "privacy", "release", "tracking", "storage", "evaluate"},  # the one way in
     "rundir": BASE | {"data", "privacy", "release", "tracking"},  # the run's folder and spending protocol
-    "pipeline": BASE | {"cluster", "data", "privacy", "release", "tracking", "central", "warmup", "diffusion",
-                        "distributed", "sample", "evaluate", "mlflow_model", "rundir", "runplan"},
+    "pipeline": BASE
+    | {
+        "cluster",
+        "data",
+        "privacy",
+        "release",
+        "tracking",
+        "central",
+        "warmup",
+        "diffusion",
+        "distributed",
+        "sample",
+        "evaluate",
+        "mlflow_model",
+        "rundir",
+        "runplan",
+    },
     "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate", "rundir", "runplan"},
     "export": {"config", "privacy", "release", "storage"},  # reads release/ only
     "audit_plot": set(),  # the audit's score histogram (Pillow)
     "canaries": {"config", "data", "dpsgd", "finetune"},  # gradient canaries in the DP-SGD step
-    "audit": {"config", "checkpoint", "privacy", "data", "cluster", "distributed", "pipeline", "tracking",
-              "canaries", "audit_plot"},  # dpfeta audit: plans like a run, never a release
+    "audit": {
+        "config",
+        "checkpoint",
+        "privacy",
+        "data",
+        "cluster",
+        "distributed",
+        "pipeline",
+        "tracking",
+        "canaries",
+        "audit_plot",
+    },  # dpfeta audit: plans like a run, never a release
     "cli": None,  # the entry point may import anything
     "__main__": {"cli"},
 }

@@ -28,7 +28,7 @@ def _submodules() -> list[str]:
 def _section(text: str, title: str) -> str:
     start = text.index(title)
     end = text.find("\n## ", start + len(title))
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]
 
 
 FLOORS = _section((REPO / "docs" / "architecture.md").read_text(), "## Floors")
@@ -39,8 +39,9 @@ CODE_MAP = _section((REPO / "README.md").read_text(), "## Code map")
 @pytest.mark.parametrize("part", _parts())
 def test_every_part_is_on_a_floor_and_in_the_code_map(part):
     assert f"`{part}`" in FLOORS, f"docs/architecture.md's floor table does not list `{part}`"
-    assert f"`dpfeta/{part.removesuffix('/')}{'/' if part.endswith('/') else '.py'}`" in CODE_MAP, \
+    assert f"`dpfeta/{part.removesuffix('/')}{'/' if part.endswith('/') else '.py'}`" in CODE_MAP, (
         f"README.md's code map does not list dpfeta/{part}"
+    )
 
 
 @pytest.mark.parametrize("module", _submodules())
@@ -56,4 +57,4 @@ def _entry(text: str, package: str) -> str:
     """The bullet of ``package/`` in docs/architecture.md's list (up to the next bullet)."""
     start = text.index(f"- **`{package}/`**")
     end = text.find("\n- **", start + 1)
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]

@@ -16,11 +16,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from dpfeta import config, data, pipeline, privacy
 from dpfeta.storage import Storage
-
-from conftest import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.long]
 
@@ -44,8 +43,15 @@ def ray_cluster(s3_endpoint):
     if ray.is_initialized():  # the session's local Ray (conftest.local_ray): this module needs its own cluster
         ray.shutdown()
     port = _free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+        },
+    )
     cluster.dashboard = f"http://127.0.0.1:{port}"
     for i in (1, 2):
         # Nodes on one machine share the head's session folder; each gets its own runtime-env folder,
@@ -63,12 +69,26 @@ def test_run_through_s3_with_workers_on_two_nodes(ray_cluster, s3_bucket, tiny_c
     cwd, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("scratch")
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver's scratch folders go
-    data.prepare(tiny_cfg("finetune.batch_size=128"), f"{s3_bucket}/data/digits", rows_per_shard=400)  # the sensitive set, in the bucket
-    cfg = tiny_cfg(f"run.dir={s3_bucket}/runs", "run.name=mn", "run.num_workers=2", "run.placement=STRICT_SPREAD",
-                   "data.source=parquet", f"data.path={s3_bucket}/data/digits",
-                   f"run.ray_address={ray_cluster.address}", "central.rounds=2", "central.batch_size=600",
-                   "central.noise_multiplier=null", "central.epsilon_share=0.3", "warmup.steps=2",
-                   "finetune.batch_size=128", "finetune.epochs=0.15", "finetune.checkpoint_every=2")
+    data.prepare(
+        tiny_cfg("finetune.batch_size=128"), f"{s3_bucket}/data/digits", rows_per_shard=400
+    )  # the sensitive set, in the bucket
+    cfg = tiny_cfg(
+        f"run.dir={s3_bucket}/runs",
+        "run.name=mn",
+        "run.num_workers=2",
+        "run.placement=STRICT_SPREAD",
+        "data.source=parquet",
+        f"data.path={s3_bucket}/data/digits",
+        f"run.ray_address={ray_cluster.address}",
+        "central.rounds=2",
+        "central.batch_size=600",
+        "central.noise_multiplier=null",
+        "central.epsilon_share=0.3",
+        "warmup.steps=2",
+        "finetune.batch_size=128",
+        "finetune.epochs=0.15",
+        "finetune.checkpoint_every=2",
+    )
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     pl = pipeline.plan_run(cfg)
     result = pipeline.run(cfg, echo=lambda _: None)
@@ -84,11 +104,25 @@ def test_run_through_s3_with_workers_on_two_nodes(ray_cluster, s3_bucket, tiny_c
 
     # every output in the bucket, committed
     files = set(store.list_files())
-    for name in ("config.json", "ledger.json", "eval.json", "central/central.json", "central/grid.png",
-                 "checkpoints/warmup/checkpoint/meta.json", "checkpoints/finetune/checkpoint/ema.pt",
-                 "checkpoints/finetune/plan.json", "samples/samples.json", "samples/grid.png",
-                 "release/ledger.json", "release/release.json", "release/README.md", "release/metrics.json",
-                 "release/model/ema.pt", "release/samples/grid.png", "release/central/grid.png"):
+    for name in (
+        "config.json",
+        "ledger.json",
+        "eval.json",
+        "central/central.json",
+        "central/grid.png",
+        "checkpoints/warmup/checkpoint/meta.json",
+        "checkpoints/finetune/checkpoint/ema.pt",
+        "checkpoints/finetune/plan.json",
+        "samples/samples.json",
+        "samples/grid.png",
+        "release/ledger.json",
+        "release/release.json",
+        "release/README.md",
+        "release/metrics.json",
+        "release/model/ema.pt",
+        "release/samples/grid.png",
+        "release/central/grid.png",
+    ):
         assert name in files, name
     for folder in ("central", "samples", "checkpoints/warmup/checkpoint", "release/model", "release/samples"):
         assert store.committed(folder), folder
@@ -116,19 +150,50 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     repo = Path(__file__).resolve().parents[1]
-    data.prepare(config.load(None, ["data.resolution=8", "finetune.batch_size=128"]), f"{s3_bucket}/data/digits",
-                 rows_per_shard=400)
-    overrides = [*TINY, f"run.dir={s3_bucket}/runs", "run.name=job", "run.num_workers=2", "run.placement=STRICT_SPREAD",
-                 "data.source=parquet", f"data.path={s3_bucket}/data/digits", "central.rounds=2",
-                 "central.batch_size=600", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-                 "warmup.steps=2", "finetune.batch_size=128", "finetune.epochs=0.15", "finetune.checkpoint_every=2"]
+    data.prepare(
+        config.load(None, ["data.resolution=8", "finetune.batch_size=128"]),
+        f"{s3_bucket}/data/digits",
+        rows_per_shard=400,
+    )
+    overrides = [
+        *TINY,
+        f"run.dir={s3_bucket}/runs",
+        "run.name=job",
+        "run.num_workers=2",
+        "run.placement=STRICT_SPREAD",
+        "data.source=parquet",
+        f"data.path={s3_bucket}/data/digits",
+        "central.rounds=2",
+        "central.batch_size=600",
+        "central.noise_multiplier=null",
+        "central.epsilon_share=0.3",
+        "warmup.steps=2",
+        "finetune.batch_size=128",
+        "finetune.epochs=0.15",
+        "finetune.checkpoint_every=2",
+    ]
     sets = [arg for o in overrides for arg in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     submission = f"dpfeta-{tmp_path.name[-20:]}"
-    argv = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-            "--submission-id", submission, "--working-dir", str(repo), "--runtime-env",
-            str(repo / "ray_jobs" / "runtime_env.yaml"), "--", sys.executable, "ray_jobs/pipeline.py", "--config",
-            "configs/digits.yaml", *sets]
+    argv = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard,
+        "--submission-id",
+        submission,
+        "--working-dir",
+        str(repo),
+        "--runtime-env",
+        str(repo / "ray_jobs" / "runtime_env.yaml"),
+        "--",
+        sys.executable,
+        "ray_jobs/pipeline.py",
+        "--config",
+        "configs/digits.yaml",
+        *sets,
+    ]
     deadline = time.time() + 120
     while True:  # right after the head starts the job agent may not be up yet
         sub = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -152,14 +217,26 @@ def test_the_same_run_through_ray_job_submit(ray_cluster, s3_bucket, tmp_path):
 
 
 # -- sweeps: Ray Tune's experiment, every trial's folder and the release in the bucket --------------
-SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 3}, "warmup.steps": {"type": "choice", "values": [1, 2]}}
-SWEEP = [*TINY, "run.cpus_per_worker=0.5", "central.noise_multiplier=2.0", "central.batch_size=100",
-         "finetune.batch_size=64", "finetune.epochs=0.1", "run.max_failures=0", "tune.privacy_mode=private",
-         f"tune.search_space={json.dumps(SPACE)}"]
+SPACE = {
+    "central.rounds": {"type": "randint", "lower": 1, "upper": 3},
+    "warmup.steps": {"type": "choice", "values": [1, 2]},
+}
+SWEEP = [
+    *TINY,
+    "run.cpus_per_worker=0.5",
+    "central.noise_multiplier=2.0",
+    "central.batch_size=100",
+    "finetune.batch_size=64",
+    "finetune.epochs=0.1",
+    "run.max_failures=0",
+    "tune.privacy_mode=private",
+    f"tune.search_space={json.dumps(SPACE)}",
+]
 
 
-def test_a_sweep_through_s3_keeps_nothing_on_the_driver(ray_cluster, s3_bucket, tiny_cfg, tmp_path_factory,
-                                                         monkeypatch):
+def test_a_sweep_through_s3_keeps_nothing_on_the_driver(
+    ray_cluster, s3_bucket, tiny_cfg, tmp_path_factory, monkeypatch
+):
     """``dpfeta tune`` with run.dir an s3:// prefix: the real trial (central -> warm-up -> DP-SGD ->
     samples -> DP score) runs in a Tune trial on the cluster and writes its folder to the bucket;
     Tune's experiment state, the summary and the release are there too; a rerun answers from it."""
@@ -168,8 +245,13 @@ def test_a_sweep_through_s3_keeps_nothing_on_the_driver(ray_cluster, s3_bucket, 
     cwd, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("scratch")
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    cfg = tiny_cfg(*SWEEP, f"run.dir={s3_bucket}/sweeps", "run.name=sw", "run.seed=0",  # seed 0: K = 1 trial
-                   f"run.ray_address={ray_cluster.address}")
+    cfg = tiny_cfg(
+        *SWEEP,
+        f"run.dir={s3_bucket}/sweeps",
+        "run.name=sw",
+        "run.seed=0",  # seed 0: K = 1 trial
+        f"run.ray_address={ray_cluster.address}",
+    )
     summary = tune.run_sweep(cfg)
 
     store = Storage(f"{s3_bucket}/sweeps/sw")
@@ -178,9 +260,18 @@ def test_a_sweep_through_s3_keeps_nothing_on_the_driver(ray_cluster, s3_bucket, 
     assert row["status"] == "done" and summary["best"]["dir"] == store.url(f"trials/{row['trial_id']}")
     assert summary["epsilon"] <= cfg.privacy.epsilon * (1 + 1e-9)
     files = set(store.list_files())
-    for name in ("sweep.json", "summary.json", "trials.csv", "release/selection.json", "release/release.json",
-                 "release/README.md", "release/ledger.json", "release/model/ema.pt", "release/samples/grid.png",
-                 "release/central/grid.png"):
+    for name in (
+        "sweep.json",
+        "summary.json",
+        "trials.csv",
+        "release/selection.json",
+        "release/release.json",
+        "release/README.md",
+        "release/ledger.json",
+        "release/model/ema.pt",
+        "release/samples/grid.png",
+        "release/central/grid.png",
+    ):
         assert name in files, name
     assert any(f.startswith("tune/experiment_state") for f in files), sorted(files)[:20]  # Tune's own state
     trial = store.child(f"trials/{row['trial_id']}")
@@ -239,15 +330,26 @@ def test_a_sweep_resumes_from_the_bucket_after_its_driver_is_killed(ray_cluster,
 
     repo = Path(__file__).resolve().parents[1]
     shared = {"warmup.steps": {"type": "choice", "values": [1, 2]}}
-    overrides = [*SWEEP, "tracking.enabled=false", f"run.dir={s3_bucket}/sweeps", "run.name=resume",
-                 "run.seed=1", f"run.ray_address={ray_cluster.address}",  # seed 1: K = 3 trials
-                 f"tune.search_space={json.dumps(shared)}"]
+    overrides = [
+        *SWEEP,
+        "tracking.enabled=false",
+        f"run.dir={s3_bucket}/sweeps",
+        "run.name=resume",
+        "run.seed=1",
+        f"run.ray_address={ray_cluster.address}",  # seed 1: K = 3 trials
+        f"tune.search_space={json.dumps(shared)}",
+    ]
     store = Storage(f"{s3_bucket}/sweeps/resume")
     store.write_text("SLOW", "")
     script = tmp_path / "driver.py"
     script.write_text(SWEEP_DRIVER.format(repo=str(repo), tests=str(repo / "tests")))
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(overrides)], cwd=tmp_path,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(overrides)],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def scored():
         return {f.split("/")[0] for f in store.list_files("trials") if f.endswith("/" + tune.RESULT_FILE)}

@@ -28,15 +28,22 @@ def tiny_unet(seed: int = 0) -> UNet:
     return net
 
 
-@pytest.mark.parametrize("resolution,in_channels,num_classes,mult,attn,expected", [
-    (28, 1, 10, (2, 2), (14,), 1_485_217),   # DP-FETA MNIST/F-MNIST ("ch22_at14")
-    (32, 3, 2, (2, 2), (16,), 1_486_691),    # CelebA32-cond
-    (32, 3, 2, (1, 2, 2), (16,), 1_754_243),  # Camelyon32
-    (28, 1, 10, (1, 2, 2), (7,), 1_753_345),  # DPDM reference MNIST
-])
+@pytest.mark.parametrize(
+    "resolution,in_channels,num_classes,mult,attn,expected",
+    [
+        (28, 1, 10, (2, 2), (14,), 1_485_217),  # DP-FETA MNIST/F-MNIST ("ch22_at14")
+        (32, 3, 2, (2, 2), (16,), 1_486_691),  # CelebA32-cond
+        (32, 3, 2, (1, 2, 2), (16,), 1_754_243),  # Camelyon32
+        (28, 1, 10, (1, 2, 2), (7,), 1_753_345),  # DPDM reference MNIST
+    ],
+)
 def test_parameter_counts_match_reference(resolution, in_channels, num_classes, mult, attn, expected):
-    net = UNet(resolution=resolution, in_channels=in_channels, num_classes=num_classes,
-               model=ModelConfig(channels=32, channel_mult=mult, attn_resolutions=attn))
+    net = UNet(
+        resolution=resolution,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        model=ModelConfig(channels=32, channel_mult=mult, attn_resolutions=attn),
+    )
     assert count_parameters(net) == expected
 
 
@@ -109,8 +116,14 @@ def test_k_rows_folded_to_examples_equal_per_example_edm_loss_grads():
     rows = edm_loss_rows(gsm, images, labels, generator=torch.Generator().manual_seed(5), **kwargs)
     (rows / K).sum().backward()
     naive = _naive_per_example_grads(
-        reference, lambda: edm_loss_rows(reference, images, labels, generator=torch.Generator().manual_seed(5),
-                                         **kwargs).view(batch, K).mean(1), batch)
+        reference,
+        lambda: (
+            edm_loss_rows(reference, images, labels, generator=torch.Generator().manual_seed(5), **kwargs)
+            .view(batch, K)
+            .mean(1)
+        ),
+        batch,
+    )
     for i, p in enumerate(gsm.parameters()):
         folded = p.grad_sample.view(batch, K, *p.shape).sum(1)
         for b in range(batch):

@@ -17,7 +17,7 @@ def lattice_fraction(z: torch.Tensor) -> float:
     tail (u * 2^24 < 1000) it can be recovered exactly even from fp32 values. Returns the fraction of such
     pairs whose u * 2^24 lies within 0.01 of an integer (~0.02 for continuous u)."""
     blocks = z.double().view(-1, 16)
-    k = torch.exp(-(blocks[:, :8] ** 2 + blocks[:, 8:] ** 2) / 2) * 2.0 ** 24
+    k = torch.exp(-(blocks[:, :8] ** 2 + blocks[:, 8:] ** 2) / 2) * 2.0**24
     tail = k[k < 1000]
     assert len(tail) > 50, len(tail)
     return float(((tail - tail.round()).abs() < 0.01).double().mean())
@@ -27,7 +27,7 @@ def test_the_check_finds_fp32_box_muller():
     """The check can fail: torch's fp32 normal is on the lattice, and bounded at sqrt(2 ln 2^24) = 5.77."""
     z = torch.normal(0.0, 1.0, (N,), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     assert lattice_fraction(z) > 0.9
-    assert z.abs().max() <= math.sqrt(2 * math.log(2 ** 24)) + 1e-4
+    assert z.abs().max() <= math.sqrt(2 * math.log(2**24)) + 1e-4
 
 
 def test_the_noise_sampler_is_off_the_lattice():

@@ -11,11 +11,21 @@ from dpfeta import cli, cluster, config, data, pipeline, privacy, tracking
 from dpfeta.rundir import RunDir
 from dpfeta.storage import Workspace
 
-BASE = ["data.resolution=8", "central.rounds=2", "central.batch_size=600", "central.noise_multiplier=null",
-        "central.epsilon_share=0.3", "finetune.batch_size=128", "finetune.epochs=1", "privacy.epsilon=4",
-        "tracking.enabled=false", "eval.classifier_epochs=1", "run.name=t",
-        "privacy.accountant=rdp",  # the accountant is not the point here (PLD calibration: tests/test_accountant_pld.py)
-        "eval.fid.inception_weights=null"]  # offline FID: Inception at 299 px is minutes on a CPU
+BASE = [
+    "data.resolution=8",
+    "central.rounds=2",
+    "central.batch_size=600",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.3",
+    "finetune.batch_size=128",
+    "finetune.epochs=1",
+    "privacy.epsilon=4",
+    "tracking.enabled=false",
+    "eval.classifier_epochs=1",
+    "run.name=t",
+    "privacy.accountant=rdp",  # the accountant is not the point here (PLD calibration: tests/test_accountant_pld.py)
+    "eval.fid.inception_weights=null",
+]  # offline FID: Inception at 299 px is minutes on a CPU
 
 
 def make_cfg(tmp_path, *extra) -> config.Config:
@@ -68,7 +78,10 @@ def _open(cfg, run_dir, pl) -> RunDir:
 def test_resume_keeps_the_stored_sigma_and_refuses_another_plan(tmp_path):
     cfg, pl, run_dir = _stored_with_sigma(tmp_path, 1.01)  # e.g. calibrated by an older release
     resumed = _open(cfg, run_dir, pipeline.plan_run(cfg)).plan
-    assert resumed.noise_multiplier == pytest.approx(pl.noise_multiplier * 1.01) and resumed.ledger.get("dpsgd").noise_multiplier == resumed.noise_multiplier
+    assert (
+        resumed.noise_multiplier == pytest.approx(pl.noise_multiplier * 1.01)
+        and resumed.ledger.get("dpsgd").noise_multiplier == resumed.noise_multiplier
+    )
     with pytest.raises(ValueError, match="different privacy plan"):
         _open(cfg, run_dir, pipeline.plan_run(config.replace(cfg, {"finetune.epochs": 2})))
 
@@ -78,7 +91,9 @@ def test_a_changed_config_is_refused_but_sampling_settings_may_change(tmp_path):
     cfg.run_dir().mkdir(parents=True)
     cfg.dump(cfg.run_dir() / "config.json")
     pl = pipeline.plan_run(cfg)
-    RunDir.of(config.replace(cfg, {"sample.steps": 8, "eval.classifier_epochs": 3}), Workspace(cfg.run_dir()), pl).check_resume()
+    RunDir.of(
+        config.replace(cfg, {"sample.steps": 8, "eval.classifier_epochs": 3}), Workspace(cfg.run_dir()), pl
+    ).check_resume()
     with pytest.raises(ValueError, match="privacy.epsilon"):
         RunDir.of(config.replace(cfg, {"privacy.epsilon": 8}), Workspace(cfg.run_dir()), pl).check_resume()
 
@@ -168,9 +183,21 @@ def test_gpu_stages_run_as_ray_tasks_from_a_cpu_driver(tmp_path, fake_gpu_ray):
 
     if torch.cuda.is_available():
         pytest.skip("the driver has a GPU: stages run in process")
-    cfg = make_cfg(tmp_path, "run.use_gpu=true", "run.seed=0", "model.channels=8", "model.channel_mult=[1]",
-                   "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.steps=2", "warmup.batch_size=8",
-                   "sample.steps=2", "sample.num_samples=20", "sample.batch_size=20", "eval.fid.num_samples=20")
+    cfg = make_cfg(
+        tmp_path,
+        "run.use_gpu=true",
+        "run.seed=0",
+        "model.channels=8",
+        "model.channel_mult=[1]",
+        "model.attn_resolutions=[]",
+        "model.emb_channels=16",
+        "warmup.steps=2",
+        "warmup.batch_size=8",
+        "sample.steps=2",
+        "sample.num_samples=20",
+        "sample.batch_size=20",
+        "eval.fid.num_samples=20",
+    )
     assert cluster.needs_remote(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True)

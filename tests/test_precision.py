@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_UNET, tiny_config
 
 from dpfeta import config, images, precision, sample, warmup
@@ -62,8 +61,9 @@ def reference_generate(denoiser, cfg, num, generator):
 
 @pytest.mark.parametrize("sampler,guidance", [("edm", 0.0), ("edm", 1.0), ("ddim", 0.0)])
 def test_generate_in_fp32_gives_the_same_images_as_before_the_speed_work(sampler, guidance):
-    cfg = unet_cfg(sample__sampler=sampler, sample__guidance=guidance, sample__steps=4, sample__batch_size=3,
-                   run__precision="fp32")
+    cfg = unet_cfg(
+        sample__sampler=sampler, sample__guidance=guidance, sample__steps=4, sample__batch_size=3, run__precision="fp32"
+    )
     denoiser = tiny_denoiser()
     got, got_labels = sample.generate(denoiser, cfg, 7, generator=torch.Generator().manual_seed(5), progress=False)
     want, want_labels = reference_generate(denoiser, cfg, 7, torch.Generator().manual_seed(5))

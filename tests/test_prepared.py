@@ -11,8 +11,18 @@ from dpfeta import config, data, pipeline, privacy
 
 
 def _cfg(tmp_path, *extra):
-    cfg = config.load(None, ["data.resolution=8", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-                             "finetune.batch_size=128", "tracking.enabled=false", f"run.dir={tmp_path}/runs", *extra])
+    cfg = config.load(
+        None,
+        [
+            "data.resolution=8",
+            "central.noise_multiplier=null",
+            "central.epsilon_share=0.3",
+            "finetune.batch_size=128",
+            "tracking.enabled=false",
+            f"run.dir={tmp_path}/runs",
+            *extra,
+        ],
+    )
     return privacy.resolve(cfg, data.public_train_size(cfg))
 
 

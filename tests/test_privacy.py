@@ -33,8 +33,12 @@ def _mnist_sigma(eps, q, steps, accountant="rdp"):
     central = privacy.central_event(noise_multiplier=5.0, sample_rate=0.1, rounds=5)
     return privacy.calibrate_noise(
         make_events=lambda s: dp_accounting.ComposedDpEvent(
-            [central, privacy.dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps)]),
-        epsilon=eps, delta=1e-5, accountant=accountant)
+            [central, privacy.dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps)]
+        ),
+        epsilon=eps,
+        delta=1e-5,
+        accountant=accountant,
+    )
 
 
 @pytest.mark.parametrize("eps,expected", [(1.0, 13.0835), (10.0, 1.8366)])
@@ -77,8 +81,11 @@ def test_calibrated_central_noise_spends_its_share():
     n = 1300
     sigma_c = privacy.central_noise(cfg, n)
     q_c = cfg.central.batch_size / n
-    eps_c = privacy.epsilon_of(privacy.central_event(noise_multiplier=sigma_c, sample_rate=q_c,
-                                                     rounds=cfg.central.rounds), delta=1e-5, accountant="rdp")
+    eps_c = privacy.epsilon_of(
+        privacy.central_event(noise_multiplier=sigma_c, sample_rate=q_c, rounds=cfg.central.rounds),
+        delta=1e-5,
+        accountant="rdp",
+    )
     assert eps_c <= 0.5 and eps_c == pytest.approx(0.5, rel=1e-3)
     resolved = privacy.resolve(cfg, n)
     assert resolved.central.noise_multiplier == pytest.approx(sigma_c)
@@ -153,22 +160,36 @@ _fast = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCh
 def test_calibrated_sigma_never_overshoots_and_is_tight(eps, q, steps):
     sigma = privacy.calibrate_noise(
         make_events=lambda s: privacy.dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps),
-        epsilon=eps, delta=1e-5, accountant="rdp", rtol=1e-4)
-    at = privacy.epsilon_of(privacy.dpsgd_event(noise_multiplier=sigma, sample_rate=q, steps=steps),
-                            delta=1e-5, accountant="rdp")
-    below = privacy.epsilon_of(privacy.dpsgd_event(noise_multiplier=sigma * (1 - 1e-3), sample_rate=q,
-                                                   steps=steps), delta=1e-5, accountant="rdp")
+        epsilon=eps,
+        delta=1e-5,
+        accountant="rdp",
+        rtol=1e-4,
+    )
+    at = privacy.epsilon_of(
+        privacy.dpsgd_event(noise_multiplier=sigma, sample_rate=q, steps=steps), delta=1e-5, accountant="rdp"
+    )
+    below = privacy.epsilon_of(
+        privacy.dpsgd_event(noise_multiplier=sigma * (1 - 1e-3), sample_rate=q, steps=steps),
+        delta=1e-5,
+        accountant="rdp",
+    )
     assert at <= eps
     assert below > eps  # sigma is the smallest to relative tolerance 1e-3
 
 
 @_fast
-@given(sigma=st.floats(0.6, 20.0), q=st.floats(0.001, 0.5), steps=st.integers(1, 2000),
-       extra=st.integers(1, 2000), factor=st.floats(1.05, 3.0))
+@given(
+    sigma=st.floats(0.6, 20.0),
+    q=st.floats(0.001, 0.5),
+    steps=st.integers(1, 2000),
+    extra=st.integers(1, 2000),
+    factor=st.floats(1.05, 3.0),
+)
 def test_epsilon_grows_with_steps_and_shrinks_with_sigma(sigma, q, steps, extra, factor):
     def eps(s, t):
-        return privacy.epsilon_of(privacy.dpsgd_event(noise_multiplier=s, sample_rate=q, steps=t),
-                                  delta=1e-5, accountant="rdp")
+        return privacy.epsilon_of(
+            privacy.dpsgd_event(noise_multiplier=s, sample_rate=q, steps=t), delta=1e-5, accountant="rdp"
+        )
 
     base = eps(sigma, steps)
     assert eps(sigma, steps + extra) >= base
@@ -176,8 +197,14 @@ def test_epsilon_grows_with_steps_and_shrinks_with_sigma(sigma, q, steps, extra,
 
 
 @_fast
-@given(sc=st.floats(1.0, 20.0), qc=st.floats(0.01, 0.5), n=st.integers(1, 50),
-       s=st.floats(0.6, 20.0), q=st.floats(0.001, 0.5), t=st.integers(1, 2000))
+@given(
+    sc=st.floats(1.0, 20.0),
+    qc=st.floats(0.01, 0.5),
+    n=st.integers(1, 50),
+    s=st.floats(0.6, 20.0),
+    q=st.floats(0.001, 0.5),
+    t=st.integers(1, 2000),
+)
 def test_composed_epsilon_is_at_least_each_part(sc, qc, n, s, q, t):
     ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=10_000)
     ledger.add("central", noise_multiplier=sc, sample_rate=qc, count=n, taken=n)
@@ -188,8 +215,14 @@ def test_composed_epsilon_is_at_least_each_part(sc, qc, n, s, q, t):
     assert math.isfinite(total)
 
 
-_plans = given(eps=st.floats(1.0, 20.0), rounds=st.integers(0, 10), sigma_c=st.floats(3.0, 30.0),
-               central_batch=st.integers(50, 2000), batch=st.integers(32, 4000), epochs=st.floats(0.5, 50.0))
+_plans = given(
+    eps=st.floats(1.0, 20.0),
+    rounds=st.integers(0, 10),
+    sigma_c=st.floats(3.0, 30.0),
+    central_batch=st.integers(50, 2000),
+    batch=st.integers(32, 4000),
+    epochs=st.floats(0.5, 50.0),
+)
 
 
 def planned_run_never_overshoots(eps, rounds, sigma_c, central_batch, batch, epochs):
@@ -197,10 +230,19 @@ def planned_run_never_overshoots(eps, rounds, sigma_c, central_batch, batch, epo
     dp_accounting RdpAccountant on the default order grid (not this module's cached fast path)."""
     from dp_accounting import dp_event, rdp
 
-    cfg = config.load("configs/digits.yaml", [
-        f"privacy.epsilon={eps}", f"central.rounds={rounds}", f"central.noise_multiplier={sigma_c}",
-        f"central.batch_size={central_batch}", f"finetune.batch_size={batch}", f"finetune.epochs={epochs}",
-        "finetune.init=scratch", "privacy.accountant=rdp"])  # checked with RDP below (PLD: test_accountant_pld)
+    cfg = config.load(
+        "configs/digits.yaml",
+        [
+            f"privacy.epsilon={eps}",
+            f"central.rounds={rounds}",
+            f"central.noise_multiplier={sigma_c}",
+            f"central.batch_size={central_batch}",
+            f"finetune.batch_size={batch}",
+            f"finetune.epochs={epochs}",
+            "finetune.init=scratch",
+            "privacy.accountant=rdp",
+        ],
+    )  # checked with RDP below (PLD: test_accountant_pld)
     n = 10_000
     try:
         pl = privacy.plan(cfg, n)
@@ -209,11 +251,17 @@ def planned_run_never_overshoots(eps, rounds, sigma_c, central_batch, batch, epo
         return
 
     def events(sigma):
-        parts = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
-            batch / n, dp_event.GaussianDpEvent(sigma)), pl.steps)]
+        parts = [
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(batch / n, dp_event.GaussianDpEvent(sigma)), pl.steps
+            )
+        ]
         if rounds:
-            parts.append(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
-                central_batch / n, dp_event.GaussianDpEvent(sigma_c)), rounds))
+            parts.append(
+                dp_event.SelfComposedDpEvent(
+                    dp_event.PoissonSampledDpEvent(central_batch / n, dp_event.GaussianDpEvent(sigma_c)), rounds
+                )
+            )
         acc = rdp.RdpAccountant()
         acc.compose(dp_event.ComposedDpEvent(parts))
         return acc.get_epsilon(1e-5)
@@ -227,7 +275,9 @@ def planned_run_never_overshoots(eps, rounds, sigma_c, central_batch, batch, epo
 test_a_planned_run_never_overshoots_its_target = _fast(_plans(planned_run_never_overshoots))
 test_a_planned_run_never_overshoots_its_target_60_plans = pytest.mark.slow(
     settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
-        _plans(planned_run_never_overshoots)))
+        _plans(planned_run_never_overshoots)
+    )
+)
 
 
 def test_a_mechanism_not_yet_run_never_turns_epsilon_into_zero():

@@ -15,23 +15,46 @@ from dpfeta import cli, config, data, pipeline, privacy, release
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # the session's local Ray (conftest)
 
-TINY = ["data.resolution=8", "central.rounds=2", "central.noise_multiplier=null", "central.epsilon_share=0.3",
-        "central.batch_size=600", "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1",
-        "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.steps=3", "warmup.batch_size=16",
-        "warmup.checkpoint_every=3", "finetune.batch_size=128", "finetune.epochs=0.15",
-        "finetune.noise_multiplicity=1", "finetune.physical_batch_size=64", "finetune.checkpoint_every=2",
-        "finetune.log_every=1", "privacy.epsilon=10", "sample.steps=2", "sample.num_samples=30",
-        "sample.batch_size=30", "eval.classifier_epochs=1", "eval.fid.num_samples=30", "run.cpus_per_worker=1",
-        "eval.fid.inception_weights=null",
-        "privacy.accountant=rdp"]  # one calibration per command in seconds; PLD plans: tests/test_accountant_pld.py
+TINY = [
+    "data.resolution=8",
+    "central.rounds=2",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.3",
+    "central.batch_size=600",
+    "model.channels=8",
+    "model.channel_mult=[1, 2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[]",
+    "model.emb_channels=16",
+    "warmup.steps=3",
+    "warmup.batch_size=16",
+    "warmup.checkpoint_every=3",
+    "finetune.batch_size=128",
+    "finetune.epochs=0.15",
+    "finetune.noise_multiplicity=1",
+    "finetune.physical_batch_size=64",
+    "finetune.checkpoint_every=2",
+    "finetune.log_every=1",
+    "privacy.epsilon=10",
+    "sample.steps=2",
+    "sample.num_samples=30",
+    "sample.batch_size=30",
+    "eval.classifier_epochs=1",
+    "eval.fid.num_samples=30",
+    "run.cpus_per_worker=1",
+    "eval.fid.inception_weights=null",
+    "privacy.accountant=rdp",
+]  # one calibration per command in seconds; PLD plans: tests/test_accountant_pld.py
 
 
 @pytest.fixture(scope="module")
 def unseeded(local_ray, tmp_path_factory):
     """``dpfeta run`` in release mode (tracking.nondp: false), no run.seed: OS entropy throughout."""
     root = tmp_path_factory.mktemp("release")
-    cfg = config.load(None, [*TINY, f"run.dir={root}", "run.name=unseeded", "tracking.nondp=false",
-                             "tracking.register_as=dpfeta-unseeded"])
+    cfg = config.load(
+        None,
+        [*TINY, f"run.dir={root}", "run.name=unseeded", "tracking.nondp=false", "tracking.register_as=dpfeta-unseeded"],
+    )
     assert cfg.run.seed is None
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     lines: list[str] = []
@@ -56,15 +79,28 @@ def test_release_holds_exactly_the_covered_outputs(unseeded):
     cfg, result, lines = unseeded
     root = release.release_dir(cfg.run_dir())
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    fixed = {"README.md", "release.json", "metrics.json", "ledger.json", "config.json", "model/ema.pt",
-             "model/model.pt", "model/meta.json", "central/grid.png", "central/central.json",
-             "samples/grid.png", "samples/samples.json"}
+    fixed = {
+        "README.md",
+        "release.json",
+        "metrics.json",
+        "ledger.json",
+        "config.json",
+        "model/ema.pt",
+        "model/model.pt",
+        "model/meta.json",
+        "central/grid.png",
+        "central/central.json",
+        "samples/grid.png",
+        "samples/samples.json",
+    }
     assert fixed <= files
     assert {f.split("/")[0] for f in files - fixed} <= {"central", "samples"}  # the images themselves
     assert not [f for f in files if f.endswith((".tmp", "optimizer.pt", "extra.pt"))]
     record = json.loads((root / "release.json").read_text())
     assert record["epsilon"] == pytest.approx(result["epsilon"]) and record["seeded"] is False
-    assert record["n"] == data.public_train_size(cfg) and record["neighbouring_relation"] == privacy.NEIGHBOURING_RELATION
+    assert (
+        record["n"] == data.public_train_size(cfg) and record["neighbouring_relation"] == privacy.NEIGHBOURING_RELATION
+    )
     assert any(f.startswith("test split: sensitive") for f in record["public_facts"])
     card = (root / "README.md").read_text()
     assert f"epsilon = {result['epsilon']:.4f}" in card and "seeded: false" in card
@@ -88,10 +124,15 @@ def test_release_mode_mlflow_receives_only_files_of_release(unseeded):
 
     logged = list(walk())
     root = release.release_dir(cfg.run_dir())
-    assert {"release/ledger.json", "release/release.json", "release/model/ema.pt", "release/samples/grid.png",
-            "release/central/grid.png"} <= set(logged)
+    assert {
+        "release/ledger.json",
+        "release/release.json",
+        "release/model/ema.pt",
+        "release/samples/grid.png",
+        "release/central/grid.png",
+    } <= set(logged)
     for path in logged:
-        assert path.startswith("release/") and (root / path[len("release/"):]).is_file(), path
+        assert path.startswith("release/") and (root / path[len("release/") :]).is_file(), path
     run = client.get_run(record["run_id"])
     assert not [k for k in run.data.metrics if k.startswith("nondp/")]
     assert "accuracy" not in run.data.metrics  # measured on sensitive records: withheld
@@ -137,10 +178,16 @@ def test_the_model_card_states_the_ledgers_epsilon(unseeded):
     client, run = _mlflow_run(cfg)
     ledger = privacy.Ledger.load(release.release_dir(cfg.run_dir()) / "ledger.json")
     record = json.loads((release.release_dir(cfg.run_dir()) / "release.json").read_text())
-    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                          filter_string=f"source_run_id = '{run.info.run_id}'")
+    [model] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
     tags = model.tags
-    assert float(tags["dp.epsilon"]) == pytest.approx(ledger.epsilon(), rel=1e-12), (tags["dp.epsilon"], ledger.epsilon())
+    assert float(tags["dp.epsilon"]) == pytest.approx(ledger.epsilon(), rel=1e-12), (
+        tags["dp.epsilon"],
+        ledger.epsilon(),
+    )
     assert tags["dp.delta"] == f"{ledger.delta:g}" and tags["dp.accountant"] == ledger.accountant
     assert tags["dp.n"] == str(ledger.n) and tags["dp.config_sha256"] == record["config_sha256"]
     assert tags["dp.neighbouring_relation"] == privacy.NEIGHBOURING_RELATION
@@ -187,7 +234,8 @@ def test_the_step_by_step_cli_composes_the_same_ledger_as_dpfeta_run(unseeded, t
     # fine-tuning from a warm-up of central images made with another plan is refused
     assert _cli(tmp_path, "warmup", "--central", str(c), "--out", str(w)) == 0
     assert privacy.Ledger.load(w / "ledger.json").epsilon() == pytest.approx(
-        privacy.Ledger.load(c / "ledger.json").epsilon())
+        privacy.Ledger.load(c / "ledger.json").epsilon()
+    )
     assert _cli(tmp_path, "finetune", "--init", str(w), "--out", str(f), extra=("central.rounds=3",)) == 2
     assert "different spend" in capsys.readouterr().err and not (f / "ledger.json").exists()
     assert _cli(tmp_path, "finetune", "--init", str(w), "--out", str(f)) == 0

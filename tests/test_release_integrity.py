@@ -26,20 +26,47 @@ from dpfeta.tune.space import draw_trials
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # K real trials on a Ray cluster the CLI starts: minutes
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = {"warmup.steps": {"type": "choice", "values": [1, 2]},
-         "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-3}}  # continuous: a draw names its index
+SPACE = {
+    "warmup.steps": {"type": "choice", "values": [1, 2]},
+    "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-3},
+}  # continuous: a draw names its index
 SETTINGS = [
     # tiny real stages (an 8x8 U-Net of ~9k parameters, a few warm-up and DP-SGD steps)
-    "data.resolution=8", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
-    "model.attn_resolutions=[]", "model.emb_channels=16", "warmup.batch_size=16", "warmup.checkpoint_every=2",
-    "warmup.log_every=1", "finetune.batch_size=64", "finetune.epochs=0.1", "finetune.noise_multiplicity=1",
-    "finetune.checkpoint_every=1", "finetune.log_every=1", "sample.steps=2", "sample.num_samples=40",
-    "sample.batch_size=40", "eval.classifier_epochs=1", "eval.classifier_batch_size=32", "eval.logreg=false",
-    "eval.fid.num_samples=40", "eval.fid.inception_weights=null", "central.noise_multiplier=2.0",
-    "central.batch_size=100", "central.rounds=2", "run.cpus_per_worker=0.5", "run.max_failures=0",
+    "data.resolution=8",
+    "model.channels=8",
+    "model.channel_mult=[1]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[]",
+    "model.emb_channels=16",
+    "warmup.batch_size=16",
+    "warmup.checkpoint_every=2",
+    "warmup.log_every=1",
+    "finetune.batch_size=64",
+    "finetune.epochs=0.1",
+    "finetune.noise_multiplicity=1",
+    "finetune.checkpoint_every=1",
+    "finetune.log_every=1",
+    "sample.steps=2",
+    "sample.num_samples=40",
+    "sample.batch_size=40",
+    "eval.classifier_epochs=1",
+    "eval.classifier_batch_size=32",
+    "eval.logreg=false",
+    "eval.fid.num_samples=40",
+    "eval.fid.inception_weights=null",
+    "central.noise_multiplier=2.0",
+    "central.batch_size=100",
+    "central.rounds=2",
+    "run.cpus_per_worker=0.5",
+    "run.max_failures=0",
     # the sweep: private, release mode, tracked; run.seed=7 draws K = 5 of a mean of 6 (and is redacted)
-    "tune.privacy_mode=private", "tune.num_trials=6", "run.seed=7", "tune.search_seed=5",
-    f"tune.search_space={json.dumps(SPACE)}", "tracking.enabled=true", "tracking.nondp=false",
+    "tune.privacy_mode=private",
+    "tune.num_trials=6",
+    "run.seed=7",
+    "tune.search_seed=5",
+    f"tune.search_space={json.dumps(SPACE)}",
+    "tracking.enabled=true",
+    "tracking.nondp=false",
     "run.name=integrity",
 ]
 
@@ -107,7 +134,7 @@ def test_every_published_metric_history_has_one_entry(sweep):
     assert logged and all(p.startswith("release/") for p in logged), logged  # release mode: nothing else
     root = release.release_dir(cfg.run_dir())
     for path in logged:
-        assert (root / path[len("release/"):]).is_file(), path
+        assert (root / path[len("release/") :]).is_file(), path
 
 
 def test_the_published_run_is_created_when_the_result_is_known(sweep):

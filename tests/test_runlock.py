@@ -28,8 +28,9 @@ def test_a_second_process_on_the_same_run_directory_is_refused_and_the_lock_is_r
 def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / runlock.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
-                                                          "started": time.time() - 60}))
+    (tmp_path / runlock.LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": time.time() - 60})
+    )
     with runlock.hold(tmp_path) as path:
         assert json.loads(path.read_text())["pid"] != gone.pid
 
@@ -47,8 +48,15 @@ def test_a_dead_cluster_address_is_a_clear_error_in_bounded_time_before_any_spen
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(cluster, "REACH_TIMEOUT_S", 2.0)
-    cfg = pipeline.resolve_config("configs/digits.yaml", ["data.resolution=8", f"run.dir={tiny_cfg().run.dir}",
-                                         f"run.ray_address=127.0.0.1:{port}", "tracking.enabled=false"])
+    cfg = pipeline.resolve_config(
+        "configs/digits.yaml",
+        [
+            "data.resolution=8",
+            f"run.dir={tiny_cfg().run.dir}",
+            f"run.ray_address=127.0.0.1:{port}",
+            "tracking.enabled=false",
+        ],
+    )
     start = time.monotonic()
     with pytest.raises(ValueError, match=f"127.0.0.1:{port}.*did not answer within"):
         cluster.check_reachable(cfg, timeout=2.0)
@@ -79,13 +87,15 @@ sys.exit(cli.main(["budget", "--config", "configs/digits.yaml", *sys.argv[1:]]))
 
 
 @pytest.mark.slow  # a subprocess
-@pytest.mark.parametrize("signals, extra", [(["SIGTERM"], []), (["SIGINT"], []),
-                                            (["SIGINT", "SIGINT"], ["--slow-cleanup"])])
+@pytest.mark.parametrize(
+    "signals, extra", [(["SIGTERM"], []), (["SIGINT"], []), (["SIGINT", "SIGINT"], ["--slow-cleanup"])]
+)
 def test_an_interrupt_stops_cleanly_and_a_second_one_at_once(signals, extra):
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMAND, *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_COMMAND, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     start = time.monotonic()
     for name in signals:

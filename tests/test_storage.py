@@ -7,11 +7,10 @@ import json
 import pickle
 
 import pytest
+from conftest import FaultyFilesystem
 
 from dpfeta import storage
 from dpfeta.storage import Storage, StorageError, Workspace
-
-from conftest import FaultyFilesystem
 
 
 def _roundtrip(store: Storage, tmp_path):
@@ -101,7 +100,6 @@ def test_no_write_permission_is_a_clear_error(s3_endpoint, monkeypatch):
     """A user allowed to read only (IAM enforced by a second moto server): refused on the probe."""
     import boto3
     import moto.settings
-
     from conftest import start_s3_server
 
     server, endpoint = start_s3_server()
@@ -109,9 +107,16 @@ def test_no_write_permission_is_a_clear_error(s3_endpoint, monkeypatch):
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="read-only-bucket")
         iam = boto3.client("iam", endpoint_url=endpoint)
         iam.create_user(UserName="reader")
-        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="reader",
+            PolicyName="read",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName="reader")["AccessKey"]
         monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # enforce IAM from now on
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -154,8 +159,12 @@ def test_a_run_on_a_missing_bucket_is_refused_before_any_spend(s3_endpoint, tiny
     from dpfeta import data, pipeline, privacy
 
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg("run.dir=s3://no-such-bucket-dpfeta/runs", "central.noise_multiplier=null",
-                   "central.epsilon_share=0.3", "finetune.batch_size=128")
+    cfg = tiny_cfg(
+        "run.dir=s3://no-such-bucket-dpfeta/runs",
+        "central.noise_multiplier=null",
+        "central.epsilon_share=0.3",
+        "finetune.batch_size=128",
+    )
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     lines: list[str] = []
     with pytest.raises(StorageError, match=r"storage 's3://no-such-bucket-dpfeta/runs/digits/.*Nothing was spent"):

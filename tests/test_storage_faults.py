@@ -12,9 +12,16 @@ from dpfeta.storage import Storage, StorageError, Workspace
 
 
 def _cfg(tiny_cfg, bucket, name):
-    cfg = tiny_cfg(f"run.dir={bucket}/runs", f"run.name={name}", "central.rounds=2", "central.batch_size=600",
-                   "central.noise_multiplier=null", "central.epsilon_share=0.3", "finetune.batch_size=128",
-                   "warmup.steps=2")
+    cfg = tiny_cfg(
+        f"run.dir={bucket}/runs",
+        f"run.name={name}",
+        "central.rounds=2",
+        "central.batch_size=600",
+        "central.noise_multiplier=null",
+        "central.epsilon_share=0.3",
+        "finetune.batch_size=128",
+        "warmup.steps=2",
+    )
     return privacy.resolve(cfg, data.public_train_size(cfg))
 
 
@@ -25,7 +32,8 @@ def _open(cfg, ws, pl) -> RunDir:
 
 
 def test_a_failed_ledger_commit_stops_before_the_central_images_are_written(
-        s3_bucket, tiny_cfg, faulty_storage, one_thread):
+    s3_bucket, tiny_cfg, faulty_storage, one_thread
+):
     cfg = _cfg(tiny_cfg, s3_bucket, "ledgerfault")
     train = data.load_splits(cfg).train
     ws = Workspace(cfg.run_location())
@@ -64,7 +72,9 @@ def test_a_failed_checkpoint_upload_is_not_taken_as_a_checkpoint(s3_bucket, tiny
     ws = Workspace(cfg.run_location())  # a new process, the fault gone: warm-up redone, then committed
     run = _open(cfg, ws, run.plan)
     init = pipeline.stage_warmup(run, pipeline.stage_central(run, train))
-    assert init.uri == f"{cfg.run_location()}/checkpoints/warmup/checkpoint" and store.committed("checkpoints/warmup/checkpoint")
+    assert init.uri == f"{cfg.run_location()}/checkpoints/warmup/checkpoint" and store.committed(
+        "checkpoints/warmup/checkpoint"
+    )
     from dpfeta import checkpoint
 
     ws.fetch("checkpoints/warmup/checkpoint")

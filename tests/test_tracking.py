@@ -108,8 +108,9 @@ def test_tracking_failures_never_raise(root):
 def test_the_noise_seed_is_never_logged_nor_stored(root):
     from dpfeta import data, pipeline, privacy
 
-    cfg = cfg_for(root, "seeded", "run.seed=1234567", "data.resolution=8", "finetune.batch_size=64",
-                  "central.batch_size=64")
+    cfg = cfg_for(
+        root, "seeded", "run.seed=1234567", "data.resolution=8", "finetune.batch_size=64", "central.batch_size=64"
+    )
     cfg = privacy.resolve(cfg, data.public_train_size(cfg))
     t = tracking.start_run(cfg, params=tracking.run_params(cfg, pipeline.plan_run(cfg)))
     t.log_params({"run.seed": 1234567, "other": 1})  # the Tracker redacts, whatever the caller passes

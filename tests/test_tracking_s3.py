@@ -3,7 +3,6 @@ lives only on the head; read back through MLflow."""
 
 from __future__ import annotations
 
-
 from dpfeta import config, release, tracking
 
 
@@ -14,8 +13,16 @@ def test_artifacts_land_in_the_bucket_and_read_back(s3_endpoint, s3_bucket, tmp_
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)  # MLflow's boto3 client, like a server's
     db = tmp_path / "mlflow.db"
-    cfg = config.load(None, [f"run.dir={tmp_path}/runs", "run.name=s3art", f"tracking.uri=sqlite:///{db}",
-                             f"tracking.artifact_location={s3_bucket}/mlflow", "tracking.experiment=s3"])
+    cfg = config.load(
+        None,
+        [
+            f"run.dir={tmp_path}/runs",
+            "run.name=s3art",
+            f"tracking.uri=sqlite:///{db}",
+            f"tracking.artifact_location={s3_bucket}/mlflow",
+            "tracking.experiment=s3",
+        ],
+    )
     run_dir = cfg.run_dir()
     card = release.release_dir(run_dir) / release.CARD_FILE
     card.parent.mkdir(parents=True)

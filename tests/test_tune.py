@@ -20,11 +20,18 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 DIGITS_N = 1258
 # Cheap accounting: explicit central noise, small sample rates (few dp_accounting convergence loops).
-FAST = ["central.noise_multiplier=2.0", "central.batch_size=100", "central.rounds=2",
-        "finetune.batch_size=64", "finetune.epochs=1"]
-SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 4},
-         "central.noise_multiplier": {"type": "uniform", "lower": 2.0, "upper": 4.0},
-         "warmup.steps": {"type": "choice", "values": [2, 4]}}
+FAST = [
+    "central.noise_multiplier=2.0",
+    "central.batch_size=100",
+    "central.rounds=2",
+    "finetune.batch_size=64",
+    "finetune.epochs=1",
+]
+SPACE = {
+    "central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+    "central.noise_multiplier": {"type": "uniform", "lower": 2.0, "upper": 4.0},
+    "warmup.steps": {"type": "choice", "values": [2, 4]},
+}
 
 
 def _cfg(*overrides, space=None):
@@ -68,17 +75,20 @@ def test_search_space_becomes_ray_domains_within_bounds():
     assert psweep.extremes(space["central.rounds"]) == [1, 3]
 
 
-@pytest.mark.parametrize("key,spec,match", [
-    ("privacy.epsilon", {"type": "uniform", "lower": 1, "upper": 2}, "budget"),
-    ("data.resolution", {"type": "choice", "values": [8, 16]}, "budget"),
-    ("central.rounds", {"type": "gaussian", "mean": 1}, "type one of"),
-    ("central.rounds", {"type": "randint", "lower": 2}, "fields"),
-    ("central.rounds", {"type": "randint", "lower": 5, "upper": 2}, "lower < upper"),
-    ("central.rounds", {"type": "uniform", "lower": 1, "upper": 4}, "integer"),  # float draws into an int key
-    ("central.noise_multiplier", {"type": "randn", "mean": 3, "sd": 1}, "bounded"),
-    ("warmup.steps", {"type": "grid", "values": [1, 2]}, "i.i.d."),  # private mode: no grid
-    ("warmup.stepz", {"type": "choice", "values": [1]}, "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "key,spec,match",
+    [
+        ("privacy.epsilon", {"type": "uniform", "lower": 1, "upper": 2}, "budget"),
+        ("data.resolution", {"type": "choice", "values": [8, 16]}, "budget"),
+        ("central.rounds", {"type": "gaussian", "mean": 1}, "type one of"),
+        ("central.rounds", {"type": "randint", "lower": 2}, "fields"),
+        ("central.rounds", {"type": "randint", "lower": 5, "upper": 2}, "lower < upper"),
+        ("central.rounds", {"type": "uniform", "lower": 1, "upper": 4}, "integer"),  # float draws into an int key
+        ("central.noise_multiplier", {"type": "randn", "mean": 3, "sd": 1}, "bounded"),
+        ("warmup.steps", {"type": "grid", "values": [1, 2]}, "i.i.d."),  # private mode: no grid
+        ("warmup.stepz", {"type": "choice", "values": [1]}, "unknown config key"),
+    ],
+)
 def test_search_space_refusals(key, spec, match):
     with pytest.raises((ValueError, TypeError), match=match):
         tune.check_search_space(_cfg(space={key: spec}))
@@ -171,7 +181,9 @@ def test_private_sweep_epsilon_is_the_repeat_and_select_total(private_plan):
     assert ref["steps"] == math.ceil(DIGITS_N / 64)
     event = dp_event.RepeatAndSelectDpEvent(
         _trial_event(3, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], t.score_noise),
-        t.num_trials, t.tnb_eta)
+        t.num_trials,
+        t.tnb_eta,
+    )
     eps = _rdp_epsilon(event)
     assert eps <= sp["epsilon"] * (1 + 1e-9) <= cfg.privacy.epsilon  # full order grid: never above
     assert eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)  # and the smallest sigma to do it
@@ -195,7 +207,9 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
         assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12)
         whole = dp_event.RepeatAndSelectDpEvent(
             _trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise),
-            t.num_trials, t.tnb_eta)
+            t.num_trials,
+            t.tnb_eta,
+        )
         assert _rdp_epsilon(whole) <= cfg.privacy.epsilon
         ledger = psweep.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
         assert ledger.repeat == {"mean": t.num_trials, "shape": t.tnb_eta}
@@ -215,16 +229,26 @@ def test_naive_sweep_epsilon_is_k_composed_trials():
 
 
 # Shared central images: M1 once, then the repeat-and-select (or k-fold composition) of M2 + M3.
-LOW = ["privacy.epsilon=1", "central.noise_multiplier=null", "central.epsilon_share=0.5", "tune.num_trials=2",
-       "tune.score_noise=30"]
-NO_CENTRAL_KEYS = {"warmup.steps": {"type": "choice", "values": [2, 4]},
-                   "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-3}}
+LOW = [
+    "privacy.epsilon=1",
+    "central.noise_multiplier=null",
+    "central.epsilon_share=0.5",
+    "tune.num_trials=2",
+    "tune.score_noise=30",
+]
+NO_CENTRAL_KEYS = {
+    "warmup.steps": {"type": "choice", "values": [2, 4]},
+    "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-3},
+}
 
 
 def _shared_event(sc, sigma, steps, sigma_v, *, mean=None, shape=None, k=None):
-    inner = dp_event.ComposedDpEvent([_poisson_gaussian(64 / DIGITS_N, sigma, steps), dp_event.GaussianDpEvent(sigma_v)])
-    trials = (dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if k is None
-              else dp_event.SelfComposedDpEvent(inner, k))
+    inner = dp_event.ComposedDpEvent(
+        [_poisson_gaussian(64 / DIGITS_N, sigma, steps), dp_event.GaussianDpEvent(sigma_v)]
+    )
+    trials = (
+        dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if k is None else dp_event.SelfComposedDpEvent(inner, k)
+    )
     return dp_event.ComposedDpEvent([_poisson_gaussian(sc["q_c"], sc["sigma_c"], sc["rounds"]), trials])
 
 
@@ -241,8 +265,9 @@ def test_shared_central_is_composed_once_outside_the_repeat():
     # the per-trial plan of the same sweep puts the query inside the repeat: more noise for DP-SGD
     per_trial = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N)
     assert per_trial["central"] == "per_trial" and sp["trial_sigma"] < per_trial["trial_sigma"]
-    worse = dp_event.RepeatAndSelectDpEvent(_trial_event(2, sc["sigma_c"], sc["q_c"], sp["trial_sigma"], 64 / DIGITS_N,
-                                                         ref["steps"], 30.0), 2.0, t.tnb_eta)
+    worse = dp_event.RepeatAndSelectDpEvent(
+        _trial_event(2, sc["sigma_c"], sc["q_c"], sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 30.0), 2.0, t.tnb_eta
+    )
     assert _rdp_epsilon(worse) > 1.0  # shared sigma inside the repeat would overshoot
     # a trial's ledger: the query shared (taken before the trial), its epsilon the same total
     sigma = psweep.trial_sigma(sp, config.replace(cfg, {"warmup.steps": 4, "finetune.lr": 5e-4}), DIGITS_N)
@@ -260,8 +285,16 @@ def test_shared_central_is_composed_once_outside_the_repeat():
 
 
 def test_shared_central_in_a_naive_sweep_and_the_refusals():
-    cfg = privacy.resolve(_cfg(*LOW, "tune.privacy_mode=naive", "tune.num_trials=3", "tune.central=shared",
-                               space={"warmup.steps": {"type": "grid", "values": [2, 4, 8]}}), DIGITS_N)
+    cfg = privacy.resolve(
+        _cfg(
+            *LOW,
+            "tune.privacy_mode=naive",
+            "tune.num_trials=3",
+            "tune.central=shared",
+            space={"warmup.steps": {"type": "grid", "values": [2, 4, 8]}},
+        ),
+        DIGITS_N,
+    )
     sp = tune.plan_sweep(cfg, DIGITS_N)
     eps = _rdp_epsilon(_shared_event(sp["shared_central"], sp["trial_sigma"], sp["reference"]["steps"], 30.0, k=3))
     assert eps <= sp["epsilon"] * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
@@ -277,16 +310,21 @@ def test_shared_central_in_a_naive_sweep_and_the_refusals():
     assert "central" not in tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N), DIGITS_N)
     # the query alone over budget: refused before anything runs, saying where it runs
     with pytest.raises(ValueError, match="once, before the trials"):
-        tune.plan_sweep(privacy.resolve(_cfg(*LOW, "central.epsilon_share=0.99", "tune.score_noise=5",
-                                             space=NO_CENTRAL_KEYS), DIGITS_N), DIGITS_N)
+        tune.plan_sweep(
+            privacy.resolve(
+                _cfg(*LOW, "central.epsilon_share=0.99", "tune.score_noise=5", space=NO_CENTRAL_KEYS), DIGITS_N
+            ),
+            DIGITS_N,
+        )
 
 
 def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
     cfg = privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N)
     sp = tune.plan_sweep(cfg, DIGITS_N)
     steps = math.ceil(DIGITS_N / 64)
-    single = dp_event.ComposedDpEvent([_poisson_gaussian(100 / DIGITS_N, 2.0, 2),
-                                      _poisson_gaussian(64 / DIGITS_N, sp["single_sigma"], steps)])
+    single = dp_event.ComposedDpEvent(
+        [_poisson_gaussian(100 / DIGITS_N, 2.0, 2), _poisson_gaussian(64 / DIGITS_N, sp["single_sigma"], steps)]
+    )
     # the final run is a single run: privacy.accountant auto accounts it with PLD, the tighter
     assert cfg.privacy.accountant == "auto" and sp["accountant"] == "pld"
     eps = privacy.epsilon_of(single, delta=cfg.privacy.delta, accountant="pld")
@@ -297,8 +335,7 @@ def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
 
 
 def test_pld_config_is_accounted_with_rdp_and_says_so():
-    sp = tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N),
-                         DIGITS_N)
+    sp = tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N), DIGITS_N)
     assert sp["accountant"] == "rdp" and "RepeatAndSelectDpEvent" in sp["accountant_note"]
     assert "RDP" in psweep.sweep_plan_table(sp)
 
@@ -344,17 +381,20 @@ def test_cli_and_job_entry_point_refuse_asha_in_private_mode(capsys):
 def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
     """(q, T) move with the trial: each trial's own curve (central + DP-SGD at its q and T + M3) must
     stay under the reference at every order, so the sweep's total holds for every draw."""
-    space = {"finetune.batch_size": {"type": "choice", "values": [32, 64, 128]},
-             "finetune.epochs": {"type": "uniform", "lower": 0.5, "upper": 2.0},
-             "central.rounds": {"type": "randint", "lower": 1, "upper": 3}}
+    space = {
+        "finetune.batch_size": {"type": "choice", "values": [32, 64, 128]},
+        "finetune.epochs": {"type": "uniform", "lower": 0.5, "upper": 2.0},
+        "central.rounds": {"type": "randint", "lower": 1, "upper": 3},
+    }
     cfg = privacy.resolve(_cfg(space=space), DIGITS_N)
     sp = tune.plan_sweep(cfg, DIGITS_N)
     ref, t = sp["reference"], cfg.tune
     bound = np.asarray(ref["rdp"])
     sigmas = []
     for batch, epochs, rounds in [(32, 0.5, 1), (32, 2.0, 2), (64, 1.0, 1), (128, 0.5, 2), (128, 2.0, 2)]:
-        trial_cfg = config.replace(cfg, {"finetune.batch_size": batch, "finetune.epochs": epochs,
-                                         "central.rounds": rounds})
+        trial_cfg = config.replace(
+            cfg, {"finetune.batch_size": batch, "finetune.epochs": epochs, "central.rounds": rounds}
+        )
         sigma = psweep.trial_sigma(sp, trial_cfg, DIGITS_N)
         q = batch / DIGITS_N
         steps = math.ceil(epochs / q - 1e-9)
@@ -388,9 +428,11 @@ def test_the_trials_are_drawn_once_every_grid_combination_equally_often():
     their bounds, the same list for the same public search_seed (a resume runs exactly these)."""
     from dpfeta.tune.space import draw_trials
 
-    space = {"warmup.steps": {"type": "grid", "values": [100, 200]},
-             "central.rounds": {"type": "randint", "lower": 1, "upper": 4},
-             "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2}}
+    space = {
+        "warmup.steps": {"type": "grid", "values": [100, 200]},
+        "central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+        "finetune.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2},
+    }
     trials = draw_trials(space, 6, seed=7)
     assert [t["index"] for t in trials] == list(range(6))
     assert sorted(t["params"]["warmup.steps"] for t in trials) == [100, 100, 100, 200, 200, 200]
@@ -407,8 +449,10 @@ def test_a_sweep_stored_before_tune_central_resumes_with_its_query_per_trial(tmp
     from dpfeta.storage import Workspace
     from dpfeta.tune import sweep as tsweep
 
-    cfg = privacy.resolve(_cfg(f"run.dir={tmp_path}", "run.name=old", space={"warmup.steps": {
-        "type": "choice", "values": [2, 4]}}), DIGITS_N)
+    cfg = privacy.resolve(
+        _cfg(f"run.dir={tmp_path}", "run.name=old", space={"warmup.steps": {"type": "choice", "values": [2, 4]}}),
+        DIGITS_N,
+    )
     ws = Workspace(cfg.run_location())
     state = tsweep.load_state(cfg, DIGITS_N, ws)
     assert state["plan"]["central"] == "shared"
@@ -448,8 +492,18 @@ def test_a_sweep_card_says_the_shared_query_ran_once_and_counts_image_folders(tm
     assert "| dpsgd (the selected trial's) |" in card
     assert "samples/images/... (30 files)" in card and "000007.png" not in card
     # the stated total is the ledger's: the query once, then the repeat of the trial's mechanisms
-    alone = _rdp_epsilon(dp_event.ComposedDpEvent([_poisson_gaussian(0.95, 4.8, 1), dp_event.RepeatAndSelectDpEvent(
-        dp_event.ComposedDpEvent([_poisson_gaussian(0.2, 30.0, 50), dp_event.GaussianDpEvent(30.0)]), 2.0, 1.0)]))
+    alone = _rdp_epsilon(
+        dp_event.ComposedDpEvent(
+            [
+                _poisson_gaussian(0.95, 4.8, 1),
+                dp_event.RepeatAndSelectDpEvent(
+                    dp_event.ComposedDpEvent([_poisson_gaussian(0.2, 30.0, 50), dp_event.GaussianDpEvent(30.0)]),
+                    2.0,
+                    1.0,
+                ),
+            ]
+        )
+    )
     assert ledger.epsilon() == pytest.approx(alone, rel=1e-9)
 
 

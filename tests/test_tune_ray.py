@@ -28,12 +28,21 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = {"central.rounds": {"type": "randint", "lower": 1, "upper": 4},
-         "warmup.steps": {"type": "choice", "values": [1, 2]}}
-FAST = ["central.noise_multiplier=2.0", "central.batch_size=100", "central.rounds=2",
-        "finetune.batch_size=64", "finetune.epochs=1", "tracking.enabled=false", "run.seed=1",
-        "run.max_failures=0",
-        f"tune.search_space={json.dumps(SPACE)}"]
+SPACE = {
+    "central.rounds": {"type": "randint", "lower": 1, "upper": 4},
+    "warmup.steps": {"type": "choice", "values": [1, 2]},
+}
+FAST = [
+    "central.noise_multiplier=2.0",
+    "central.batch_size=100",
+    "central.rounds=2",
+    "finetune.batch_size=64",
+    "finetune.epochs=1",
+    "tracking.enabled=false",
+    "run.seed=1",
+    "run.max_failures=0",
+    f"tune.search_space={json.dumps(SPACE)}",
+]
 # Tiny real stages (a few warm-up and DP-SGD steps, an 8x8 U-Net of ~9k parameters).
 TINY = [*conftest.TINY, "finetune.epochs=0.1", "run.cpus_per_worker=0.5"]
 DELTA = 1e-5
@@ -48,8 +57,10 @@ def _ray(local_ray):
 
 
 def _cfg(tmp_path, mode, *overrides):
-    return config.load("configs/digits.yaml", [*FAST, f"run.dir={tmp_path}", f"run.name={mode}",
-                                               f"tune.privacy_mode={mode}", *overrides])
+    return config.load(
+        "configs/digits.yaml",
+        [*FAST, f"run.dir={tmp_path}", f"run.name={mode}", f"tune.privacy_mode={mode}", *overrides],
+    )
 
 
 def fake_trial(ctx):
@@ -119,15 +130,23 @@ def test_private_sweep_accounts_the_whole_search(tmp_path):
     for row in summary["trials"]:
         trial_cfg = json.loads((cfg.run_dir() / "trials" / row["trial_id"] / "config.json").read_text())
         assert trial_cfg["privacy"]["noise_multiplier"] == pytest.approx(row["sigma"])
-        event = dp_event.RepeatAndSelectDpEvent(_trial_event(trial_cfg, row["sigma"], n, t.score_noise),
-                                                t.num_trials, t.tnb_eta)
+        event = dp_event.RepeatAndSelectDpEvent(
+            _trial_event(trial_cfg, row["sigma"], n, t.score_noise), t.num_trials, t.tnb_eta
+        )
         assert _rdp_epsilon(event) <= cfg.privacy.epsilon
         assert row["sigma"] <= state["plan"]["trial_sigma"] * (1 + 1e-12)
     ref = state["plan"]["reference"]
-    worst = dp_event.RepeatAndSelectDpEvent(dp_event.ComposedDpEvent([
-        _poisson_gaussian(ref["q_c"], ref["sigma_c"], ref["rounds"]),
-        _poisson_gaussian(ref["q"], ref["sigma"], ref["steps"]), dp_event.GaussianDpEvent(t.score_noise)]),
-        t.num_trials, t.tnb_eta)
+    worst = dp_event.RepeatAndSelectDpEvent(
+        dp_event.ComposedDpEvent(
+            [
+                _poisson_gaussian(ref["q_c"], ref["sigma_c"], ref["rounds"]),
+                _poisson_gaussian(ref["q"], ref["sigma"], ref["steps"]),
+                dp_event.GaussianDpEvent(t.score_noise),
+            ]
+        ),
+        t.num_trials,
+        t.tnb_eta,
+    )
     assert ref["rounds"] == 3  # randint(1, 4): at most 3 rounds
     assert _rdp_epsilon(worst) == pytest.approx(summary["epsilon"], rel=1e-9)
     assert summary["epsilon"] <= cfg.privacy.epsilon and summary["epsilon"] == pytest.approx(10.0, rel=1e-3)
@@ -153,8 +172,14 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp, capf
     """K >= 5 trials drawn (a large mean); nothing published -- release/, MLflow params, tags, metric
     names and artifacts outside nondp/ -- tells a trial's position, another trial's score, K, or
     holds a non-selected trial's output; nor does the console (Ray job logs): no Tune trial table."""
-    cfg = _cfg(tmp_path, "private", "tracking.enabled=true", f"tracking.nondp={str(nondp).lower()}",
-               "tune.num_trials=12", "run.seed=3")
+    cfg = _cfg(
+        tmp_path,
+        "private",
+        "tracking.enabled=true",
+        f"tracking.nondp={str(nondp).lower()}",
+        "tune.num_trials=12",
+        "run.seed=3",
+    )
     capfd.readouterr()
     summary = tune.run_sweep(cfg, trial_fn=fake_trial, echo=print)
     console = capfd.readouterr()
@@ -168,8 +193,13 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp, capf
     others = [r for r in summary["trials"] if r["trial_id"] != selected]
     import re
 
-    ray_ids = {m.group(0) for d in (cfg.run_dir() / tune.EXPERIMENT).iterdir() if d.is_dir()
-               for m in [re.search(r"[0-9a-f]{5}_\d{5}", d.name)] if m}
+    ray_ids = {
+        m.group(0)
+        for d in (cfg.run_dir() / tune.EXPERIMENT).iterdir()
+        if d.is_dir()
+        for m in [re.search(r"[0-9a-f]{5}_\d{5}", d.name)]
+        if m
+    }
     assert len(ray_ids) == k
     client, runs = _mlflow(tmp_path, cfg)
     (parent,) = runs  # no per-trial runs
@@ -185,9 +215,9 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp, capf
     for path in artifacts:
         if path.startswith("nondp/"):
             continue
-        assert path.startswith("release/") and (root / path[len("release/"):]).is_file(), path
+        assert path.startswith("release/") and (root / path[len("release/") :]).is_file(), path
         local = client.download_artifacts(parent.info.run_id, path, str(tmp_path / "dl"))
-        assert Path(local).read_bytes() == (root / path[len("release/"):]).read_bytes()
+        assert Path(local).read_bytes() == (root / path[len("release/") :]).read_bytes()
         published.append((f"artifact {path}", Path(local).read_text()))
     if not nondp:
         assert not [p for p in artifacts if p.startswith("nondp/")]
@@ -200,13 +230,18 @@ def test_a_private_sweep_publishes_only_the_selected_trial(tmp_path, nondp, capf
             assert row["trial_id"] not in text, where  # nor another trial's id, output or score
             # the score as a number, not as a substring of another (a score of 0.5 = 90.00 / 180 is in 0.577...)
             assert not re.search(rf"(?<![\d.]){re.escape(str(row['score']))}(?!\d)", text), where
-        assert "num_trials\": " + str(k) not in text and "trials.csv" not in text, where
+        assert 'num_trials": ' + str(k) not in text and "trials.csv" not in text, where
     # names: the public config, the sweep plan, the released total and the selected trial only
-    assert set(parent.data.params) <= set(cfg.public_flat()) | {f"sweep.{k}" for k in (
-        "mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise", "trials")}
+    assert set(parent.data.params) <= set(cfg.public_flat()) | {
+        f"sweep.{k}"
+        for k in ("mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise", "trials")
+    }
     assert set(parent.data.metrics) == {"epsilon", "selected/score", "selected/noise_multiplier"}
-    assert {k for k in parent.data.tags if not k.startswith("mlflow.")} == {"dpfeta.kind", "dpfeta.tune_mode",
-                                                                           "dpfeta.selected"}
+    assert {k for k in parent.data.tags if not k.startswith("mlflow.")} == {
+        "dpfeta.kind",
+        "dpfeta.tune_mode",
+        "dpfeta.selected",
+    }
     assert parent.data.params["run.seed"] == config.SEED_REDACTED
     assert (root / "model" / "stand-in.txt").read_text() == f"output of trial {selected}\n"
     assert "seeded" in json.loads((root / release.RECORD_FILE).read_text())
@@ -235,14 +270,26 @@ def test_shared_central_images_are_queried_once_for_the_whole_sweep(tmp_path):
     # the released ledger: the query once (shared), then the selected trial's DP-SGD + score, repeated
     ledger = json.loads((root / release.LEDGER_FILE).read_text())
     assert [(m["name"], m["shared"], m["taken"]) for m in ledger["mechanisms"]] == [
-        ("central", True, 2), ("dpsgd", False, ledger["mechanisms"][1]["planned"]), ("selection", False, 1)]
+        ("central", True, 2),
+        ("dpsgd", False, ledger["mechanisms"][1]["planned"]),
+        ("selection", False, 1),
+    ]
     n, t = data.public_train_size(cfg), cfg.tune
     q, steps = 64 / n, ledger["mechanisms"][1]["planned"]
-    independent = _rdp_epsilon(dp_event.ComposedDpEvent([
-        _poisson_gaussian(100 / n, 2.0, 2),
-        dp_event.RepeatAndSelectDpEvent(dp_event.ComposedDpEvent([
-            _poisson_gaussian(q, summary["best"]["sigma"], steps), dp_event.GaussianDpEvent(t.score_noise)]),
-            t.num_trials, t.tnb_eta)]))
+    independent = _rdp_epsilon(
+        dp_event.ComposedDpEvent(
+            [
+                _poisson_gaussian(100 / n, 2.0, 2),
+                dp_event.RepeatAndSelectDpEvent(
+                    dp_event.ComposedDpEvent(
+                        [_poisson_gaussian(q, summary["best"]["sigma"], steps), dp_event.GaussianDpEvent(t.score_noise)]
+                    ),
+                    t.num_trials,
+                    t.tnb_eta,
+                ),
+            ]
+        )
+    )
     assert independent == pytest.approx(summary["epsilon"], rel=1e-9) and summary["epsilon"] <= cfg.privacy.epsilon
     record = json.loads((root / release.RECORD_FILE).read_text())
     assert record["epsilon"] == pytest.approx(independent, rel=1e-9)
@@ -296,8 +343,9 @@ def test_public_sweep_refuses_the_sensitive_data_as_proxy(tmp_path):
     cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_data={split_seed: 7}", "tune.proxy_is_public=true")
     with pytest.raises(ValueError, match="same source"):
         tune.run_sweep(cfg, trial_fn=fake_trial)
-    cfg = _cfg(tmp_path, "public", "tune.num_trials=3",
-               f"tune.proxy_data={{source: npz, path: {_public_proxy(tmp_path)}}}")
+    cfg = _cfg(
+        tmp_path, "public", "tune.num_trials=3", f"tune.proxy_data={{source: npz, path: {_public_proxy(tmp_path)}}}"
+    )
     with pytest.raises(ValueError, match="proxy_is_public"):
         tune.run_sweep(cfg, trial_fn=fake_trial)
     assert not (tmp_path / "public" / "trials").exists()
@@ -312,8 +360,13 @@ def test_public_sweep_spends_only_the_final_run(tmp_path):
         return {"accuracy": 0.5}
 
     proxy = _public_proxy(tmp_path)
-    cfg = _cfg(tmp_path, "public", "tune.num_trials=3", "tune.proxy_is_public=true",
-               f"tune.proxy_data={{source: npz, path: {proxy}, val_fraction: 0.2}}")
+    cfg = _cfg(
+        tmp_path,
+        "public",
+        "tune.num_trials=3",
+        "tune.proxy_is_public=true",
+        f"tune.proxy_data={{source: npz, path: {proxy}, val_fraction: 0.2}}",
+    )
     summary = tune.run_sweep(cfg, trial_fn=fake_trial, final_fn=final_fn)
     _check_trials(summary, 3)
     # trials ran on the proxy (its own split, its own N)
@@ -325,8 +378,12 @@ def test_public_sweep_spends_only_the_final_run(tmp_path):
     assert final.central.rounds == summary["best"]["params"]["central.rounds"]
     n = data.public_train_size(cfg)
     q = 64 / n
-    event = dp_event.ComposedDpEvent([_poisson_gaussian(100 / n, 2.0, final.central.rounds),
-                                      _poisson_gaussian(q, summary["final"]["sigma"], math.ceil(1 / q))])
+    event = dp_event.ComposedDpEvent(
+        [
+            _poisson_gaussian(100 / n, 2.0, final.central.rounds),
+            _poisson_gaussian(q, summary["final"]["sigma"], math.ceil(1 / q)),
+        ]
+    )
     # the final run is a single run: privacy.accountant auto accounts it with PLD, the tighter
     eps = privacy.epsilon_of(event, delta=cfg.privacy.delta, accountant="pld")
     assert summary["epsilon"] == pytest.approx(eps, rel=1e-6) and eps <= cfg.privacy.epsilon
@@ -344,16 +401,22 @@ def test_train_reports_reach_tune(tmp_path):
             for step in range(1, 4):
                 ray.train.report({"step": step, "epsilon": 0.1 * step})
 
-        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                     run_config=RunConfig(name=f"train-{ctx.trial_id}", storage_path=str(ctx.out_dir / "ray"),
-                                          callbacks=ctx.train_callbacks())).fit()
+        TorchTrainer(
+            loop,
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(
+                name=f"train-{ctx.trial_id}", storage_path=str(ctx.out_dir / "ray"), callbacks=ctx.train_callbacks()
+            ),
+        ).fit()
         return {"correct": 100, "val_size": 180}
 
     cfg = _cfg(tmp_path, "naive", "tune.num_trials=1", "tune.search_space={}")
     summary = tune.run_sweep(cfg, trial_fn=trainer_trial)
     (trial,) = summary["trials"]
-    rows = [json.loads(line) for line in
-            next((tmp_path / "naive" / tune.EXPERIMENT).glob("*/result.json")).read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in next((tmp_path / "naive" / tune.EXPERIMENT).glob("*/result.json")).read_text().splitlines()
+    ]
     assert [r.get("step") for r in rows[:3]] == [1, 2, 3]  # rank 0's reports, live
     assert rows[-1]["trial_done"] == 1 and rows[-1]["score"] == pytest.approx(trial["score"])
 
@@ -378,8 +441,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     (tmp_path / "resume").mkdir()
     (tmp_path / "resume" / "SLOW").touch()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(overrides)], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(overrides)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     trials = tmp_path / "resume" / "trials"
     try:
         deadline = time.time() + 240
@@ -414,8 +483,14 @@ def test_private_sweep_through_the_pipeline(tmp_path, central):
     """The real trial: central -> warm-up -> DP-SGD on the TorchTrainer -> samples -> DP score.
     Shared: the sweep's own query, whose images the trial's central stage finds and does not redo."""
     space = SPACE if central == "per_trial" else {"warmup.steps": {"type": "choice", "values": [1, 2]}}
-    cfg = _cfg(tmp_path, "private", *TINY, "run.seed=0",  # seed 0: K = 1 trial (the stages, once)
-               f"tune.search_space={json.dumps(space)}", f"tune.central={central}")
+    cfg = _cfg(
+        tmp_path,
+        "private",
+        *TINY,
+        "run.seed=0",  # seed 0: K = 1 trial (the stages, once)
+        f"tune.search_space={json.dumps(space)}",
+        f"tune.central={central}",
+    )
     summary = tune.run_sweep(cfg)
     (row,) = summary["trials"]
     trial_dir = Path(summary["best"]["dir"])

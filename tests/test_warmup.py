@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_UNET, tiny_config
 from opacus.grad_sample import GradSampleModule
 
-from conftest import TINY_UNET, tiny_config
-
 from dpfeta import checkpoint
-from dpfeta.sample import build_denoiser, load_denoiser
 from dpfeta.images import save_class_folders
 from dpfeta.nn import UNet
+from dpfeta.sample import build_denoiser, load_denoiser
 from dpfeta.warmup import augment, central_arrays, train_warmup
 
 # Opacus hooks on a model whose inputs need no grad: expected and harmless.
@@ -38,6 +37,7 @@ def unet_cfg(*overrides):
 
 # Checkpoints ----------------------------------------------------------------------------------
 
+
 def test_checkpoint_round_trip_strips_wrappers(tmp_path):
     cfg = unet_cfg()
     denoiser = build_denoiser(cfg)
@@ -50,8 +50,14 @@ def test_checkpoint_round_trip_strips_wrappers(tmp_path):
     optimizer.step()
     assert all(k.startswith("_module.") for k in wrapped.state_dict())
 
-    checkpoint.save(tmp_path / "ck", model=wrapped, ema=denoiser.net, optimizer=optimizer,
-                    meta={"step": 7, "config": cfg.to_dict()}, extra={"generator": torch.Generator().get_state()})
+    checkpoint.save(
+        tmp_path / "ck",
+        model=wrapped,
+        ema=denoiser.net,
+        optimizer=optimizer,
+        meta={"step": 7, "config": cfg.to_dict()},
+        extra={"generator": torch.Generator().get_state()},
+    )
     state = checkpoint.load(tmp_path / "ck")
     assert state["meta"]["step"] == 7 and json.loads((tmp_path / "ck" / "meta.json").read_text())["step"] == 7
     assert set(state["model"]) == set(denoiser.net.state_dict()) == set(state["ema"])
@@ -82,6 +88,7 @@ def test_checkpoint_survives_an_interrupted_swap(tmp_path):
 
 
 # Warm-up --------------------------------------------------------------------------------------
+
 
 def test_augment_depends_only_on_the_generator():
     images = torch.from_numpy(Central(16).images)
@@ -150,7 +157,8 @@ def test_cli_warmup_then_sample(tmp_path, capsys):
         "data: {resolution: 8, num_classes: 3}\n"
         "model: {channels: 8, channel_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [4], emb_channels: 16}\n"
         "warmup: {steps: 2, batch_size: 4, log_every: 1}\n"
-        "sample: {steps: 2, batch_size: 3}\nrun: {seed: 0}\n")
+        "sample: {steps: 2, batch_size: 3}\nrun: {seed: 0}\n"
+    )
     common = ["--config", str(tmp_path / "c.yaml")]
     args = ["warmup", *common, "--central", str(tmp_path / "central"), "--out", str(tmp_path / "w")]
     assert cli.main(args) == 2  # central images without their ledger: refused, nothing trained
@@ -165,8 +173,10 @@ def test_cli_warmup_then_sample(tmp_path, capsys):
     # the warm-up carries the central spend on: its folder, its checkpoint and the samples
     assert privacy.Ledger.load(tmp_path / "w" / "ledger.json").epsilon() == pytest.approx(spent.epsilon())
     assert checkpoint.load(tmp_path / "w" / "checkpoint")["meta"]["ledger"] == spent.state_dict()
-    assert cli.main(["sample", *common, "--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "s"),
-                     "--num", "5"]) == 0
+    assert (
+        cli.main(["sample", *common, "--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "s"), "--num", "5"])
+        == 0
+    )
     assert "wrote 5 images" in capsys.readouterr().out
     assert privacy.Ledger.load(tmp_path / "s" / "ledger.json").epsilon() == pytest.approx(spent.epsilon())
     assert len(list((tmp_path / "s" / "images").glob("*/*.png"))) == 5 and (tmp_path / "s" / "grid.png").is_file()

@@ -14,6 +14,7 @@ from dpfeta.data.sources import SPLIT_DIRS, _filesystem, _read_parquet_file
 from dpfeta.data.splits import ImageSet, Splits, load_splits
 from dpfeta.images import decode_image, encode_png
 
+
 def prepare(cfg: config_mod.Config, out_uri: str, *, rows_per_shard: int = 8192) -> str:
     """Write the validated splits as Parquet shards (``image`` PNG bytes, ``label`` int64).
 
@@ -27,16 +28,24 @@ def prepare(cfg: config_mod.Config, out_uri: str, *, rows_per_shard: int = 8192)
 
     splits = load_splits(cfg)
     fs, root = _filesystem(out_uri)
-    meta = {"num_classes": cfg.data.num_classes, "shape": list(splits.train.images.shape[1:]),
-            "sizes": {}, "source": cfg.data.source}
+    meta = {
+        "num_classes": cfg.data.num_classes,
+        "shape": list(splits.train.images.shape[1:]),
+        "sizes": {},
+        "source": cfg.data.source,
+    }
     for name in SPLIT_DIRS:
         split = getattr(splits, name)
         fs.create_dir(f"{root}/{name}", recursive=True)
         for shard, start in enumerate(range(0, max(len(split), 1), rows_per_shard)):
             part = split.subset(slice(start, start + rows_per_shard))
-            table = pa.table({"image": pa.array([encode_png(x) for x in part.images], pa.binary()),
-                              "label": pa.array(part.labels, pa.int64()),
-                              "index": pa.array(np.arange(start, start + len(part), dtype=np.int64))})
+            table = pa.table(
+                {
+                    "image": pa.array([encode_png(x) for x in part.images], pa.binary()),
+                    "label": pa.array(part.labels, pa.int64()),
+                    "index": pa.array(np.arange(start, start + len(part), dtype=np.int64)),
+                }
+            )
             pq.write_table(table, f"{root}/{name}/part-{shard:05d}.parquet", filesystem=fs)
         meta["sizes"][name] = len(split)
     with fs.open_output_stream(f"{root}/meta.json") as fh:
@@ -72,12 +81,15 @@ def check_prepared(cfg: config_mod.Config, meta: dict) -> None:
     d = cfg.data
     shape = [d.channels, d.resolution, d.resolution]
     if list(meta["shape"]) != shape or int(meta["num_classes"]) != d.num_classes:
-        raise ValueError(f"data.path '{d.path}' was prepared with images of shape {meta['shape']} and "
-                         f"{meta['num_classes']} classes; the config expects {shape} and data.num_classes="
-                         f"{d.num_classes}: run 'dpfeta prepare' with this config")
+        raise ValueError(
+            f"data.path '{d.path}' was prepared with images of shape {meta['shape']} and "
+            f"{meta['num_classes']} classes; the config expects {shape} and data.num_classes="
+            f"{d.num_classes}: run 'dpfeta prepare' with this config"
+        )
     if d.n_train is not None and int(meta["sizes"]["train"]) != d.n_train:
-        raise ValueError(f"data.n_train: expected N={d.n_train} training records, '{d.path}/meta.json' "
-                         f"says {meta['sizes']['train']}")
+        raise ValueError(
+            f"data.n_train: expected N={d.n_train} training records, '{d.path}/meta.json' says {meta['sizes']['train']}"
+        )
 
 
 def load_prepared_eval(cfg: config_mod.Config) -> Splits:
@@ -91,18 +103,26 @@ def load_prepared_eval(cfg: config_mod.Config) -> Splits:
     fs, root = _filesystem(d.path)
     parts = {}
     for name in ("val", "test"):
-        files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(
-            f"{root}/{name}", recursive=True, allow_not_found=True)) if f.path.endswith(".parquet"))
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True, allow_not_found=True))
+            if f.path.endswith(".parquet")
+        )
         pieces = [_read_parquet_file(fs, f) for f in files]
         if pieces:
-            parts[name] = ImageSet(np.concatenate([p.images for p in pieces]),
-                                   np.concatenate([p.labels for p in pieces]).astype(np.int64), d.num_classes)
+            parts[name] = ImageSet(
+                np.concatenate([p.images for p in pieces]),
+                np.concatenate([p.labels for p in pieces]).astype(np.int64),
+                d.num_classes,
+            )
         else:
-            parts[name] = ImageSet(np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8),
-                                   np.zeros(0, np.int64), d.num_classes)
+            parts[name] = ImageSet(
+                np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8), np.zeros(0, np.int64), d.num_classes
+            )
     test = _read_test_set(cfg) if d.test_path is not None else parts["test"]
-    empty = ImageSet(np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8), np.zeros(0, np.int64),
-                     d.num_classes)
+    empty = ImageSet(
+        np.zeros((0, d.channels, d.resolution, d.resolution), np.uint8), np.zeros(0, np.int64), d.num_classes
+    )
     return Splits(train=empty, val=parts["val"], test=test, test_public=test_split_fact(cfg)[0])
 
 
@@ -132,16 +152,19 @@ def to_ray_dataset(imageset: ImageSet, *, num_blocks: int | None = None, index: 
     bounds = np.linspace(0, n, min(max(num_blocks, 1), max(n, 1)) + 1).astype(int)
     tables = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        columns = {"image": ArrowTensorArray.from_numpy(imageset.images[lo:hi]),
-                   "label": pa.array(imageset.labels[lo:hi], pa.int64())}
+        columns = {
+            "image": ArrowTensorArray.from_numpy(imageset.images[lo:hi]),
+            "label": pa.array(imageset.labels[lo:hi], pa.int64()),
+        }
         if index:
             columns["index"] = pa.array(np.arange(lo, hi, dtype=np.int64))
         tables.append(pa.table(columns))
     return ray.data.from_arrow(tables)
 
 
-def materialize_shard(iterator, *, num_classes: int | None = None,
-                      image_shape: Iterable[int] | None = None, batch_size: int = 4096) -> ImageSet:
+def materialize_shard(
+    iterator, *, num_classes: int | None = None, image_shape: Iterable[int] | None = None, batch_size: int = 4096
+) -> ImageSet:
     """Read this worker's whole shard once into memory (``ray.train.get_dataset_shard("train")``).
 
     Call it once per run: ``streaming_split(..., equal=False)`` gives every record to exactly one
@@ -158,4 +181,3 @@ def materialize_shard(iterator, *, num_classes: int | None = None,
         x, y = np.zeros((0, *(image_shape or (1, 1, 1))), np.uint8), np.zeros(0, np.int64)
     k = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
     return ImageSet(x, y, k)
-

@@ -28,7 +28,6 @@ DIGITS_SIZE = 1797
 SPLIT_DIRS = ("train", "val", "test")
 
 
-
 @dataclass
 class _Part:
     """One part of a source before fitting: images [N, C, H, W] uint8, labels, where it came from."""
@@ -42,14 +41,22 @@ def _check_same_shape(parts: dict[str, _Part]) -> None:
     ref = parts["train"]
     for part in parts.values():
         if len(part.labels) and part.images.shape[1:] != ref.images.shape[1:]:
-            raise ValueError(f"mixed shapes: expected images of shape {ref.images.shape[1:]} (C,H,W) "
-                             f"as in {ref.where}, found {part.images.shape[1:]} in {part.where}")
+            raise ValueError(
+                f"mixed shapes: expected images of shape {ref.images.shape[1:]} (C,H,W) "
+                f"as in {ref.where}, found {part.images.shape[1:]} in {part.where}"
+            )
 
 
 def read_source(cfg: config_mod.Config) -> dict[str, _Part]:
     d = cfg.data
-    readers = {"digits": _read_digits, "idx": _read_idx_source, "imagefolder": _read_imagefolder_source,
-               "npz": _read_npz, "parquet": _read_parquet_source, "torchvision": _read_torchvision}
+    readers = {
+        "digits": _read_digits,
+        "idx": _read_idx_source,
+        "imagefolder": _read_imagefolder_source,
+        "npz": _read_npz,
+        "parquet": _read_parquet_source,
+        "torchvision": _read_torchvision,
+    }
     return readers[d.source](d)
 
 
@@ -88,8 +95,7 @@ def source_size(cfg: config_mod.Config) -> tuple[int, bool, bool]:
 
 def _existing(path: Optional[str], key: str) -> Path:
     if path is None or not Path(path).expanduser().exists():
-        raise ValueError(f"missing path: expected {key} to name an existing file or folder, "
-                         f"found nothing at '{path}'")
+        raise ValueError(f"missing path: expected {key} to name an existing file or folder, found nothing at '{path}'")
     return Path(path).expanduser()
 
 
@@ -101,8 +107,9 @@ def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
         if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = x.transpose(0, 3, 1, 2)
         elif x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"{where}: expected images [N,H,W], [N,H,W,C] or [N,C,H,W] with C in "
-                             f"1, 3, found shape {x.shape}")
+            raise ValueError(
+                f"{where}: expected images [N,H,W], [N,H,W,C] or [N,C,H,W] with C in 1, 3, found shape {x.shape}"
+            )
     else:
         raise ValueError(f"{where}: expected an image array of 3 or 4 dimensions, found shape {x.shape}")
     if x.dtype == np.uint8:
@@ -114,8 +121,10 @@ def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
         return np.ascontiguousarray(np.round(x * 255.0).astype(np.uint8))
     if lo >= 0 and hi <= 255 and np.all(x == np.round(x)):
         return np.ascontiguousarray(x.astype(np.uint8))
-    raise ValueError(f"{where}: expected pixel values in 0..255 (integers) or [0, 1] (floats), "
-                     f"found {x.dtype} values in [{lo:g}, {hi:g}]")
+    raise ValueError(
+        f"{where}: expected pixel values in 0..255 (integers) or [0, 1] (floats), "
+        f"found {x.dtype} values in [{lo:g}, {hi:g}]"
+    )
 
 
 def _to_labels(y: np.ndarray, where: str) -> np.ndarray:
@@ -124,8 +133,10 @@ def _to_labels(y: np.ndarray, where: str) -> np.ndarray:
         y = y.argmax(1)  # one-hot
     y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim != 1 or (y.size and not np.all(y == np.round(y))):
-        raise ValueError(f"{where}: expected integer class labels [N] (or one-hot [N, classes]), "
-                         f"found {y.dtype} labels of shape {y.shape}")
+        raise ValueError(
+            f"{where}: expected integer class labels [N] (or one-hot [N, classes]), "
+            f"found {y.dtype} labels of shape {y.shape}"
+        )
     return y.astype(np.int64)
 
 
@@ -144,8 +155,9 @@ def _idx_file(root: Path, part: str, kind: str, required: bool = True) -> Option
         if (root / name).is_file():
             return root / name
     if required:
-        raise ValueError(f"missing path: expected an IDX file {names[0]} (or {names[1]}) in "
-                         f"data.path='{root}', found none")
+        raise ValueError(
+            f"missing path: expected an IDX file {names[0]} (or {names[1]}) in data.path='{root}', found none"
+        )
     return None
 
 
@@ -161,15 +173,17 @@ def _idx_bytes(path: Path) -> bytes:
 
 def _idx_header(path: Path, raw: bytes | None = None) -> tuple[int, ...]:
     if raw is None:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
             try:
                 raw = fh.read(4 + 4 * 4)
             except (OSError, EOFError) as exc:
                 raise ValueError(f"unreadable or corrupt IDX file '{path}': {exc}") from None
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
-        raise ValueError(f"corrupt IDX file '{path}': expected the magic bytes 00 00 08 <ndim> of "
-                         f"unsigned-byte data, found {raw[:4].hex(' ')}")
-    return struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
+        raise ValueError(
+            f"corrupt IDX file '{path}': expected the magic bytes 00 00 08 <ndim> of "
+            f"unsigned-byte data, found {raw[:4].hex(' ')}"
+        )
+    return struct.unpack(f">{raw[3]}I", raw[4 : 4 + 4 * raw[3]])
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -177,8 +191,10 @@ def _read_idx(path: Path) -> np.ndarray:
     dims = _idx_header(path, raw)
     offset = 4 + 4 * len(dims)
     if len(raw) - offset != math.prod(dims):
-        raise ValueError(f"corrupt IDX file '{path}': expected {math.prod(dims)} data bytes for shape "
-                         f"{dims}, found {len(raw) - offset}")
+        raise ValueError(
+            f"corrupt IDX file '{path}': expected {math.prod(dims)} data bytes for shape "
+            f"{dims}, found {len(raw) - offset}"
+        )
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
 
 
@@ -190,8 +206,7 @@ def _read_idx_source(d) -> dict[str, _Part]:
         if img_path is None:
             continue
         images, labels = _read_idx(img_path), _read_idx(_idx_file(root, part, "labels"))
-        parts[name] = _Part(_to_nchw(images, f"'{img_path}'"), _to_labels(labels, str(img_path)),
-                            f"'{img_path}'")
+        parts[name] = _Part(_to_nchw(images, f"'{img_path}'"), _to_labels(labels, str(img_path)), f"'{img_path}'")
     return parts
 
 
@@ -225,8 +240,10 @@ def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray
     ref = images[0].shape
     for img, name in zip(images, names):
         if img.shape != ref:
-            raise ValueError(f"mixed shapes in {where}: expected every image to be {ref} (C,H,W) like "
-                             f"{names[0]}, found {img.shape} in {name}")
+            raise ValueError(
+                f"mixed shapes in {where}: expected every image to be {ref} (C,H,W) like "
+                f"{names[0]}, found {img.shape} in {name}"
+            )
     return np.stack(images)
 
 
@@ -286,17 +303,21 @@ def _parquet_groups(path: Optional[str]):
     fs, root = _filesystem(str(path))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"missing path: expected data.path to name a Parquet file or folder, found "
-                         f"nothing at '{path}'")
+        raise ValueError(
+            f"missing path: expected data.path to name a Parquet file or folder, found nothing at '{path}'"
+        )
     if info.type == pafs.FileType.File:
         return fs, {"train": [root]}
-    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                   if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+    files = sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+    )
     groups: dict[str, list[str]] = {}
-    top = {f[len(root):].lstrip("/").split("/")[0] for f in files if "/" in f[len(root):].lstrip("/")}
+    top = {f[len(root) :].lstrip("/").split("/")[0] for f in files if "/" in f[len(root) :].lstrip("/")}
     layout = "train" in top
     for f in files:
-        first = f[len(root):].lstrip("/").split("/")[0]
+        first = f[len(root) :].lstrip("/").split("/")[0]
         groups.setdefault(first if layout and first in SPLIT_DIRS else "train", []).append(f)
     if not groups.get("train"):
         raise ValueError(f"empty dataset: expected .parquet files under '{path}', found none")
@@ -315,8 +336,7 @@ def _read_parquet_file(fs, path: str) -> _Part:
     image_col = next((c for c in ("image", "img") if c in table.column_names), None)
     label_col = next((c for c in ("label", "labels") if c in table.column_names), None)
     if image_col is None or label_col is None:
-        raise ValueError(f"{where}: expected columns 'image' (encoded bytes) and 'label', found "
-                         f"{table.column_names}")
+        raise ValueError(f"{where}: expected columns 'image' (encoded bytes) and 'label', found {table.column_names}")
     column = table.column(image_col).combine_chunks()
     if pa.types.is_struct(column.type):  # Hugging Face datasets: {bytes, path}
         column = column.field("bytes")
@@ -336,8 +356,7 @@ def _read_parquet_source(d) -> dict[str, _Part]:
         pieces = [p for p in pieces if len(p.labels)] or pieces[:1]
         where = pieces[0].where if len(pieces) == 1 else f"Parquet files under '{d.path}' ({name})"
         _check_same_shape({"train": pieces[0], **{p.where: p for p in pieces[1:]}})
-        out[name] = _Part(np.concatenate([p.images for p in pieces]),
-                          np.concatenate([p.labels for p in pieces]), where)
+        out[name] = _Part(np.concatenate([p.images for p in pieces]), np.concatenate([p.labels for p in pieces]), where)
     return out
 
 
@@ -354,10 +373,11 @@ def _read_torchvision(d) -> dict[str, _Part]:
         try:
             ds = cls(root=str(Path(d.path).expanduser()), train=train, download=d.download)
         except RuntimeError as exc:
-            raise ValueError(f"torchvision {d.name}: expected the dataset under data.path='{d.path}' "
-                             f"({exc}); set data.download: true to fetch it") from None
+            raise ValueError(
+                f"torchvision {d.name}: expected the dataset under data.path='{d.path}' "
+                f"({exc}); set data.download: true to fetch it"
+            ) from None
         images = np.asarray(ds.data)
         where = f"torchvision {d.name} ({name}) at '{d.path}'"
         out[name] = _Part(_to_nchw(images, where), _to_labels(np.asarray(ds.targets), where), where)
     return out
-

@@ -32,15 +32,39 @@ from dpfeta import images as images_mod
 from dpfeta.config import Config
 from dpfeta.data import ImageSet, Splits, load_splits
 from dpfeta.evaluate.classifier import _device, accuracy, logreg_accuracy, predict, train_classifier
-from dpfeta.evaluate.fid import (FID_REFERENCE, FidReference, cnn_extractor, feature_stats, fid_reference,
-                                 frechet_distance, load_inception, pytorch_fid_inception)
+from dpfeta.evaluate.fid import (
+    FID_REFERENCE,
+    FidReference,
+    cnn_extractor,
+    feature_stats,
+    fid_reference,
+    frechet_distance,
+    load_inception,
+    pytorch_fid_inception,
+)
 from dpfeta.privacy import Ledger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FidReference", "accuracy", "cnn_extractor", "evaluate", "evaluate_samples", "feature_stats",
-           "fid_label", "fid_reference", "frechet_distance", "load_inception", "load_synthetic", "logreg_accuracy",
-           "metric", "predict", "pytorch_fid_inception", "train_classifier"]
+__all__ = [
+    "FidReference",
+    "accuracy",
+    "cnn_extractor",
+    "evaluate",
+    "evaluate_samples",
+    "feature_stats",
+    "fid_label",
+    "fid_reference",
+    "frechet_distance",
+    "load_inception",
+    "load_synthetic",
+    "logreg_accuracy",
+    "metric",
+    "predict",
+    "pytorch_fid_inception",
+    "train_classifier",
+]
+
 
 def load_synthetic(directory: Path | str, cfg: Config) -> ImageSet:
     """Class folders of PNGs (``DIR/images/<label>/*.png`` or ``DIR/<label>/*.png``) -> ImageSet."""
@@ -49,15 +73,18 @@ def load_synthetic(directory: Path | str, cfg: Config) -> ImageSet:
     x, y = images_mod.load_class_folders(root, channels=cfg.data.channels)
     d = cfg.data
     if x.shape[1:] != (d.channels, d.resolution, d.resolution):
-        raise ValueError(f"expected synthetic images of shape {(d.channels, d.resolution, d.resolution)} "
-                         f"(data.channels, data.resolution) under '{root}', got {tuple(x.shape[1:])}")
+        raise ValueError(
+            f"expected synthetic images of shape {(d.channels, d.resolution, d.resolution)} "
+            f"(data.channels, data.resolution) under '{root}', got {tuple(x.shape[1:])}"
+        )
     if y.max() >= d.num_classes:
         raise ValueError(f"expected labels < data.num_classes={d.num_classes} under '{root}', got {y.max()}")
     return ImageSet(x, y, d.num_classes)
 
 
-def evaluate(cfg: Config, synthetic: ImageSet, splits: Splits, *, reference: FidReference | None = None,
-             seed: int = 0) -> dict:
+def evaluate(
+    cfg: Config, synthetic: ImageSet, splits: Splits, *, reference: FidReference | None = None, seed: int = 0
+) -> dict:
     """Accuracy (CNN, logistic regression) on the real test split and FID of ``synthetic``.
 
     Returns the evaluation part of eval.json: ``dp`` holds the metrics that are DP releases
@@ -70,12 +97,25 @@ def evaluate(cfg: Config, synthetic: ImageSet, splits: Splits, *, reference: Fid
     if len(synthetic) == 0:
         raise ValueError("expected a non-empty synthetic set to evaluate")
     test_public = bool(getattr(splits, "test_public", False))
-    out: dict = {"dp": {}, "nondp": {}, "withheld": [], "test_split_public": test_public,
-                 "num_synthetic": len(synthetic), "num_test": len(splits.test),
-                 "classifier": f"reference CNN, {e.classifier_epochs} epochs, EMA weights, real test split"}
+    out: dict = {
+        "dp": {},
+        "nondp": {},
+        "withheld": [],
+        "test_split_public": test_public,
+        "num_synthetic": len(synthetic),
+        "num_test": len(splits.test),
+        "classifier": f"reference CNN, {e.classifier_epochs} epochs, EMA weights, real test split",
+    }
     if test_public or cfg.tracking.nondp:
-        model = train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
-                                 lr=e.classifier_lr, seed=seed, device=_device(cfg), label="downstream CNN (synthetic)")
+        model = train_classifier(
+            synthetic,
+            epochs=e.classifier_epochs,
+            batch_size=e.classifier_batch_size,
+            lr=e.classifier_lr,
+            seed=seed,
+            device=_device(cfg),
+            label="downstream CNN (synthetic)",
+        )
         acc = {"accuracy": accuracy(model, splits.test)}
         if e.logreg:
             acc["logreg_accuracy"] = logreg_accuracy(synthetic, splits.test)
@@ -88,14 +128,20 @@ def evaluate(cfg: Config, synthetic: ImageSet, splits: Splits, *, reference: Fid
         return out
     reference = reference or fid_reference(cfg, splits, seed=seed)
     fid_is_dp = test_public and not reference.nondp
-    out.update({"fid_kind": reference.kind,
-                "fid_reference": f"{FID_REFERENCE} split ({reference.num_reference} real images)",
-                "fid_samples": min(len(synthetic), e.fid.num_samples), "fid_weights": reference.weights})
+    out.update(
+        {
+            "fid_kind": reference.kind,
+            "fid_reference": f"{FID_REFERENCE} split ({reference.num_reference} real images)",
+            "fid_samples": min(len(synthetic), e.fid.num_samples),
+            "fid_weights": reference.weights,
+        }
+    )
     if fid_is_dp or cfg.tracking.nondp:
-        out["dp" if fid_is_dp else "nondp"]["fid"] = reference.fid(synthetic.images[:e.fid.num_samples])
+        out["dp" if fid_is_dp else "nondp"]["fid"] = reference.fid(synthetic.images[: e.fid.num_samples])
     else:
-        out["withheld"].append("fid: release mode and the offline-CNN features were trained on the "
-                               "training split without DP")
+        out["withheld"].append(
+            "fid: release mode and the offline-CNN features were trained on the training split without DP"
+        )
     if cfg.tracking.nondp and reference.nondp_metrics:
         out["nondp"].update(reference.nondp_metrics)
     out["eval_seconds"] = round(time.perf_counter() - start, 1)
@@ -133,13 +179,26 @@ def stated_privacy(cfg: Config, samples_dir: Path) -> dict:
             continue
         if record.is_file():
             rec = json.loads(record.read_text())
-            return {"epsilon": float(rec["epsilon"]), "delta": rec["delta"], "accountant": rec["accountant"],
-                    "ledger": str(ledger_path), "epsilon_source": str(record)}
+            return {
+                "epsilon": float(rec["epsilon"]),
+                "delta": rec["delta"],
+                "accountant": rec["accountant"],
+                "ledger": str(ledger_path),
+                "epsilon_source": str(record),
+            }
         ledger = Ledger.load(ledger_path)
-        return {"epsilon": ledger.epsilon(), "delta": ledger.delta, "accountant": ledger.accountant,
-                "ledger": str(ledger_path)}
-    return {"epsilon": None, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
-            "ledger": "none found beside the samples: epsilon unknown"}
+        return {
+            "epsilon": ledger.epsilon(),
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "ledger": str(ledger_path),
+        }
+    return {
+        "epsilon": None,
+        "delta": cfg.privacy.delta,
+        "accountant": cfg.privacy.accountant,
+        "ledger": "none found beside the samples: epsilon unknown",
+    }
 
 
 def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
@@ -152,4 +211,3 @@ def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str 
     out = Path(out_path) if out_path else samples_dir / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-

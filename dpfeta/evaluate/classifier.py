@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpfeta import cluster
+from dpfeta import cluster, progress
 from dpfeta import images as images_mod
-from dpfeta import progress
 from dpfeta.config import Config
 from dpfeta.data import ImageSet
 from dpfeta.nn import update_ema
@@ -29,8 +28,16 @@ def _device(cfg: Config) -> torch.device:
     return cluster.device(cfg)
 
 
-def train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
-                     device: torch.device | str = "cpu", label: str = "classifier") -> CNN:
+def train_classifier(
+    train: ImageSet,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    label: str = "classifier",
+) -> CNN:
     """Train the reference CNN on ``train``; returns its EMA copy in eval mode.
 
     Initialisation, dropout (CPU) and batch order come from ``seed``; the global RNG is left as it was.
@@ -40,8 +47,9 @@ def train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: float
         return _train_classifier(train, epochs=epochs, batch_size=batch_size, lr=lr, device=device, label=label)
 
 
-def _train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: float, device: torch.device | str,
-                      label: str) -> CNN:
+def _train_classifier(
+    train: ImageSet, *, epochs: int, batch_size: int, lr: float, device: torch.device | str, label: str
+) -> CNN:
     _, c, h, _ = train.images.shape
     model = CNN(in_channels=c, num_classes=train.num_classes, resolution=h).to(device)
     ema = CNN(in_channels=c, num_classes=train.num_classes, resolution=h).to(device)
@@ -56,13 +64,23 @@ def _train_classifier(train: ImageSet, *, epochs: int, batch_size: int, lr: floa
             step = _epoch(model, ema, optimizer, x_all, y_all, batch_size=batch_size, device=device, step=step)
             progress.advance(f"evaluate/{label}")
             if epoch + 1 == epochs or (epoch + 1) % 10 == 0:
-                log.info("%s epoch %d/%d (%d steps, %.1fs)", label, epoch + 1, epochs, step,
-                         time.perf_counter() - start)
+                log.info(
+                    "%s epoch %d/%d (%d steps, %.1fs)", label, epoch + 1, epochs, step, time.perf_counter() - start
+                )
     return ema
 
 
-def _epoch(model: CNN, ema: CNN, optimizer: torch.optim.Optimizer, x_all: torch.Tensor, y_all: torch.Tensor, *,
-           batch_size: int, device: torch.device | str, step: int) -> int:
+def _epoch(
+    model: CNN,
+    ema: CNN,
+    optimizer: torch.optim.Optimizer,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    step: int,
+) -> int:
     """One epoch over a fresh permutation, the EMA updated every step; returns the step count after it."""
     model.train()
     for idx in torch.randperm(len(y_all)).split(batch_size):
@@ -101,4 +119,3 @@ def logreg_accuracy(train: ImageSet, test: ImageSet, *, max_iter: int = 1000) ->
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = LogisticRegression(max_iter=max_iter).fit(x_train, train.labels)
     return float((clf.predict(x_test) == test.labels).mean())
-

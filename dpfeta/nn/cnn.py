@@ -26,9 +26,18 @@ class CNN(nn.Module):
             raise ValueError(f"expected a resolution >= 8 for the downstream CNN, got {resolution}")
         pad = 1 if resolution < SMALL_RESOLUTION else 0
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=pad), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(32, 64, 3, padding=pad), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(64, 128, 3, padding=pad), nn.ReLU(), nn.Flatten())
+            nn.Conv2d(in_channels, 32, 3, padding=pad),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(32, 64, 3, padding=pad),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(64, 128, 3, padding=pad),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
         with torch.no_grad():
             flat = self.body(torch.zeros(1, in_channels, resolution, resolution)).shape[1]
         self.head = nn.Sequential(nn.Linear(flat, 128), nn.ReLU())

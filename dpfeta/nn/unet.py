@@ -46,8 +46,9 @@ def _norm(channels: int) -> nn.GroupNorm:
 def noise_embedding(c_noise: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of the (continuous) noise input ``c_noise`` [B] -> [B, dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_positions) / (half - 1)
-                      * torch.arange(half, dtype=torch.float32, device=c_noise.device))
+    freqs = torch.exp(
+        -math.log(max_positions) / (half - 1) * torch.arange(half, dtype=torch.float32, device=c_noise.device)
+    )
     angles = c_noise.float()[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -55,8 +56,9 @@ def noise_embedding(c_noise: torch.Tensor, dim: int, max_positions: int = 10000)
 class ResBlock(nn.Module):
     """BigGAN-type residual block; ``up``/``down`` resample both branches (nearest / 2x2 mean)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, *, up: bool = False,
-                 down: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_ch: int, *, up: bool = False, down: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         self.up, self.down = up, down
         self.norm0 = _norm(in_ch)
@@ -65,8 +67,7 @@ class ResBlock(nn.Module):
         self.norm1 = _norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv3x3(out_ch, out_ch, scale=0.0)
-        self.skip = (_init(nn.Conv2d(in_ch, out_ch, 1))
-                     if in_ch != out_ch or up or down else None)
+        self.skip = _init(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch or up or down else None
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -109,8 +110,9 @@ class UNet(nn.Module):
         super().__init__()
         levels = len(model.channel_mult)
         if resolution % 2 ** (levels - 1):
-            raise ValueError(f"expected resolution={resolution} divisible by 2**{levels - 1} "
-                             f"for channel_mult={model.channel_mult}")
+            raise ValueError(
+                f"expected resolution={resolution} divisible by 2**{levels - 1} for channel_mult={model.channel_mult}"
+            )
         if num_classes < 1:
             raise ValueError(f"expected num_classes >= 1, got {num_classes}")
         self.resolution, self.in_channels, self.num_classes = resolution, in_channels, num_classes
@@ -159,8 +161,12 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config) -> "UNet":
-        return cls(resolution=cfg.data.resolution, in_channels=cfg.data.channels,
-                   num_classes=cfg.data.num_classes, model=cfg.model)
+        return cls(
+            resolution=cfg.data.resolution,
+            in_channels=cfg.data.channels,
+            num_classes=cfg.data.num_classes,
+            model=cfg.model,
+        )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         emb = noise_embedding(c_noise, self.class_embed.embedding_dim) + self.class_embed(class_labels)

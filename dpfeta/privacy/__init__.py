@@ -10,21 +10,67 @@
 Imports neither torch, Ray, nor dpfeta's data, pipeline or tracking (``tests/test_layers.py``).
 """
 
-from dpfeta.privacy.accounting import (DEFAULT_RDP_ORDERS, INTEGER_RDP_ORDERS, PLD_COARSE_INTERVAL, PLD_INTERVAL,
-                                       calibrate_noise, curve_epsilon, epsilon_of, make_accountant,
-                                       quiet_accountant, rdp_curve, repeat_curve, search_sigma, smallest_sigma,
-                                       tnb_gamma)
-from dpfeta.privacy.events import (KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, central_event, dpsgd_event,
-                                   poisson_gaussian, selection_event)
+from dpfeta.privacy.accounting import (
+    DEFAULT_RDP_ORDERS,
+    INTEGER_RDP_ORDERS,
+    PLD_COARSE_INTERVAL,
+    PLD_INTERVAL,
+    calibrate_noise,
+    curve_epsilon,
+    epsilon_of,
+    make_accountant,
+    quiet_accountant,
+    rdp_curve,
+    repeat_curve,
+    search_sigma,
+    smallest_sigma,
+    tnb_gamma,
+)
 from dpfeta.privacy.curve import EpsilonCurve, epsilon_curve
+from dpfeta.privacy.events import (
+    KINDS,
+    NEIGHBOURING_RELATION,
+    PUBLIC_FACTS,
+    central_event,
+    dpsgd_event,
+    poisson_gaussian,
+    selection_event,
+)
 from dpfeta.privacy.ledger import Ledger, Mechanism
-from dpfeta.privacy.plan import (Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary,
-                                 resolve)
+from dpfeta.privacy.plan import Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary, resolve
 
 __all__ = [
-    "DEFAULT_RDP_ORDERS", "EpsilonCurve", "INTEGER_RDP_ORDERS", "KINDS", "PLD_COARSE_INTERVAL", "PLD_INTERVAL", "Ledger", "Mechanism", "NEIGHBOURING_RELATION",
-    "PUBLIC_FACTS", "Plan", "calibrate_noise", "central_event", "central_noise", "curve_epsilon",
-    "dpsgd_event", "dpsgd_steps", "epsilon_curve", "epsilon_of", "make_accountant", "plan", "plan_json", "plan_table",
-    "poisson_gaussian", "privacy_summary", "quiet_accountant", "rdp_curve", "repeat_curve", "resolve",
-    "search_sigma", "selection_event", "smallest_sigma", "tnb_gamma",
+    "DEFAULT_RDP_ORDERS",
+    "EpsilonCurve",
+    "INTEGER_RDP_ORDERS",
+    "KINDS",
+    "PLD_COARSE_INTERVAL",
+    "PLD_INTERVAL",
+    "Ledger",
+    "Mechanism",
+    "NEIGHBOURING_RELATION",
+    "PUBLIC_FACTS",
+    "Plan",
+    "calibrate_noise",
+    "central_event",
+    "central_noise",
+    "curve_epsilon",
+    "dpsgd_event",
+    "dpsgd_steps",
+    "epsilon_curve",
+    "epsilon_of",
+    "make_accountant",
+    "plan",
+    "plan_json",
+    "plan_table",
+    "poisson_gaussian",
+    "privacy_summary",
+    "quiet_accountant",
+    "rdp_curve",
+    "repeat_curve",
+    "resolve",
+    "search_sigma",
+    "selection_event",
+    "smallest_sigma",
+    "tnb_gamma",
 ]

@@ -123,8 +123,11 @@ def tnb_gamma(mean: float, shape: float) -> float:
 @functools.lru_cache(maxsize=8)  # a PLD at interval 1e-4 holds ~1e5 floats: keep few
 def _step_pld(q: float, sigma: float, interval: float):
     return pld.privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma, value_discretization_interval=interval, sampling_prob=q,
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        standard_deviation=sigma,
+        value_discretization_interval=interval,
+        sampling_prob=q,
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
 
 
 @functools.lru_cache(maxsize=4)  # the fixed mechanisms (the central query) recur in every epsilon of a run
@@ -139,8 +142,13 @@ def _pld_parts(event: dp_accounting.DpEvent, count: int, interval: float, parts:
         return _pld_parts(event.event, event.count * count, interval, parts)
     if isinstance(event, dp_event.ComposedDpEvent):
         return all(_pld_parts(e, count, interval, parts) for e in event.events)
-    if (isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent)
-            and event.sampling_probability > 0 and event.event.noise_multiplier > 0 and count > 0):
+    if (
+        isinstance(event, dp_event.PoissonSampledDpEvent)
+        and isinstance(event.event, dp_event.GaussianDpEvent)
+        and event.sampling_probability > 0
+        and event.event.noise_multiplier > 0
+        and count > 0
+    ):
         parts.append((float(event.sampling_probability), float(event.event.noise_multiplier), count))
         return True
     return False
@@ -159,8 +167,14 @@ def _pld_epsilon(event: dp_accounting.DpEvent, delta: float, interval: float) ->
     return float(total.get_epsilon_for_delta(delta))
 
 
-def epsilon_of(event: dp_accounting.DpEvent, *, delta: float, accountant: str,
-               orders: tuple | None = None, pld_interval: float = PLD_INTERVAL) -> float:
+def epsilon_of(
+    event: dp_accounting.DpEvent,
+    *,
+    delta: float,
+    accountant: str,
+    orders: tuple | None = None,
+    pld_interval: float = PLD_INTERVAL,
+) -> float:
     """epsilon(delta) of ``event``; ``orders`` restricts the RDP grid (a subset only raises epsilon),
     ``pld_interval`` is the PLD discretisation (pessimistic: coarser only raises epsilon).
 
@@ -189,14 +203,23 @@ def _optimal_order(event: dp_accounting.DpEvent, *, delta: float, orders: tuple)
 # --------------------------------------------------------------------------------------------
 
 
-def search_sigma(epsilon_fn: Callable[[float], float], target: float, *, rtol: float, start: float = 1.0,
-                 step: float = 4.0, lower: float = 1e-2, upper: float = 1e4) -> float:
+def search_sigma(
+    epsilon_fn: Callable[[float], float],
+    target: float,
+    *,
+    rtol: float,
+    start: float = 1.0,
+    step: float = 4.0,
+    lower: float = 1e-2,
+    upper: float = 1e4,
+) -> float:
     """Smallest sigma (to relative ``rtol``) with ``epsilon_fn(sigma) <= target``; never above it.
 
     Brent's method on log sigma -> log epsilon (monotone decreasing), bracketed from ``start`` in
     factors of ``step``, then a step up until the target holds (the accountant's numerics never make
     the result overshoot). Raises when even ``upper`` does not reach the target.
     """
+
     def gap(log_sigma: float) -> float:
         return math.log(max(epsilon_fn(math.exp(log_sigma)), 1e-300)) - math.log(target)
 
@@ -207,8 +230,10 @@ def search_sigma(epsilon_fn: Callable[[float], float], target: float, *, rtol: f
             lo, hi = hi, hi + factor
             if hi > top:
                 if gap(top) > 0:
-                    raise ValueError(f"no noise multiplier <= {upper:g} reaches epsilon={target:g}; "
-                                     "the fixed mechanisms alone spend the budget")
+                    raise ValueError(
+                        f"no noise multiplier <= {upper:g} reaches epsilon={target:g}; "
+                        "the fixed mechanisms alone spend the budget"
+                    )
                 hi = top
                 break
     else:
@@ -223,9 +248,16 @@ def search_sigma(epsilon_fn: Callable[[float], float], target: float, *, rtol: f
     return math.exp(log_sigma)
 
 
-def calibrate_noise(*, make_events: Callable[[float], dp_accounting.DpEvent], epsilon: float,
-                    delta: float, accountant: str, rtol: float = 1e-4,
-                    lower: float = 1e-2, upper: float = 1e4) -> float:
+def calibrate_noise(
+    *,
+    make_events: Callable[[float], dp_accounting.DpEvent],
+    epsilon: float,
+    delta: float,
+    accountant: str,
+    rtol: float = 1e-4,
+    lower: float = 1e-2,
+    upper: float = 1e4,
+) -> float:
     """Smallest sigma (to relative tolerance ``rtol``) with epsilon(make_events(sigma)) <= epsilon.
 
     RDP speed-up (exact, never optimistic): fractional orders are ~10x dearer than integer ones,
@@ -236,30 +268,39 @@ def calibrate_noise(*, make_events: Callable[[float], dp_accounting.DpEvent], ep
     PLD speed-up: the search runs on coarse discretisations (1e-2, then ``PLD_COARSE_INTERVAL``) and
     its result is confirmed on ``PLD_INTERVAL``, the ledger's (``_confirm_pld``).
     """
+
     def on(orders: Optional[tuple], acc: str) -> Callable[[float], float]:
         return lambda s: epsilon_of(make_events(s), delta=delta, accountant=acc, orders=orders)
 
     start = 1.0 if upper > 1e3 else math.exp(math.log(upper) - 0.05)
     if accountant == "pld":
+
         def pld_on(interval: float) -> Callable[[float], float]:
             return lambda s: epsilon_of(make_events(s), delta=delta, accountant="pld", pld_interval=interval)
 
-        rough = search_sigma(pld_on(10 * PLD_COARSE_INTERVAL), epsilon, rtol=1e-3, start=start, lower=lower,
-                             upper=upper)
-        coarse = search_sigma(pld_on(PLD_COARSE_INTERVAL), epsilon, rtol=rtol,
-                              start=math.exp(math.log(rough * 1.01) - 0.05), lower=lower, upper=rough * 1.01)
+        rough = search_sigma(
+            pld_on(10 * PLD_COARSE_INTERVAL), epsilon, rtol=1e-3, start=start, lower=lower, upper=upper
+        )
+        coarse = search_sigma(
+            pld_on(PLD_COARSE_INTERVAL),
+            epsilon,
+            rtol=rtol,
+            start=math.exp(math.log(rough * 1.01) - 0.05),
+            lower=lower,
+            upper=rough * 1.01,
+        )
         return _confirm_pld(pld_on(PLD_INTERVAL), epsilon, coarse, rtol=rtol, lower=lower)
     if accountant != "rdp":
         return search_sigma(on(None, accountant), epsilon, rtol=rtol, start=start, lower=lower, upper=upper)
     rough = search_sigma(on(INTEGER_RDP_ORDERS, "rdp"), epsilon, rtol=1e-3, start=start, lower=lower, upper=upper)
     alpha = _optimal_order(make_events(rough), delta=delta, orders=INTEGER_RDP_ORDERS)
     orders = tuple(sorted(set(INTEGER_RDP_ORDERS) | {o for o in DEFAULT_RDP_ORDERS if abs(o - alpha) <= 1.5}))
-    return search_sigma(on(orders, "rdp"), epsilon, rtol=rtol, start=math.exp(math.log(rough) - 0.05),
-                        lower=lower, upper=rough)
+    return search_sigma(
+        on(orders, "rdp"), epsilon, rtol=rtol, start=math.exp(math.log(rough) - 0.05), lower=lower, upper=rough
+    )
 
 
-def _confirm_pld(fine: Callable[[float], float], epsilon: float, sigma: float, *, rtol: float,
-                 lower: float) -> float:
+def _confirm_pld(fine: Callable[[float], float], epsilon: float, sigma: float, *, rtol: float, lower: float) -> float:
     """``sigma`` from the coarse PLD search, checked on the ledger's PLD_INTERVAL (``fine``): kept when it
     meets the target there and ``CALIBRATION_SLACK`` less noise does not (the coarse grid's epsilon is
     1e-5 to 3e-3 relative above the fine one), else searched again on the fine grid. Never above it."""
@@ -268,8 +309,15 @@ def _confirm_pld(fine: Callable[[float], float], epsilon: float, sigma: float, *
     return search_sigma(fine, epsilon, rtol=rtol, start=sigma, lower=lower, upper=sigma * 1.05)
 
 
-def smallest_sigma(ok: Callable[[float], bool], *, rtol: float, hi: float | None = None,
-                   lo: float | None = None, lower: float = 1e-2, upper: float = 1e4) -> float:
+def smallest_sigma(
+    ok: Callable[[float], bool],
+    *,
+    rtol: float,
+    hi: float | None = None,
+    lo: float | None = None,
+    lower: float = 1e-2,
+    upper: float = 1e4,
+) -> float:
     """Smallest sigma (to relative ``rtol``, never below the true one) with ``ok(sigma)``; ok monotone.
     Bisection on log sigma (for a bound on a whole RDP curve, where there is no scalar to root-find).
 
@@ -280,8 +328,10 @@ def smallest_sigma(ok: Callable[[float], bool], *, rtol: float, hi: float | None
         while not ok(hi):
             hi *= 4.0
             if hi > upper:
-                raise ValueError(f"no noise multiplier <= {upper:g} meets the target: the fixed "
-                                 "mechanisms (central query, selection score) alone spend the budget")
+                raise ValueError(
+                    f"no noise multiplier <= {upper:g} meets the target: the fixed "
+                    "mechanisms (central query, selection score) alone spend the budget"
+                )
     if lo is None:
         lo = hi / 4.0
         while ok(lo):

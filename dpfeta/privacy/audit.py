@@ -207,9 +207,10 @@ def _search(estimator: str, in_scores, out_scores, significance: float, delta: f
             def rejects(eps: float) -> bool:
                 return one_run_p_value(canaries=m, guesses=r, correct=v, epsilon=eps, delta=delta) <= level
         else:
+
             def rejects(eps: float) -> bool:
-                return fdp_rejects(canaries=m, guesses=r, correct=v, mu=gaussian_mu(eps, delta),
-                                   significance=level)
+                return fdp_rejects(canaries=m, guesses=r, correct=v, mu=gaussian_mu(eps, delta), significance=level)
+
         eps = _largest_rejected(rejects, best.epsilon)
         if eps > best.epsilon:
             best = Bound(estimator, float(eps), r, v, m, len(guesses), significance, delta)
@@ -233,11 +234,12 @@ def auroc(in_scores, out_scores) -> float:
     """Area under the ROC curve of the score (ties count 1/2); 0.5 = no signal."""
     ins, outs = _check_scores(in_scores, out_scores)
     ranks = scipy.stats.rankdata(np.concatenate([ins, outs]))
-    return float((ranks[:ins.size].sum() - ins.size * (ins.size + 1) / 2) / (ins.size * outs.size))
+    return float((ranks[: ins.size].sum() - ins.size * (ins.size + 1) / 2) / (ins.size * outs.size))
 
 
 def ideal_scores(mu: float, included: int, excluded: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic quantiles of N(mu, 1) and N(0, 1): the best scores a mu-GDP mechanism can give."""
+
     def quantiles(n: int) -> np.ndarray:
         return scipy.special.ndtri((np.arange(n) + 0.5) / n)
 
@@ -249,5 +251,7 @@ def ideal_bounds(mu: float, *, canaries: int, significance: float = 0.05, delta:
     mechanism returns (auditing.md §4); a correct build should land near (mostly below) these."""
     half = max(1, canaries // 2)
     ins, outs = ideal_scores(mu, half, canaries - half)
-    return {"one_run": epsilon_one_run(ins, outs, significance=significance, delta=delta).epsilon,
-            "fdp": epsilon_one_run_fdp(ins, outs, significance=significance, delta=delta).epsilon}
+    return {
+        "one_run": epsilon_one_run(ins, outs, significance=significance, delta=delta).epsilon,
+        "fdp": epsilon_one_run_fdp(ins, outs, significance=significance, delta=delta).epsilon,
+    }

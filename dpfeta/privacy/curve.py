@@ -77,8 +77,9 @@ class EpsilonCurve:
         at = Ledger.from_state_dict(self._base)
         at.get(self.name).taken = step
         mine, theirs = at.state_dict(), ledger.state_dict()
-        return all(mine[k] == theirs[k] for k in ("accountant", "delta", "n", "repeat", "mechanisms")) and \
-            mine.get("sweep_epsilon") == theirs.get("sweep_epsilon")
+        return all(mine[k] == theirs[k] for k in ("accountant", "delta", "n", "repeat", "mechanisms")) and mine.get(
+            "sweep_epsilon"
+        ) == theirs.get("sweep_epsilon")
 
     def close(self) -> None:
         self._stop.set()

@@ -13,12 +13,15 @@ import dp_accounting
 NEIGHBOURING_RELATION = "add/remove one record (image with its label) of the training split"
 
 
-PUBLIC_FACTS = ("N (training-split size)", "number of classes", "image shape and value range",
-                "the whole config (noise seeds excepted)")
+PUBLIC_FACTS = (
+    "N (training-split size)",
+    "number of classes",
+    "image shape and value range",
+    "the whole config (noise seeds excepted)",
+)
 
 
 KINDS = ("poisson_gaussian", "gaussian")
-
 
 
 def central_event(*, noise_multiplier: float, sample_rate: float, rounds: int) -> dp_accounting.DpEvent:
@@ -58,4 +61,3 @@ def poisson_gaussian(sigma: float, q: float, count: int) -> dp_accounting.DpEven
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"expected {name} > 0, got {value!r}")
-

@@ -19,6 +19,7 @@ from dp_accounting import dp_event
 from dpfeta.privacy.accounting import epsilon_of
 from dpfeta.privacy.events import KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, poisson_gaussian, selection_event
 
+
 @dataclass(kw_only=True)
 class Mechanism:
     name: str
@@ -59,14 +60,30 @@ class Ledger:
     # trial's own composition (whose per-trial sigma is dominated order by order, not at the optimum).
     sweep_epsilon: Optional[float] = None
 
-    def add(self, name: str, *, noise_multiplier: float, sample_rate: float = 1.0, count: int = 1,
-            kind: str = "poisson_gaussian", taken: int = 0, shared: bool = False) -> Mechanism:
+    def add(
+        self,
+        name: str,
+        *,
+        noise_multiplier: float,
+        sample_rate: float = 1.0,
+        count: int = 1,
+        kind: str = "poisson_gaussian",
+        taken: int = 0,
+        shared: bool = False,
+    ) -> Mechanism:
         if kind not in KINDS:
             raise ValueError(f"expected kind in {KINDS}, got {kind!r}")
         if any(m.name == name for m in self.mechanisms):
             raise ValueError(f"mechanism '{name}' is already in the ledger")
-        mech = Mechanism(name=name, kind=kind, noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
-                         planned=int(count), taken=int(taken), shared=bool(shared))
+        mech = Mechanism(
+            name=name,
+            kind=kind,
+            noise_multiplier=float(noise_multiplier),
+            sample_rate=float(sample_rate),
+            planned=int(count),
+            taken=int(taken),
+            shared=bool(shared),
+        )
         mech.event(1)  # validates the parameters
         self.mechanisms.append(mech)
         return mech
@@ -95,8 +112,11 @@ class Ledger:
             return dp_accounting.ComposedDpEvent(trial)
         once = [m.event(c) for m, c in counts if c > 0 and m.shared]
         if trial:
-            once.append(dp_event.RepeatAndSelectDpEvent(dp_accounting.ComposedDpEvent(trial),
-                                                        float(self.repeat["mean"]), float(self.repeat["shape"])))
+            once.append(
+                dp_event.RepeatAndSelectDpEvent(
+                    dp_accounting.ComposedDpEvent(trial), float(self.repeat["mean"]), float(self.repeat["shape"])
+                )
+            )
         return dp_accounting.ComposedDpEvent(once)
 
     def epsilon(self, planned: bool = False) -> float:
@@ -112,8 +132,9 @@ class Ledger:
         out = {}
         for m in self.mechanisms:
             count = m.planned if planned else m.taken
-            out[m.name] = 0.0 if count == 0 else epsilon_of(m.event(count), delta=self.delta,
-                                                            accountant=self.accountant)
+            out[m.name] = (
+                0.0 if count == 0 else epsilon_of(m.event(count), delta=self.delta, accountant=self.accountant)
+            )
         return out
 
     def state_dict(self) -> dict:
@@ -132,9 +153,15 @@ class Ledger:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Ledger":
-        ledger = cls(accountant=state["accountant"], delta=float(state["delta"]), n=int(state["n"]),
-                     repeat=state.get("repeat"), seeded=bool(state.get("seeded", False)),
-                     groups=[dict(g) for g in state.get("groups", [])], sweep_epsilon=state.get("sweep_epsilon"))
+        ledger = cls(
+            accountant=state["accountant"],
+            delta=float(state["delta"]),
+            n=int(state["n"]),
+            repeat=state.get("repeat"),
+            seeded=bool(state.get("seeded", False)),
+            groups=[dict(g) for g in state.get("groups", [])],
+            sweep_epsilon=state.get("sweep_epsilon"),
+        )
         for m in state["mechanisms"]:
             ledger.mechanisms.append(Mechanism(**m))
         return ledger
@@ -157,15 +184,21 @@ class Ledger:
     def check_same_plan(self, other: "Ledger", *, where: str = "the stored ledger") -> None:
         """Refuse to continue ``other``'s plan with this one unless both describe the same mechanisms
         (q, counts, N, delta, accountant); sigma may differ only for a mechanism not yet run."""
+
         def key(ledger):
-            return (ledger.n, ledger.delta, ledger.accountant,
-                    [(m.name, m.kind, m.sample_rate, m.planned, m.shared) for m in ledger.mechanisms])
+            return (
+                ledger.n,
+                ledger.delta,
+                ledger.accountant,
+                [(m.name, m.kind, m.sample_rate, m.planned, m.shared) for m in ledger.mechanisms],
+            )
 
         if key(self) != key(other):
-            raise ValueError(f"{where} records a different privacy plan {key(other)} than the config's "
-                             f"{key(self)}; use a new run name or output folder")
+            raise ValueError(
+                f"{where} records a different privacy plan {key(other)} than the config's "
+                f"{key(self)}; use a new run name or output folder"
+            )
 
     @classmethod
     def load(cls, path: Path | str) -> "Ledger":
         return cls.from_state_dict(json.loads(Path(path).read_text()))
-

@@ -15,6 +15,7 @@ from dpfeta.privacy.accounting import calibrate_noise
 from dpfeta.privacy.events import NEIGHBOURING_RELATION, central_event, dpsgd_event
 from dpfeta.privacy.ledger import Ledger
 
+
 @dataclass(kw_only=True)
 class Plan:
     noise_multiplier: float  # sigma of DP-SGD
@@ -45,10 +46,13 @@ def central_noise(cfg, n: int, *, target_epsilon: float | None = None) -> float:
     q_c = min(1.0, c.batch_size / n)
     share = c.epsilon_share * (p.epsilon if target_epsilon is None else target_epsilon)
     # auto: RDP, whose epsilon is the larger here, so the query spends at most its share under either
-    return calibrate_noise(make_events=lambda s: central_event(noise_multiplier=s, sample_rate=q_c,
-                                                                rounds=max(c.rounds, 1)),
-                           epsilon=share, delta=p.delta, accountant="rdp" if p.accountant == "auto" else p.accountant,
-                           rtol=p.calibration_rtol)
+    return calibrate_noise(
+        make_events=lambda s: central_event(noise_multiplier=s, sample_rate=q_c, rounds=max(c.rounds, 1)),
+        epsilon=share,
+        delta=p.delta,
+        accountant="rdp" if p.accountant == "auto" else p.accountant,
+        rtol=p.calibration_rtol,
+    )
 
 
 def resolve(cfg, n: int, *, target_epsilon: float | None = None):
@@ -76,8 +80,9 @@ def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
     if n < 1:
         raise ValueError(f"expected a training split of N >= 1 records, got N={n}")
     if c.batch_size > n or f.batch_size > n:
-        raise ValueError(f"expected central.batch_size={c.batch_size:g} and finetune.batch_size="
-                         f"{f.batch_size:g} <= N={n}")
+        raise ValueError(
+            f"expected central.batch_size={c.batch_size:g} and finetune.batch_size={f.batch_size:g} <= N={n}"
+        )
     q_c, q = c.batch_size / n, f.batch_size / n
     steps = dpsgd_steps(epochs=f.epochs, sample_rate=q)
     ledger = Ledger(accountant=p.accountant, delta=p.delta, n=n, seeded=cfg.run.seed is not None)
@@ -90,7 +95,8 @@ def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
                 f"the central-image query alone spends epsilon={central_eps:.4g} "
                 f"(central.rounds={c.rounds}, central.noise_multiplier={sigma_c:g}, "
                 f"q_c={q_c:.4g}, delta={p.delta:g}, {p.accountant}), which is not below the target "
-                f"privacy.epsilon={target:g}: raise the target, add central noise, or use fewer rounds")
+                f"privacy.epsilon={target:g}: raise the target, add central noise, or use fewer rounds"
+            )
     fixed = ledger.event(planned=True) if ledger.mechanisms else None
 
     def make_events(sigma: float) -> dp_accounting.DpEvent:
@@ -100,16 +106,29 @@ def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
     if p.noise_multiplier is not None:
         sigma = p.noise_multiplier
     else:
-        sigma = calibrate_noise(make_events=make_events, epsilon=target, delta=p.delta,
-                                accountant=p.accountant, rtol=p.calibration_rtol)
+        sigma = calibrate_noise(
+            make_events=make_events, epsilon=target, delta=p.delta, accountant=p.accountant, rtol=p.calibration_rtol
+        )
     ledger.add("dpsgd", noise_multiplier=sigma, sample_rate=q, count=steps)
     eps = ledger.epsilon(planned=True)
     if eps > target * (1 + 1e-9):
-        raise ValueError(f"privacy.noise_multiplier={sigma:g} gives epsilon={eps:.4g} above the target "
-                         f"privacy.epsilon={target:g}; leave it null to calibrate")
-    return Plan(noise_multiplier=sigma, sample_rate=q, steps=steps, central_rate=q_c, ledger=ledger, epsilon=eps,
-                target_epsilon=target, delta=p.delta, accountant=p.accountant, n=n,
-                expected_batch=f.batch_size)
+        raise ValueError(
+            f"privacy.noise_multiplier={sigma:g} gives epsilon={eps:.4g} above the target "
+            f"privacy.epsilon={target:g}; leave it null to calibrate"
+        )
+    return Plan(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        central_rate=q_c,
+        ledger=ledger,
+        epsilon=eps,
+        target_epsilon=target,
+        delta=p.delta,
+        accountant=p.accountant,
+        n=n,
+        expected_batch=f.batch_size,
+    )
 
 
 def _plan_tighter(cfg, n: int, *, target_epsilon: float | None) -> Plan:
@@ -143,8 +162,13 @@ def plan_json(pl: Plan) -> dict:
         "n": pl.n,
         "neighbouring_relation": NEIGHBOURING_RELATION,
         "mechanisms": [
-            {"name": m.name, "noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate,
-             "count": m.planned, "epsilon": alone[m.name]}
+            {
+                "name": m.name,
+                "noise_multiplier": m.noise_multiplier,
+                "sample_rate": m.sample_rate,
+                "count": m.planned,
+                "epsilon": alone[m.name],
+            }
             for m in pl.ledger.mechanisms
         ],
     }
@@ -154,14 +178,23 @@ def plan_table(pl: Plan) -> str:
     js = plan_json(pl)
     rows = [f"{'mechanism':<10} {'sigma':>10} {'q':>10} {'count':>8} {'eps alone':>10}"]
     for m in js["mechanisms"]:
-        rows.append(f"{m['name']:<10} {m['noise_multiplier']:>10.4f} {m['sample_rate']:>10.5f} "
-                    f"{m['count']:>8d} {m['epsilon']:>10.4f}")
+        rows.append(
+            f"{m['name']:<10} {m['noise_multiplier']:>10.4f} {m['sample_rate']:>10.5f} "
+            f"{m['count']:>8d} {m['epsilon']:>10.4f}"
+        )
     rows += [
         "",
         f"composed epsilon   {pl.epsilon:.4f}  (target {pl.target_epsilon:g}, delta {pl.delta:g}, "
         f"accountant {pl.accountant})",
-        *(["accountant auto     " + ", ".join(f"{k}={v:.4f}" for k, v in pl.compared.items())
-           + f": {pl.accountant} is the tighter"] if pl.compared else []),
+        *(
+            [
+                "accountant auto     "
+                + ", ".join(f"{k}={v:.4f}" for k, v in pl.compared.items())
+                + f": {pl.accountant} is the tighter"
+            ]
+            if pl.compared
+            else []
+        ),
         f"DP-SGD             sigma={pl.noise_multiplier:.4f}  q={pl.sample_rate:.5f}  T={pl.steps}  "
         f"expected batch={pl.expected_batch:g}  N={pl.n}",
         f"neighbouring       {NEIGHBOURING_RELATION}",
@@ -172,8 +205,16 @@ def plan_table(pl: Plan) -> str:
 def privacy_summary(pl: Plan) -> dict:
     """The privacy head of eval.json: the composed epsilon so far and the plan's public parameters."""
     ledger = pl.ledger
-    return {"epsilon": ledger.epsilon(), "epsilon_target": pl.target_epsilon, "delta": ledger.delta,
-            "accountant": ledger.accountant, "neighbouring_relation": NEIGHBOURING_RELATION,
-            "noise_multiplier": pl.noise_multiplier, "sample_rate": pl.sample_rate,
-            "steps": ledger.get("dpsgd").taken, "steps_planned": pl.steps,
-            "epsilon_per_mechanism": ledger.per_mechanism(planned=False), "seeded": ledger.seeded}
+    return {
+        "epsilon": ledger.epsilon(),
+        "epsilon_target": pl.target_epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "neighbouring_relation": NEIGHBOURING_RELATION,
+        "noise_multiplier": pl.noise_multiplier,
+        "sample_rate": pl.sample_rate,
+        "steps": ledger.get("dpsgd").taken,
+        "steps_planned": pl.steps,
+        "epsilon_per_mechanism": ledger.per_mechanism(planned=False),
+        "seeded": ledger.seeded,
+    }

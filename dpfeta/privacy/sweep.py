@@ -38,9 +38,18 @@ import numpy as np
 from dp_accounting import dp_event
 
 from dpfeta import config as config_mod
-from dpfeta.privacy.accounting import (DEFAULT_RDP_ORDERS, INTEGER_RDP_ORDERS, curve_epsilon, epsilon_of,
-                                       quiet_accountant, rdp_curve, repeat_curve, search_sigma, smallest_sigma,
-                                       tnb_gamma)
+from dpfeta.privacy.accounting import (
+    DEFAULT_RDP_ORDERS,
+    INTEGER_RDP_ORDERS,
+    curve_epsilon,
+    epsilon_of,
+    quiet_accountant,
+    rdp_curve,
+    repeat_curve,
+    search_sigma,
+    smallest_sigma,
+    tnb_gamma,
+)
 from dpfeta.privacy.events import NEIGHBOURING_RELATION, central_event, dpsgd_event, selection_event
 from dpfeta.privacy.ledger import Ledger
 from dpfeta.privacy.plan import Plan, dpsgd_steps, plan, plan_json, resolve
@@ -56,10 +65,11 @@ DPSGD_KEYS = ("finetune.batch_size", "finetune.epochs")
 PRIVACY_KEYS = CENTRAL_KEYS + DPSGD_KEYS
 
 
-PLD_NOTE = ("privacy.accountant=pld: sweeps are accounted with RDP. dp_accounting 0.6.0's PLD accountant "
-            "does not support RepeatAndSelectDpEvent (the Papernot-Steinke bound is an RDP result), and the "
-            "per-trial calibration needs per-order RDP curve dominance")
-
+PLD_NOTE = (
+    "privacy.accountant=pld: sweeps are accounted with RDP. dp_accounting 0.6.0's PLD accountant "
+    "does not support RepeatAndSelectDpEvent (the Papernot-Steinke bound is an RDP result), and the "
+    "per-trial calibration needs per-order RDP curve dominance"
+)
 
 
 def extremes(spec: dict) -> list:
@@ -82,8 +92,9 @@ def trial_distribution(cfg: config_mod.Config) -> tuple[float, float]:
     if t.trial_distribution == "poisson":
         return float(t.num_trials), math.inf
     if not t.tnb_eta >= 0:
-        raise ValueError(f"config key 'tune.tnb_eta': expected a shape >= 0 (0 logarithmic, 1 "
-                         f"geometric), got {t.tnb_eta!r}")
+        raise ValueError(
+            f"config key 'tune.tnb_eta': expected a shape >= 0 (0 logarithmic, 1 geometric), got {t.tnb_eta!r}"
+        )
     return float(t.num_trials), float(t.tnb_eta)
 
 
@@ -120,8 +131,7 @@ class TrialPrivacy:
     def central(self):
         if self.rounds == 0:
             return None
-        return central_event(noise_multiplier=self.sigma_c, sample_rate=self.q_c,
-                                     rounds=self.rounds)
+        return central_event(noise_multiplier=self.sigma_c, sample_rate=self.q_c, rounds=self.rounds)
 
     def dpsgd(self, sigma: float):
         return dpsgd_event(noise_multiplier=sigma, sample_rate=self.q, steps=self.steps)
@@ -135,9 +145,13 @@ def trial_privacy(cfg: config_mod.Config, n: int) -> TrialPrivacy:
     q = f.batch_size / n
     if c.rounds > 0 and c.noise_multiplier is None:
         raise ValueError("central.noise_multiplier must be resolved (privacy.resolve) before planning")
-    return TrialPrivacy(rounds=c.rounds, sigma_c=c.noise_multiplier if c.rounds else None,
-                        q_c=c.batch_size / n, q=q,
-                        steps=dpsgd_steps(epochs=f.epochs, sample_rate=q))
+    return TrialPrivacy(
+        rounds=c.rounds,
+        sigma_c=c.noise_multiplier if c.rounds else None,
+        q_c=c.batch_size / n,
+        q=q,
+        steps=dpsgd_steps(epochs=f.epochs, sample_rate=q),
+    )
 
 
 def _worst_central(cfg: config_mod.Config, space: dict, n: int) -> TrialPrivacy:
@@ -154,22 +168,22 @@ def _worst_central(cfg: config_mod.Config, space: dict, n: int) -> TrialPrivacy:
         raise ValueError(f"tune.search_space: central.batch_size reaches {max(batches)!r} > N={n}")
     for key in DPSGD_KEYS:
         if key == "finetune.batch_size" and key in space and max(extremes(space[key])) > n:
-            raise ValueError(f"tune.search_space: finetune.batch_size reaches "
-                             f"{max(extremes(space[key]))!r} > N={n}")
-    worst = dataclasses.replace(base, rounds=int(max(rounds)),
-                                sigma_c=float(min(sigmas)) if max(rounds) > 0 else None,
-                                q_c=max(batches) / n)
+            raise ValueError(f"tune.search_space: finetune.batch_size reaches {max(extremes(space[key]))!r} > N={n}")
+    worst = dataclasses.replace(
+        base, rounds=int(max(rounds)), sigma_c=float(min(sigmas)) if max(rounds) > 0 else None, q_c=max(batches) / n
+    )
     if worst.rounds > 0:  # sanity: the worst corner dominates every corner wherever both are finite
         ref = rdp_curve(worst.central(), INTEGER_RDP_ORDERS)
         for r, s, b in itertools.product(rounds, sigmas, batches):
             if r == 0:
                 continue
-            other = rdp_curve(central_event(noise_multiplier=s, sample_rate=b / n, rounds=r),
-                          INTEGER_RDP_ORDERS)
+            other = rdp_curve(central_event(noise_multiplier=s, sample_rate=b / n, rounds=r), INTEGER_RDP_ORDERS)
             both = np.isfinite(ref) & np.isfinite(other)
             if not np.all(other[both] <= ref[both] * (1 + 1e-9) + 1e-12):
-                raise RuntimeError(f"internal: the reference central query does not dominate rounds={r}, "
-                                   f"noise_multiplier={s}, batch_size={b}; refusing to plan the sweep")
+                raise RuntimeError(
+                    f"internal: the reference central query does not dominate rounds={r}, "
+                    f"noise_multiplier={s}, batch_size={b}; refusing to plan the sweep"
+                )
     return worst
 
 
@@ -193,9 +207,11 @@ def central_sharing(cfg: config_mod.Config, space: dict) -> str:
         return "none"
     searched = sorted(k for k in space if k.startswith("central."))
     if mode == "shared" and searched:
-        raise ValueError(f"config key 'tune.central': shared central images (one query before the trials) "
-                         f"cannot follow a searched {', '.join(searched)}; set tune.central=per_trial or leave "
-                         "central.* out of tune.search_space")
+        raise ValueError(
+            f"config key 'tune.central': shared central images (one query before the trials) "
+            f"cannot follow a searched {', '.join(searched)}; set tune.central=per_trial or leave "
+            "central.* out of tune.search_space"
+        )
     if cfg.central.rounds == 0 and "central.rounds" not in searched:
         return "none"
     if mode == "per_trial" or searched:
@@ -219,21 +235,33 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
     cfg = resolve(cfg, n)
     p, t = cfg.privacy, cfg.tune
     if p.noise_multiplier is not None:
-        raise ValueError("config key 'privacy.noise_multiplier': expected null in a sweep (each "
-                         f"trial's sigma is calibrated from the total budget), got {p.noise_multiplier!r}")
+        raise ValueError(
+            "config key 'privacy.noise_multiplier': expected null in a sweep (each "
+            f"trial's sigma is calibrated from the total budget), got {p.noise_multiplier!r}"
+        )
     # The untuned run for comparison; tuned sweeps are always accounted with RDP, so compare in RDP.
     single = plan(cfg if t.privacy_mode == "public" else config_mod.replace(cfg, {"privacy.accountant": "rdp"}), n)
     out: dict[str, Any] = {
-        "mode": t.privacy_mode, "target_epsilon": p.epsilon, "delta": p.delta, "n": n,
-        "single_sigma": single.noise_multiplier, "search_space": space,
+        "mode": t.privacy_mode,
+        "target_epsilon": p.epsilon,
+        "delta": p.delta,
+        "n": n,
+        "single_sigma": single.noise_multiplier,
+        "search_space": space,
         "neighbouring_relation": NEIGHBOURING_RELATION,
     }
     if t.privacy_mode == "public":
-        out.update(accountant=single.accountant, epsilon=single.epsilon, trial_sigma=None, penalty=1.0,
-                   trials={"count": t.num_trials}, tuning_cost=0.0,
-                   final=plan_json(single),
-                   note="trials run on the public proxy tune.proxy_data; the final run on the "
-                        "sensitive data carries the whole budget")
+        out.update(
+            accountant=single.accountant,
+            epsilon=single.epsilon,
+            trial_sigma=None,
+            penalty=1.0,
+            trials={"count": t.num_trials},
+            tuning_cost=0.0,
+            final=plan_json(single),
+            note="trials run on the public proxy tune.proxy_data; the final run on the "
+            "sensitive data carries the whole budget",
+        )
         return out
     accountant, note = "rdp", None
     if p.accountant == "pld":
@@ -248,8 +276,7 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
     private = t.privacy_mode == "private"
     if private:
         mean, shape = trial_distribution(cfg)
-        trials = {"distribution": t.trial_distribution, "mean": mean,
-                  "shape": "inf" if math.isinf(shape) else shape}
+        trials = {"distribution": t.trial_distribution, "mean": mean, "shape": "inf" if math.isinf(shape) else shape}
         if not math.isinf(shape):
             trials["gamma"] = tnb_gamma(mean, shape)
     else:
@@ -258,8 +285,9 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
 
     def total_event(sigma: float):
         inner = dp_event.ComposedDpEvent(fixed + [ref.dpsgd(sigma)])
-        trials_event = (dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if private
-                        else dp_event.SelfComposedDpEvent(inner, k))
+        trials_event = (
+            dp_event.RepeatAndSelectDpEvent(inner, mean, shape) if private else dp_event.SelfComposedDpEvent(inner, k)
+        )
         return dp_event.ComposedDpEvent(once + [trials_event]) if once else trials_event
 
     def totalrdp_curve(sigma: float, orders: tuple) -> np.ndarray:
@@ -278,7 +306,8 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
             f"{'; ' + where if where else ''}) and the "
             f"selection score (tune.score_noise={t.score_noise:g}) alone spend epsilon={floor:.4g} over "
             f"the sweep ({t.privacy_mode}, {trials}), not below privacy.epsilon={p.epsilon:g}: raise "
-            "tune.score_noise or central noise, use fewer rounds or trials, or tune on public data")
+            "tune.score_noise or central noise, use fewer rounds or trials, or tune on public data"
+        )
     # Search on the cheap integer orders (a subset only raises epsilon: an upper bound), then refine
     # on the whole grid from there; the trials are checked against the reference on the same grid.
     rough = search_sigma(eps_on(INTEGER_RDP_ORDERS), p.epsilon, rtol=1e-3, start=single.noise_multiplier, step=2.0)
@@ -290,16 +319,31 @@ def _sweep_plan(cfg: config_mod.Config, n: int, space: dict) -> dict:
         epsilon = epsilon_of(total_event(sigma), delta=p.delta, accountant=accountant, orders=orders)
     reference = dp_event.ComposedDpEvent(fixed + [ref.dpsgd(sigma)])  # one trial's own mechanisms
     out.update(
-        accountant=accountant, epsilon=epsilon, trials=trials, trial_sigma=sigma,
-        penalty=sigma / single.noise_multiplier, score_noise=t.score_noise, central=sharing,
-        epsilon_per_trial=epsilon_of(dp_event.ComposedDpEvent(once + [reference]), delta=p.delta,
-                                     accountant=accountant),
-        reference={**dataclasses.asdict(ref), "sigma": sigma, "orders": list(orders),
-                   "rdp": [float(x) for x in rdp_curve(reference, orders)]},
-        privacy_keys_searched=_privacy_keys_searched(cfg))
+        accountant=accountant,
+        epsilon=epsilon,
+        trials=trials,
+        trial_sigma=sigma,
+        penalty=sigma / single.noise_multiplier,
+        score_noise=t.score_noise,
+        central=sharing,
+        epsilon_per_trial=epsilon_of(
+            dp_event.ComposedDpEvent(once + [reference]), delta=p.delta, accountant=accountant
+        ),
+        reference={
+            **dataclasses.asdict(ref),
+            "sigma": sigma,
+            "orders": list(orders),
+            "rdp": [float(x) for x in rdp_curve(reference, orders)],
+        },
+        privacy_keys_searched=_privacy_keys_searched(cfg),
+    )
     if once:
-        out["shared_central"] = {"rounds": ref.rounds, "sigma_c": ref.sigma_c, "q_c": ref.q_c,
-                                 "epsilon": epsilon_of(once[0], delta=p.delta, accountant=accountant)}
+        out["shared_central"] = {
+            "rounds": ref.rounds,
+            "sigma_c": ref.sigma_c,
+            "q_c": ref.q_c,
+            "epsilon": epsilon_of(once[0], delta=p.delta, accountant=accountant),
+        }
     if note:
         out["accountant_note"] = note
     return out
@@ -356,34 +400,58 @@ def trial_plan(sp: dict, cfg: config_mod.Config, n: int, sigma: float) -> Plan:
     ledger = Ledger(accountant=sp["accountant"], delta=cfg.privacy.delta, n=n, seeded=cfg.run.seed is not None)
     shared = sp.get("central") == "shared"
     if tp.rounds:  # shared: the sweep's query, run (and taken) before any trial started
-        ledger.add("central", noise_multiplier=tp.sigma_c, sample_rate=tp.q_c, count=tp.rounds, shared=shared,
-                   taken=tp.rounds if shared else 0)
+        ledger.add(
+            "central",
+            noise_multiplier=tp.sigma_c,
+            sample_rate=tp.q_c,
+            count=tp.rounds,
+            shared=shared,
+            taken=tp.rounds if shared else 0,
+        )
     ledger.add("dpsgd", noise_multiplier=sigma, sample_rate=tp.q, count=tp.steps)
     ledger.add("selection", noise_multiplier=sp["score_noise"], kind="gaussian", count=1)
     trials = sp["trials"]
     if sp["mode"] == "private":
-        ledger.repeat = {"mean": trials["mean"],
-                         "shape": math.inf if trials["shape"] == "inf" else float(trials["shape"])}
+        ledger.repeat = {
+            "mean": trials["mean"],
+            "shape": math.inf if trials["shape"] == "inf" else float(trials["shape"]),
+        }
     orders = tuple(float(o) for o in sp["reference"]["orders"])
     with quiet_accountant():  # the sweep's grid and cached curves (the ledger's own epsilon is slower)
         base = sum(rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms if not m.shared)
-        once = sum((rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms if m.shared),
-                   np.zeros(len(orders)))
-        total = once + (repeat_curve(base, trials["mean"], ledger.repeat["shape"], orders)
-                        if sp["mode"] == "private" else trials["count"] * base)
+        once = sum(
+            (rdp_curve(m.event(m.planned), orders) for m in ledger.mechanisms if m.shared), np.zeros(len(orders))
+        )
+        total = once + (
+            repeat_curve(base, trials["mean"], ledger.repeat["shape"], orders)
+            if sp["mode"] == "private"
+            else trials["count"] * base
+        )
         epsilon = curve_epsilon(total, cfg.privacy.delta, orders)
-    return Plan(noise_multiplier=sigma, sample_rate=tp.q, steps=tp.steps, central_rate=tp.q_c, ledger=ledger,
-                        epsilon=epsilon, target_epsilon=sp["target_epsilon"], delta=cfg.privacy.delta,
-                        accountant=sp["accountant"], n=n, expected_batch=cfg.finetune.batch_size)
+    return Plan(
+        noise_multiplier=sigma,
+        sample_rate=tp.q,
+        steps=tp.steps,
+        central_rate=tp.q_c,
+        ledger=ledger,
+        epsilon=epsilon,
+        target_epsilon=sp["target_epsilon"],
+        delta=cfg.privacy.delta,
+        accountant=sp["accountant"],
+        n=n,
+        expected_batch=cfg.finetune.batch_size,
+    )
 
 
 def sweep_plan_table(sp: dict) -> str:
     """Human-readable sweep plan (``dpfeta budget --sweep``)."""
     rows = [f"tuning mode        {sp['mode']}   trials {json.dumps(sp['trials'])}"]
     if sp["mode"] == "public":
-        rows += [f"released model     epsilon {sp['epsilon']:.4f} (target {sp['target_epsilon']:g}, "
-                 f"delta {sp['delta']:g}, {sp['accountant']}); the sweep on the proxy costs 0",
-                 f"final run sigma    {sp['single_sigma']:.4f}"]
+        rows += [
+            f"released model     epsilon {sp['epsilon']:.4f} (target {sp['target_epsilon']:g}, "
+            f"delta {sp['delta']:g}, {sp['accountant']}); the sweep on the proxy costs 0",
+            f"final run sigma    {sp['single_sigma']:.4f}",
+        ]
         return "\n".join(rows)
     ref = sp["reference"]
     rows += [
@@ -397,13 +465,17 @@ def sweep_plan_table(sp: dict) -> str:
     ]
     if sp.get("shared_central"):
         sc = sp["shared_central"]
-        rows.append(f"central images     shared: one query before the trials (epsilon {sc['epsilon']:.4f} alone), "
-                    "read by every trial, outside the repeat")
+        rows.append(
+            f"central images     shared: one query before the trials (epsilon {sc['epsilon']:.4f} alone), "
+            "read by every trial, outside the repeat"
+        )
     elif sp.get("central") == "per_trial":
         rows.append("central images     per trial: each trial runs its own query, inside the repeat")
     if sp.get("privacy_keys_searched"):
-        rows.append(f"searched privacy   {', '.join(sp['privacy_keys_searched'])}: each trial takes the "
-                    "smallest sigma whose RDP curve stays under the reference trial's")
+        rows.append(
+            f"searched privacy   {', '.join(sp['privacy_keys_searched'])}: each trial takes the "
+            "smallest sigma whose RDP curve stays under the reference trial's"
+        )
     if sp.get("accountant_note"):
         rows.append(f"note               {sp['accountant_note']}")
     return "\n".join(rows)
@@ -413,7 +485,9 @@ def sweep_plan_json(plan: dict) -> dict:
     """The sweep plan without the reference RDP curve (for people, JSON output and MLflow)."""
     return {k: v for k, v in plan.items() if k != "reference"} | (
         {"reference": {k: v for k, v in plan["reference"].items() if k not in ("rdp", "orders")}}
-        if "reference" in plan else {})
+        if "reference" in plan
+        else {}
+    )
 
 
 def dp_score(correct: int, val_size: int, *, sigma_v: float, rng: np.random.Generator) -> float:
@@ -424,8 +498,8 @@ def dp_score(correct: int, val_size: int, *, sigma_v: float, rng: np.random.Gene
     (post-processing) so that low-order float bits of the Gaussian draw are not released.
     """
     if val_size < 1:
-        raise ValueError(f"expected a non-empty validation split for the DP score, got {val_size} "
-                         "records; set data.val_fraction > 0")
+        raise ValueError(
+            f"expected a non-empty validation split for the DP score, got {val_size} records; set data.val_fraction > 0"
+        )
     noisy = float(correct) + float(rng.normal(0.0, sigma_v))
     return round(noisy, 2) / val_size
-

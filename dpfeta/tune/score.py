@@ -25,11 +25,14 @@ def score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict
             result["score"] = int(out["correct"]) / int(out["val_size"])
         return result
     if not has_count:
-        raise ValueError("a trial function must return 'correct' and 'val_size' (the count of correct "
-                         f"validation predictions and the public validation size), got {sorted(out)}")
+        raise ValueError(
+            "a trial function must return 'correct' and 'val_size' (the count of correct "
+            f"validation predictions and the public validation size), got {sorted(out)}"
+        )
     seed = None if spec.seed is None else [spec.seed, zlib.crc32(trial_id.encode())]
-    result["score"] = dp_score(int(out["correct"]), int(out["val_size"]), sigma_v=spec.plan["score_noise"],
-                               rng=np.random.default_rng(seed))
+    result["score"] = dp_score(
+        int(out["correct"]), int(out["val_size"]), sigma_v=spec.plan["score_noise"], rng=np.random.default_rng(seed)
+    )
     result["val_size"] = int(out["val_size"])  # public (a data-independent rule on the public N), never "correct"
     plan.ledger.record_steps("selection", 1)
     for mech in plan.ledger.mechanisms:  # a stage that did not record its steps: count the whole plan
@@ -38,5 +41,7 @@ def score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict
     with quiet_accountant():
         result["epsilon_trial"] = privacy.epsilon_of(
             dp_event.ComposedDpEvent([m.event(m.taken) for m in plan.ledger.mechanisms]),
-            delta=plan.delta, accountant=spec.plan["accountant"])
+            delta=plan.delta,
+            accountant=spec.plan["accountant"],
+        )
     return result

@@ -31,8 +31,7 @@ SPACE_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-BOUNDED = {"uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint",
-           "choice", "grid"}
+BOUNDED = {"uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint", "choice", "grid"}
 
 
 def _space_error(key: str, expected: str, got: Any) -> ValueError:
@@ -44,8 +43,13 @@ def check_search_space(cfg: config_mod.Config) -> dict[str, dict]:
     space, mode = cfg.tune.search_space, cfg.tune.privacy_mode
     for key, spec in space.items():
         if key.startswith(FORBIDDEN_PREFIXES) or key in FORBIDDEN_KEYS:
-            raise _space_error(key, "a key outside " + ", ".join(FORBIDDEN_PREFIXES + FORBIDDEN_KEYS)
-                               + " (the budget, data and score are fixed for a sweep)", key)
+            raise _space_error(
+                key,
+                "a key outside "
+                + ", ".join(FORBIDDEN_PREFIXES + FORBIDDEN_KEYS)
+                + " (the budget, data and score are fixed for a sweep)",
+                key,
+            )
         if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
             raise _space_error(key, "a mapping with type one of " + ", ".join(SPACE_TYPES), spec)
         required, optional = SPACE_TYPES[spec["type"]]
@@ -59,8 +63,12 @@ def check_search_space(cfg: config_mod.Config) -> dict[str, dict]:
         elif "lower" in spec and not spec["lower"] < spec["upper"]:
             raise _space_error(key, "lower < upper", spec)
         if spec["type"] == "grid" and mode == "private":
-            raise _space_error(key, "random distributions in tune.privacy_mode=private (a grid is not "
-                               "an i.i.d. draw; the Papernot-Steinke bound needs one)", spec)
+            raise _space_error(
+                key,
+                "random distributions in tune.privacy_mode=private (a grid is not "
+                "an i.i.d. draw; the Papernot-Steinke bound needs one)",
+                spec,
+            )
         if key in PRIVACY_KEYS and spec["type"] not in BOUNDED:
             raise _space_error(key, f"a bounded distribution for the privacy parameter {key}", spec)
     _check_samples(cfg, space)
@@ -128,4 +136,3 @@ def draw_trials(space: dict, num_trials: int, seed) -> list[dict]:
 
 def _metric_mode(metric: str) -> str:
     return "min" if any(word in metric for word in ("fid", "loss", "error")) else "max"
-

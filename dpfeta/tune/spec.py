@@ -98,5 +98,3 @@ def trial_config(spec: TrialSpec, params: dict, trial_id: str) -> config_mod.Con
     cfg = config_mod.replace(config_mod.from_dict(spec.base), updates)
     config_mod.validate_against_n(cfg, spec.n)
     return cfg
-
-

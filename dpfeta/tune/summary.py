@@ -41,19 +41,25 @@ def _rows(ws: Workspace, spec, trials: list[dict], grid, metric: str) -> list[di
             m, error = ws.remote.read_json(where), False
         else:
             m, error = (result.metrics or {}) if result is not None else {}, result is None or bool(result.error)
-        rows.append({
-            "trial_id": tid, "params": dict(trial["params"]),
-            "score": m.get(metric), "sigma": m.get("sigma"), "epsilon_trial": m.get("epsilon_trial"),
-            "val_size": m.get("val_size"),
-            "status": "done" if m.get("trial_done") else ("error" if error else "stopped"),
-        })
+        rows.append(
+            {
+                "trial_id": tid,
+                "params": dict(trial["params"]),
+                "score": m.get(metric),
+                "sigma": m.get("sigma"),
+                "epsilon_trial": m.get("epsilon_trial"),
+                "val_size": m.get("val_size"),
+                "status": "done" if m.get("trial_done") else ("error" if error else "stopped"),
+            }
+        )
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
 def _best(rows: list[dict], metric: str) -> Optional[dict]:
     """Best finished trial; failed or stopped trials are never selected (their score counts as -inf)."""
-    done = [r for r in rows if r["status"] == "done" and isinstance(r["score"], (int, float))
-            and math.isfinite(r["score"])]
+    done = [
+        r for r in rows if r["status"] == "done" and isinstance(r["score"], (int, float)) and math.isfinite(r["score"])
+    ]
     if not done:
         return None
     sign = 1.0 if _metric_mode(metric) == "max" else -1.0
@@ -68,8 +74,16 @@ def _write_trials_csv(rows: list[dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(["trial_id", *keys, "sigma", "score", "epsilon_trial", "status"])
         for r in rows:
-            w.writerow([r["trial_id"], *(r["params"].get(k) for k in keys), r["sigma"], r["score"],
-                        r["epsilon_trial"], r["status"]])
+            w.writerow(
+                [
+                    r["trial_id"],
+                    *(r["params"].get(k) for k in keys),
+                    r["sigma"],
+                    r["score"],
+                    r["epsilon_trial"],
+                    r["status"],
+                ]
+            )
 
 
 def _plan_params(plan: dict) -> dict:
@@ -85,25 +99,35 @@ def _summarize(cfg: config_mod.Config, state: dict, rows: list[dict], ws: Worksp
     if best is not None:
         best = {**best, "dir": ws.url(f"trials/{best['trial_id']}")}
     return {
-        "name": cfg.run.name, "dir": ws.url(), "mode": plan["mode"], "epsilon": plan["epsilon"],
+        "name": cfg.run.name,
+        "dir": ws.url(),
+        "mode": plan["mode"],
+        "epsilon": plan["epsilon"],
         "delta": plan["delta"],
-        "accountant": plan["accountant"], "target_epsilon": plan["target_epsilon"],
-        "metric": cfg.tune.metric, "num_trials": state["num_trials"], "seeded": state["seeded"],
-        "best": best, "trials": rows, "plan": sweep_plan_json(plan),
+        "accountant": plan["accountant"],
+        "target_epsilon": plan["target_epsilon"],
+        "metric": cfg.tune.metric,
+        "num_trials": state["num_trials"],
+        "seeded": state["seeded"],
+        "best": best,
+        "trials": rows,
+        "plan": sweep_plan_json(plan),
     }
 
 
 NOTES = {
     "private": "only the selected trial (its central images, model, samples, hyperparameters and noisy score) is "
-               "covered by epsilon (repeat-and-select over a random number of trials); the other trials, their "
-               "scores, the number of trials and the selected trial's position are not released",
+    "covered by epsilon (repeat-and-select over a random number of trials); the other trials, their "
+    "scores, the number of trials and the selected trial's position are not released",
     "naive": "every trial's output is covered (k trials composed); this folder holds the selected trial's",
     "public": "the trials ran on a public proxy; epsilon is the final run's on the sensitive data",
 }
 
 
-SHARED_NOTE = ("the central images are shared by every trial: one query, run by the sweep before its trials "
-               "and released with them; epsilon counts it once, composed with the trials'")
+SHARED_NOTE = (
+    "the central images are shared by every trial: one query, run by the sweep before its trials "
+    "and released with them; epsilon counts it once, composed with the trials'"
+)
 
 
 def release_view(summary: dict) -> dict:
@@ -111,13 +135,29 @@ def release_view(summary: dict) -> dict:
     and sigma (private: nothing about the other trials, nor K, nor the position)."""
     best = summary["best"]
     shared = summary.get("plan", {}).get("central") == "shared"
-    nothing = "" if best is not None or summary["mode"] == "public" else (
-        "; no trial finished: only the shared central images are released" if shared
-        else "; no trial finished, nothing is released")
-    out = {"mode": summary["mode"], "metric": summary["metric"], "target_epsilon": summary["target_epsilon"],
-           "selected": None if best is None else {"id": best["trial_id"], "params": best["params"],
-                                                  "score": best["score"], "noise_multiplier": best["sigma"]},
-           "note": NOTES[summary["mode"]] + nothing + (f"; {SHARED_NOTE}" if shared else "")}
+    nothing = (
+        ""
+        if best is not None or summary["mode"] == "public"
+        else (
+            "; no trial finished: only the shared central images are released"
+            if shared
+            else "; no trial finished, nothing is released"
+        )
+    )
+    out = {
+        "mode": summary["mode"],
+        "metric": summary["metric"],
+        "target_epsilon": summary["target_epsilon"],
+        "selected": None
+        if best is None
+        else {
+            "id": best["trial_id"],
+            "params": best["params"],
+            "score": best["score"],
+            "noise_multiplier": best["sigma"],
+        },
+        "note": NOTES[summary["mode"]] + nothing + (f"; {SHARED_NOTE}" if shared else ""),
+    }
     if "final" in summary:
         out["final"] = {"noise_multiplier": summary["final"]["sigma"]}
     return out
@@ -127,25 +167,34 @@ def summary_text(summary: dict) -> str:
     """The operator's console summary. Private mode leaves K out (stdout ends up in Ray job logs)."""
     best = summary["best"]
     count = "" if summary["mode"] == "private" else f": {summary['num_trials']} trial(s) run"
-    lines = [f"dpfeta tune '{summary['name']}' ({summary['mode']}){count}",
-             f"  epsilon   {summary['epsilon']:.4f} for the release (target {summary['target_epsilon']:g}, "
-             f"delta {summary['delta']:g}, {summary['accountant']}; the whole sweep, selection included)"]
+    lines = [
+        f"dpfeta tune '{summary['name']}' ({summary['mode']}){count}",
+        f"  epsilon   {summary['epsilon']:.4f} for the release (target {summary['target_epsilon']:g}, "
+        f"delta {summary['delta']:g}, {summary['accountant']}; the whole sweep, selection included)",
+    ]
     if best is None:
         lines.append("  selected  none (no trial finished): nothing is released")
     else:
-        lines.append(f"  selected  {best['trial_id']}: {summary['metric']} {best['score']:.4f}, sigma "
-                     f"{best['sigma']:.4f}, {json.dumps(best['params'], sort_keys=True)}")
+        lines.append(
+            f"  selected  {best['trial_id']}: {summary['metric']} {best['score']:.4f}, sigma "
+            f"{best['sigma']:.4f}, {json.dumps(best['params'], sort_keys=True)}"
+        )
     if "final" in summary:
         lines.append(f"  final     {summary['final']['dir']} (sigma {summary['final']['sigma']:.4f})")
-    lines.append(f"  release   {Storage(summary.get('dir', '.')).url('release')} (what may be published; README.md is "
-                 f"its card); {SUMMARY_FILE}, {TRIALS_FILE}: operator-internal")
+    lines.append(
+        f"  release   {Storage(summary.get('dir', '.')).url('release')} (what may be published; README.md is "
+        f"its card); {SUMMARY_FILE}, {TRIALS_FILE}: operator-internal"
+    )
     return "\n".join(lines)
 
 
 def _source(summary: dict) -> Optional[Storage]:
     """Where the released outputs come from: the final run (public mode), else the selected trial."""
-    where = summary["final"]["dir"] if "final" in summary else (
-        summary["best"]["dir"] if summary["best"] is not None else None)
+    where = (
+        summary["final"]["dir"]
+        if "final" in summary
+        else (summary["best"]["dir"] if summary["best"] is not None else None)
+    )
     return None if where is None else Storage(where)
 
 
@@ -164,8 +213,9 @@ def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config, ws:
         ledger = privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0)
     if summary["mode"] != "public":
         ledger.sweep_epsilon = float(summary["epsilon"])
-    ledger.seeded = ledger.seeded or cfg.run.seed is not None or (
-        summary["mode"] == "private" and cfg.tune.search_seed is not None)
+    ledger.seeded = (
+        ledger.seeded or cfg.run.seed is not None or (summary["mode"] == "private" and cfg.tune.search_seed is not None)
+    )
     return ledger
 
 
@@ -174,8 +224,10 @@ def _validation_fact(summary: dict) -> str:
     its size public."""
     sizes = {r["val_size"] for r in summary["trials"] if r.get("val_size") is not None}
     size = f"{sizes.pop()} records" if len(sizes) == 1 else "its size"
-    return (f"{size} of the sensitive source, disjoint from the training split, read only by the DP selection "
-            "score (M3); protected by epsilon like the training split")
+    return (
+        f"{size} of the sensitive source, disjoint from the training split, read only by the DP selection "
+        "score (M3); protected by epsilon like the training split"
+    )
 
 
 def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws: Workspace) -> Path:
@@ -202,15 +254,25 @@ def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws
     facts = {"tuning mode": summary["mode"], "selection": json.dumps(view, sort_keys=True, default=str)}
     scope = "the sensitive training split"
     if summary["mode"] == "public":
-        facts["proxy"] = (f"tune.proxy_data={json.dumps(cfg.tune.proxy_data, sort_keys=True)} "
-                          "(declared public: tune.proxy_is_public)")
+        facts["proxy"] = (
+            f"tune.proxy_data={json.dumps(cfg.tune.proxy_data, sort_keys=True)} (declared public: tune.proxy_is_public)"
+        )
     else:
         facts["test split"] = "not used by the sweep (the selection score is on the validation split)"
         facts["validation split"] = _validation_fact(summary)
         scope = "the sensitive training and validation splits"
     release.write_json(ws.local, release.SELECTION_FILE, view)
-    release.record(ws.local, kind="sweep", ledger=ledger, public_config=cfg.public_dict(), metrics=metrics,
-                   extra_facts=facts, epsilon=summary["epsilon"], notes=[view["note"]], scope=scope)
+    release.record(
+        ws.local,
+        kind="sweep",
+        ledger=ledger,
+        public_config=cfg.public_dict(),
+        metrics=metrics,
+        extra_facts=facts,
+        epsilon=summary["epsilon"],
+        notes=[view["note"]],
+        scope=scope,
+    )
     # Every part is committed now, also a shared central query's (put there before the trials): on an object
     # store each object's time is its upload's, and the release's should not span the trials.
     root = release.release_dir(ws.local)
@@ -233,15 +295,25 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws
     os.replace(tmp, ws.path(SUMMARY_FILE))
     ws.commit(SUMMARY_FILE)  # last: the sweep is complete
     best = summary["best"]
-    log.info("sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s", summary["name"],
-             summary["mode"], summary["epsilon"], summary["delta"], summary["accountant"],
-             "none" if best is None else f"{best['trial_id']} score {best['score']:.4f} {best['params']}")
+    log.info(
+        "sweep '%s' (%s): released epsilon %.4f (delta %g, %s); selected %s",
+        summary["name"],
+        summary["mode"],
+        summary["epsilon"],
+        summary["delta"],
+        summary["accountant"],
+        "none" if best is None else f"{best['trial_id']} score {best['score']:.4f} {best['params']}",
+    )
     if callable(tracker):
         tracker = tracker()
     if tracker is None:
         return
-    tracker.log_dp_metrics({"epsilon": summary["epsilon"],
-                            **({"selected/score": best["score"], "selected/noise_multiplier": best["sigma"]} if best else {})})
+    tracker.log_dp_metrics(
+        {
+            "epsilon": summary["epsilon"],
+            **({"selected/score": best["score"], "selected/noise_multiplier": best["sigma"]} if best else {}),
+        }
+    )
     tracker.log_artifact(root)  # release/... (the only artifacts in release mode)
     tracker.log_artifact(ws.path(SUMMARY_FILE))  # nondp/... (operator view), dropped in release mode
     tracker.log_artifact(ws.path(TRIALS_FILE))
@@ -256,4 +328,3 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws
         final_run = tracking.Tracker(tracker.uri, final.read_json(tracking.RUN_FILE)["run_id"], nondp=False)
         final_run.set_tags({"mlflow.parentRunId": tracker.run_id, "dpfeta.final": "true"})
     tracker.end("FINISHED")
-

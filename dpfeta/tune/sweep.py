@@ -13,18 +13,17 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from dpfeta import config as config_mod
 from dpfeta import cluster, privacy, runlock
+from dpfeta import config as config_mod
 from dpfeta.privacy.accounting import quiet_accountant
 from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
 from dpfeta.storage import Storage, Workspace
 from dpfeta.tune.space import _metric_mode, check_search_space, draw_trials
-from dpfeta.tune.summary import SUMMARY_FILE, SWEEP_FILE, _finish, _plan_params, _rows, _summarize, summary_text
 from dpfeta.tune.spec import FinalFn, TrialFn, TrialSpec, trial_id
+from dpfeta.tune.summary import SUMMARY_FILE, SWEEP_FILE, _finish, _plan_params, _rows, _summarize, summary_text
 from dpfeta.tune.trial import RESULT_FILE, _trainable, pipeline_trial
 
 log = logging.getLogger(__name__)
-
 
 
 EXPERIMENT = "tune"  # the Tune experiment folder under the sweep directory
@@ -68,17 +67,23 @@ def trials_config(cfg: config_mod.Config) -> tuple[config_mod.Config, int]:
         return cfg, data.public_train_size(cfg)
     proxy = cfg.tune.proxy_data
     if not proxy:
-        raise ValueError("config key 'tune.proxy_data': expected data.* overrides naming a public proxy "
-                         "dataset in tune.privacy_mode=public (e.g. {source: idx, path: /data/emnist}), got {}")
+        raise ValueError(
+            "config key 'tune.proxy_data': expected data.* overrides naming a public proxy "
+            "dataset in tune.privacy_mode=public (e.g. {source: idx, path: /data/emnist}), got {}"
+        )
     proxy_cfg = config_mod.replace(cfg, {f"data.{k}": v for k, v in proxy.items()})
     if same_source(proxy_cfg.data, cfg.data):
-        raise ValueError(f"config key 'tune.proxy_data': expected a public dataset apart from the sensitive "
-                         f"data, got the same source ({cfg.data.source}, path={cfg.data.path!r}, "
-                         f"name={cfg.data.name!r}); trials on it would spend budget the sweep does not count")
+        raise ValueError(
+            f"config key 'tune.proxy_data': expected a public dataset apart from the sensitive "
+            f"data, got the same source ({cfg.data.source}, path={cfg.data.path!r}, "
+            f"name={cfg.data.name!r}); trials on it would spend budget the sweep does not count"
+        )
     if not cfg.tune.proxy_is_public:
-        raise ValueError("config key 'tune.proxy_is_public': expected true in tune.privacy_mode=public (the "
-                         "operator's statement that tune.proxy_data is public data; it is recorded in the "
-                         "release), got false")
+        raise ValueError(
+            "config key 'tune.proxy_is_public': expected true in tune.privacy_mode=public (the "
+            "operator's statement that tune.proxy_data is public data; it is recorded in the "
+            "release), got false"
+        )
     n = data.public_train_size(proxy_cfg)
     return privacy.resolve(proxy_cfg, n), n
 
@@ -109,12 +114,17 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
     if ws.fetch(SWEEP_FILE):
         state = json.loads(path.read_text())
         if not _same_fingerprint(state["config"], cfg):
-            raise ValueError(f"a sweep named '{cfg.run.name}' exists in {ws.url()} with a different config; "
-                             "rerun it unchanged to resume, or choose another run.name")
+            raise ValueError(
+                f"a sweep named '{cfg.run.name}' exists in {ws.url()} with a different config; "
+                "rerun it unchanged to resume, or choose another run.name"
+            )
         if "trials" not in state:  # written by an older version: the draws are made (once) now
-            log.warning("sweep '%s' was started by an older dpfeta whose trial folders are named otherwise: "
-                        "its trials run again under new ids (K and sigma are kept; only the new trials "
-                        "are scored and selected from)", cfg.run.name)
+            log.warning(
+                "sweep '%s' was started by an older dpfeta whose trial folders are named otherwise: "
+                "its trials run again under new ids (K and sigma are kept; only the new trials "
+                "are scored and selected from)",
+                cfg.run.name,
+            )
             state["trials"] = draw_trials(cfg.tune.search_space, state["num_trials"], cfg.tune.search_seed)
             _save_state(ws, state)
         return state
@@ -128,12 +138,18 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
     else:
         grid = _grid_size(t.search_space)
         if t.num_trials % grid:
-            raise ValueError(f"config key 'tune.num_trials': expected a multiple of the grid size {grid}, "
-                             f"got {t.num_trials}")
+            raise ValueError(
+                f"config key 'tune.num_trials': expected a multiple of the grid size {grid}, got {t.num_trials}"
+            )
         k = t.num_trials
-    state = {"config": _fingerprint(cfg), "plan": plan, "num_trials": k, "seeded": cfg.run.seed is not None,
-             "id_key": secrets.token_hex(16),  # secret key of the opaque trial ids
-             "trials": draw_trials(t.search_space, k, t.search_seed)}  # the K hyperparameter sets
+    state = {
+        "config": _fingerprint(cfg),
+        "plan": plan,
+        "num_trials": k,
+        "seeded": cfg.run.seed is not None,
+        "id_key": secrets.token_hex(16),  # secret key of the opaque trial ids
+        "trials": draw_trials(t.search_space, k, t.search_seed),
+    }  # the K hyperparameter sets
     _save_state(ws, state)
     return json.loads(path.read_text())
 
@@ -152,8 +168,9 @@ def _scheduler(cfg: config_mod.Config):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(metric=cfg.tune.metric, mode=_metric_mode(cfg.tune.metric),
-                         time_attr="training_iteration", grace_period=1)
+    return ASHAScheduler(
+        metric=cfg.tune.metric, mode=_metric_mode(cfg.tune.metric), time_attr="training_iteration", grace_period=1
+    )
 
 
 def _fit(cfg: config_mod.Config, spec: TrialSpec, todo: list[dict]):
@@ -173,15 +190,23 @@ def _fit(cfg: config_mod.Config, spec: TrialSpec, todo: list[dict]):
     store = Storage(spec.sweep_dir)  # Tune's experiment folder in the sweep's storage (local or object store)
     t = cfg.tune
     tuner = tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(todo)},
-        tune_config=tune.TuneConfig(num_samples=1, scheduler=_scheduler(cfg),
-                                    search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent_trials),
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=store.fs_path(),
-                                  storage_filesystem=None if store.is_local else store.filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-                                  # private: Tune's trial table (every trial's score, K) stays off stdout
-                                  verbose=0 if t.privacy_mode == "private" else None))
+        trainable,
+        param_space={"trial": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            scheduler=_scheduler(cfg),
+            search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent_trials),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=store.fs_path(),
+            storage_filesystem=None if store.is_local else store.filesystem,
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+            # private: Tune's trial table (every trial's score, K) stays off stdout
+            verbose=0 if t.privacy_mode == "private" else None,
+        ),
+    )
     if t.privacy_mode != "private":
         return tuner.fit()
     # Tune's console table ("Number of trials") prints even at verbose=0 with the new output engine; in
@@ -198,9 +223,14 @@ def _fit(cfg: config_mod.Config, spec: TrialSpec, todo: list[dict]):
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
-def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
-              final_fn: Optional[FinalFn] = None, num_cpus: Optional[int] = None,
-              echo: Callable[[str], None] = lambda line: None) -> dict:
+def run_sweep(
+    cfg: config_mod.Config,
+    *,
+    trial_fn: Optional[TrialFn] = None,
+    final_fn: Optional[FinalFn] = None,
+    num_cpus: Optional[int] = None,
+    echo: Callable[[str], None] = lambda line: None,
+) -> dict:
     """Plan, run (or resume) and summarise the sweep named ``run.name``; returns the summary.
 
     ``trial_fn(ctx) -> {"correct": int, "val_size": int, ...}`` runs one trial (default: the
@@ -221,15 +251,25 @@ def run_sweep(cfg: config_mod.Config, *, trial_fn: Optional[TrialFn] = None,
         if ws.is_remote:
             ws.remote.check_writable()  # a missing bucket, no permission, no endpoint: an error now
         with runlock.hold(ws.remote):  # one process per sweep directory
-            return _sweep(cfg, n, ws, trials_cfg, trials_n, trial_fn=trial_fn, final_fn=final_fn,
-                          num_cpus=num_cpus, echo=echo)
+            return _sweep(
+                cfg, n, ws, trials_cfg, trials_n, trial_fn=trial_fn, final_fn=final_fn, num_cpus=num_cpus, echo=echo
+            )
     finally:
         ws.close()
 
 
-def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod.Config, trials_n: int, *,
-           trial_fn: Optional[TrialFn], final_fn: Optional[FinalFn], num_cpus: Optional[int],
-           echo: Callable[[str], None]) -> dict:
+def _sweep(
+    cfg: config_mod.Config,
+    n: int,
+    ws: Workspace,
+    trials_cfg: config_mod.Config,
+    trials_n: int,
+    *,
+    trial_fn: Optional[TrialFn],
+    final_fn: Optional[FinalFn],
+    num_cpus: Optional[int],
+    echo: Callable[[str], None],
+) -> dict:
     state = load_state(cfg, n, ws)
     echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
     if ws.fetch(SUMMARY_FILE):
@@ -246,15 +286,28 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
     # trials would carry their number in its start and end times.
     log_trials = mode != "private"
     tracker = None if mode == "private" else _start_tracker(cfg, ws, plan)
-    spec = TrialSpec(base=trials_cfg.to_dict(), plan=plan, n=trials_n, sweep_dir=ws.url(),
-                 trial_fn=trial_fn or pipeline_trial, tracking_uri=tracker.uri if tracker else None,
-                 parent_run_id=tracker.run_id if tracker else None, log_trials=log_trials,
-                 seed=cfg.run.seed, id_key=state["id_key"])
+    spec = TrialSpec(
+        base=trials_cfg.to_dict(),
+        plan=plan,
+        n=trials_n,
+        sweep_dir=ws.url(),
+        trial_fn=trial_fn or pipeline_trial,
+        tracking_uri=tracker.uri if tracker else None,
+        parent_run_id=tracker.run_id if tracker else None,
+        log_trials=log_trials,
+        seed=cfg.run.seed,
+        id_key=state["id_key"],
+    )
     try:
         todo = [t for t in state["trials"] if not ws.remote.is_file(f"trials/{trial_id(spec, t)}/{RESULT_FILE}")]
         if len(todo) < len(state["trials"]) and mode != "private":  # private: K stays out of the logs
-            log.info("sweep '%s': %d of %d trials already scored (kept), running %d", cfg.run.name,
-                     len(state["trials"]) - len(todo), len(state["trials"]), len(todo))
+            log.info(
+                "sweep '%s': %d of %d trials already scored (kept), running %d",
+                cfg.run.name,
+                len(state["trials"]) - len(todo),
+                len(state["trials"]),
+                len(todo),
+            )
         grid = None
         if todo:
             with cluster.session(cfg, num_cpus=num_cpus):
@@ -263,8 +316,13 @@ def _sweep(cfg: config_mod.Config, n: int, ws: Workspace, trials_cfg: config_mod
         summary = _summarize(cfg, state, rows, ws)
         if mode == "public" and summary["best"] is not None:
             summary.update(_final_run(cfg, n, summary["best"]["params"], final_fn, ws))
-        _finish(cfg, summary, rows, (lambda: _start_tracker(cfg, ws, plan, fresh=True)) if mode == "private" else tracker,
-                ws)
+        _finish(
+            cfg,
+            summary,
+            rows,
+            (lambda: _start_tracker(cfg, ws, plan, fresh=True)) if mode == "private" else tracker,
+            ws,
+        )
         echo(summary_text(summary))
     except BaseException:
         if tracker is not None:
@@ -277,8 +335,13 @@ def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: 
     """The sweep's MLflow run (None when tracking is off); ``fresh``: created now (private mode)."""
     from dpfeta.rundir import start_tracker
 
-    return start_tracker(cfg, ws, params={**cfg.public_flat(), **_plan_params(plan)},
-                         tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]}, fresh=fresh)
+    return start_tracker(
+        cfg,
+        ws,
+        params={**cfg.public_flat(), **_plan_params(plan)},
+        tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]},
+        fresh=fresh,
+    )
 
 
 CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), read by every trial
@@ -295,8 +358,9 @@ def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) ->
     from dpfeta.runplan import check_train_size
 
     sc = plan["shared_central"]
-    ledger = privacy.Ledger(accountant=plan["accountant"], delta=cfg.privacy.delta, n=n,
-                            seeded=cfg.run.seed is not None)
+    ledger = privacy.Ledger(
+        accountant=plan["accountant"], delta=cfg.privacy.delta, n=n, seeded=cfg.run.seed is not None
+    )
     ledger.add("central", noise_multiplier=sc["sigma_c"], sample_rate=sc["q_c"], count=sc["rounds"], shared=True)
     run = RunDir(cfg, ws, ledger)
     run.open_ledger()  # the stored one, checked to be this query's (a rerun never plans it again)
@@ -306,8 +370,12 @@ def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) ->
     check_train_size(n, len(splits.train))
     with quiet_accountant():
         pipeline.stage_central(run, splits.train)
-    log.info("sweep '%s': shared central images in %s (epsilon %.4f alone; every trial reads them)",
-             cfg.run.name, ws.url(CENTRAL_DIR), sc["epsilon"])
+    log.info(
+        "sweep '%s': shared central images in %s (epsilon %.4f alone; every trial reads them)",
+        cfg.run.name,
+        ws.url(CENTRAL_DIR),
+        sc["epsilon"],
+    )
 
 
 def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[FinalFn], ws: Workspace) -> dict:
@@ -321,6 +389,7 @@ def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[
 
         final_fn = pipeline.run
     result = final_fn(final_cfg)
-    return {"epsilon": final_plan.epsilon, "final": {"dir": Storage(final_cfg.run_location()).uri,
-                                                    "sigma": final_plan.noise_multiplier, "result": result}}
-
+    return {
+        "epsilon": final_plan.epsilon,
+        "final": {"dir": Storage(final_cfg.run_location()).uri, "sigma": final_plan.noise_multiplier, "result": result},
+    }

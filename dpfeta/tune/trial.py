@@ -55,11 +55,17 @@ def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: d
     run = RunDir.of(cfg, ws, plan)
     run.write_config()  # the trial's resolved config, its sigma included
     if spec.log_trials and spec.parent_run_id:
-        tags = {"mlflow.parentRunId": spec.parent_run_id, "dpfeta.trial_id": trial_id,
-                "dpfeta.sweep": Storage(spec.sweep_dir).uri.rstrip("/").rsplit("/", 1)[-1],
-                "dpfeta.tune_mode": spec.plan["mode"]}
-        run.start_tracker(params={**tracking.run_params(cfg, plan), **{f"trial/{k}": v for k, v in params.items()}},
-                          tags=tags, trial=True)
+        tags = {
+            "mlflow.parentRunId": spec.parent_run_id,
+            "dpfeta.trial_id": trial_id,
+            "dpfeta.sweep": Storage(spec.sweep_dir).uri.rstrip("/").rsplit("/", 1)[-1],
+            "dpfeta.tune_mode": spec.plan["mode"],
+        }
+        run.start_tracker(
+            params={**tracking.run_params(cfg, plan), **{f"trial/{k}": v for k, v in params.items()}},
+            tags=tags,
+            trial=True,
+        )
     ctx = TrialContext(cfg=cfg, params=dict(params), run=run, mode=spec.plan["mode"], n=spec.n, trial_id=trial_id)
     try:
         result = score(spec, run.plan, dict(spec.trial_fn(ctx) or {}), trial_id)  # counted in run.ledger
@@ -84,8 +90,12 @@ def _record(spec: TrialSpec, run: RunDir, result: dict) -> None:
     """The trial's ledgers (``trial_ledger.json``; the pipeline's ``ledger.json``, if the trial function
     opened one, now with the score counted) and the release parts it left uncommitted, committed."""
     plan = run.plan
-    record = {**run.ledger.state_dict(), "epsilon_trial": result.get("epsilon_trial"),
-              "epsilon_if_all_trials_were_this_one": plan.epsilon, "epsilon_total": spec.plan["epsilon"]}
+    record = {
+        **run.ledger.state_dict(),
+        "epsilon_trial": result.get("epsilon_trial"),
+        "epsilon_if_all_trials_were_this_one": plan.epsilon,
+        "epsilon_total": spec.plan["epsilon"],
+    }
     run.path("trial_ledger.json").write_text(json.dumps(record, indent=2) + "\n")
     run.commit("trial_ledger.json")
     if run.path(LEDGER_FILE).is_file():
@@ -105,8 +115,10 @@ def _shared_central(spec: TrialSpec, ws: Workspace) -> None:
     src = Workspace(Storage(spec.sweep_dir))
     try:
         if not src.fetch("central"):
-            raise RuntimeError(f"internal: the sweep's shared central images are missing from "
-                               f"{src.url('central')}; a trial never runs its own query in tune.central=shared")
+            raise RuntimeError(
+                f"internal: the sweep's shared central images are missing from "
+                f"{src.url('central')}; a trial never runs its own query in tune.central=shared"
+            )
         shutil.copytree(src.path("central"), ws.path("central"), dirs_exist_ok=True)
     finally:
         src.close()
@@ -124,12 +136,18 @@ def pipeline_trial(ctx: TrialContext) -> dict:
     splits = data.load_splits(ctx.cfg)  # validates before any privacy spend
     check_train_size(ctx.n, len(splits.train))
     if len(splits.val) == 0 and ctx.mode != "public":
-        raise ValueError("the DP selection score needs a validation split: set data.val_fraction > 0 "
-                         "(or give the source a val part)")
+        raise ValueError(
+            "the DP selection score needs a validation split: set data.val_fraction > 0 (or give the source a val part)"
+        )
     _, synthetic = pipeline.train_and_sample(ctx.run, splits.train, callbacks=ctx.train_callbacks())
     e = ctx.cfg.eval
-    model = evaluate.train_classifier(synthetic, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
-                                      lr=e.classifier_lr, label="selection CNN (synthetic)")
+    model = evaluate.train_classifier(
+        synthetic,
+        epochs=e.classifier_epochs,
+        batch_size=e.classifier_batch_size,
+        lr=e.classifier_lr,
+        label="selection CNN (synthetic)",
+    )
     val = splits.test if ctx.mode == "public" and len(splits.val) == 0 else splits.val
     correct = int((evaluate.predict(model, val.images) == val.labels).sum())
     return {"correct": correct, "val_size": len(val), "steps": ctx.ledger.get("dpsgd").taken}
@@ -141,4 +159,3 @@ def _trainable(config: dict, spec: TrialSpec) -> None:
 
     trial = config["trial"]
     tune.report(run_trial(spec, trial["params"], trial_id(spec, trial)))
-
