@@ -31,8 +31,8 @@ def _features(seed: int, n: int, dim: int, shift: float = 0.0, scale: float = 1.
         (500, 400, 64, 0.3, 1.5),  # shifted and scaled
         (40, 50, 64, 0.1, 1.0),  # fewer samples than dimensions: singular covariances
         pytest.param(
-            300, 300, 2048, 0.0, 1.0, marks=pytest.mark.slow
-        ),  # Inception's width: a minute of sqrtm on 2 cores
+            300, 300, 2048, 0.0, 1.0, marks=[pytest.mark.slow, pytest.mark.long]
+        ),  # Inception's width: a minute of pytorch-fid's sqrtm on 2 cores (CI only)
     ],
 )
 def test_frechet_distance_matches_pytorch_fid(n1, n2, dim, shift, scale):
