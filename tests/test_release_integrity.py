@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 
@@ -32,28 +33,9 @@ SPACE = {
 }  # continuous: a draw names its index
 SETTINGS = [
     # tiny real stages (an 8x8 U-Net of ~9k parameters, a few warm-up and DP-SGD steps)
-    "data.resolution=8",
-    "model.channels=8",
-    "model.channel_mult=[1]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[]",
-    "model.emb_channels=16",
-    "warmup.batch_size=16",
-    "warmup.checkpoint_every=2",
-    "warmup.log_every=1",
+    *conftest.TINY,
     "finetune.batch_size=64",
     "finetune.epochs=0.1",
-    "finetune.noise_multiplicity=1",
-    "finetune.checkpoint_every=1",
-    "finetune.log_every=1",
-    "sample.steps=2",
-    "sample.num_samples=40",
-    "sample.batch_size=40",
-    "eval.classifier_epochs=1",
-    "eval.classifier_batch_size=32",
-    "eval.logreg=false",
-    "eval.fid.num_samples=40",
-    "eval.fid.inception_weights=null",
     "central.noise_multiplier=2.0",
     "central.batch_size=100",
     "central.rounds=2",
