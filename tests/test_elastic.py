@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,9 +142,25 @@ def slow_while_one_worker(step: int, rank: int, world_size: int) -> None:
         time.sleep(0.5)
 
 
-def slow_while_two_workers(step: int, rank: int, world_size: int) -> None:
-    if world_size == 2:
-        time.sleep(0.4)
+class PaceTwoWorkers:
+    """Test hook for the node-loss test: every step a 2-worker group runs leaves a marker ``two-<step>``
+    in ``marks`` and takes 0.4 s; until one has run, a 1-worker group is slowed too, so that a group
+    that started small (the resource view of Ray's autoscaling coordinator can lag on a loaded machine)
+    has time to grow before the run ends. After the shrink the last group runs at full speed."""
+
+    def __init__(self, marks: Path):
+        self.marks = marks
+
+    def __call__(self, step: int, rank: int, world_size: int) -> None:
+        if world_size == 2:
+            (self.marks / f"two-{step:08d}").touch()
+            time.sleep(0.4)
+        elif not any(self.marks.glob("two-*")):
+            time.sleep(0.5)
+
+    def first_step_of_two(self) -> int:
+        steps = sorted(int(p.name[4:]) for p in self.marks.glob("two-*"))
+        return steps[0] if steps else -1
 
 
 def _fit(cfg, bucket_prefix, tmp_path, hook):
@@ -187,8 +204,12 @@ def test_b_a_lost_node_shrinks_the_group_and_keeps_T_and_epsilon(
     # late, and the elastic group would start, and stay, at one worker).
     ray.init(address=cluster.address, log_to_driver=False)
     _when(lambda: ray.available_resources().get("dpsgd", 0) >= 2, "both worker nodes' resources")
-    result = _in_thread(lambda: _fit(cfg, store.uri, tmp_path, slow_while_two_workers))
-    _when(lambda: _last_ray_step(store) >= 2, "the first checkpoints of the 2-worker group")
+    pace = PaceTwoWorkers(tmp_path / "marks")
+    pace.marks.mkdir()
+    result = _in_thread(lambda: _fit(cfg, store.uri, tmp_path, pace))
+    _when(lambda: pace.first_step_of_two() >= 0, "a step of a 2-worker group")
+    # A checkpoint of the 2-worker group is committed (its entry in the ledger survives the restart).
+    _when(lambda: _last_ray_step(store) > pace.first_step_of_two(), "a checkpoint of the 2-worker group")
     cluster.remove_node(nodes[1], allow_graceful=False)
     pl, summary = result()
     sizes = [g["world_size"] for g in summary["groups"]]
