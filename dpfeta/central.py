@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dpfeta import config as config_mod
 from dpfeta import privacy
 from dpfeta.data import ImageSet, read_image_folder
-from dpfeta.images import encode_png
+from dpfeta.images import encode_png, save_class_folders
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +263,12 @@ def central_images(cfg: config_mod.Config, train, *, generator: Optional[torch.G
 
 
 def save_central(result: CentralResult, out_dir: Path | str) -> Path:
-    """Write ``images/<class>/<round>.png``, ``grid.png`` (rows: rounds) and ``central.json``."""
+    """Write ``images/<class>/<i>.png`` (``images.save_class_folders``), ``grid.png`` (rows: rounds) and
+    ``central.json``."""
     out, classes = Path(out_dir), result.num_classes
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(result.images, result.labels)):
-        folder = out / "images" / str(int(label))
-        folder.mkdir(exist_ok=True)
-        (folder / f"{i // classes}.png").write_bytes(encode_png(image))
+    if len(result.images):
+        save_class_folders(result.images, result.labels, out / "images")
     if len(result.images):
         (out / "grid.png").write_bytes(encode_png(grid(result.images, columns=classes)))
     meta = {

@@ -28,6 +28,7 @@ from typing import Union
 import yaml
 
 import dpfeta
+from dpfeta import images as images_mod
 from dpfeta import privacy, release, storage
 
 FORMATS = ("imagefolder", "parquet", "hf")
@@ -115,22 +116,28 @@ def _read_json(path: Path, *, required: bool = False) -> dict:
 
 
 def _class_folders(root: Path) -> dict[int, list[Path]]:
-    """``root/<int label>/*.png`` -> {label: sorted files}; refuses a release without samples."""
-    folders = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()] if root.is_dir() else []
-    images = {int(p.name): sorted(p.glob("*.png")) for p in folders}
-    images = {label: files for label, files in sorted(images.items()) if files}
+    """``root/<label>/<i>.png`` (``images.class_folder_files``) -> {label: its files}; refuses a release
+    without samples."""
+    images: dict[int, list[Path]] = {}
+    for path, label in images_mod.class_folder_files(root):
+        images.setdefault(label, []).append(path)
     if not images:
         raise ValueError(
             f"'{root}': expected the released synthetic images as <label>/*.png, found none "
             "(the run has not reached sampling; finish it first)"
         )
-    return images
+    return dict(sorted(images.items()))
+
+
+def class_digits(num_classes: int) -> int:
+    """The width of the exported label folders: the last label's digits (text order is label order)."""
+    return len(str(num_classes - 1))
 
 
 def class_names(num_classes: int) -> list[str]:
-    """Label names, zero-padded so that sorting them as text keeps the label order ("00".."11")."""
-    width = len(str(num_classes - 1))
-    return [f"{label:0{width}d}" for label in range(num_classes)]
+    """Label names, zero-padded so that sorting them as text keeps the label order ("00".."11"): the
+    export's folder names (``images.class_file``) and its ClassLabel names."""
+    return [images_mod.class_folder(label, digits=class_digits(num_classes)) for label in range(num_classes)]
 
 
 def select(images: dict[int, list[Path]], num_classes: int, per_class: Union[int, str, None]) -> dict[int, list[Path]]:
@@ -179,7 +186,7 @@ def export(run: Path | str, out: Path | str, *, fmt: str = "hf", per_class: Unio
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        rows = _rows(chosen, class_names(rel.num_classes))
+        rows = _rows(chosen, rel.num_classes)
         if fmt == "imagefolder":
             for source, path, _ in rows:
                 (tmp / "train" / path).parent.mkdir(parents=True, exist_ok=True)
@@ -222,15 +229,16 @@ def _check_out(out: Path | str) -> Path:
     return out
 
 
-def _rows(chosen: dict[int, list[Path]], names: list[str]) -> list[tuple[Path, str, int]]:
-    """(source file, relative path ``<name>/<i>.png``, label) for every exported image; checks PNGs."""
+def _rows(chosen: dict[int, list[Path]], num_classes: int) -> list[tuple[Path, str, int]]:
+    """(source file, relative path ``images.class_file``, label) for every exported image; checks PNGs.
+    The files are copied as they are: the PNGs ``images.save_class_folders`` wrote for the release."""
     rows = []
     for label, files in sorted(chosen.items()):
         for i, source in enumerate(files):
             with open(source, "rb") as f:
                 if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                     raise ValueError(f"'{source}': expected a PNG image (the release's samples), got another file")
-            rows.append((source, f"{names[label]}/{i:06d}.png", label))
+            rows.append((source, images_mod.class_file(label, i, digits=class_digits(num_classes)), label))
     return rows
 
 

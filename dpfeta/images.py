@@ -1,5 +1,6 @@
-"""Image conversions and PNG I/O: uint8 [N,C,H,W] <-> float in [-1, 1], PNG/JPEG codecs, grids,
-class folders. torch is imported only by the functions that take or return tensors."""
+"""Image conversions and PNG I/O: uint8 [N,C,H,W] <-> float in [-1, 1], PNG/JPEG codecs, grids, the one
+class-folder layout (its writer and its reader). torch is imported only by the functions that take or
+return tensors."""
 
 from __future__ import annotations
 
@@ -104,46 +105,101 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, *, nrow: int 
     return path
 
 
+# The one class-folder layout (torchvision's and Hugging Face's ImageFolder), written by sampling, the
+# central query and `dpfeta export`, read by the data loader, the evaluation and the warm-up:
+# ``<root>/<label>/<index>.png``, label and index as zero-padded decimals (text order is number order),
+# PNGs of mode L (one channel) or RGB (three). The reader also takes the folders a user brings: JPEGs,
+# and class names that are not numbers (labels by sorted name).
+LABEL_DIGITS = 6
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def class_folder(label: int, *, digits: int = LABEL_DIGITS) -> str:
+    """A label's folder name: the label, zero-padded to ``digits``."""
+    return f"{int(label):0{digits}d}"
+
+
+def class_file(label: int, index: int, *, digits: int = LABEL_DIGITS) -> str:
+    """``<label>/<index>.png`` relative to the root: the label ``digits`` wide, the index six."""
+    return f"{class_folder(label, digits=digits)}/{int(index):06d}.png"
+
+
 def save_class_folders(
-    images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, out_dir: Path | str, *, start: int = 0
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    out_dir: Path | str,
+    *,
+    start: int = 0,
+    digits: int = LABEL_DIGITS,
 ) -> None:
-    """Write ``out_dir/<label:06d>/<index:06d>.png`` (torchvision ImageFolder order)."""
+    """Write image ``i`` to ``out_dir/<label>/<start + i>.png`` (``class_file``)."""
     images = _numpy_uint8(images)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
     if len(labels) != len(images):
         raise ValueError(f"expected one label per image, got {len(labels)} labels for {len(images)} images")
     out_dir = Path(out_dir)
     for i, (image, label) in enumerate(zip(images, labels)):
-        folder = out_dir / f"{int(label):06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _pil(image).save(folder / f"{start + i:06d}.png")
+        path = out_dir / class_file(label, start + i, digits=digits)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(image))
+
+
+def class_folder_files(root: Path | str) -> list[tuple[Path, int]]:
+    """(image file, label) of the class folders under ``root``, by folder name then by index; numeric
+    folder names are the labels ("000003" -> 3), other names are numbered in sorted order."""
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if all(p.name.isdigit() for p in folders):
+        labelled = [(int(p.name), p) for p in folders]
+    else:
+        labelled = list(enumerate(folders))
+    files = []
+    for label, folder in labelled:
+        found = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        found.sort(key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0, f.name))
+        files += [(f, label) for f in found]
+    return files
+
+
+def stack_images(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray:
+    """[C, H, W] arrays of one shape -> [N, C, H, W]; a mixed shape is refused naming its file."""
+    if not images:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    ref = images[0].shape
+    for img, name in zip(images, names):
+        if img.shape != ref:
+            raise ValueError(
+                f"mixed shapes in {where}: expected every image to be {ref} (C,H,W) like "
+                f"{names[0]}, found {img.shape} in {name}"
+            )
+    return np.stack(images)
+
+
+def read_class_folders(
+    root: Path | str, *, channels: int | None = None, where: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The class folders under ``root`` -> (uint8 [N, C, H, W], int64 [N]), in ``class_folder_files``
+    order; ``channels`` converts every image to 1 (grey) or 3 (RGB). Empty when there are none."""
+    files = class_folder_files(root)
+    names = [f"'{f}'" for f, _ in files]
+    arrays = [_channels(decode_image(f, name), channels) for (f, _), name in zip(files, names)]
+    labels = np.array([label for _, label in files], np.int64)
+    return stack_images(arrays, names, where or f"image folder '{root}'"), labels
+
+
+def _channels(image: np.ndarray, channels: int | None) -> np.ndarray:
+    if channels is None or image.shape[0] == channels:
+        return image
+    arr = np.asarray(_pil(image).convert("L" if channels == 1 else "RGB"))
+    return arr[None] if channels == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def load_class_folders(root: Path | str, *, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``root/<int label>/*.png`` -> (uint8 [N,C,H,W], int64 [N]); folder names are labels.
-
-    ``channels`` forces 1 (grey) or 3 (RGB); by default it follows the first image's mode.
-    """
-    root = Path(root)
-    folders = (
-        sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-        if root.is_dir()
-        else []
-    )
-    files = [(f, int(d.name)) for d in folders for f in sorted(d.glob("*.png"))]
-    if not files:
+    """``read_class_folders`` of a synthetic set: refused when ``root`` holds no images."""
+    images, labels = read_class_folders(root, channels=channels)
+    if not len(labels):
         raise ValueError(f"expected PNG files in class folders '{root}/<label>/*.png', found none")
-    arrays = []
-    for f, _ in files:
-        img = Image.open(f)
-        if channels is None:
-            channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
-        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-        arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"expected images of one size under '{root}', got shapes {sorted(shapes)}")
-    return np.stack(arrays), np.array([label for _, label in files], dtype=np.int64)
+    return images, labels
 
 
 def save_class_grid(

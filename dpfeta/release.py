@@ -3,7 +3,7 @@
 ``<run dir>/release/`` (a sweep: ``<sweep dir>/release/``) is built stage by stage and holds only
 outputs covered by the reported epsilon, and the public facts needed to read them::
 
-    central/      the DP central images (M1): images/<class>/<round>.png, grid.png, central.json
+    central/      the DP central images (M1): images/<class>/<i>.png, grid.png, central.json
     model/        the selected weights: ema.pt, model.pt (raw), meta.json (noise seed redacted)
     samples/      the synthetic images: images/<class>/*.png, grid.png, samples.json
     metrics.json  DP metrics only (evaluation against a public test set; a sweep's noisy score)

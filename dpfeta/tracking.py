@@ -384,27 +384,19 @@ def code_version_tags() -> dict[str, str]:
     """The code a run used: git commit of the dpfeta checkout (if it is one), dpfeta and library versions.
     ``mlflow.source.*`` are the tags the MLflow UI shows as the run's source."""
     import subprocess
-    from importlib import metadata
 
     import dpfeta
 
     tags = {"dpfeta.version": dpfeta.__version__, "mlflow.source.name": "dpfeta", "mlflow.source.type": "LOCAL"}
-    for dist in ("torch", "opacus", "ray", "mlflow", "dp-accounting"):
-        try:
-            tags[f"dpfeta.{dist}_version"] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    versions = dpfeta.library_versions("torch", "opacus", "ray", "mlflow", "dp-accounting")
+    tags.update({f"dpfeta.{dist}_version": version for dist, version in versions.items() if version is not None})
     where = str(Path(dpfeta.__file__).parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     if len(commit) == 40:

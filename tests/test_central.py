@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dpfeta import central, config, privacy
 from dpfeta.data import ImageSet
+from dpfeta.images import class_file
 
 
 def make_cfg(k: int = 10, **updates) -> config.Config:
@@ -179,7 +180,7 @@ def test_release_writes_images_grid_ledger_only(tmp_path):
     result, ledger = central.release(cfg, random_set(1000), tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     expected = ["central.json", "grid.png", "ledger.json"]
-    expected += [f"images/{k}/{r}.png" for k in range(10) for r in range(3)]
+    expected += [f"images/{class_file(k, 10 * r + k)}" for k in range(10) for r in range(3)]  # the one layout
     assert files == sorted(expected)
     saved = json.loads((tmp_path / "ledger.json").read_text())
     assert saved["mechanisms"] == [

@@ -20,6 +20,7 @@ from PIL import Image
 
 import dpfeta
 from dpfeta import cli, config, export, images, privacy, release
+from dpfeta.data import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = (5, 3, 4)  # released images per class: unbalanced
@@ -51,12 +52,19 @@ def recording_reads():
         _touched = None
 
 
-def make_release(run: Path, counts=COUNTS, *, finished: bool = True, metrics: dict | None = None) -> privacy.Ledger:
+def released_images(counts=COUNTS, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic images of ``make_release`` and their labels, by class."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return np.random.default_rng(0).integers(0, 256, size=(len(labels), channels, 8, 8), dtype=np.uint8), labels
+
+
+def make_release(
+    run: Path, counts=COUNTS, *, finished: bool = True, metrics: dict | None = None, channels: int = 1
+) -> privacy.Ledger:
     """A run directory whose release/ holds class folders of PNGs, a ledger, a record and metrics, as
     ``dpfeta run`` writes them; and operator-internal files beside it that an export must not read."""
     cfg = config.load(None, [f"data.num_classes={len(counts)}", "run.name=fake", f"run.dir={run.parent}"])
-    labels = np.repeat(np.arange(len(counts)), counts)
-    x = np.random.default_rng(0).integers(0, 256, size=(len(labels), 1, 8, 8), dtype=np.uint8)
+    x, labels = released_images(counts, channels)
     images.save_class_folders(x, labels, release.release_dir(run) / "samples" / "images")
     ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=1000)
     ledger.add("central", noise_multiplier=5.0, sample_rate=0.3, count=2, taken=2)
@@ -160,6 +168,23 @@ def test_label_names_sort_as_labels_past_ten_classes(tmp_path):
     export.export(run, tmp_path / "out", fmt="imagefolder")
     names = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
     assert names == [f"{i:02d}" for i in range(12)] == export.class_names(12)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_imagefolder_export_loads_back_with_the_data_loader(tmp_path, channels):
+    """One class-folder layout: what `dpfeta export` writes (folders "00".."11", PNGs L or RGB), the
+    `imagefolder` data source reads back with the same pixels, labels and order."""
+    counts = (2, 1, 3) + (1,) * 9
+    run, out = tmp_path / "run", tmp_path / "out"
+    make_release(run, counts=counts, channels=channels)
+    export.export(run, out, fmt="imagefolder", per_class=None)
+    cfg = config.load(None, [f"data.num_classes={len(counts)}", "data.source=imagefolder", f"data.path={out}"])
+    part = sources.read_source(cfg)["train"]
+    x, labels = released_images(counts, channels)
+    assert part.images.dtype == np.uint8 and np.array_equal(part.images, x)
+    assert np.array_equal(part.labels, labels)
+    modes = {Image.open(f).mode for f in (out / "train").rglob("*.png")}
+    assert modes == {"L" if channels == 1 else "RGB"}
 
 
 def test_a_release_without_dp_metrics_says_so(tmp_path):

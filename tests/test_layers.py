@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "nn": {"config"},
     "data": {"config", "images"},
     "diffusion": set(),  # the math: torch only
-    "sample": BASE | {"nn", "diffusion", "precision", "cluster"},  # a shard runs as a GPU task
+    "sample": BASE | {"nn", "diffusion", "precision"},
     "release": {"config", "privacy"},
     "tracking": {"config", "release", "console"},
     "cluster": {"config", "console"},  # where code runs; knows no MLflow run
@@ -58,7 +58,7 @@ ALLOWED: dict[str, set[str]] = {
         "runplan",
     },
     "tune": BASE | {"cluster", "data", "privacy", "release", "tracking", "pipeline", "evaluate", "rundir", "runplan"},
-    "export": {"config", "privacy", "release", "storage"},  # reads release/ only
+    "export": {"config", "images", "privacy", "release", "storage"},  # reads release/ only
     "audit_plot": set(),  # the audit's score histogram (Pillow)
     "canaries": {"config", "data", "dpsgd", "finetune"},  # gradient canaries in the DP-SGD step
     "audit": {

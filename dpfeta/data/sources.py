@@ -14,10 +14,7 @@ from typing import Optional
 import numpy as np
 
 from dpfeta import config as config_mod
-from dpfeta.images import decode_image
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
+from dpfeta.images import class_folder_files, decode_image, read_class_folders, stack_images
 
 TORCHVISION_SIZES = {"MNIST": 60000, "FashionMNIST": 60000, "CIFAR10": 50000}
 
@@ -85,7 +82,7 @@ def source_size(cfg: config_mod.Config) -> tuple[int, bool, bool]:
             return len(z[key]), "y_val" in z.files, "y_test" in z.files
     if d.source == "imagefolder":
         groups = _split_groups(_existing(d.path, "data.path"))
-        return len(_list_images(groups["train"])), "val" in groups, "test" in groups
+        return len(class_folder_files(groups["train"])), "val" in groups, "test" in groups
     fs, groups = _parquet_groups(d.path)
     import pyarrow.parquet as pq
 
@@ -218,43 +215,10 @@ def _split_groups(root: Path) -> dict[str, Path]:
     return {"train": root}
 
 
-def _class_folders(root: Path) -> list[tuple[int, Path]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if all(p.name.isdigit() for p in folders):
-        return [(int(p.name), p) for p in folders]  # "000003" -> 3
-    return list(enumerate(folders))
-
-
-def _list_images(root: Path) -> list[tuple[Path, int]]:
-    files = []
-    for label, folder in _class_folders(root):
-        images = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
-        images.sort(key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0, f.name))
-        files += [(f, label) for f in images]
-    return files
-
-
-def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray:
-    if not images:
-        return np.zeros((0, 1, 1, 1), np.uint8)
-    ref = images[0].shape
-    for img, name in zip(images, names):
-        if img.shape != ref:
-            raise ValueError(
-                f"mixed shapes in {where}: expected every image to be {ref} (C,H,W) like "
-                f"{names[0]}, found {img.shape} in {name}"
-            )
-    return np.stack(images)
-
-
 def read_image_folder(root: Path, where: str | None = None) -> _Part:
-    """Class sub-folders of PNG/JPEG files; numeric folder names are labels, others sorted."""
-    files = _list_images(root)
-    names = [f"'{f}'" for f, _ in files]
-    images = [decode_image(f, name) for (f, _), name in zip(files, names)]
-    labels = np.array([label for _, label in files], np.int64)
+    """Class sub-folders of PNG/JPEG files (``images.read_class_folders``: the one class-folder layout)."""
     where = where or f"image folder '{root}'"
-    return _Part(_stack(images, names, where), labels, where)
+    return _Part(*read_class_folders(root, where=where), where)
 
 
 def _read_imagefolder_source(d) -> dict[str, _Part]:
@@ -345,7 +309,7 @@ def _read_parquet_file(fs, path: str) -> _Part:
     names = [f"in {where} row {i}" for i in range(len(column))]
     images = [decode_image(b, name) for b, name in zip(column.to_pylist(), names)]
     labels = _to_labels(table.column(label_col).to_numpy(), where)
-    return _Part(_stack(images, names, where), labels, where)
+    return _Part(stack_images(images, names, where), labels, where)
 
 
 def _read_parquet_source(d) -> dict[str, _Part]:
