@@ -7,7 +7,8 @@ Layout of a checkpoint directory::
     meta.json      config, step and anything else JSON-serialisable
 
 ``save`` writes into a temporary sibling and swaps it in, so an interrupted save leaves the
-previous checkpoint readable. ``load`` uses ``torch.load(weights_only=True)`` only.
+previous checkpoint readable. ``load`` uses ``torch.load(weights_only=True)`` only. ``find`` takes a
+stage folder or its checkpoint; ``check_model`` refuses a checkpoint of another network than the config's.
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ def save(
 def exists(directory: Path | str) -> bool:
     directory = Path(directory)
     return any((d / "meta.json").is_file() for d in (directory, directory.with_name(directory.name + ".old")))
+
+
+def find(directory: Path | str) -> Path:
+    """The checkpoint of a stage folder: ``directory`` itself or ``directory/checkpoint``."""
+    directory = Path(directory)
+    for candidate in (directory, directory / "checkpoint"):
+        if exists(candidate):
+            return candidate
+    raise ValueError(f"expected a checkpoint (meta.json) in '{directory}' or '{directory / 'checkpoint'}', found none")
+
+
+def check_model(meta: dict, cfg: Any, where: Path | str, *, doing: str = "load") -> None:
+    """Refuse (``cannot <doing> ...``) a checkpoint whose ``meta`` records another ``model`` section than
+    the dpfeta config ``cfg`` asks for; a meta without a config passes."""
+    saved, wanted = meta.get("config", {}).get("model"), cfg.to_dict()["model"]
+    if saved is not None and saved != wanted:
+        raise ValueError(
+            f"cannot {doing} checkpoint '{where}': it holds model={saved}, but the config asks for model={wanted}"
+        )
 
 
 def load(directory: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -126,6 +126,13 @@ def device(cfg: Config):
     return torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def node_id() -> Optional[str]:
+    """The Ray node this process runs on (None outside a Ray session)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def needs_remote(cfg: Config) -> bool:
     """Stages (warm-up, sampling, evaluation) go to Ray tasks: ``run.stage_placement: cluster``, or
     ``auto`` with a GPU asked for and none in this process (a CPU head node)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -192,19 +191,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _store_plan(plan: privacy.Plan, path: Path) -> None:
-    """Write the plan once; a rerun must bring the same sigma, q, T and N (never recalibrated)."""
-    given = privacy.plan_json(plan)
+    """Write the plan once; a rerun must bring the same sigma, q, T and N (``privacy.check_resume``)."""
     if path.is_file():
-        stored = json.loads(path.read_text())
-        keys = ("noise_multiplier", "sample_rate", "steps", "n")
-        if not all(math.isclose(stored[k], given[k], rel_tol=1e-12) for k in keys):
-            raise ValueError(
-                f"'{path}' holds {[stored[k] for k in keys]} for (sigma, q, T, N), the plan now "
-                f"gives {[given[k] for k in keys]}; sigma is decided once per run: use a new "
-                "output folder for a different plan"
-            )
+        privacy.check_resume(json.loads(path.read_text()), plan, where=f"'{path}'")
         return
-    path.write_text(json.dumps(given, indent=2) + "\n")
+    path.write_text(json.dumps(privacy.plan_json(plan), indent=2) + "\n")
 
 
 def _trainer(
@@ -287,7 +278,7 @@ def fit_finetune(
     if isinstance(init_dir, Storage) and init_dir.is_local:
         init_dir = init_dir.local_path
     if init_dir is not None and not isinstance(init_dir, Storage):
-        init_dir = Storage(finetune.warmup_checkpoint(Path(init_dir).expanduser().resolve()))
+        init_dir = Storage(checkpoint.find(Path(init_dir).expanduser().resolve()))
     if init_dir is not None and not init_dir.is_local and not init_dir.committed(""):
         raise ValueError(f"expected a committed warm-up checkpoint at '{init_dir.uri}', found none")
     logger.info("finetune: starting from %s", init_dir.uri if init_dir else "scratch (DPDM baseline)")

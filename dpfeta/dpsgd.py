@@ -287,7 +287,7 @@ class DPSGD:
         wrong = [p.dtype for p in self.params if p.dtype != torch.float32]
         if wrong:
             raise ValueError(f"expected fp32 parameters for clipping and noise (docs/privacy.md §5), got {wrong[0]}")
-        self.sigma, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.K, self.physical_batch_size = int(noise_multiplicity), int(physical_batch_size)
         if precision not in ("fp32", "bf16"):
@@ -351,8 +351,8 @@ class DPSGD:
                 partial = partial_loss = None
 
         # Noise once for the group, then sum over workers.
-        if self.rank == self.noise_rank and self.sigma > 0:
-            noise = gaussian_noise(self.numel, self.sigma * self.max_grad_norm, self.noise_generator)
+        if self.rank == self.noise_rank and self.noise_multiplier > 0:
+            noise = gaussian_noise(self.numel, self.noise_multiplier * self.max_grad_norm, self.noise_generator)
             total.copy_((total.double() + noise.to(self.device)).float())  # added in float64, then rounded
         if _distributed():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -117,36 +116,6 @@ class Worker:
 # --------------------------------------------------------------------------------------------
 
 
-def warmup_checkpoint(init_dir: Path | str) -> Path:
-    """The checkpoint directory of a warm-up: ``init_dir`` itself or ``init_dir/checkpoint``."""
-    init_dir = Path(init_dir)
-    for candidate in (init_dir, init_dir / "checkpoint"):
-        if checkpoint.exists(candidate):
-            return candidate
-    raise ValueError(
-        f"expected a warm-up checkpoint (meta.json) in '{init_dir}' or '{init_dir / 'checkpoint'}', found none"
-    )
-
-
-def _check_model(meta: dict, cfg: Config, where: Path | str) -> None:
-    saved = meta.get("config", {}).get("model")
-    if saved is not None and saved != cfg.to_dict()["model"]:
-        raise ValueError(
-            f"checkpoint '{where}' holds model={saved}, but the config asks for model={cfg.to_dict()['model']}"
-        )
-
-
-def _check_plan(meta: dict, plan: privacy.Plan, where: Path | str) -> None:
-    """sigma, q, T and N of a checkpoint must be the plan's: a restart never recalibrates."""
-    saved = (meta["noise_multiplier"], meta["sample_rate"], meta["steps"], meta["n"])
-    given = (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.n)
-    if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, given)):
-        raise ValueError(
-            f"cannot resume '{where}': it was trained with (sigma, q, T, N)={saved}, the "
-            f"plan now gives {given}; sigma is decided once per run, use a new output folder"
-        )
-
-
 def start_ledger(plan: privacy.Plan) -> privacy.Ledger:
     """The plan's ledger with the central query counted as spent (it precedes fine-tuning)."""
     ledger = privacy.Ledger.from_state_dict(plan.ledger.state_dict())
@@ -219,8 +188,8 @@ def train_finetune(
     ema, step = None, 0
     if resume_dir is not None:
         state = checkpoint.load(resume_dir, map_location=device)
-        _check_model(state["meta"], cfg, resume_dir)
-        _check_plan(state["meta"], plan, resume_dir)
+        checkpoint.check_model(state["meta"], cfg, resume_dir, doing="resume")
+        privacy.check_resume(state["meta"], plan, where=f"checkpoint '{resume_dir}'")  # sigma, q, T, N
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -229,9 +198,9 @@ def train_finetune(
         step, start = int(state["meta"]["step"]), "checkpoint step %d" % state["meta"]["step"]
     else:
         if init_dir is not None:
-            source = warmup_checkpoint(init_dir)
+            source = checkpoint.find(init_dir)
             state = checkpoint.load(source, map_location=device)
-            _check_model(state["meta"], cfg, source)
+            checkpoint.check_model(state["meta"], cfg, source)
             net.load_state_dict(state["model"])
         ledger = start_ledger(plan)
         start = f"warm-up weights {init_dir}" if init_dir is not None else "scratch"

@@ -24,12 +24,9 @@ import contextlib
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
-
-import numpy as np
 
 from dpfeta import (
     central,
@@ -121,52 +118,6 @@ def _publish_central(run: RunDir) -> data.ImageSet:
 
 WARMUP_DIR = "checkpoints/warmup"
 WARMUP_CKPT = f"{WARMUP_DIR}/checkpoint"
-LATEST = "latest.json"
-
-
-def _node_id() -> Optional[str]:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _warmup_task(
-    cfg: Config, central_set: data.ImageSet, out: Storage, tracker: Optional[tracking.Tracker] = None
-) -> dict:
-    """The warm-up, where a GPU is (a Ray task) or here. On an object store every periodic checkpoint
-    (``warmup.checkpoint_every``) is committed as ``step-<n>/`` and named by ``latest.json``, and a
-    task restarted on another node (a lost node: Ray retries it) resumes from there, not from step 0;
-    the final checkpoint is committed as ``checkpoint/``, where the DP-SGD workers read it.
-    ``tracker``: the run's MLflow run, given only when the warm-up runs in the driver's process."""
-    with tempfile.TemporaryDirectory(prefix="dpfeta-warmup-") as tmp:
-        local, on_checkpoint = out.local_path, None
-        if local is None:
-            local = Path(tmp)
-            if out.is_file(LATEST):
-                out.get_dir(out.read_json(LATEST)["dir"], local / "checkpoint")
-
-            def on_checkpoint(ckpt_dir: Path, step: int) -> None:
-                rel = f"step-{step:08d}"
-                previous = out.read_json(LATEST)["dir"] if out.is_file(LATEST) else None
-                out.put_dir(ckpt_dir, rel)
-                out.write_json(LATEST, {"step": step, "dir": rel, "node": _node_id()})  # the switch: one atomic object
-                if previous not in (None, rel):
-                    out.delete(previous)
-
-        reporter = None
-        if tracker is not None:
-            reporter = lambda m: tracker.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
-        summary = warmup.train_warmup(
-            cfg,
-            central_set,
-            local,
-            reporter=reporter,
-            on_checkpoint=on_checkpoint,
-            generator=rng.seeded_generator(cfg.run.seed, stream="warmup"),
-        )
-        if out.local_path is None:
-            out.put_dir(local / "checkpoint", "checkpoint")
-        return {k: v for k, v in summary.items() if k != "checkpoint"}
 
 
 def stage_warmup(run: RunDir, central_set: Optional[data.ImageSet]) -> Optional[Storage]:
@@ -180,8 +131,10 @@ def stage_warmup(run: RunDir, central_set: Optional[data.ImageSet]) -> Optional[
         log.info("warmup: found a finished checkpoint at %s, skipping", where.uri)
         return where
     start = time.perf_counter()
-    here = run.tracker if not cluster.needs_remote(cfg) else None  # a Ray task gets no MLflow run
-    summary = cluster.run_on_gpu(cfg, _warmup_task, cfg, central_set, run.location(WARMUP_DIR), here)
+    here, reporter = run.tracker if not cluster.needs_remote(cfg) else None, None  # a Ray task gets no MLflow run
+    if here is not None:
+        reporter = lambda m: here.log_dp_metrics({f"warmup/{k}": v for k, v in m.items()}, step=m.get("step"))
+    summary = cluster.run_on_gpu(cfg, warmup.train_warmup_stored, cfg, central_set, run.location(WARMUP_DIR), reporter)
     log.info(
         "warmup: done in %.1fs (steps %d..%d, loss %s)",
         time.perf_counter() - start,
@@ -236,43 +189,6 @@ def stage_finetune(run: RunDir, train, init: Optional[Storage], callbacks: Optio
 SHARDS = "checkpoints/sample"  # one marker per finished sampling shard (operator-internal)
 
 
-def _sample_shard(
-    cfg: Config, weights: Storage, out: Storage, marks: Storage, index: int, start: int, labels: np.ndarray
-) -> dict:
-    """One sampling shard, where a GPU is (a Ray task) or here: read the EMA weights from the storage,
-    write ``images/<label>/<start+i>.png`` to ``out`` (each file atomically), then the shard's marker.
-    A shard redone after a lost node rewrites the same names."""
-    begin = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dpfeta-sample-") as tmp:
-        src = weights.local_path
-        if src is None:
-            src = Path(tmp) / "weights"
-            weights.get_dir("", src)
-        denoiser = sample.load_denoiser(src, cfg, weights="ema").to(cluster.device(cfg))
-        g = rng.make_generator(cfg.run.seed, stream="sample", rank=index)
-        x, y = sample.generate(denoiser, cfg, len(labels), generator=g, labels=torch_labels(labels))
-        staged = out.local_path if out.is_local else Path(tmp) / "samples"
-        images.save_class_folders(x, y, staged / "images", start=start)
-        if not out.is_local:
-            for path in sorted((staged / "images").rglob("*.png")):
-                out.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
-    meta = {
-        "index": index,
-        "start": start,
-        "num": int(len(labels)),
-        "seconds": round(time.perf_counter() - begin, 1),
-        "node": _node_id(),
-    }
-    marks.write_json(f"{index:05d}.json", meta)
-    return meta
-
-
-def torch_labels(labels: np.ndarray):
-    import torch
-
-    return torch.as_tensor(np.asarray(labels, np.int64))
-
-
 def stage_sample_shards(run: RunDir, weights: Storage) -> list[dict]:
     """Sample in shards of ``sample.shard_size`` balanced labels, as concurrent tasks over every GPU
     the cluster has (or one after the other here); finished shards (their marker) are skipped."""
@@ -287,7 +203,7 @@ def stage_sample_shards(run: RunDir, weights: Storage) -> list[dict]:
             calls.append((cfg, weights, out, marks, index, start, labels[start : start + s.shard_size]))
     if done:
         log.info("sample: %d of %d shards already done, sampling %d", len(done), len(done) + len(calls), len(calls))
-    return done + cluster.map_on_gpu(cfg, _sample_shard, calls)
+    return done + cluster.map_on_gpu(cfg, sample.sample_shard, calls)
 
 
 def stage_sample(run: RunDir, weights: Path | Storage) -> data.ImageSet:

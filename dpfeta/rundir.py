@@ -184,9 +184,10 @@ class RunDir:
     def open_ledger(self) -> Optional[privacy.Plan]:
         """Load ``ledger.json`` (resume: its sigma is kept, never recalibrated) or write the planned one.
 
-        Refuses a stored ledger of another plan (``Ledger.check_same_plan``: the one resume guard of
-        sigma, q, T and N), and a stored plan whose epsilon (recomputed now) is above the target (e.g.
-        after an accountant upgrade): continuing it would end above the target."""
+        Refuses a stored ledger of another plan (``Ledger.check_same_plan``, through ``privacy.check_resume``:
+        the one resume guard; q, T and N here, the stored sigma kept), and a stored plan whose epsilon
+        (recomputed now) is above the target (e.g. after an accountant upgrade): continuing it would end
+        above the target."""
         path = self.path(LEDGER_FILE)
         if not self.ws.fetch(LEDGER_FILE):
             self.save_ledger()

@@ -1,21 +1,25 @@
 """The sampling stage: build or load the EMA denoiser from a checkpoint, generate the synthetic set in
 batches with the configured sampler (EDM Heun or DDIM, classifier-free guidance), write class folders
-and a grid. The math is ``diffusion``; this module adds the config, checkpoints and image files."""
+and a grid. The math is ``diffusion``; this module adds the config, checkpoints and image files.
+``sample_shard`` is one shard of the run's sampling stage, run where a GPU is (a Ray task) or here."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from dpfeta import checkpoint, images, precision
+from dpfeta import checkpoint, cluster, images, precision, rng
 from dpfeta import progress as progress_bars
 from dpfeta.config import COMPILE_MODES, Config
 from dpfeta.diffusion import Denoiser, EDMPrecond, ddim_sampler, edm_sampler, randn
 from dpfeta.nn.unet import UNet
+from dpfeta.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +36,9 @@ def load_denoiser(directory: Path | str, cfg: Config, *, weights: str = "ema") -
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"expected weights='ema' or 'model', got {weights!r}")
-    directory = Path(directory)
-    if not checkpoint.exists(directory) and checkpoint.exists(directory / "checkpoint"):
-        directory = directory / "checkpoint"
+    directory = checkpoint.find(directory)
     state = checkpoint.load(directory)
-    saved = state["meta"].get("config", {}).get("model")
-    if saved is not None and saved != cfg.to_dict()["model"]:
-        raise ValueError(
-            f"checkpoint '{directory}' holds model={saved}, but the config asks for model={cfg.to_dict()['model']}"
-        )
+    checkpoint.check_model(state["meta"], cfg, directory)
     weights_dict = state[weights] if state[weights] is not None else state["model"]
     if all(key.startswith("net.") for key in weights_dict):  # saved as EDMPrecond, not its U-Net
         weights_dict = {key[len("net.") :]: value for key, value in weights_dict.items()}
@@ -288,3 +286,34 @@ def generate(
         images.save_class_folders(result, labels, Path(out_dir) / "images")
         images.save_class_grid(result, labels, Path(out_dir) / "grid.png")
     return result, labels
+
+
+def sample_shard(
+    cfg: Config, weights: Storage, out: Storage, marks: Storage, index: int, start: int, labels: np.ndarray
+) -> dict:
+    """One sampling shard, where a GPU is (a Ray task) or here: read the EMA weights from the storage,
+    write ``images/<label>/<start+i>.png`` to ``out`` (each file atomically), then the shard's marker
+    ``<index>.json`` to ``marks``. A shard redone after a lost node rewrites the same names."""
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dpfeta-sample-") as tmp:
+        src = weights.local_path
+        if src is None:
+            src = Path(tmp) / "weights"
+            weights.get_dir("", src)
+        denoiser = load_denoiser(src, cfg, weights="ema").to(cluster.device(cfg))
+        g = rng.make_generator(cfg.run.seed, stream="sample", rank=index)
+        x, y = generate(denoiser, cfg, len(labels), generator=g, labels=torch.as_tensor(np.asarray(labels, np.int64)))
+        staged = out.local_path if out.is_local else Path(tmp) / "samples"
+        images.save_class_folders(x, y, staged / "images", start=start)
+        if not out.is_local:
+            for path in sorted((staged / "images").rglob("*.png")):
+                out.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
+    meta = {
+        "index": index,
+        "start": start,
+        "num": int(len(labels)),
+        "seconds": round(time.perf_counter() - begin, 1),
+        "node": cluster.node_id(),
+    }
+    marks.write_json(f"{index:05d}.json", meta)
+    return meta

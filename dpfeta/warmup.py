@@ -9,13 +9,15 @@ Adam, EMA with warm-up, classifier-free-guidance label dropout, the EDM loss wit
 
 Resume = rerun: the latest checkpoint under ``out_dir/checkpoint`` (raw weights, EMA, Adam state,
 the generator state and ``meta.json`` with config and step) is restored and training continues to
-``warmup.steps``; a finished run returns at once.
+``warmup.steps``; a finished run returns at once. ``train_warmup_stored`` runs it against the run's
+storage (a GPU task or here), relaying every checkpoint to an object store so that a retried task resumes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
 from dpfeta.nn import UNet, count_parameters, update_ema
+from dpfeta.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +118,7 @@ def _restore(
     generator: torch.Generator,
 ) -> dict[str, Any]:
     state = checkpoint.load(ckpt_dir)
-    saved_model = state["meta"]["config"]["model"]
-    if saved_model != cfg.to_dict()["model"]:
-        raise ValueError(
-            f"cannot resume '{ckpt_dir}': it was trained with model={saved_model}, "
-            f"the config asks for model={cfg.to_dict()['model']}; use a new --out"
-        )
+    checkpoint.check_model(state["meta"], cfg, ckpt_dir, doing="resume")
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
@@ -256,3 +254,41 @@ def train_warmup(
         "seconds": time.perf_counter() - start_time,
         "checkpoint": str(ckpt_dir),
     }
+
+
+LATEST = "latest.json"  # on an object store: names the newest committed periodic checkpoint
+
+
+def train_warmup_stored(cfg: Config, central: Any, out: Storage, reporter: Reporter | None = None) -> dict[str, Any]:
+    """``train_warmup`` into the run's storage ``out``, where a GPU is (a Ray task) or here. On an object
+    store every periodic checkpoint (``warmup.checkpoint_every``) is committed as ``step-<n>/`` and named
+    by ``latest.json``, and a task restarted on another node (a lost node: Ray retries it) resumes from
+    there, not from step 0; the final checkpoint is committed as ``checkpoint/``, where the DP-SGD
+    workers read it. ``reporter``: given only when the warm-up runs in the driver's process."""
+    with tempfile.TemporaryDirectory(prefix="dpfeta-warmup-") as tmp:
+        local, on_checkpoint = out.local_path, None
+        if local is None:
+            local = Path(tmp)
+            if out.is_file(LATEST):
+                out.get_dir(out.read_json(LATEST)["dir"], local / "checkpoint")
+
+            def on_checkpoint(ckpt_dir: Path, step: int) -> None:
+                rel = f"step-{step:08d}"
+                previous = out.read_json(LATEST)["dir"] if out.is_file(LATEST) else None
+                out.put_dir(ckpt_dir, rel)
+                # the switch: one atomic object
+                out.write_json(LATEST, {"step": step, "dir": rel, "node": cluster.node_id()})
+                if previous not in (None, rel):
+                    out.delete(previous)
+
+        summary = train_warmup(
+            cfg,
+            central,
+            local,
+            reporter=reporter,
+            on_checkpoint=on_checkpoint,
+            generator=rng.seeded_generator(cfg.run.seed, stream="warmup"),
+        )
+        if out.local_path is None:
+            out.put_dir(local / "checkpoint", "checkpoint")
+        return {k: v for k, v in summary.items() if k != "checkpoint"}

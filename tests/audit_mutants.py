@@ -21,7 +21,7 @@ class NoNoise(CanaryDPSGD):
 
     def __init__(self, module, **kwargs):
         super().__init__(module, **kwargs)
-        self.sigma = 0.0
+        self.noise_multiplier = 0.0
 
 
 class NoiseDiv10(CanaryDPSGD):
@@ -29,7 +29,7 @@ class NoiseDiv10(CanaryDPSGD):
 
     def __init__(self, module, **kwargs):
         super().__init__(module, **kwargs)
-        self.sigma /= 10
+        self.noise_multiplier /= 10
 
 
 def _unclipped(step: CanaryDPSGD, *args) -> None:
@@ -65,11 +65,11 @@ class NoNoiseWhenRank0Empty(CanaryDPSGD):
     def _step(self, images, labels, loss_rows):
         if self.rank != self.noise_rank or len(images):
             return super()._step(images, labels, loss_rows)
-        sigma, self.sigma = self.sigma, 0.0
+        noise_multiplier, self.noise_multiplier = self.noise_multiplier, 0.0
         try:
             return super()._step(images, labels, loss_rows)
         finally:
-            self.sigma = sigma
+            self.noise_multiplier = noise_multiplier
 
 
 class OneRankUnclipped(CanaryDPSGD):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfeta import data, distributed, pipeline, privacy
+from dpfeta import data, distributed, pipeline, privacy, warmup
 from dpfeta.rundir import RunDir
 from dpfeta.storage import Storage, Workspace
 
@@ -257,9 +257,9 @@ def test_c_a_lost_warmup_node_resumes_from_the_last_checkpoint(make_cluster, s3_
     result = _in_thread(lambda: cluster_run_warmup(cfg, ws, central_set))
     latest = _when(
         lambda: (
-            store.is_file(pipeline.LATEST)
-            and store.read_json(pipeline.LATEST)["step"] >= 40
-            and store.read_json(pipeline.LATEST)
+            store.is_file(warmup.LATEST)
+            and store.read_json(warmup.LATEST)["step"] >= 40
+            and store.read_json(warmup.LATEST)
         ),
         "a committed warm-up checkpoint at step >= 40",
     )
@@ -268,7 +268,7 @@ def test_c_a_lost_warmup_node_resumes_from_the_last_checkpoint(make_cluster, s3_
     summary = result()
     assert summary["step"] == cfg.warmup.steps
     assert killed[0]["step"] <= summary["resumed_from"] < cfg.warmup.steps  # not from step 0
-    assert store.read_json(pipeline.LATEST)["node"] != killed[0]["node"]  # finished on the other node
+    assert store.read_json(warmup.LATEST)["node"] != killed[0]["node"]  # finished on the other node
     assert ws.remote.committed(pipeline.WARMUP_CKPT)
     print("warm-up resumed from step", summary["resumed_from"], "after the node died at step >=", killed[0]["step"])
     ws.close()
@@ -277,7 +277,9 @@ def test_c_a_lost_warmup_node_resumes_from_the_last_checkpoint(make_cluster, s3_
 def cluster_run_warmup(cfg, ws, central_set):
     from dpfeta import cluster as cluster_mod
 
-    return cluster_mod.run_on_gpu(cfg, pipeline._warmup_task, cfg, central_set, ws.remote.child(pipeline.WARMUP_DIR))
+    return cluster_mod.run_on_gpu(
+        cfg, warmup.train_warmup_stored, cfg, central_set, ws.remote.child(pipeline.WARMUP_DIR)
+    )
 
 
 def test_d_a_lost_sampling_shard_is_redone_alone(make_cluster, s3_bucket, tiny_cfg, tmp_path, one_thread):

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "nn": {"config"},
     "data": {"config", "images"},
     "diffusion": set(),  # the math: torch only
-    "sample": BASE | {"nn", "diffusion", "precision"},
+    "sample": BASE | {"nn", "diffusion", "precision", "cluster"},  # a shard runs as a GPU task
     "release": {"config", "privacy"},
     "tracking": {"config", "release", "console"},
     "cluster": {"config", "console"},  # where code runs; knows no MLflow run

@@ -118,6 +118,22 @@ def test_ledger_records_steps_and_round_trips(tmp_path):
     assert again.epsilon() == pytest.approx(ledger.epsilon())
 
 
+def test_one_resume_guard_refuses_another_sigma_q_t_or_n():
+    stored = {"noise_multiplier": 1.5, "sample_rate": 0.04, "steps": 2250, "n": MNIST_N, "epsilon": 3.0}
+    privacy.check_resume(stored, dict(stored, noise_multiplier=1.5 * (1 + 1e-13)), where="'a'")  # JSON round-off
+    for key, value in (("noise_multiplier", 1.6), ("sample_rate", 0.05), ("steps", 2251), ("n", MNIST_N - 1)):
+        with pytest.raises(ValueError, match="cannot resume 'a'.*sigma is decided once"):
+            privacy.check_resume(stored, dict(stored, **{key: value}), where="'a'")
+    ledger = privacy.Ledger(accountant="rdp", delta=1e-5, n=MNIST_N)
+    ledger.add("dpsgd", noise_multiplier=1.5, sample_rate=0.04, count=2250)
+    other = privacy.Ledger.from_state_dict(ledger.state_dict())
+    other.get("dpsgd").noise_multiplier = 2.0  # a resumed run keeps the stored sigma
+    ledger.check_same_plan(other)
+    other.get("dpsgd").planned = 2251
+    with pytest.raises(ValueError, match="different privacy plan"):
+        ledger.check_same_plan(other)
+
+
 def test_ledger_matches_independent_dp_accounting_composition():
     ledger = privacy.Ledger(accountant="rdp", delta=1e-6, n=10_000)
     ledger.add("central", noise_multiplier=4.0, sample_rate=0.05, count=7, taken=7)
@@ -271,9 +287,9 @@ def planned_run_never_overshoots(eps, rounds, sigma_c, central_batch, batch, epo
     assert events(pl.noise_multiplier * (1 - 2e-3)) > eps  # the smallest sigma, to the configured tolerance
 
 
-# 1-4 s per plan on 2 shared cores: 10 plans in the edit loop (`make check`), 60 more in `make test`.
+# 1-4 s per plan on 2 shared cores: 10 plans in the edit loop (`make check`), 60 more in `make ci`.
 test_a_planned_run_never_overshoots_its_target = _fast(_plans(planned_run_never_overshoots))
-test_a_planned_run_never_overshoots_its_target_60_plans = pytest.mark.slow(
+test_a_planned_run_never_overshoots_its_target_60_plans = pytest.mark.long(
     settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
         _plans(planned_run_never_overshoots)
     )

@@ -2,7 +2,8 @@
 
 * ``events``     -- the mechanisms M1 (central query), M2 (DP-SGD), M3 (selection score) as DpEvents;
 * ``accounting`` -- RDP order grids, the cached RDP curve, epsilon(delta), the sigma searches;
-* ``ledger``     -- ``Mechanism``/``Ledger``: planned and taken counts, the composed epsilon;
+* ``ledger``     -- ``Mechanism``/``Ledger``: planned and taken counts, the composed epsilon, the
+  resume guard (``check_resume``);
 * ``curve``      -- the composed epsilon at each report step, computed off the step path;
 * ``plan``       -- one run's plan: sigma calibrated once so that M1 + M2 meet the target;
 * ``sweep``      -- a sweep's plan: trial count, reference trial, per-trial sigma, the DP score.
@@ -36,7 +37,7 @@ from dpfeta.privacy.events import (
     poisson_gaussian,
     selection_event,
 )
-from dpfeta.privacy.ledger import Ledger, Mechanism
+from dpfeta.privacy.ledger import RESUME_KEYS, Ledger, Mechanism, check_resume
 from dpfeta.privacy.plan import Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary, resolve
 
 __all__ = [
@@ -51,9 +52,11 @@ __all__ = [
     "NEIGHBOURING_RELATION",
     "PUBLIC_FACTS",
     "Plan",
+    "RESUME_KEYS",
     "calibrate_noise",
     "central_event",
     "central_noise",
+    "check_resume",
     "curve_epsilon",
     "dpsgd_event",
     "dpsgd_steps",

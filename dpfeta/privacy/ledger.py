@@ -1,17 +1,19 @@
 """The ledger: every mechanism's parameters, planned and taken counts, and the composed epsilon.
 
 ``ledger.json`` (in the run directory, every checkpoint's meta and ``release/``) is this object's
-``to_json()``; it is the one record of a run's privacy decisions (sigma, q, T, N, delta, accountant),
-and ``check_same_plan`` the one resume guard.
+``to_json()``; it is the one record of a run's privacy decisions (sigma, q, T, N, delta, accountant).
+``check_resume`` is the one resume guard: a resumed run (``Ledger.check_same_plan``) or DP-SGD stage
+(its checkpoint's meta, ``plan.json``) continues its stored plan or is refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -183,22 +185,43 @@ class Ledger:
 
     def check_same_plan(self, other: "Ledger", *, where: str = "the stored ledger") -> None:
         """Refuse to continue ``other``'s plan with this one unless both describe the same mechanisms
-        (q, counts, N, delta, accountant); sigma may differ only for a mechanism not yet run."""
-
-        def key(ledger):
-            return (
-                ledger.n,
-                ledger.delta,
-                ledger.accountant,
-                [(m.name, m.kind, m.sample_rate, m.planned, m.shared) for m in ledger.mechanisms],
-            )
-
-        if key(self) != key(other):
-            raise ValueError(
-                f"{where} records a different privacy plan {key(other)} than the config's "
-                f"{key(self)}; use a new run name or output folder"
-            )
+        (q, counts, N, delta, accountant); sigma is not compared: a resumed run keeps the stored one."""
+        check_resume(_plan_facts(other), _plan_facts(self), where=where, keys=PLAN_KEYS)
 
     @classmethod
     def load(cls, path: Path | str) -> "Ledger":
         return cls.from_state_dict(json.loads(Path(path).read_text()))
+
+
+RESUME_KEYS = ("noise_multiplier", "sample_rate", "steps", "n")  # sigma, q, T and N of DP-SGD
+PLAN_KEYS = ("n", "delta", "accountant", "mechanisms")  # a ledger's plan (``_plan_facts``)
+
+
+def _plan_facts(ledger: Ledger) -> dict[str, Any]:
+    return {
+        "n": ledger.n,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "mechanisms": [(m.name, m.kind, m.sample_rate, m.planned, m.shared) for m in ledger.mechanisms],
+    }
+
+
+def check_resume(stored: Mapping[str, Any], given: Any, *, where: str, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """The one resume guard: what was stored (a checkpoint's meta, ``plan.json``, a ledger's facts) must
+    hold the ``keys`` of ``given`` (a mapping or an object with these attributes, e.g. a ``Plan``);
+    numbers within a relative 1e-12. A restart never recalibrates: sigma is decided once per run."""
+
+    def value(source: Any, key: str) -> Any:
+        return source[key] if isinstance(source, Mapping) else getattr(source, key)
+
+    def same(a: Any, b: Any) -> bool:
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        return math.isclose(a, b, rel_tol=1e-12) if numbers else a == b
+
+    saved = {k: value(stored, k) for k in keys}
+    now = {k: value(given, k) for k in keys}
+    if not all(same(saved[k], now[k]) for k in keys):
+        raise ValueError(
+            f"cannot resume {where}: it records a different privacy plan {saved} than the config's {now}; "
+            "sigma is decided once per run: use a new run name or output folder"
+        )
