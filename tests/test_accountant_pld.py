@@ -125,7 +125,7 @@ def test_sweeps_keep_rdp_under_auto():
 
     cfg = config.load("configs/digits.yaml", [f"tune.search_space={json.dumps(space)}", "tracking.enabled=false"])
     plan = tune.plan_sweep(cfg, 1258)
-    assert cfg.privacy.accountant == "auto" and plan["accountant"] == "rdp" and "accountant_note" not in plan
+    assert cfg.privacy.accountant == "auto" and plan.accountant == "rdp" and plan.accountant_note is None
 
 
 def test_pld_ledger_counts_only_the_mechanisms_run_so_far():

@@ -14,7 +14,9 @@ import pytest
 from dp_accounting import dp_event, pld, rdp
 
 from dpfeta import config, privacy, tune
+from dpfeta.privacy import repeat as prepeat
 from dpfeta.privacy import sweep as psweep
+from dpfeta.privacy import trial as ptrial
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -72,7 +74,7 @@ def test_search_space_becomes_ray_domains_within_bounds():
     sigmas = [domains["central.noise_multiplier"].sample(random_state=rng) for _ in range(200)]
     assert 2.0 <= min(sigmas) and max(sigmas) <= 4.0
     assert {domains["warmup.steps"].sample(random_state=rng) for _ in range(50)} == {2, 4}
-    assert psweep.extremes(space["central.rounds"]) == [1, 3]
+    assert ptrial.extremes(space["central.rounds"]) == [1, 3]
 
 
 @pytest.mark.parametrize(
@@ -126,7 +128,7 @@ def test_private_refuses_asha():
 def test_trial_count_has_the_accounted_mean(shape):
     mean = 4.0
     rng = np.random.default_rng(123)
-    draws = np.array([psweep.draw_num_trials(mean, shape, rng) for _ in range(20000)])
+    draws = np.array([prepeat.draw_num_trials(mean, shape, rng) for _ in range(20000)])
     if not math.isinf(shape):
         assert draws.min() >= 1  # truncated: never an empty sweep
     assert draws.mean() == pytest.approx(mean, rel=0.03)
@@ -134,16 +136,16 @@ def test_trial_count_has_the_accounted_mean(shape):
 
 def test_geometric_trial_count_pmf():
     mean, rng = 3.0, np.random.default_rng(7)
-    gamma = psweep.tnb_gamma(mean, 1.0)
+    gamma = privacy.tnb_gamma(mean, 1.0)
     assert gamma == pytest.approx(1 / 3)
-    draws = np.array([psweep.draw_num_trials(mean, 1.0, rng) for _ in range(30000)])
+    draws = np.array([prepeat.draw_num_trials(mean, 1.0, rng) for _ in range(30000)])
     for k in (1, 2, 3, 5):
         expected = (1 - gamma) ** (k - 1) * gamma  # Papernot-Steinke TNB(eta=1, gamma)
         assert np.mean(draws == k) == pytest.approx(expected, abs=0.01)
 
 
 def test_trial_count_is_fresh_without_a_seed():
-    draws = {psweep.draw_num_trials(10.0, 1.0, np.random.default_rng()) for _ in range(40)}
+    draws = {prepeat.draw_num_trials(10.0, 1.0, np.random.default_rng()) for _ in range(40)}
     assert len(draws) > 3
 
 
@@ -155,11 +157,11 @@ def test_trial_count_is_fresh_without_a_seed():
 def test_score_noise_has_the_configured_scale():
     sigma_v, val_size, correct = 10.0, 180, 150
     rng = np.random.default_rng(0)
-    scores = np.array([psweep.dp_score(correct, val_size, sigma_v=sigma_v, rng=rng) for _ in range(20000)])
+    scores = np.array([prepeat.dp_score(correct, val_size, sigma_v=sigma_v, rng=rng) for _ in range(20000)])
     assert scores.mean() == pytest.approx(correct / val_size, abs=3 * sigma_v / val_size / math.sqrt(20000))
     assert scores.std() == pytest.approx(sigma_v / val_size, rel=0.03)
     with pytest.raises(ValueError, match="val_fraction"):
-        psweep.dp_score(1, 0, sigma_v=1.0, rng=rng)
+        prepeat.dp_score(1, 0, sigma_v=1.0, rng=rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,33 +177,33 @@ def private_plan():
 
 def test_private_sweep_epsilon_is_the_repeat_and_select_total(private_plan):
     cfg, sp = private_plan
-    ref, t = sp["reference"], cfg.tune
+    ref, t = sp.to_dict()["reference"], cfg.tune
     assert (ref["rounds"], ref["sigma_c"]) == (3, 2.0)  # worst corner of the space
     assert ref["q_c"] == pytest.approx(100 / DIGITS_N) and ref["q"] == pytest.approx(64 / DIGITS_N)
     assert ref["steps"] == math.ceil(DIGITS_N / 64)
     event = dp_event.RepeatAndSelectDpEvent(
-        _trial_event(3, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], t.score_noise),
+        _trial_event(3, 2.0, 100 / DIGITS_N, sp.trial_noise_multiplier, 64 / DIGITS_N, ref["steps"], t.score_noise),
         t.num_trials,
         t.tnb_eta,
     )
     eps = _rdp_epsilon(event)
-    assert eps <= sp["epsilon"] * (1 + 1e-9) <= cfg.privacy.epsilon  # full order grid: never above
+    assert eps <= sp.epsilon * (1 + 1e-9) <= cfg.privacy.epsilon  # full order grid: never above
     assert eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)  # and the smallest sigma to do it
     # the penalty is real: a single untuned run gets less noise
-    assert sp["single_sigma"] < sp["trial_sigma"]
+    assert sp.single_noise_multiplier < sp.trial_noise_multiplier
     # PLD cannot account RepeatAndSelect: the sweep says so and uses RDP
     assert not pld.PLDAccountant().supports(event)
 
 
 def test_each_trial_sigma_stays_under_the_reference(private_plan):
     cfg, sp = private_plan
-    ref, t = sp["reference"], cfg.tune
+    ref, t = sp.to_dict()["reference"], cfg.tune
     orders = tuple(ref["orders"])
     bound = np.asarray(ref["rdp"])
     for rounds, sigma_c in [(3, 2.0), (1, 2.0), (2, 3.5), (3, 4.0)]:
         trial_cfg = config.replace(cfg, {"central.rounds": rounds, "central.noise_multiplier": sigma_c})
-        sigma = psweep.trial_sigma(sp, trial_cfg, DIGITS_N)
-        assert sigma <= sp["trial_sigma"] * (1 + 1e-12)
+        sigma = ptrial.trial_noise_multiplier(sp, trial_cfg, DIGITS_N)
+        assert sigma <= sp.trial_noise_multiplier * (1 + 1e-12)
         acc = rdp.RdpAccountant(list(orders))
         acc.compose(_trial_event(rounds, sigma_c, ref["q_c"], sigma, ref["q"], ref["steps"], t.score_noise))
         assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12)
@@ -211,7 +213,7 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
             t.tnb_eta,
         )
         assert _rdp_epsilon(whole) <= cfg.privacy.epsilon
-        ledger = psweep.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
+        ledger = ptrial.trial_plan(sp, trial_cfg, DIGITS_N, sigma).ledger
         assert ledger.repeat == {"mean": t.num_trials, "shape": t.tnb_eta}
         assert [m.name for m in ledger.mechanisms] == ["central", "dpsgd", "selection"]
 
@@ -219,13 +221,13 @@ def test_each_trial_sigma_stays_under_the_reference(private_plan):
 def test_naive_sweep_epsilon_is_k_composed_trials():
     cfg = privacy.resolve(_cfg("tune.privacy_mode=naive", "tune.num_trials=3", "tune.central=per_trial"), DIGITS_N)
     sp = tune.plan_sweep(cfg, DIGITS_N)
-    assert sp["central"] == "per_trial" and "shared_central" not in sp
-    ref = sp["reference"]
-    trial = _trial_event(2, 2.0, 100 / DIGITS_N, sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 10.0)
+    assert sp.central == "per_trial" and sp.shared_central is None
+    ref = sp.to_dict()["reference"]
+    trial = _trial_event(2, 2.0, 100 / DIGITS_N, sp.trial_noise_multiplier, 64 / DIGITS_N, ref["steps"], 10.0)
     eps = _rdp_epsilon(dp_event.SelfComposedDpEvent(trial, 3))
     assert eps <= cfg.privacy.epsilon and eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3)
-    assert sp["trials"] == {"count": 3}
-    assert sp["trial_sigma"] > sp["single_sigma"]
+    assert sp.trials == {"count": 3}
+    assert sp.trial_noise_multiplier > sp.single_noise_multiplier
 
 
 # Shared central images: M1 once, then the repeat-and-select (or k-fold composition) of M2 + M3.
@@ -255,27 +257,29 @@ def _shared_event(sc, sigma, steps, sigma_v, *, mean=None, shape=None, k=None):
 def test_shared_central_is_composed_once_outside_the_repeat():
     cfg = privacy.resolve(_cfg(*LOW, space=NO_CENTRAL_KEYS), DIGITS_N)  # tune.central: auto
     sp = tune.plan_sweep(cfg, DIGITS_N)
-    sc, ref, t = sp["shared_central"], sp["reference"], cfg.tune
-    assert sp["central"] == "shared" and sc["rounds"] == 2 and sc["q_c"] == pytest.approx(100 / DIGITS_N)
+    sc, ref, t = sp.to_dict()["shared_central"], sp.to_dict()["reference"], cfg.tune
+    assert sp.central == "shared" and sc["rounds"] == 2 and sc["q_c"] == pytest.approx(100 / DIGITS_N)
     assert sc["sigma_c"] == pytest.approx(cfg.central.noise_multiplier)
     # the central query alone spends its share (calibrated as in a single run)
     assert _rdp_epsilon(_poisson_gaussian(sc["q_c"], sc["sigma_c"], 2)) == pytest.approx(0.5, rel=2e-3)
-    eps = _rdp_epsilon(_shared_event(sc, sp["trial_sigma"], ref["steps"], 30.0, mean=2.0, shape=t.tnb_eta))
-    assert eps <= sp["epsilon"] * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
+    eps = _rdp_epsilon(_shared_event(sc, sp.trial_noise_multiplier, ref["steps"], 30.0, mean=2.0, shape=t.tnb_eta))
+    assert eps <= sp.epsilon * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
     # the per-trial plan of the same sweep puts the query inside the repeat: more noise for DP-SGD
     per_trial = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N)
-    assert per_trial["central"] == "per_trial" and sp["trial_sigma"] < per_trial["trial_sigma"]
+    assert per_trial.central == "per_trial" and sp.trial_noise_multiplier < per_trial.trial_noise_multiplier
     worse = dp_event.RepeatAndSelectDpEvent(
-        _trial_event(2, sc["sigma_c"], sc["q_c"], sp["trial_sigma"], 64 / DIGITS_N, ref["steps"], 30.0), 2.0, t.tnb_eta
+        _trial_event(2, sc["sigma_c"], sc["q_c"], sp.trial_noise_multiplier, 64 / DIGITS_N, ref["steps"], 30.0),
+        2.0,
+        t.tnb_eta,
     )
     assert _rdp_epsilon(worse) > 1.0  # shared sigma inside the repeat would overshoot
     # a trial's ledger: the query shared (taken before the trial), its epsilon the same total
-    sigma = psweep.trial_sigma(sp, config.replace(cfg, {"warmup.steps": 4, "finetune.lr": 5e-4}), DIGITS_N)
-    assert sigma == pytest.approx(sp["trial_sigma"], rel=1e-9)
-    trial = psweep.trial_plan(sp, cfg, DIGITS_N, sigma)
+    sigma = ptrial.trial_noise_multiplier(sp, config.replace(cfg, {"warmup.steps": 4, "finetune.lr": 5e-4}), DIGITS_N)
+    assert sigma == pytest.approx(sp.trial_noise_multiplier, rel=1e-9)
+    trial = ptrial.trial_plan(sp, cfg, DIGITS_N, sigma)
     central = trial.ledger.get("central")
     assert central.shared and central.taken == 2 and not trial.ledger.get("dpsgd").shared
-    assert trial.epsilon == pytest.approx(sp["epsilon"], rel=1e-9)
+    assert trial.epsilon == pytest.approx(sp.epsilon, rel=1e-9)
     assert trial.ledger.epsilon(planned=True) == pytest.approx(eps, rel=1e-9)
     # before the trial ran, the ledger's spend is the query alone
     assert trial.ledger.epsilon() == pytest.approx(_rdp_epsilon(_poisson_gaussian(sc["q_c"], sc["sigma_c"], 2)))
@@ -296,18 +300,23 @@ def test_shared_central_in_a_naive_sweep_and_the_refusals():
         DIGITS_N,
     )
     sp = tune.plan_sweep(cfg, DIGITS_N)
-    eps = _rdp_epsilon(_shared_event(sp["shared_central"], sp["trial_sigma"], sp["reference"]["steps"], 30.0, k=3))
-    assert eps <= sp["epsilon"] * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
+    eps = _rdp_epsilon(
+        _shared_event(
+            sp.to_dict()["shared_central"], sp.trial_noise_multiplier, sp.to_dict()["reference"]["steps"], 30.0, k=3
+        )
+    )
+    assert eps <= sp.epsilon * (1 + 1e-9) <= 1.0 and eps == pytest.approx(1.0, rel=2e-3)
     # a searched central key: auto gives each trial its own query; shared is refused
     auto = tune.plan_sweep(privacy.resolve(_cfg(space=SPACE), DIGITS_N), DIGITS_N)
-    assert auto["central"] == "per_trial"
+    assert auto.central == "per_trial"
     with pytest.raises(ValueError, match=r"tune.central.*central.noise_multiplier, central.rounds"):
         tune.plan_sweep(privacy.resolve(_cfg("tune.central=shared", space=SPACE), DIGITS_N), DIGITS_N)
     with pytest.raises(ValueError, match=r"'tune.central': expected auto, shared or per_trial"):
         _cfg("tune.central=once")
     # no central query: nothing to share; public mode: the trials' query is on the proxy
-    assert tune.plan_sweep(_cfg("central.rounds=0", space=NO_CENTRAL_KEYS), DIGITS_N)["central"] == "none"
-    assert "central" not in tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N), DIGITS_N)
+    assert tune.plan_sweep(_cfg("central.rounds=0", space=NO_CENTRAL_KEYS), DIGITS_N).central == "none"
+    public = tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=public"), DIGITS_N), DIGITS_N)
+    assert public.central is None and "central" not in public.to_dict()
     # the query alone over budget: refused before anything runs, saying where it runs
     with pytest.raises(ValueError, match="once, before the trials"):
         tune.plan_sweep(
@@ -323,20 +332,20 @@ def test_public_sweep_costs_nothing_and_the_final_run_gets_everything():
     sp = tune.plan_sweep(cfg, DIGITS_N)
     steps = math.ceil(DIGITS_N / 64)
     single = dp_event.ComposedDpEvent(
-        [_poisson_gaussian(100 / DIGITS_N, 2.0, 2), _poisson_gaussian(64 / DIGITS_N, sp["single_sigma"], steps)]
+        [_poisson_gaussian(100 / DIGITS_N, 2.0, 2), _poisson_gaussian(64 / DIGITS_N, sp.single_noise_multiplier, steps)]
     )
     # the final run is a single run: privacy.accountant auto accounts it with PLD, the tighter
-    assert cfg.privacy.accountant == "auto" and sp["accountant"] == "pld"
+    assert cfg.privacy.accountant == "auto" and sp.accountant == "pld"
     eps = privacy.epsilon_of(single, delta=cfg.privacy.delta, accountant="pld")
-    assert sp["epsilon"] == pytest.approx(eps, rel=1e-6)
+    assert sp.epsilon == pytest.approx(eps, rel=1e-6)
     assert eps == pytest.approx(cfg.privacy.epsilon, rel=2e-3) and eps <= cfg.privacy.epsilon
     assert _rdp_epsilon(single) > cfg.privacy.epsilon  # the same sigma under RDP would overshoot
-    assert sp["tuning_cost"] == 0.0 and sp["trial_sigma"] is None
+    assert sp.tuning_cost == 0.0 and sp.trial_noise_multiplier is None
 
 
 def test_pld_config_is_accounted_with_rdp_and_says_so():
     sp = tune.plan_sweep(privacy.resolve(_cfg("tune.privacy_mode=naive", "privacy.accountant=pld"), DIGITS_N), DIGITS_N)
-    assert sp["accountant"] == "rdp" and "RepeatAndSelectDpEvent" in sp["accountant_note"]
+    assert sp.accountant == "rdp" and "RepeatAndSelectDpEvent" in sp.accountant_note
     assert "RDP" in psweep.sweep_plan_table(sp)
 
 
@@ -353,7 +362,7 @@ def test_sweep_plan_is_json_and_printable(private_plan):
     assert "penalty" in text and "whole sweep" in text
     small = psweep.sweep_plan_json(sp)
     assert "rdp" not in small["reference"]
-    json.dumps(sp)
+    assert psweep.SweepPlan.from_dict(json.loads(json.dumps(sp.to_dict()))) == sp  # sweep.json round trip
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,14 +397,14 @@ def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
     }
     cfg = privacy.resolve(_cfg(space=space), DIGITS_N)
     sp = tune.plan_sweep(cfg, DIGITS_N)
-    ref, t = sp["reference"], cfg.tune
+    ref, t = sp.to_dict()["reference"], cfg.tune
     bound = np.asarray(ref["rdp"])
     sigmas = []
     for batch, epochs, rounds in [(32, 0.5, 1), (32, 2.0, 2), (64, 1.0, 1), (128, 0.5, 2), (128, 2.0, 2)]:
         trial_cfg = config.replace(
             cfg, {"finetune.batch_size": batch, "finetune.epochs": epochs, "central.rounds": rounds}
         )
-        sigma = psweep.trial_sigma(sp, trial_cfg, DIGITS_N)
+        sigma = ptrial.trial_noise_multiplier(sp, trial_cfg, DIGITS_N)
         q = batch / DIGITS_N
         steps = math.ceil(epochs / q - 1e-9)
         event = _trial_event(rounds, 2.0, 100 / DIGITS_N, sigma, q, steps, t.score_noise)
@@ -403,7 +412,7 @@ def test_trial_sigma_covers_batch_size_and_epochs_in_the_search_space():
         acc.compose(event)
         assert np.all(acc.rdp <= bound * (1 + 1e-9) + 1e-12), (batch, epochs, rounds)
         assert _rdp_epsilon(dp_event.RepeatAndSelectDpEvent(event, t.num_trials, t.tnb_eta)) <= cfg.privacy.epsilon
-        plan = psweep.trial_plan(sp, trial_cfg, DIGITS_N, sigma)
+        plan = ptrial.trial_plan(sp, trial_cfg, DIGITS_N, sigma)
         assert (plan.sample_rate, plan.steps) == (pytest.approx(q), steps)
         sigmas.append(sigma)
     # more steps at the same q need more noise: the trials really got their own sigma
@@ -459,13 +468,14 @@ def test_a_sweep_stored_before_tune_central_resumes_with_its_query_per_trial(tmp
     path = ws.path(tune.SWEEP_FILE)
     old = json.loads(path.read_text())
     del old["config"]["tune"]["central"]
-    old["plan"] = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N)
+    old["plan"] = tune.plan_sweep(config.replace(cfg, {"tune.central": "per_trial"}), DIGITS_N).to_dict()
     del old["plan"]["central"]
     path.write_text(json.dumps(old))
     resumed = tsweep.load_state(cfg, DIGITS_N, ws)
     assert resumed["plan"] == old["plan"] and "central" not in resumed["plan"]
-    sigma = psweep.trial_sigma(resumed["plan"], cfg, DIGITS_N)
-    ledger = psweep.trial_plan(resumed["plan"], cfg, DIGITS_N, sigma).ledger
+    stored = psweep.SweepPlan.from_dict(resumed["plan"])
+    sigma = ptrial.trial_noise_multiplier(stored, cfg, DIGITS_N)
+    ledger = ptrial.trial_plan(stored, cfg, DIGITS_N, sigma).ledger
     assert not ledger.get("central").shared and ledger.get("central").taken == 0
     with pytest.raises(ValueError, match="different config"):
         tsweep.load_state(config.replace(cfg, {"tune.central": "shared"}), DIGITS_N, ws)

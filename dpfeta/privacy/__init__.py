@@ -6,7 +6,9 @@
   resume guard (``check_resume``);
 * ``curve``      -- the composed epsilon at each report step, computed off the step path;
 * ``plan``       -- one run's plan: sigma calibrated once so that M1 + M2 meet the target;
-* ``sweep``      -- a sweep's plan: trial count, reference trial, per-trial sigma, the DP score.
+* ``sweep``      -- a sweep's plan (``SweepPlan``): trial count, the reference curve calibrated to the total;
+* ``trial``      -- a sweep trial: its privacy parameters, the reference trial, its noise multiplier and plan;
+* ``repeat``     -- repeat and select: the random trial count K, the DP selection score.
 
 Imports neither torch, Ray, nor dpfeta's data, pipeline or tracking (``tests/test_layers.py``).
 """

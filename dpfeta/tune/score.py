@@ -10,15 +10,15 @@ from dp_accounting import dp_event
 
 from dpfeta import privacy
 from dpfeta.privacy.accounting import quiet_accountant
-from dpfeta.privacy.sweep import dp_score
+from dpfeta.privacy.repeat import dp_score
 from dpfeta.tune.spec import TrialSpec
 
 
 def score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict:
     """The trial's result: its metrics, the score (DP in private/naive mode) and its epsilon."""
-    mode = spec.plan["mode"]
+    mode = spec.plan.mode
     result = {k: v for k, v in out.items() if k not in ("correct", "val_size")}
-    result["epsilon_total"] = spec.plan["epsilon"]
+    result["epsilon_total"] = spec.plan.epsilon
     has_count = "correct" in out and "val_size" in out
     if mode == "public":  # the proxy is public: the exact accuracy is free
         if has_count:
@@ -31,7 +31,7 @@ def score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict
         )
     seed = None if spec.seed is None else [spec.seed, zlib.crc32(trial_id.encode())]
     result["score"] = dp_score(
-        int(out["correct"]), int(out["val_size"]), sigma_v=spec.plan["score_noise"], rng=np.random.default_rng(seed)
+        int(out["correct"]), int(out["val_size"]), sigma_v=spec.plan.score_noise, rng=np.random.default_rng(seed)
     )
     result["val_size"] = int(out["val_size"])  # public (a data-independent rule on the public N), never "correct"
     plan.ledger.record_steps("selection", 1)
@@ -42,6 +42,6 @@ def score(spec: TrialSpec, plan: privacy.Plan, out: dict, trial_id: str) -> dict
         result["epsilon_trial"] = privacy.epsilon_of(
             dp_event.ComposedDpEvent([m.event(m.taken) for m in plan.ledger.mechanisms]),
             delta=plan.delta,
-            accountant=spec.plan["accountant"],
+            accountant=spec.plan.accountant,
         )
     return result

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from dpfeta import config as config_mod
-from dpfeta.privacy.sweep import PRIVACY_KEYS, extremes
+from dpfeta.privacy.trial import PRIVACY_KEYS, extremes
 
 # Keys a search space may not touch: the budget, the sweep itself, the run identity, the data (N and
 # the split are public facts of the plan) and the score's definition.

@@ -10,18 +10,19 @@ from typing import Any, Callable, Optional
 
 from dpfeta import config as config_mod
 from dpfeta import privacy
+from dpfeta.privacy.sweep import SweepPlan
 from dpfeta.rundir import RunDir
 from dpfeta.storage import Storage, Workspace
 
 
 @dataclass
 class TrialContext:
-    """What a trial function gets: its config (sigma fixed), its run folder (plan, ledger, MLflow run)
+    """What a trial function gets: its config (noise multiplier fixed), its run folder (plan, ledger, MLflow run)
     and the Tune seams."""
 
-    cfg: config_mod.Config  # search-space values applied, privacy.noise_multiplier = this trial's sigma
+    cfg: config_mod.Config  # search-space values applied, privacy.noise_multiplier = the trial's own
     params: dict[str, Any]
-    run: RunDir  # the trial's folder in the sweep's storage; its plan: sigma, q, T; its ledger M1, M2 (+ M3)
+    run: RunDir  # the trial's folder in the sweep's storage; its plan: noise multiplier, q, T; its ledger M1, M2 (+ M3)
     mode: str
     n: int
     trial_id: str
@@ -67,7 +68,7 @@ class TrialSpec:
     """Everything a trial needs, shipped once through ``tune.with_parameters``."""
 
     base: dict  # the resolved base config (proxy data in public mode)
-    plan: dict  # sweep_plan(...)
+    plan: SweepPlan
     n: int  # N of the training split the trials use
     sweep_dir: str  # the sweep's folder: a local path or an object-store URI
     trial_fn: TrialFn

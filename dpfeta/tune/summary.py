@@ -12,7 +12,7 @@ from typing import Optional
 
 from dpfeta import config as config_mod
 from dpfeta import privacy
-from dpfeta.privacy.sweep import sweep_plan_json
+from dpfeta.privacy.sweep import SweepPlan, sweep_plan_json
 from dpfeta.storage import Storage, Workspace
 from dpfeta.tune.space import _metric_mode
 
@@ -86,26 +86,28 @@ def _write_trials_csv(rows: list[dict], path: Path) -> None:
             )
 
 
-def _plan_params(plan: dict) -> dict:
+def _plan_params(plan: SweepPlan) -> dict:
+    """The sweep's MLflow params (published names: ``sweep.trial_sigma``, ``sweep.single_sigma``)."""
+    d = plan.to_dict()
     keys = ("mode", "accountant", "epsilon", "trial_sigma", "single_sigma", "penalty", "score_noise")
-    out = {f"sweep.{k}": plan.get(k) for k in keys if k in plan}
-    out["sweep.trials"] = json.dumps(plan["trials"], sort_keys=True)
+    out = {f"sweep.{k}": d.get(k) for k in keys if k in d}
+    out["sweep.trials"] = json.dumps(plan.trials, sort_keys=True)
     return out
 
 
 def _summarize(cfg: config_mod.Config, state: dict, rows: list[dict], ws: Workspace) -> dict:
-    plan = state["plan"]
+    plan = SweepPlan.from_dict(state["plan"])
     best = _best(rows, cfg.tune.metric)
     if best is not None:
         best = {**best, "dir": ws.url(f"trials/{best['trial_id']}")}
     return {
         "name": cfg.run.name,
         "dir": ws.url(),
-        "mode": plan["mode"],
-        "epsilon": plan["epsilon"],
-        "delta": plan["delta"],
-        "accountant": plan["accountant"],
-        "target_epsilon": plan["target_epsilon"],
+        "mode": plan.mode,
+        "epsilon": plan.epsilon,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "target_epsilon": plan.target_epsilon,
         "metric": cfg.tune.metric,
         "num_trials": state["num_trials"],
         "seeded": state["seeded"],
@@ -198,7 +200,7 @@ def _source(summary: dict) -> Optional[Storage]:
     return None if where is None else Storage(where)
 
 
-def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config, ws: Workspace) -> privacy.Ledger:
+def _release_ledger(summary: dict, state_plan: SweepPlan, cfg: config_mod.Config, ws: Workspace) -> privacy.Ledger:
     """The ledger the sweep's release states: the selected trial's (public mode: the final run's; its
     shared central query, if any, included once); with no trial selected, the sweep's own (the shared
     central query, when one ran). Its epsilon is the sweep's bound (``sweep_epsilon``) where that is
@@ -210,7 +212,7 @@ def _release_ledger(summary: dict, state_plan: dict, cfg: config_mod.Config, ws:
     if ledger is None and ws.path("ledger.json").is_file():
         ledger = privacy.Ledger.load(ws.path("ledger.json"))
     if ledger is None:
-        ledger = privacy.Ledger(accountant=state_plan["accountant"], delta=cfg.privacy.delta, n=0)
+        ledger = privacy.Ledger(accountant=state_plan.accountant, delta=cfg.privacy.delta, n=0)
     if summary["mode"] != "public":
         ledger.sweep_epsilon = float(summary["epsilon"])
     ledger.seeded = (
@@ -230,7 +232,7 @@ def _validation_fact(summary: dict) -> str:
     )
 
 
-def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: dict, ws: Workspace) -> Path:
+def _publish_release(cfg: config_mod.Config, summary: dict, state_plan: SweepPlan, ws: Workspace) -> Path:
     """<sweep dir>/release/: the selected trial's (public: the final run's) outputs and the card,
     each part committed to the sweep's storage."""
     from dpfeta import release
@@ -288,7 +290,7 @@ def _finish(cfg: config_mod.Config, summary: dict, rows: list[dict], tracker, ws
 
     _write_trials_csv(rows, ws.path(TRIALS_FILE))
     ws.commit(TRIALS_FILE)
-    state_plan = json.loads(ws.path(SWEEP_FILE).read_text())["plan"]
+    state_plan = SweepPlan.from_dict(json.loads(ws.path(SWEEP_FILE).read_text())["plan"])
     root = _publish_release(cfg, summary, state_plan, ws)
     tmp = ws.path(SUMMARY_FILE + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")

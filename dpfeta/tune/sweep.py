@@ -16,7 +16,8 @@ import numpy as np
 from dpfeta import cluster, privacy, runlock
 from dpfeta import config as config_mod
 from dpfeta.privacy.accounting import quiet_accountant
-from dpfeta.privacy.sweep import draw_num_trials, sweep_plan, sweep_plan_table
+from dpfeta.privacy.repeat import draw_num_trials
+from dpfeta.privacy.sweep import SweepPlan, sweep_plan, sweep_plan_table
 from dpfeta.storage import Storage, Workspace
 from dpfeta.tune.space import _metric_mode, check_search_space, draw_trials
 from dpfeta.tune.spec import FinalFn, TrialFn, TrialSpec, trial_id
@@ -32,7 +33,7 @@ EXPERIMENT = "tune"  # the Tune experiment folder under the sweep directory
 TRIAL_CPUS = 1.0  # the trial driver (central query, warm-up, sampling, scoring run in it)
 
 
-def plan_sweep(cfg: config_mod.Config, n: int) -> dict:
+def plan_sweep(cfg: config_mod.Config, n: int) -> SweepPlan:
     """The sweep's privacy plan from public facts (N, the config): the search space validated here,
     the accounting in ``privacy.sweep``. The config is revalidated (a dataclasses.replace skips it)."""
     config_mod.validate(cfg)
@@ -131,10 +132,9 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
     plan = plan_sweep(cfg, n)
     t = cfg.tune
     if t.privacy_mode == "private":
-        shape = math.inf if plan["trials"]["shape"] == "inf" else plan["trials"]["shape"]
         # Fresh OS entropy: K must be independent of the data and unknown to an observer of the release
         # (run.seed only in tests; the record then says seeded).
-        k = draw_num_trials(plan["trials"]["mean"], shape, np.random.default_rng(cfg.run.seed))
+        k = draw_num_trials(*plan.repeat(), np.random.default_rng(cfg.run.seed))
     else:
         grid = _grid_size(t.search_space)
         if t.num_trials % grid:
@@ -144,7 +144,7 @@ def load_state(cfg: config_mod.Config, n: int, ws: Optional[Workspace] = None) -
         k = t.num_trials
     state = {
         "config": _fingerprint(cfg),
-        "plan": plan,
+        "plan": plan.to_dict(),
         "num_trials": k,
         "seeded": cfg.run.seed is not None,
         "id_key": secrets.token_hex(16),  # secret key of the opaque trial ids
@@ -271,14 +271,14 @@ def _sweep(
     echo: Callable[[str], None],
 ) -> dict:
     state = load_state(cfg, n, ws)
-    echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(state["plan"]))
+    plan, mode = SweepPlan.from_dict(state["plan"]), cfg.tune.privacy_mode
+    echo(f"sweep plan for '{cfg.run.name}' (no data read yet)\n" + sweep_plan_table(plan))
     if ws.fetch(SUMMARY_FILE):
         log.info("sweep '%s' is complete; its summary is %s", cfg.run.name, ws.url(SUMMARY_FILE))
         summary = json.loads(ws.path(SUMMARY_FILE).read_text())
         echo(summary_text(summary))
         return summary
-    plan, mode = state["plan"], cfg.tune.privacy_mode
-    if plan.get("central") == "shared":
+    if plan.central == "shared":
         shared_central(cfg, n, ws, plan)  # before any trial (and before the MLflow run: no artifacts yet)
     # Private mode releases the selected trial only: no MLflow run per trial, whatever tracking.nondp
     # says (the trials' outputs are not covered by epsilon; repeat-and-select covers the selected one),
@@ -331,7 +331,7 @@ def _sweep(
     return summary
 
 
-def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: bool = False):
+def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: SweepPlan, *, fresh: bool = False):
     """The sweep's MLflow run (None when tracking is off); ``fresh``: created now (private mode)."""
     from dpfeta.rundir import start_tracker
 
@@ -339,7 +339,7 @@ def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: 
         cfg,
         ws,
         params={**cfg.public_flat(), **_plan_params(plan)},
-        tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan["mode"]},
+        tags={"dpfeta.kind": "sweep", "dpfeta.tune_mode": plan.mode},
         fresh=fresh,
     )
 
@@ -347,7 +347,7 @@ def _start_tracker(cfg: config_mod.Config, ws: Workspace, plan: dict, *, fresh: 
 CENTRAL_DIR = "central"  # the sweep's shared central images (<sweep>/central), read by every trial
 
 
-def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) -> None:
+def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: SweepPlan) -> None:
     """M1 once for the whole sweep (``tune.central`` shared): the pipeline's central stage in the
     sweep's folder, opened as a ``RunDir`` over the sweep's own ``ledger.json`` (the query alone,
     marked shared). Its crash rules are the stage's: counted and committed before the images are
@@ -357,11 +357,11 @@ def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) ->
     from dpfeta.rundir import RunDir
     from dpfeta.runplan import check_train_size
 
-    sc = plan["shared_central"]
-    ledger = privacy.Ledger(
-        accountant=plan["accountant"], delta=cfg.privacy.delta, n=n, seeded=cfg.run.seed is not None
+    sc = plan.shared_central
+    ledger = privacy.Ledger(accountant=plan.accountant, delta=cfg.privacy.delta, n=n, seeded=cfg.run.seed is not None)
+    ledger.add(
+        "central", noise_multiplier=sc.noise_multiplier, sample_rate=sc.sample_rate, count=sc.rounds, shared=True
     )
-    ledger.add("central", noise_multiplier=sc["sigma_c"], sample_rate=sc["q_c"], count=sc["rounds"], shared=True)
     run = RunDir(cfg, ws, ledger)
     run.open_ledger()  # the stored one, checked to be this query's (a rerun never plans it again)
     if run.done(CENTRAL_DIR) and run.published(CENTRAL_DIR):
@@ -374,7 +374,7 @@ def shared_central(cfg: config_mod.Config, n: int, ws: Workspace, plan: dict) ->
         "sweep '%s': shared central images in %s (epsilon %.4f alone; every trial reads them)",
         cfg.run.name,
         ws.url(CENTRAL_DIR),
-        sc["epsilon"],
+        sc.epsilon,
     )
 
 
@@ -389,7 +389,5 @@ def _final_run(cfg: config_mod.Config, n: int, params: dict, final_fn: Optional[
 
         final_fn = pipeline.run
     result = final_fn(final_cfg)
-    return {
-        "epsilon": final_plan.epsilon,
-        "final": {"dir": Storage(final_cfg.run_location()).uri, "sigma": final_plan.noise_multiplier, "result": result},
-    }
+    final = {"dir": Storage(final_cfg.run_location()).uri, "sigma": final_plan.noise_multiplier, "result": result}
+    return {"epsilon": final_plan.epsilon, "final": final}  # summary.json's key "sigma" is published

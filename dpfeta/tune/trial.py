@@ -1,4 +1,4 @@
-"""One trial: its config and sigma, its run folder (a ``RunDir`` in the sweep's storage), the trial
+"""One trial: its config and noise multiplier, its run folder (a ``RunDir`` in the sweep's storage), the trial
 function (the pipeline's stage sequence by default), the DP score (M3, ``tune.score``), its result
 stored once (a rerun never draws a second noisy score), under an opaque id (``tune.spec``)."""
 
@@ -11,7 +11,7 @@ import shutil
 from dpfeta import config as config_mod
 from dpfeta import tracking
 from dpfeta.privacy.accounting import quiet_accountant
-from dpfeta.privacy.sweep import trial_plan, trial_sigma
+from dpfeta.privacy.trial import trial_noise_multiplier, trial_plan
 from dpfeta.rundir import LEDGER_FILE, RunDir
 from dpfeta.runplan import check_train_size
 from dpfeta.storage import Storage, Workspace
@@ -25,7 +25,7 @@ RELEASE_PARTS = ("central", "model", "samples")  # what a sweep's release copies
 
 
 def run_trial(spec: TrialSpec, params: dict, trial_id: str) -> dict:
-    """One trial: calibrate its sigma, run the trial function, add the DP score. Returns the result.
+    """One trial: calibrate its noise multiplier, run the trial function, add the DP score. Returns the result.
 
     Idempotent: a trial that already scored returns its stored result (a rerun after a driver crash
     must not draw a second noisy score); the pipeline stages resume from the trial directory. The
@@ -47,29 +47,29 @@ def _run_trial(spec: TrialSpec, cfg: config_mod.Config, ws: Workspace, params: d
     if ws.fetch(RESULT_FILE):
         log.info("trial %s: already scored, returning %s", trial_id, ws.url(RESULT_FILE))
         return json.loads(ws.path(RESULT_FILE).read_text())
-    sigma = trial_sigma(spec.plan, cfg, spec.n)
-    plan = trial_plan(spec.plan, cfg, spec.n, sigma)
-    if spec.plan.get("central") == "shared":
+    noise_multiplier = trial_noise_multiplier(spec.plan, cfg, spec.n)
+    plan = trial_plan(spec.plan, cfg, spec.n, noise_multiplier)
+    if spec.plan.central == "shared":
         _shared_central(spec, ws)
-    cfg = config_mod.replace(cfg, {"privacy.noise_multiplier": sigma})
+    cfg = config_mod.replace(cfg, {"privacy.noise_multiplier": noise_multiplier})
     run = RunDir.of(cfg, ws, plan)
-    run.write_config()  # the trial's resolved config, its sigma included
+    run.write_config()  # the trial's resolved config, its noise multiplier included
     if spec.log_trials and spec.parent_run_id:
         tags = {
             "mlflow.parentRunId": spec.parent_run_id,
             "dpfeta.trial_id": trial_id,
             "dpfeta.sweep": Storage(spec.sweep_dir).uri.rstrip("/").rsplit("/", 1)[-1],
-            "dpfeta.tune_mode": spec.plan["mode"],
+            "dpfeta.tune_mode": spec.plan.mode,
         }
         run.start_tracker(
             params={**tracking.run_params(cfg, plan), **{f"trial/{k}": v for k, v in params.items()}},
             tags=tags,
             trial=True,
         )
-    ctx = TrialContext(cfg=cfg, params=dict(params), run=run, mode=spec.plan["mode"], n=spec.n, trial_id=trial_id)
+    ctx = TrialContext(cfg=cfg, params=dict(params), run=run, mode=spec.plan.mode, n=spec.n, trial_id=trial_id)
     try:
         result = score(spec, run.plan, dict(spec.trial_fn(ctx) or {}), trial_id)  # counted in run.ledger
-        result.update(sigma=sigma, id=trial_id, trial_done=1)  # "trial_id" is Ray's own (a counter)
+        result.update(sigma=noise_multiplier, id=trial_id, trial_done=1)  # published key "sigma"; "trial_id" is Ray's
         _record(spec, run, result)  # the count of the score before its result touches the disk
         with run.output(RESULT_FILE) as tmp:  # last: "scored"
             tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -94,7 +94,7 @@ def _record(spec: TrialSpec, run: RunDir, result: dict) -> None:
         **run.ledger.state_dict(),
         "epsilon_trial": result.get("epsilon_trial"),
         "epsilon_if_all_trials_were_this_one": plan.epsilon,
-        "epsilon_total": spec.plan["epsilon"],
+        "epsilon_total": spec.plan.epsilon,
     }
     run.path("trial_ledger.json").write_text(json.dumps(record, indent=2) + "\n")
     run.commit("trial_ledger.json")
