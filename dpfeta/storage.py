@@ -29,17 +29,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from dpfeta.config import is_uri  # the one test for a URI; also storage.is_uri for its callers
+
 log = logging.getLogger(__name__)
 
 MARKER = "_COMMITTED"
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 _ERRORS = (OSError, ValueError)  # what pyarrow raises for I/O, permissions, endpoints, missing buckets
-
-
-def is_uri(location: str | Path) -> bool:
-    """``s3://...`` and friends (a ``file://`` URI is a local path)."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
 
 
 def _scheme(uri: str) -> str:
