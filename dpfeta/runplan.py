@@ -20,10 +20,44 @@ log = logging.getLogger("dpfeta.pipeline")  # the name users' log filters know
 
 
 def resolve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load and validate the config, then fix every privacy-derived value from public facts (today
-    the central noise), before any data is read."""
+    """Load and validate the config, then fix every privacy-derived value from public facts (``auto``
+    central rounds and share, the central noise), before any data is read."""
     cfg = config_mod.load(path, list(overrides))
-    return privacy.resolve(cfg, data.public_train_size(cfg))
+    resolved = privacy.resolve(cfg, data.public_train_size(cfg))
+    chosen = central_auto(cfg, resolved)
+    if chosen:
+        log.info("central: auto chose %s", auto_text(chosen))
+    return resolved
+
+
+def central_auto(raw: Config, resolved: Config) -> Optional[dict]:
+    """What ``central.rounds``/``central.epsilon_share: auto`` chose for ``raw`` (None without auto):
+    the numbers, the central images' per-pixel noise std at the calibrated sigma_c, and the rule's reason."""
+    choice = privacy.central_choice(raw, data.public_train_size(raw))
+    if choice is None:
+        return None
+    c, d = resolved.central, resolved.data
+    std = privacy.pixel_std(
+        c.noise_multiplier,
+        image_shape=(d.channels, d.resolution, d.resolution),
+        downsample=c.downsample,
+        batch_size=c.batch_size,
+        num_classes=d.num_classes,
+    )
+    return {
+        "rounds": choice.rounds,
+        "epsilon_share": choice.epsilon_share,
+        "noise_multiplier": c.noise_multiplier,
+        "pixel_std": std,
+        "rule": choice.reason,
+    }
+
+
+def auto_text(chosen: dict) -> str:
+    return (
+        f"rounds={chosen['rounds']} epsilon_share={chosen['epsilon_share']:g} "
+        f"(sigma_c={chosen['noise_multiplier']:.4g}, per-pixel noise std {chosen['pixel_std']:.3f}): {chosen['rule']}"
+    )
 
 
 def plan_run(cfg: Config) -> privacy.Plan:

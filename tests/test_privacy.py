@@ -77,7 +77,7 @@ def test_central_query_alone_over_budget_is_refused():
 
 
 def test_calibrated_central_noise_spends_its_share():
-    cfg = config.load("configs/digits.yaml", ["privacy.epsilon=2", "central.epsilon_share=0.25"])
+    cfg = config.load("configs/digits.yaml", ["privacy.epsilon=2", "central.epsilon_share=0.25", "central.rounds=2"])
     n = 1300
     sigma_c = privacy.central_noise(cfg, n)
     q_c = cfg.central.batch_size / n

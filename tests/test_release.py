@@ -225,6 +225,7 @@ def _cli(tmp_path: Path, *argv: str, extra: tuple[str, ...] = ()) -> int:
     return cli.main(args)
 
 
+@pytest.mark.long  # ~70 s of stage-by-stage CLI calls: in make ci, not in make test
 def test_the_step_by_step_cli_composes_the_same_ledger_as_dpfeta_run(unseeded, tmp_path, capsys):
     _, result, _ = unseeded
     c, w, f = tmp_path / "central", tmp_path / "warmup", tmp_path / "finetune"

@@ -30,12 +30,17 @@ def cmd_budget(args, cfg: config_mod.Config) -> int:
         sp = tune.plan_sweep(cfg, data.public_train_size(cfg))
         print(json.dumps(psweep.sweep_plan_json(sp), indent=2) if args.json else psweep.sweep_plan_table(sp))
         return 0
+    from dpfeta import runplan
+
     pl = _plan(cfg)
+    chosen = runplan.central_auto(config_mod.load(args.config, args.overrides), cfg)
     if args.json:
-        print(json.dumps(privacy.plan_json(pl), indent=2))
+        print(json.dumps({**privacy.plan_json(pl), **({"central_auto": chosen} if chosen else {})}, indent=2))
     else:
         print(f"privacy plan for run '{cfg.run.name}' ({args.config}); no data was read")
         print(privacy.plan_table(pl))
+        if chosen:
+            print(f"central auto       {runplan.auto_text(chosen)}")
     return 0
 
 

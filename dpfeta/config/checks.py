@@ -43,14 +43,24 @@ def _validate_data(d: schema.DataConfig) -> None:
 
 def _validate_central(c: schema.CentralConfig, resolution: int) -> None:
     """The central query M1 (central.rounds and central.epsilon_share are checked here)."""
-    _check(c.rounds >= 0, "central.rounds", "an integer >= 0", c.rounds)
+    _check(
+        c.rounds == "auto" or (isinstance(c.rounds, int) and c.rounds >= 0),
+        "central.rounds",
+        "an integer >= 0 or auto",
+        c.rounds,
+    )
     _check(
         c.noise_multiplier is None or c.noise_multiplier > 0,
         "central.noise_multiplier",
         "null (calibrate from central.epsilon_share) or a number > 0",
         c.noise_multiplier,
     )
-    _check(0 < c.epsilon_share < 1, "central.epsilon_share", "a fraction in (0, 1)", c.epsilon_share)
+    _check(
+        c.epsilon_share == "auto" or (isinstance(c.epsilon_share, float) and 0 < c.epsilon_share < 1),
+        "central.epsilon_share",
+        "a fraction in (0, 1) or auto",
+        c.epsilon_share,
+    )
     _check(c.batch_size > 0, "central.batch_size", "a number > 0", c.batch_size)
     _check(
         c.downsample >= 1 and resolution % c.downsample == 0,

@@ -121,7 +121,10 @@ def _declares_str(key: str) -> bool:
     if not dataclasses.is_dataclass(cls):
         return False
     tp = typing.get_type_hints(cls).get(name)
-    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
+    # Optional[str] is a string; Union[int, str] (a number or a word such as auto) is parsed like YAML
+    return tp is str or (
+        typing.get_origin(tp) in (Union, types.UnionType) and set(typing.get_args(tp)) - {type(None)} == {str}
+    )
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:

@@ -71,10 +71,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CentralConfig:
-    rounds: int = 5  # n: number of Poisson rounds; each releases one image per class
+    # n: number of Poisson rounds; each releases one image per class. auto: chosen from public facts
+    # (privacy/auto.py, docs/privacy.md §3a), like epsilon_share: auto; both need noise_multiplier: null
+    rounds: Union[int, str] = 5
     noise_multiplier: Optional[float] = 5.0  # sigma_c relative to the L2 sensitivity sqrt(d/4);
     # null: calibrate sigma_c so the query alone spends epsilon_share * privacy.epsilon
-    epsilon_share: float = 0.1
+    epsilon_share: Union[float, str] = 0.1
     batch_size: float = 300.0  # expected Poisson sample size; q_c = batch_size / N
     downsample: int = 2  # spatial downsampling factor before the noise
     median_filter: bool = True

@@ -5,6 +5,7 @@
 * ``ledger``     -- ``Mechanism``/``Ledger``: planned and taken counts, the composed epsilon, the
   resume guard (``check_resume``);
 * ``curve``      -- the composed epsilon at each report step, computed off the step path;
+* ``auto``       -- ``central.rounds``/``epsilon_share: auto``: the central query's rounds and share from public facts;
 * ``plan``       -- one run's plan: sigma calibrated once so that M1 + M2 meet the target;
 * ``sweep``      -- a sweep's plan (``SweepPlan``): trial count, the reference curve calibrated to the total;
 * ``trial``      -- a sweep trial: its privacy parameters, the reference trial, its noise multiplier and plan;
@@ -29,6 +30,7 @@ from dpfeta.privacy.accounting import (
     smallest_sigma,
     tnb_gamma,
 )
+from dpfeta.privacy.auto import AUTO, CentralChoice, choose_central, pixel_std
 from dpfeta.privacy.curve import EpsilonCurve, epsilon_curve
 from dpfeta.privacy.events import (
     KINDS,
@@ -40,9 +42,24 @@ from dpfeta.privacy.events import (
     selection_event,
 )
 from dpfeta.privacy.ledger import RESUME_KEYS, Ledger, Mechanism, check_resume
-from dpfeta.privacy.plan import Plan, central_noise, dpsgd_steps, plan, plan_json, plan_table, privacy_summary, resolve
+from dpfeta.privacy.plan import (
+    Plan,
+    central_choice,
+    central_noise,
+    dpsgd_steps,
+    plan,
+    plan_json,
+    plan_table,
+    privacy_summary,
+    resolve,
+)
 
 __all__ = [
+    "central_choice",
+    "pixel_std",
+    "choose_central",
+    "CentralChoice",
+    "AUTO",
     "DEFAULT_RDP_ORDERS",
     "EpsilonCurve",
     "INTEGER_RDP_ORDERS",

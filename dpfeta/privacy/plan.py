@@ -12,6 +12,7 @@ import dp_accounting
 
 from dpfeta import config as config_mod
 from dpfeta.privacy.accounting import calibrate_noise
+from dpfeta.privacy.auto import AUTO, CentralChoice, choose_central
 from dpfeta.privacy.events import NEIGHBOURING_RELATION, central_event, dpsgd_event
 from dpfeta.privacy.ledger import Ledger
 
@@ -40,7 +41,7 @@ def dpsgd_steps(*, epochs: float, sample_rate: float) -> int:
 
 def central_noise(cfg, n: int, *, target_epsilon: float | None = None) -> float:
     """sigma_c of the central query: the configured one, or calibrated to its epsilon share."""
-    c, p = cfg.central, cfg.privacy
+    c, p = _apply_auto(cfg, n, target_epsilon).central, cfg.privacy
     if c.noise_multiplier is not None:
         return float(c.noise_multiplier)
     q_c = min(1.0, c.batch_size / n)
@@ -55,11 +56,40 @@ def central_noise(cfg, n: int, *, target_epsilon: float | None = None) -> float:
     )
 
 
+def central_choice(cfg, n: int, *, target_epsilon: float | None = None) -> Optional[CentralChoice]:
+    """What ``central.rounds: auto`` / ``central.epsilon_share: auto`` stand for (privacy/auto.py), or None."""
+    c, p, d = cfg.central, cfg.privacy, cfg.data
+    if AUTO not in (c.rounds, c.epsilon_share):
+        return None
+    return choose_central(
+        epsilon=p.epsilon if target_epsilon is None else target_epsilon,
+        delta=p.delta,
+        n=n,
+        image_shape=(d.channels, d.resolution, d.resolution),
+        num_classes=d.num_classes,
+        batch_size=c.batch_size,
+        downsample=c.downsample,
+        accountant="rdp" if p.accountant == "auto" else p.accountant,  # the central noise's accountant
+        rounds=None if c.rounds == AUTO else c.rounds,
+        epsilon_share=None if c.epsilon_share == AUTO or c.noise_multiplier is not None else c.epsilon_share,
+        noise_multiplier=c.noise_multiplier,
+    )
+
+
+def _apply_auto(cfg, n: int, target_epsilon: float | None):
+    choice = central_choice(cfg, n, target_epsilon=target_epsilon)
+    if choice is None:
+        return cfg
+    return config_mod.replace(cfg, {"central.rounds": choice.rounds, "central.epsilon_share": choice.epsilon_share})
+
+
 def resolve(cfg, n: int, *, target_epsilon: float | None = None):
-    """The config with every privacy-derived value fixed (today: central.noise_multiplier).
+    """The config with every privacy-derived value fixed: ``auto`` central rounds and share (from public
+    facts), then central.noise_multiplier.
 
     Call once, before any data is read; the result is what config.json records.
     """
+    cfg = _apply_auto(cfg, n, target_epsilon)
     if cfg.central.noise_multiplier is not None or cfg.central.rounds == 0:
         return cfg
     return config_mod.replace(cfg, {"central.noise_multiplier": central_noise(cfg, n, target_epsilon=target_epsilon)})
@@ -73,6 +103,8 @@ def plan(cfg, n: int, *, target_epsilon: float | None = None) -> Plan:
     sigma, or with a fixed sigma the smaller epsilon): PLD in practice. Sweeps never come here with
     auto (they are accounted with RDP, which covers repeat-and-select).
     """
+    if AUTO in (cfg.central.rounds, cfg.central.epsilon_share):
+        cfg = resolve(cfg, n, target_epsilon=target_epsilon)
     if cfg.privacy.accountant == "auto":
         return _plan_tighter(cfg, n, target_epsilon=target_epsilon)
     p, c, f = cfg.privacy, cfg.central, cfg.finetune
