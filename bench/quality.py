@@ -7,7 +7,8 @@ For each epsilon and seed:
 * ``dpdm``: ``finetune.init=scratch`` and ``central.rounds=0``: the whole budget goes to DP-SGD, with
   the same DP-SGD compute (same expected batch, epochs hence T, K, C, learning rate);
 * ``dp-feta-central`` (only when asked for): ``dp-feta`` with 80 % of the budget on one round of
-  central images, the low-epsilon setting;
+  central images, the low-epsilon setting (what ``central.rounds``/``epsilon_share: auto`` of
+  configs/digits.yaml choose at epsilon 1 and 2, docs/privacy.md §3a);
 * ``non-private`` (once per seed, epsilon = inf): the same U-Net trained without DP on the real
   training split for ``warmup.steps + T * B / warmup.batch_size`` steps (the same number of images as
   warm-up plus DP-SGD see), then sampled and evaluated the same way.

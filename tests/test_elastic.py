@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -108,9 +109,16 @@ def _in_thread(fn):
     return result
 
 
-def _last_ray_step(store: Storage) -> int:
-    steps = [int(f.split("step_")[1][:8]) for f in store.list_files("ray") if "/step_" in f]
-    return max(steps, default=0)
+def _registered_step(store: Storage) -> int:
+    """The last checkpoint step the Train controller has registered (its snapshot in the storage, written
+    after each registration): what a restarted group resumes from. A checkpoint folder alone is not enough:
+    a node lost between the upload and the controller's poll leaves it unregistered."""
+    try:
+        snapshots = [f for f in store.list_files("ray") if f.endswith("checkpoint_manager_snapshot.json")]
+        steps = [int(m) for f in snapshots for m in re.findall(r"step_(\d{8})", store.read_text(f"ray/{f}"))]
+    except Exception:  # noqa: BLE001 - the snapshot replaced while read: ask again at the next poll
+        return -1
+    return max(steps, default=-1)
 
 
 # DP-SGD: from scratch (no central query), 1-CPU workers only on nodes offering the "dpsgd" resource.
@@ -180,7 +188,7 @@ def test_a_scale_up_grows_the_group_and_keeps_T_and_epsilon(make_cluster, s3_buc
     fixed = pipeline.plan_run(_cfg(tiny_cfg, s3_bucket, "fixed", cluster.address, *DPSGD, "run.num_workers=1"))
     store = Storage(f"{s3_bucket}/runs/up/ft")
     result = _in_thread(lambda: _fit(cfg, store.uri, tmp_path, slow_while_one_worker))
-    _when(lambda: _last_ray_step(store) >= 2, "the first checkpoints")
+    _when(lambda: _registered_step(store) >= 2, "the first registered checkpoints")
     cluster.add_node(num_cpus=1, resources={"dpsgd": 1})
     pl, summary = result()
     sizes = [g["world_size"] for g in summary["groups"]]
@@ -208,8 +216,8 @@ def test_b_a_lost_node_shrinks_the_group_and_keeps_T_and_epsilon(
     pace.marks.mkdir()
     result = _in_thread(lambda: _fit(cfg, store.uri, tmp_path, pace))
     _when(lambda: pace.first_step_of_two() >= 0, "a step of a 2-worker group")
-    # A checkpoint of the 2-worker group is committed (its entry in the ledger survives the restart).
-    _when(lambda: _last_ray_step(store) > pace.first_step_of_two(), "a checkpoint of the 2-worker group")
+    # A checkpoint of the 2-worker group is registered (its entry in the ledger survives the restart).
+    _when(lambda: _registered_step(store) > pace.first_step_of_two(), "a registered checkpoint of the 2-worker group")
     cluster.remove_node(nodes[1], allow_graceful=False)
     pl, summary = result()
     sizes = [g["world_size"] for g in summary["groups"]]
