@@ -197,10 +197,11 @@ def noisy_class_means(
     ``train``: an ImageSet (sums in process) or a ray.data.Dataset (sums over its blocks). Sampling
     and noise come from OS entropy unless ``generator`` is given (tests, reproduction).
     """
-    c, k = cfg.central, cfg.data.num_classes
     n, shape = _dataset_facts(train)
     if cfg.data.n_train is not None and n != cfg.data.n_train:
         raise ValueError(f"data.n_train: expected N={cfg.data.n_train} training records, found N={n}")
+    cfg = privacy.resolve(cfg, n)  # central.rounds/epsilon_share: auto (a run's config comes resolved)
+    c, k = cfg.central, cfg.data.num_classes
     if not 0 < c.batch_size <= n:
         raise ValueError(f"central.batch_size: expected an expected sample size <= N={n}, got {c.batch_size:g}")
     params = dict(
@@ -238,23 +239,24 @@ def central_images(cfg: config_mod.Config, train, *, generator: Optional[torch.G
     """Run M1 on ``train`` (ImageSet: in process; ray.data.Dataset: distributed over its blocks)."""
     c, k = cfg.central, cfg.data.num_classes
     means, params = noisy_class_means(cfg, train, generator=generator)
+    rounds = means.shape[0]  # central.rounds, resolved (auto) by noisy_class_means
     images = postprocess(
         means.reshape(-1, *means.shape[2:]),
         resolution=means.shape[-1] * c.downsample,
         median=c.median_filter,
         sharpen=c.sharpen,
     )
-    labels = np.tile(np.arange(k, dtype=np.int64), c.rounds)
+    labels = np.tile(np.arange(k, dtype=np.int64), rounds)
     log.info(
         "central query: %d rounds x %d classes, q_c=%.4g, sigma_c=%.4g, Delta=%.4g, divisor=%.4g",
-        c.rounds,
+        rounds,
         k,
         params["sample_rate"],
         params["noise_multiplier"],
         params["sensitivity"],
         params["expected_count"],
     )
-    return CentralResult(images, labels, rounds=c.rounds, num_classes=k, **params)
+    return CentralResult(images, labels, rounds=rounds, num_classes=k, **params)
 
 
 # --------------------------------------------------------------------------------------------

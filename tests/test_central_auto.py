@@ -120,3 +120,22 @@ def test_a_fixed_central_noise_fixes_the_std_and_auto_picks_the_rounds_for_it():
     cfg = config.load("configs/digits.yaml", ["central.noise_multiplier=20.0"])  # share: auto, unused
     resolved = privacy.resolve(cfg, 1258)
     assert resolved.central.noise_multiplier == 20.0 and resolved.central.rounds == auto.MAX_ROUNDS
+
+
+def test_the_central_query_resolves_auto_itself_from_the_public_n():
+    from dpfeta import data
+
+    cfg = config.load(
+        None,
+        [
+            "central.rounds=auto",
+            "central.epsilon_share=auto",
+            "central.noise_multiplier=null",
+            "finetune.batch_size=256",
+        ],
+    )
+    train = data.load_splits(cfg).train
+    result = central.central_images(cfg, train, generator=__import__("torch").Generator().manual_seed(0))
+    choice = privacy.central_choice(cfg, len(train))
+    assert result.rounds == choice.rounds and len(result.labels) == choice.rounds * cfg.data.num_classes
+    assert result.noise_multiplier == pytest.approx(privacy.resolve(cfg, len(train)).central.noise_multiplier)
