@@ -200,7 +200,8 @@ def noisy_class_means(
     n, shape = _dataset_facts(train)
     if cfg.data.n_train is not None and n != cfg.data.n_train:
         raise ValueError(f"data.n_train: expected N={cfg.data.n_train} training records, found N={n}")
-    cfg = privacy.resolve(cfg, n)  # central.rounds/epsilon_share: auto (a run's config comes resolved)
+    if privacy.AUTO in (cfg.central.rounds, cfg.central.epsilon_share):  # a run's config comes resolved
+        cfg = privacy.resolve(cfg, n)
     c, k = cfg.central, cfg.data.num_classes
     if not 0 < c.batch_size <= n:
         raise ValueError(f"central.batch_size: expected an expected sample size <= N={n}, got {c.batch_size:g}")
