@@ -56,6 +56,7 @@ def test_the_driver_reads_only_meta_and_eval_parts(tmp_path, monkeypatch):
     assert ev.test.images.shape[1:] == (1, 8, 8) and ev.test.labels.max() < 10
 
 
+@pytest.mark.slow  # writes and rewrites Parquet folders (~6 s): make test
 def test_a_prepared_folder_of_another_shape_or_size_is_refused_before_spend(tmp_path):
     out = tmp_path / "prepared"
     data.prepare(_cfg(tmp_path), str(out), rows_per_shard=500)
