@@ -35,6 +35,7 @@ from dpfeta import config as config_mod
 from dpfeta import privacy
 from dpfeta.data import ImageSet, read_image_folder
 from dpfeta.images import encode_png, save_class_folders
+from dpfeta.privacy.auto import sensitivity  # Delta of M1, one definition (the auto rule uses it too)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,6 @@ class CentralResult:
 # --------------------------------------------------------------------------------------------
 # The mechanism, piece by piece
 # --------------------------------------------------------------------------------------------
-
-
-def sensitivity(image_shape: tuple[int, ...], downsample: int) -> float:
-    """Delta = sqrt(d) / f: the largest L2 norm of one f-fold pooled image in [0, 1]^(d/f^2)."""
-    return math.sqrt(math.prod(image_shape)) / downsample
 
 
 def pool(images: np.ndarray, factor: int) -> np.ndarray:
