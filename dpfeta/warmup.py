@@ -4,7 +4,8 @@ The central images are already differentially private, so this stage is post-pro
 losses and samples may be logged freely. As in DP-FETA's ``pretrain_dpp_base.py``
 (docs/reference-implementation.md §3):
 RandAugment with ``warmup.randaug_ops`` ops and a magnitude drawn uniformly from {1..M} per image
-(without the ops in ``warmup.randaug_exclude``: Equalize by default),
+(without the ops in ``warmup.randaug_exclude``: Equalize by default; batched on the model's device,
+``dpfeta.augment``),
 Adam, EMA with warm-up, classifier-free-guidance label dropout, the EDM loss with K noise draws.
 
 Resume = rerun: the latest checkpoint under ``out_dir/checkpoint`` (raw weights, EMA, Adam state,
@@ -24,9 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torchvision.transforms import RandAugment
 
 from dpfeta import checkpoint, cluster, precision, progress, rng
+from dpfeta.augment import RandAugment
 from dpfeta.config import Config
 from dpfeta.diffusion import EDMPrecond, edm_loss
 from dpfeta.images import load_class_folders, to_float
@@ -69,37 +70,6 @@ def central_arrays(central: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-class _RandAugment(RandAugment):
-    """torchvision's RandAugment without the ops named in ``exclude``."""
-
-    def __init__(self, *, num_ops: int, magnitude: int, exclude: tuple[str, ...] = ()):
-        super().__init__(num_ops=num_ops, magnitude=magnitude)
-        self.exclude = frozenset(exclude)
-
-    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
-        space = super()._augmentation_space(num_bins, image_size)
-        return {name: op for name, op in space.items() if name not in self.exclude}
-
-
-def augment(
-    images: torch.Tensor, *, num_ops: int, max_magnitude: int, generator: torch.Generator, exclude: tuple[str, ...] = ()
-) -> torch.Tensor:
-    """RandAugment(num_ops, m) per uint8 image with m ~ U{1..max_magnitude}, without the ops in
-    ``exclude``; M = 0 disables it.
-
-    torchvision draws the ops from torch's global RNG, so it runs in a forked RNG seeded from
-    ``generator``: the result depends on ``generator`` only and the global RNG is left untouched.
-    """
-    if max_magnitude == 0 or num_ops == 0:
-        return images
-    magnitudes = torch.randint(1, max_magnitude + 1, (len(images),), generator=generator).tolist()
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    transforms = {m: _RandAugment(num_ops=num_ops, magnitude=m, exclude=exclude) for m in set(magnitudes)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([transforms[m](image) for image, m in zip(images, magnitudes)])
-
-
 def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """A random batch without replacement; all N images (shuffled) when N <= batch_size."""
     return torch.randperm(n, generator=generator)[:batch_size]
@@ -133,21 +103,15 @@ def _train_step(
     labels: torch.Tensor,
     cfg: Config,
     generator: torch.Generator,
+    augment: RandAugment,
 ) -> tuple[float, int]:
-    """One Adam step on an augmented batch; returns (mean loss, batch size)."""
+    """One Adam step on an augmented batch of ``images`` (uint8, on the model's device); returns
+    (mean loss, batch size)."""
     w, dc = cfg.warmup, cfg.diffusion
-    device = next(denoiser.parameters()).device
-    # Draw a batch and augment it.
-    idx = _batch_indices(len(images), w.batch_size, generator)
-    x = to_float(
-        augment(
-            images[idx],
-            num_ops=w.randaug_ops,
-            max_magnitude=w.randaug_magnitude,
-            generator=generator,
-            exclude=w.randaug_exclude,
-        )
-    ).to(device)
+    device = images.device
+    # Draw a batch and augment it (on the device).
+    idx = _batch_indices(len(images), w.batch_size, generator).to(device)
+    x = to_float(augment(images[idx], generator))
     # Loss (K noise draws per image, CFG label drop; the network in run.precision) and optimiser step.
     with precision.autocast(cfg.run.precision, device):
         loss = edm_loss(
@@ -198,6 +162,8 @@ def train_warmup(
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=w.lr)
     meta = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else {}
+    images, labels = images.to(_device(cfg)), labels.to(_device(cfg))
+    augment = RandAugment(num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, exclude=w.randaug_exclude)
     step, loss = int(meta.get("step", 0)), meta.get("loss")
     params = count_parameters(net)
     logger.info(
@@ -213,7 +179,7 @@ def train_warmup(
     start_step, start_time = step, time.perf_counter()
     window, window_start = [], time.perf_counter()
     while step < w.steps:
-        batch_loss, batch = _train_step(denoiser, optimizer, images, labels, cfg, generator)
+        batch_loss, batch = _train_step(denoiser, optimizer, images, labels, cfg, generator, augment)
         step += 1
         # Update EMA.
         update_ema(ema, net, num_updates=step, decay=w.ema_decay)

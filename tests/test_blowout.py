@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpfeta import central, config, data, diffusion, images, privacy, sample
-from dpfeta.warmup import augment
+from dpfeta.augment import RandAugment
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def training_set(cfg, x: torch.Tensor, exclude: tuple[str, ...], repeats: int = 
     w = cfg.warmup
     return torch.cat(
         [
-            augment(x, num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, generator=g, exclude=exclude)
+            RandAugment(num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, exclude=exclude)(x, g)
             for _ in range(repeats)
         ]
     )

@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"config", "release", "console"},
     "cluster": {"config", "console"},  # where code runs; knows no MLflow run
     "central": BASE | {"privacy", "data"},
-    "warmup": BASE | {"cluster", "diffusion", "nn", "precision"},
+    "augment": {"config"},  # batched RandAugment on the tensors' device (the op names from config.schema)
+    "warmup": BASE | {"cluster", "diffusion", "nn", "precision", "augment"},
     "finetune": BASE | {"privacy", "dpsgd", "diffusion", "nn", "precision"},
     "evaluate": BASE | {"cluster", "data", "nn", "privacy", "precision"},  # FID features in bf16 (run.precision)
     "distributed": BASE | {"cluster", "data", "finetune", "privacy", "tracking"},
@@ -85,6 +86,7 @@ FORBIDDEN = {
     "config": {"torch", "ray", "dp_accounting", "mlflow"},
     "dpsgd": {"ray", "mlflow"},
     "diffusion": {"ray", "mlflow", "opacus", "PIL", "yaml"},
+    "augment": {"ray", "mlflow", "opacus", "PIL"},
 }
 # ... and at module level only (a function may import them lazily: `dpfeta budget` must not load torch)
 FORBIDDEN_AT_IMPORT = {

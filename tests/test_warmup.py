@@ -9,10 +9,11 @@ from conftest import TINY_UNET, tiny_config
 from opacus.grad_sample import GradSampleModule
 
 from dpfeta import checkpoint
+from dpfeta.augment import RandAugment
 from dpfeta.images import save_class_folders
 from dpfeta.nn import UNet
 from dpfeta.sample import build_denoiser, load_denoiser
-from dpfeta.warmup import augment, central_arrays, train_warmup
+from dpfeta.warmup import central_arrays, train_warmup
 
 # Opacus hooks on a model whose inputs need no grad: expected and harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -94,12 +95,13 @@ def test_augment_depends_only_on_the_generator():
     images = torch.from_numpy(Central(16).images)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = augment(images, num_ops=2, max_magnitude=9, generator=torch.Generator().manual_seed(4))
-    b = augment(images, num_ops=2, max_magnitude=9, generator=torch.Generator().manual_seed(4))
+    augment = RandAugment(num_ops=2, max_magnitude=9)
+    a = augment(images, torch.Generator().manual_seed(4))
+    b = augment(images, torch.Generator().manual_seed(4))
     assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
     assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == images.shape
     assert not torch.equal(a, images)
-    assert augment(images, num_ops=2, max_magnitude=0, generator=torch.Generator()) is images
+    assert RandAugment(num_ops=2, max_magnitude=0)(images, torch.Generator()) is images
 
 
 def test_central_arrays_validation_and_folder_input(tmp_path):
