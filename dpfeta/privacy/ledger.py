@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import dp_accounting
 from dp_accounting import dp_event
 
-from dpfeta.privacy.accounting import epsilon_of
+from dpfeta.privacy.accounting import PLD_INTERVAL, epsilon_of
 from dpfeta.privacy.events import KINDS, NEIGHBOURING_RELATION, PUBLIC_FACTS, poisson_gaussian, selection_event
 
 
@@ -121,12 +121,16 @@ class Ledger:
             )
         return dp_accounting.ComposedDpEvent(once)
 
-    def epsilon(self, planned: bool = False) -> float:
-        """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran."""
+    def epsilon(self, planned: bool = False, *, pld_interval: float = PLD_INTERVAL) -> float:
+        """Composed epsilon(delta) over the steps taken (or the whole plan); 0 before anything ran.
+        ``pld_interval``: the PLD grid (a coarser one is pessimistic: it only raises epsilon); the ledger's
+        own is PLD_INTERVAL, the only one any stated total uses."""
         if all((m.planned if planned else m.taken) == 0 for m in self.mechanisms):
             own = 0.0
         else:
-            own = epsilon_of(self.event(planned), delta=self.delta, accountant=self.accountant)
+            own = epsilon_of(
+                self.event(planned), delta=self.delta, accountant=self.accountant, pld_interval=pld_interval
+            )
         return own if self.sweep_epsilon is None else max(own, float(self.sweep_epsilon))
 
     def per_mechanism(self, planned: bool = True) -> dict[str, float]:
