@@ -116,7 +116,17 @@ COMMANDS = [
         "downstream accuracy and FID of a synthetic set",
         [
             ("--samples", {"required": True, "help": "folder of class sub-folders of PNGs"}),
-            ("--out", {"default": None, "help": "eval.json path (default: <samples>/eval.json)"}),
+            ("--out", {"default": None, "help": "result path (default: <samples>/eval.json, eval-<protocol>.json)"}),
+            (
+                "--protocol",
+                {
+                    "default": "dpfeta",
+                    "choices": ["dpfeta", "dpimagebench"],
+                    "help": "dpfeta (reference CNN, FID vs the test split) or dpimagebench (3 classifiers, "
+                    "noisy-validation selection, FID vs the training split; non-DP: needs tracking.nondp)",
+                },
+            ),
+            ("--epochs", {"type": int, "default": None, "help": "dpimagebench: classifier epochs (default 50)"}),
         ],
     ),
     ("run", commands.cmd_run, "the whole pipeline: central, warm-up, DP-SGD, sample, evaluate", []),

@@ -210,8 +210,16 @@ def cmd_finetune(args, cfg: config_mod.Config) -> int:
 def cmd_evaluate(args, cfg: config_mod.Config) -> int:
     from dpfeta import evaluate
 
-    result = evaluate.evaluate_samples(cfg, args.samples, args.out)
+    result = evaluate.evaluate_samples(cfg, args.samples, args.out, protocol=args.protocol, epochs=args.epochs)
     eps = "unknown (no ledger.json)" if result["epsilon"] is None else f"{result['epsilon']:.4f}"
+    if args.protocol == "dpimagebench":
+        r = result["nondp"]
+        each = ", ".join(f"{name} {c['accuracy']:.4f}" for name, c in r["classifiers"].items())
+        print(
+            f"epsilon {eps}  DPImageBench accuracy {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} ({each})  "
+            f"FID {r['fid']:.2f} [{result['fid_kind']}, vs the train split]  (non-DP: sensitive splits)"
+        )
+        return 0
 
     def shown(name: str, fmt: str) -> str:
         value, is_dp = evaluate.metric(result, name)

@@ -201,13 +201,42 @@ def stated_privacy(cfg: Config, samples_dir: Path) -> dict:
     }
 
 
-def evaluate_samples(cfg: Config, samples_dir: Path | str, out_path: Path | str | None = None) -> dict:
+PROTOCOLS = ("dpfeta", "dpimagebench")
+
+
+def evaluate_samples(
+    cfg: Config,
+    samples_dir: Path | str,
+    out_path: Path | str | None = None,
+    *,
+    protocol: str = "dpfeta",
+    epochs: int | None = None,
+) -> dict:
     """``dpfeta evaluate``: evaluate a folder of synthetic class folders; epsilon as ``stated_privacy``
-    finds it (a release's release.json, a run directory's ledger.json), else reported as unknown."""
+    finds it (a release's release.json, a run directory's ledger.json), else reported as unknown.
+
+    ``protocol``: ``dpfeta`` (``evaluate``, into eval.json) or ``dpimagebench`` (DPImageBench's downstream
+    protocol, ``evaluate.dpimagebench``, into eval-dpimagebench.json; ``epochs`` defaults to its 50; the
+    selection noise uses the stated epsilon, else privacy.epsilon)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"expected --protocol one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     samples_dir = Path(samples_dir)
     synthetic = load_synthetic(samples_dir, cfg)
     splits = load_splits(cfg)
-    result = {**stated_privacy(cfg, samples_dir), **evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
+    stated = stated_privacy(cfg, samples_dir)
+    if protocol == "dpimagebench":
+        from dpfeta.evaluate import dpimagebench
+
+        dpimagebench.check_request(cfg, splits)
+        epsilon = stated["epsilon"] if stated["epsilon"] is not None else cfg.privacy.epsilon
+        result = dpimagebench.evaluate_protocol(
+            cfg, synthetic, splits, epsilon=epsilon, epochs=dpimagebench.EPOCHS if epochs is None else epochs
+        )
+        result = {**stated, **result, "samples": str(samples_dir)}
+        out = Path(out_path) if out_path else samples_dir / "eval-dpimagebench.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    result = {**stated, **evaluate(cfg, synthetic, splits), "samples": str(samples_dir)}
     out = Path(out_path) if out_path else samples_dir / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
