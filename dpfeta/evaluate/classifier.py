@@ -71,8 +71,8 @@ def _train_classifier(
 
 
 def _epoch(
-    model: CNN,
-    ema: CNN,
+    model: nn.Module,
+    ema: nn.Module,
     optimizer: torch.optim.Optimizer,
     x_all: torch.Tensor,
     y_all: torch.Tensor,
