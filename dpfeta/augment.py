@@ -5,8 +5,9 @@ with m ~ U{1..max_magnitude} per image (the official DP-FETA warm-up, docs/refer
 §3), and the same pixels for the same draws: per image, ``num_ops`` ops drawn uniformly from the
 ops left after ``exclude``, each signed op negated with probability 1/2, magnitudes from torchvision's
 31 bins, nearest interpolation, zero fill (``tests/test_augment.py`` checks every op at every bin
-against torchvision). The per-image Python loop it replaces cost 12 ms of a 19 ms warm-up step at
-batch 64 on a CPU (bench/README.md, per-step overhead) and ran on the host even for a GPU job.
+against torchvision). It replaces torchvision applied image by image on the host: on a CPU the two cost
+about the same (bench/README.md, per-step overhead); on a GPU this one runs where the model is, with no
+per-image loop on the host and no copy of the augmented batch.
 
 All random draws come from ``generator`` (a CPU generator; torch's global RNG is not touched), so a
 run is reproducible from its warm-up generator's state.
