@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpfeta import central, config, data, images, pipeline, privacy, sample  # noqa: E402
-from dpfeta.augment import RandAugment  # noqa: E402
+from dpfeta.warmup import augmentation  # noqa: E402
 
 AUGMENTATIONS = {"full RandAugment": "[]", "no Equalize (default)": "[Equalize]"}
 log = logging.getLogger("bench.blowout")
@@ -39,8 +39,7 @@ def augmented_share(cfg: config.Config, central_dir: Path, *, repeats: int = 20)
     """Share of blown-out images among the warm-up's augmented training images."""
     x = torch.from_numpy(central.load_central(central_dir).images)
     g = torch.Generator().manual_seed(0)
-    w = cfg.warmup
-    augment = RandAugment(num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, exclude=w.randaug_exclude)
+    augment = augmentation(cfg)
     batches = [augment(x, g) for _ in range(repeats)]
     return float(images.blown_out(torch.cat(batches).numpy()).mean())
 

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_fp32(cfg, images, labels, steps: int, seed: int):
     denoiser = sample.build_denoiser(cfg)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.warmup.lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen, augment = torch.Generator().manual_seed(seed), warmup.augmentation(cfg)
     for _ in range(steps):
-        warmup._train_step(denoiser, optimizer, images, labels, cfg, gen)
+        warmup._train_step(denoiser, optimizer, images, labels, cfg, gen, augment)
     return denoiser, optimizer, gen
 
 
@@ -56,10 +56,10 @@ def curves(cfg, denoiser, optimizer, gen, images, labels, steps: int):
         o.load_state_dict(optimizer.state_dict())
         g = torch.Generator()
         g.set_state(gen.get_state())
-        losses, times = [], []
+        losses, times, augment = [], [], warmup.augmentation(c)
         for _ in range(steps):
             start = time.perf_counter()
-            losses.append(warmup._train_step(d, o, images, labels, c, g)[0])
+            losses.append(warmup._train_step(d, o, images, labels, c, g, augment)[0])
             times.append(time.perf_counter() - start)
         out[prec], seconds[prec] = np.array(losses), statistics.median(times)
     return out, seconds

@@ -147,8 +147,10 @@ class Bench:
         denoiser = sample.build_denoiser(cfg).to(self.device)
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=w.lr)
 
+        augment = warmup.augmentation(cfg)
+
         def step():
-            warmup._train_step(denoiser, optimizer, images, labels, cfg, gen)
+            warmup._train_step(denoiser, optimizer, images, labels, cfg, gen, augment)
 
         flops = count_flops(step)
         seconds = self.measure(step, prec, self.reps)

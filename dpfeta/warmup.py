@@ -70,6 +70,12 @@ def central_arrays(central: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
+def augmentation(cfg: Config) -> RandAugment:
+    """The warm-up's RandAugment (``warmup.randaug_*``), batched on the images' device."""
+    w = cfg.warmup
+    return RandAugment(num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, exclude=w.randaug_exclude)
+
+
 def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """A random batch without replacement; all N images (shuffled) when N <= batch_size."""
     return torch.randperm(n, generator=generator)[:batch_size]
@@ -103,21 +109,22 @@ def _train_step(
     labels: torch.Tensor,
     cfg: Config,
     generator: torch.Generator,
-    augment: RandAugment,
+    augment: RandAugment | None = None,
 ) -> tuple[float, int]:
-    """One Adam step on an augmented batch of ``images`` (uint8, on the model's device); returns
-    (mean loss, batch size)."""
+    """One Adam step on an augmented batch of uint8 ``images`` (``train_warmup`` keeps them on the model's
+    device); returns (mean loss, batch size). ``augment``: built once by the caller (``augmentation``)."""
     w, dc = cfg.warmup, cfg.diffusion
-    device = images.device
-    # Draw a batch and augment it (on the device).
-    idx = _batch_indices(len(images), w.batch_size, generator).to(device)
-    x = to_float(augment(images[idx], generator))
+    device = next(denoiser.parameters()).device
+    augment = augment if augment is not None else augmentation(cfg)
+    # Draw a batch and augment it (on the model's device).
+    idx = _batch_indices(len(images), w.batch_size, generator)
+    x = to_float(augment(images[idx.to(images.device)].to(device), generator))
     # Loss (K noise draws per image, CFG label drop; the network in run.precision) and optimiser step.
     with precision.autocast(cfg.run.precision, device):
         loss = edm_loss(
             denoiser,
             x,
-            labels[idx].to(device),
+            labels[idx.to(labels.device)].to(device),
             P_mean=dc.P_mean,
             P_std=dc.P_std,
             sigma_data=dc.sigma_data,
@@ -163,7 +170,7 @@ def train_warmup(
     optimizer = torch.optim.Adam(net.parameters(), lr=w.lr)
     meta = _restore(ckpt_dir, cfg, net, ema, optimizer, generator) if checkpoint.exists(ckpt_dir) else {}
     images, labels = images.to(_device(cfg)), labels.to(_device(cfg))
-    augment = RandAugment(num_ops=w.randaug_ops, max_magnitude=w.randaug_magnitude, exclude=w.randaug_exclude)
+    augment = augmentation(cfg)
     step, loss = int(meta.get("step", 0)), meta.get("loss")
     params = count_parameters(net)
     logger.info(
