@@ -4,8 +4,8 @@ The same distribution as torchvision's ``RandAugment(num_ops, magnitude=m)`` app
 with m ~ U{1..max_magnitude} per image (the official DP-FETA warm-up, docs/reference-implementation.md
 §3), and the same pixels for the same draws: per image, ``num_ops`` ops drawn uniformly from the
 ops left after ``exclude``, each signed op negated with probability 1/2, magnitudes from torchvision's
-31 bins, nearest interpolation, zero fill (``tests/test_augment.py`` checks every op at every bin
-against torchvision). It replaces torchvision applied image by image on the host: on a CPU the two cost
+31 bins, nearest interpolation, zero fill (``tests/test_augment.py`` checks every op at 8 bins from 0 to 30,
+both signs, against torchvision). It replaces torchvision applied image by image on the host: on a CPU the two cost
 about the same (bench/README.md, per-step overhead); on a GPU this one runs where the model is, with no
 per-image loop on the host and no copy of the augmented batch.
 
