@@ -39,14 +39,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import mean_sd, private_run  # noqa: E402
 
-from dpfeta import config, data, evaluate, rng, sample  # noqa: E402
+from dpfeta import config, data, evaluate, images, rng, sample  # noqa: E402
 
 log = logging.getLogger("bench.ablation")
 
@@ -92,7 +90,8 @@ def clip_only_overrides(default_dir: Path) -> list[str]:
 
 def derived_run(base: str, overrides: list[str], row: Row, default_dir: Path, name: str, root: Path, seed: int) -> dict:
     """The default run's weights sampled again as the pipeline samples (stream "sample", shard 0,
-    balanced labels) and evaluated as the pipeline evaluates."""
+    balanced labels: with the default's own weights and keys, the same images) and evaluated as the
+    pipeline evaluates."""
     import torch
 
     cfg = config.load(base, [*overrides, *row.overrides, f"run.name={name}", f"run.dir={root}", f"run.seed={seed}"])
@@ -105,7 +104,8 @@ def derived_run(base: str, overrides: list[str], row: Row, default_dir: Path, na
     generator = rng.make_generator(seed, stream="sample", rank=0)
     with torch.no_grad():
         x, y = sample.generate(denoiser, cfg, len(labels), generator=generator, labels=labels)
-    synthetic = data.ImageSet(x.numpy(), y.numpy().astype(np.int64), cfg.data.num_classes)
+    images.save_class_folders(x, y, out / "samples" / "images")  # read back as the pipeline reads its own
+    synthetic = evaluate.load_synthetic(out / "samples", cfg)
     result = {"derived_from": str(default_dir / row.derived), "weights": row.weights}
     result.update(evaluate.evaluate(cfg, synthetic, data.load_splits(cfg)))
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
