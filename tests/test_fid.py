@@ -45,6 +45,32 @@ def test_frechet_distance_matches_pytorch_fid(n1, n2, dim, shift, scale):
     assert ours > 0
 
 
+@pytest.mark.parametrize("n", [30, 200])  # fewer and more samples than the 64 dimensions
+def test_frechet_distance_to_features_equals_the_statistics_form(n, monkeypatch):
+    a, b = _features(4, n, 64), _features(5, 300, 64, 0.2, 1.2)
+    mu, sigma = evaluate.feature_stats(b)
+    expected = evaluate.frechet_distance(*evaluate.feature_stats(a), mu, sigma)
+    sizes, eigh = [], evaluate.linalg.eigh
+    monkeypatch.setattr(evaluate.linalg, "eigh", lambda m, **kw: sizes.append(len(m)) or eigh(m, **kw))
+    assert evaluate.frechet_distance_to(a, mu, sigma) == pytest.approx(expected, rel=1e-7)
+    assert max(sizes) == min(n, 64)  # fewer samples than dimensions: only n x n eigensolves
+
+
+def test_frechet_distance_on_degenerate_features_is_finite_and_symmetric():
+    """Five images whose features live on 10 of 256 dimensions (the covariances of a collapsed sample):
+    pytorch-fid's sqrtm returns complex parts here or stalls; the eigensolves give one finite value,
+    the same from either side and from the features."""
+    rng = np.random.default_rng(0)
+    a = np.zeros((5, 256))
+    a[:, :10] = rng.normal(size=(5, 10)) ** 2
+    b = _features(6, 300, 256)
+    (mu_a, s_a), (mu_b, s_b) = evaluate.feature_stats(a), evaluate.feature_stats(b)
+    ab = evaluate.frechet_distance(mu_a, s_a, mu_b, s_b)
+    assert np.isfinite(ab) and ab > 0
+    assert evaluate.frechet_distance(mu_b, s_b, mu_a, s_a) == pytest.approx(ab, rel=1e-7)
+    assert evaluate.frechet_distance_to(a, mu_b, s_b) == pytest.approx(ab, rel=1e-7)
+
+
 def test_feature_stats_match_pytorch_fid():
     a = _features(3, 200, 32)
     mu, sigma = evaluate.feature_stats(a)

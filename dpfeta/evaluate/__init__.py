@@ -39,6 +39,7 @@ from dpfeta.evaluate.fid import (
     feature_stats,
     fid_reference,
     frechet_distance,
+    frechet_distance_to,
     load_inception,
     pytorch_fid_inception,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "fid_label",
     "fid_reference",
     "frechet_distance",
+    "frechet_distance_to",
     "load_inception",
     "load_synthetic",
     "logreg_accuracy",

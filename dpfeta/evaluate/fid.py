@@ -55,19 +55,42 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) (pytorch-fid's numerics)."""
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular: ReLU features, few samples
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = covmean.real
-    return float(max(0.0, diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), pytorch-fid's quantity.
+
+    Tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2, which are those of the
+    symmetric PSD matrix F S2 F^T for any factor F^T F = S1 (here F from S1's eigendecomposition):
+    two symmetric eigensolves instead of pytorch-fid's general ``sqrtm``, which takes about a minute
+    at Inception's 2,048 dimensions on 2 cores, returns complex parts on the singular covariances of a
+    few hundred samples, and can stall for minutes on degenerate ones. Agrees with pytorch-fid to
+    ~1e-7 relative where ``sqrtm`` converges (tests/test_fid.py).
+    """
+    sigma1 = np.asarray(sigma1, dtype=np.float64)
+    w, v = linalg.eigh(sigma1, driver="evr")  # ~1.8x numpy's default driver at 2,048 dimensions
+    factor = (v * np.sqrt(np.clip(w, 0.0, None))).T  # factor.T @ factor == sigma1
+    return _frechet(mu1, np.trace(sigma1), factor, mu2, sigma2)
+
+
+def frechet_distance_to(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The Frechet distance of a feature sample ([N, D]) to reference statistics: ``frechet_distance``
+    of ``feature_stats(features)``, computed in N x N when there are fewer samples than dimensions
+    (the centred features over sqrt(N - 1) are a factor of their covariance): under a second for 250
+    Inception features instead of a 2,048-dimensional eigensolve."""
+    features = np.asarray(features, dtype=np.float64)
+    mu1, sigma1 = feature_stats(features)
+    if len(features) >= features.shape[1]:
+        return frechet_distance(mu1, sigma1, mu, sigma)
+    factor = (features - mu1) / np.sqrt(len(features) - 1)
+    return _frechet(mu1, np.trace(sigma1), factor, mu, sigma)
+
+
+def _frechet(mu1: np.ndarray, trace1: float, factor1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
+    inner = factor1 @ sigma2 @ factor1.T
+    eig = linalg.eigh((inner + inner.T) / 2, eigvals_only=True, driver="evr")  # PSD up to rounding
+    trace_sqrt = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    return float(max(0.0, diff.dot(diff) + trace1 + np.trace(sigma2) - 2.0 * trace_sqrt))
 
 
 class _FIDPoolMixin:
@@ -307,7 +330,7 @@ class FidReference:
     nondp_metrics: dict = field(default_factory=dict)  # e.g. the real-data CNN's test accuracy
 
     def fid(self, images: np.ndarray) -> float:
-        return frechet_distance(*feature_stats(self.extract(images)), self.mu, self.sigma)
+        return frechet_distance_to(self.extract(images), self.mu, self.sigma)
 
 
 _REFERENCES: dict[str, FidReference] = {}  # in-process cache (benchmarks evaluate many runs); never written
