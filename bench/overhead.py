@@ -2,8 +2,8 @@
 
     python bench/overhead.py [--steps 60] [--stages dpsgd,ray,warmup,sample,fid] [--threads 1]
 
-The network is ``Identity``: a 1x1 convolution started at the identity (``C*C + C`` parameters: 2 for
-greyscale), so its arithmetic is ~0 and what a step costs is everything around it. On the digits
+The network is ``Identity``: a per-pixel linear map of the channels started at the identity (``C*C + C``
+parameters: 2 for greyscale), so its arithmetic is ~0 and what a step costs is everything around it. On the digits
 config (configs/digits.yaml: N = 1,258 training images at 16 px, the run's report and checkpoint
 intervals) it measures, in ms per step:
 
@@ -12,7 +12,7 @@ intervals) it measures, in ms per step:
   the PLD and the RDP accountant: what the epsilon curve costs when steps are this fast.
 * ``ray``: the same through ``distributed.fit_finetune`` (Ray Train, Ray Data shards, the all-reduce
   of one worker group, reports and checkpoints to Ray's storage), amortised: (wall(T2) - wall(T1)) /
-  (T2 - T1), so the start of the worker group cancels out.
+  (T2 - T1), so the start of the worker group cancels out (T1 run before and after T2, averaged).
 * ``warmup``: ``warmup.train_warmup`` at batch 64 with its RandAugment and central-image batches, and
   with RandAugment off (the difference is the augmentation).
 * ``sample``: ``sample.generate`` (EDM Heun), per network evaluation of a 250-image batch.
@@ -51,23 +51,27 @@ H200_DP_FLOPS = 0.44 * 50e12  # the MNIST DP step's fp32 rate on the H200 (bench
 
 
 class Identity(nn.Module):
-    """A denoiser network of ~0 FLOPs: a 1x1 convolution started at the identity."""
+    """A denoiser network of ~0 FLOPs: a linear map of the channels (per pixel) started at the identity.
+
+    Not a 1x1 convolution: on a CPU ``conv2d`` with one input and one output channel takes its slow
+    path (4 ms forward and 10 ms forward + backward for 256 x 1 x 16 x 16, 15x the linear map's), which
+    the first version of this bench counted as overhead."""
 
     def __init__(self, cfg: config.Config):
         super().__init__()
         c = cfg.data.channels
         self.num_classes = cfg.data.num_classes
-        self.conv = nn.Conv2d(c, c, 1)
+        self.mix = nn.Linear(c, c)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-            self.conv.bias.zero_()
+            self.mix.weight.copy_(torch.eye(c))
+            self.mix.bias.zero_()
 
     @classmethod
     def from_config(cls, cfg: config.Config) -> "Identity":
         return cls(cfg)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.mix(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 IDENTITY = dataclasses.replace(finetune.EDM, build=Identity.from_config)
@@ -115,39 +119,56 @@ def _prime() -> None:
     privacy.epsilon_of(privacy.poisson_gaussian(0.1, 1.0, 2), delta=1e-5, accountant="pld")
 
 
+def _dpsgd_step(steps: int, *overrides: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = digits_cfg(Path(tmp), "finetune.init=scratch", *overrides)
+        train = fake_digits(cfg)
+        cfg = config.replace(cfg, {"finetune.epochs": epochs_for(steps, cfg.finetune.batch_size / len(train))})
+        plan = privacy.plan(cfg, len(train))
+        reporter = finetune.LocalReporter(Path(tmp) / "ckpt")
+        start = time.perf_counter()
+        finetune.train_finetune(cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter, task=IDENTITY)
+        return (time.perf_counter() - start) / plan.steps
+
+
 def bench_dpsgd(steps: int) -> dict[str, float]:
+    """The step at the config's batch with each accountant, and with RDP at a quarter of the batch: the
+    two batches split the step into a part per row (the EDM loss's element-wise work, noise draws, per-row
+    hooks: it grows with B * K * pixels) and a fixed part (the intercept)."""
     out = {}
     for accountant in ("pld", "rdp"):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = digits_cfg(Path(tmp), f"privacy.accountant={accountant}", "finetune.init=scratch")
-            train = fake_digits(cfg)
-            cfg = config.replace(cfg, {"finetune.epochs": epochs_for(steps, cfg.finetune.batch_size / len(train))})
-            plan = privacy.plan(cfg, len(train))
-            reporter = finetune.LocalReporter(Path(tmp) / "ckpt")
-            start = time.perf_counter()
-            finetune.train_finetune(
-                cfg, train, plan=plan, init_dir=None, resume_dir=None, reporter=reporter, task=IDENTITY
-            )
-            out[f"DP-SGD step, one process, {accountant.upper()} epsilon at each report"] = (
-                time.perf_counter() - start
-            ) / plan.steps
+        out[f"DP-SGD step, one process, {accountant.upper()} epsilon at each report"] = _dpsgd_step(
+            steps, f"privacy.accountant={accountant}"
+        )
+    cfg = digits_cfg(Path(tempfile.gettempdir()))
+    big = cfg.finetune.batch_size
+    small = big / 4
+    quarter = _dpsgd_step(steps, "privacy.accountant=rdp", f"finetune.batch_size={small:g}")
+    full = out["DP-SGD step, one process, RDP epsilon at each report"]
+    rows = big * cfg.finetune.noise_multiplicity
+    per_row = (full - quarter) / (rows - rows / 4)
+    out[f"DP-SGD step, RDP, expected batch {small:g} (a quarter)"] = quarter
+    out["  its fixed part (intercept of the two batches)"] = full - per_row * rows
+    out[f"  its part per 1,000 rows (B x K; {rows:g} rows at batch {big:g})"] = per_row * 1000
     return out
 
 
 def bench_ray(steps: int) -> dict[str, float]:
-    walls = {}
+    walls: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for t in (max(steps // 6, 5), steps):
-            cfg = digits_cfg(Path(tmp), "privacy.accountant=rdp", "finetune.init=scratch", f"run.name=r{t}")
+        # short, long, short: the first worker group of a process starts slower (imports, Ray Data's
+        # first dataset), which would otherwise shrink the difference
+        for i, t in enumerate((max(steps // 6, 5), steps, max(steps // 6, 5))):
+            cfg = digits_cfg(Path(tmp), "privacy.accountant=rdp", "finetune.init=scratch", f"run.name=r{t}-{i}")
             train = fake_digits(cfg)
             cfg = config.replace(cfg, {"finetune.epochs": epochs_for(t, cfg.finetune.batch_size / len(train))})
             plan = privacy.plan(cfg, len(train))
             start = time.perf_counter()
             distributed.fit_finetune(
-                cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"r{t}", task=IDENTITY
+                cfg, train=train, plan=plan, init_dir=None, out_dir=Path(tmp) / f"r{t}-{i}", task=IDENTITY
             )
-            walls[plan.steps] = time.perf_counter() - start
-    (t1, w1), (t2, w2) = sorted(walls.items())
+            walls.setdefault(plan.steps, []).append(time.perf_counter() - start)
+    (t1, w1), (t2, w2) = sorted((t, float(np.mean(w))) for t, w in walls.items())
     return {
         f"DP-SGD step, Ray Train 1 worker, amortised over T={t1}..{t2} (RDP)": (w2 - w1) / (t2 - t1),
         f"  (the stage's fixed start: {w1 - t1 * (w2 - w1) / (t2 - t1):.1f} s)": float("nan"),
