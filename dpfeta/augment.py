@@ -118,28 +118,28 @@ class RandAugment:
         return self.apply(images, levels, ops, signs)
 
     def apply(self, images: torch.Tensor, levels: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """The ops of ``draw`` applied in order: slot by slot, each op to the images that drew it."""
+        """The ops of ``draw`` applied in order: slot by slot, each op to the images that drew it.
+
+        Per slot one host sync (the count of each op), the images grouped by op with one stable sort,
+        and the five geometric ops in one warp."""
         device = images.device
         tables = self._table(images.shape[-2], images.shape[-1], device)
         levels, ops, signs = levels.to(device), ops.to(device), signs.to(device)
         side = (signs < 0).long()  # 0: +magnitude, 1: -magnitude
+        geometric_op = torch.tensor([op in GEOMETRIC for op in self.ops], device=device)
         out = images.clone()  # each op reads its images (a gathered copy) before writing them back
         for slot in range(self.num_ops):
-            geometric = torch.zeros(len(images), dtype=torch.bool, device=device)
-            for k, op in enumerate(self.ops):
-                chosen = ops[slot] == k
-                if op in GEOMETRIC:
-                    geometric |= chosen
-                    continue
-                index = chosen.nonzero().squeeze(1)
-                if len(index) == 0 or op == "Identity":
+            drawn = ops[slot]
+            counts = torch.bincount(drawn, minlength=len(self.ops)).tolist()
+            groups = torch.argsort(drawn, stable=True).split(counts)
+            for op, index, count in zip(self.ops, groups, counts):
+                if count == 0 or op == "Identity" or op in GEOMETRIC:
                     continue
                 value = tables[op][levels[index], side[slot, index]] if op in tables else None
                 out[index] = _PHOTOMETRIC[op](out[index], value)
-            index = geometric.nonzero().squeeze(1)
-            if len(index):
-                op_of = ops[slot, index]
-                theta = tables["affine"][op_of, levels[index], side[slot, index]]
+            if sum(c for op, c in zip(self.ops, counts) if op in GEOMETRIC):
+                index = geometric_op[drawn].nonzero().squeeze(1)
+                theta = tables["affine"][drawn[index], levels[index], side[slot, index]]
                 out[index] = _warp(out[index], theta)
         return out
 
