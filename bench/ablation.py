@@ -123,6 +123,11 @@ def flat(result: dict) -> dict:
     return {**result.get("nondp", {}), **result.get("dp", {}), **result}
 
 
+def signed(text: str) -> str:
+    """'0.072 ± 0.012' -> '+0.072 ± 0.012' (a difference reads better with its sign)."""
+    return text if text.startswith(("-", "—")) else "+" + text
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| row | what changes | seeds | accuracy (CNN, real test) | Δ vs default (paired) | FID (inception) |",
@@ -134,7 +139,7 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         deltas = [r["accuracy"] - default[r["seed"]] for r in rs if r["seed"] in default]
-        delta = "—" if row.name == "default" else mean_sd(deltas)
+        delta = "—" if row.name == "default" else signed(mean_sd(deltas))
         lines.append(
             f"| {row.name} | {row.says} | {len(rs)} | {mean_sd([r['accuracy'] for r in rs])} | "
             f"{delta} | {mean_sd([r.get('fid') for r in rs])} |"
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # one local Ray for every run
     rows, start = [], time.perf_counter()
-    wanted = [r for r in ROWS if r.name in args.rows]
+    wanted = [BY_NAME[name] for name in dict.fromkeys(args.rows)]  # in the order given
     if any(r.derived or r.name == "clip-only" for r in wanted) and "default" not in args.rows:
         wanted.insert(0, BY_NAME["default"])  # the rows it derives from
     for row in wanted:
