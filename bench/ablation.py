@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import mean_sd, private_run  # noqa: E402
+from quality import flat, mean_sd, private_run  # noqa: E402
 
 from dpfeta import config, data, evaluate, images, rng, sample  # noqa: E402
 
@@ -116,11 +116,6 @@ def derived_run(base: str, overrides: list[str], row: Row, default_dir: Path, na
     result.update(evaluate.evaluate(cfg, synthetic, data.load_splits(cfg)))
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def flat(result: dict) -> dict:
-    """eval.json's nondp and dp sections beside its head (digits' test split is sensitive: nondp)."""
-    return {**result.get("nondp", {}), **result.get("dp", {}), **result}
 
 
 def signed(text: str) -> str:

@@ -126,7 +126,6 @@ class RandAugment:
         tables = self._table(images.shape[-2], images.shape[-1], device)
         levels, ops, signs = levels.to(device), ops.to(device), signs.to(device)
         side = (signs < 0).long()  # 0: +magnitude, 1: -magnitude
-        geometric_op = torch.tensor([op in GEOMETRIC for op in self.ops], device=device)
         out = images.clone()  # each op reads its images (a gathered copy) before writing them back
         for slot in range(self.num_ops):
             drawn = ops[slot]
@@ -138,7 +137,7 @@ class RandAugment:
                 value = tables[op][levels[index], side[slot, index]] if op in tables else None
                 out[index] = _PHOTOMETRIC[op](out[index], value)
             if sum(c for op, c in zip(self.ops, counts) if op in GEOMETRIC):
-                index = geometric_op[drawn].nonzero().squeeze(1)
+                index = tables["geometric"][drawn].nonzero().squeeze(1)
                 theta = tables["affine"][drawn[index], levels[index], side[slot, index]]
                 out[index] = _warp(out[index], theta)
         return out
@@ -159,6 +158,7 @@ class RandAugment:
                     signed = [[v, -v if op in SIGNED else v] for v in values]
                     table[op] = torch.tensor(signed, dtype=torch.float64, device=device)
             table["affine"] = affine.to(torch.float32).view(len(self.ops), NUM_BINS, 2, 2, 3).to(device)
+            table["geometric"] = torch.tensor([op in GEOMETRIC for op in self.ops], device=device)
             self._tables[key] = table
         return self._tables[key]
 

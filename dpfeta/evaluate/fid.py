@@ -77,11 +77,13 @@ def frechet_distance_to(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray)
     (the centred features over sqrt(N - 1) are a factor of their covariance): under a second for 250
     Inception features instead of a 2,048-dimensional eigensolve."""
     features = np.asarray(features, dtype=np.float64)
-    mu1, sigma1 = feature_stats(features)
     if len(features) >= features.shape[1]:
-        return frechet_distance(mu1, sigma1, mu, sigma)
-    factor = (features - mu1) / np.sqrt(len(features) - 1)
-    return _frechet(mu1, np.trace(sigma1), factor, mu, sigma)
+        return frechet_distance(*feature_stats(features), mu, sigma)
+    if len(features) < 2:
+        raise ValueError(f"expected at least 2 images for FID statistics, got {len(features)}")
+    mu1 = features.mean(0)
+    factor = (features - mu1) / np.sqrt(len(features) - 1)  # no D x D covariance: its trace is the factor's
+    return _frechet(mu1, float(np.square(factor).sum()), factor, mu, sigma)
 
 
 def _frechet(mu1: np.ndarray, trace1: float, factor1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
